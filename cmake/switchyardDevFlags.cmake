@@ -1,0 +1,20 @@
+# Flags for switchyard's own tests, benchmarks and examples (never for consumers).
+set(SWITCHYARD_ARCH "native" CACHE STRING
+    "-march value for switchyard's own tests/bench/examples (e.g. native, x86-64, x86-64-v3); empty = compiler default")
+
+add_library(switchyard_dev_flags INTERFACE)
+target_link_libraries(switchyard_dev_flags INTERFACE switchyard::switchyard)
+target_compile_options(switchyard_dev_flags INTERFACE -Wall -Wextra)
+if(SWITCHYARD_ARCH)
+  target_compile_options(switchyard_dev_flags INTERFACE -march=${SWITCHYARD_ARCH})
+endif()
+# Eigen's own OpenMP GEMM gives different bits for different thread counts; we
+# parallelise at our own level, so keep Eigen serial in everything we build.
+target_compile_definitions(switchyard_dev_flags INTERFACE EIGEN_DONT_PARALLELIZE)
+if(NOT CMAKE_BUILD_TYPE AND NOT CMAKE_CONFIGURATION_TYPES)
+  set(CMAKE_BUILD_TYPE Release CACHE STRING "Build type" FORCE)
+endif()
+
+# Golden vectors from the reference implementations (safetensors), beside the checkout.
+set(SWITCHYARD_FIXTURE_DIR "${PROJECT_SOURCE_DIR}/../shared/fixtures" CACHE PATH
+    "Folder of the golden fixtures (safetensors)")

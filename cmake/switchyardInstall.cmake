@@ -1,0 +1,19 @@
+include(CMakePackageConfigHelpers)
+set(SWITCHYARD_CMAKE_DIR ${CMAKE_INSTALL_DATADIR}/cmake/switchyard)
+
+install(TARGETS switchyard EXPORT switchyardTargets)
+install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/switchyard DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
+install(EXPORT switchyardTargets NAMESPACE switchyard:: DESTINATION ${SWITCHYARD_CMAKE_DIR})
+
+configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/switchyardConfig.cmake.in
+  ${PROJECT_BINARY_DIR}/switchyardConfig.cmake INSTALL_DESTINATION ${SWITCHYARD_CMAKE_DIR})
+# 0.x: minor versions may break the API, so only the same minor is compatible.
+write_basic_package_version_file(${PROJECT_BINARY_DIR}/switchyardConfigVersion.cmake
+  COMPATIBILITY SameMinorVersion ARCH_INDEPENDENT)
+install(FILES ${PROJECT_BINARY_DIR}/switchyardConfig.cmake
+              ${PROJECT_BINARY_DIR}/switchyardConfigVersion.cmake
+              ${PROJECT_SOURCE_DIR}/cmake/switchyardXsimdShim.cmake
+        DESTINATION ${SWITCHYARD_CMAKE_DIR})
+
+configure_file(${PROJECT_SOURCE_DIR}/cmake/switchyard.pc.in ${PROJECT_BINARY_DIR}/switchyard.pc @ONLY)
+install(FILES ${PROJECT_BINARY_DIR}/switchyard.pc DESTINATION ${CMAKE_INSTALL_DATADIR}/pkgconfig)

@@ -1,0 +1,86 @@
+#pragma once
+// The one place switchyard runs work on several threads.
+//
+// Thread count: switchyard::set_num_threads(n) (n <= 0 restores the default,
+// the number of hardware threads), read back with switchyard::num_threads(),
+// or scoped with ScopedNumThreads. It is switchyard's own setting: OpenMP's and
+// Eigen's global settings are never changed.
+//
+// Determinism: the caller splits its work into a fixed number of independent
+// tasks that does not depend on the thread count; each task is computed the
+// same way whichever thread runs it, so results are bit-identical for any
+// thread count. Without OpenMP (SWITCHYARD_OPENMP=OFF) the loop runs serially.
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <thread>
+
+#include "switchyard/config.hpp"
+
+#if SWITCHYARD_HAS_OPENMP
+#include <omp.h>
+#endif
+
+namespace switchyard {
+inline namespace v0 {
+
+namespace detail {
+inline std::atomic<int>& thread_setting() noexcept {
+  static std::atomic<int> setting{0};  // 0 = default
+  return setting;
+}
+}  // namespace detail
+
+/// Threads switchyard may use: the value set, else the hardware thread count.
+inline int num_threads() noexcept {
+  const int set = detail::thread_setting().load(std::memory_order_relaxed);
+  if (set > 0) return set;
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+}
+
+/// Sets the threads every switchyard parallel loop may use; n <= 0 restores the default.
+inline void set_num_threads(int n) noexcept {
+  detail::thread_setting().store(n > 0 ? n : 0, std::memory_order_relaxed);
+}
+
+/// Sets the thread count for a scope and restores the previous setting after it.
+class ScopedNumThreads {
+ public:
+  explicit ScopedNumThreads(int n) noexcept
+      : saved_(detail::thread_setting().load(std::memory_order_relaxed)) {
+    set_num_threads(n);
+  }
+  ~ScopedNumThreads() { detail::thread_setting().store(saved_, std::memory_order_relaxed); }
+  ScopedNumThreads(const ScopedNumThreads&) = delete;
+  ScopedNumThreads& operator=(const ScopedNumThreads&) = delete;
+
+ private:
+  int saved_;
+};
+
+/// Runs task(i) for i in [0, num_tasks). Tasks must be independent; `task` must not throw.
+/// Runs serially when one thread is set, when there is one task, or when already
+/// inside a parallel region (no nested teams).
+template <class Task>
+void parallel_for(std::int64_t num_tasks, Task&& task) {
+  if (num_tasks <= 0) return;
+  const int threads = static_cast<int>(std::min<std::int64_t>(num_threads(), num_tasks));
+#if SWITCHYARD_HAS_OPENMP
+  if (threads > 1 && !omp_in_parallel()) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (std::int64_t i = 0; i < num_tasks; ++i) task(i);
+    return;
+  }
+#else
+  (void)threads;
+#endif
+  for (std::int64_t i = 0; i < num_tasks; ++i) task(i);
+}
+
+/// Number of fixed-size chunks covering n items; chunk c is [c*chunk, min(n, (c+1)*chunk)).
+constexpr std::int64_t num_chunks(std::int64_t n, std::int64_t chunk) noexcept {
+  return chunk > 0 ? (n + chunk - 1) / chunk : 0;
+}
+
+}  // namespace v0
+}  // namespace switchyard

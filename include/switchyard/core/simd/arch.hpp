@@ -1,0 +1,84 @@
+#pragma once
+// Architecture tags and the few xsimd 8.1 shims switchyard needs.
+//
+// Every kernel is a template on `Arch`: an xsimd architecture (sse2, fma3<avx2>,
+// avx512bw, ...) or simd::scalar, the plain C++ path (xsimd 8.1 has no scalar
+// arch). The architecture is chosen at compile time from the consumer's flags
+// (simd::default_arch); define SWITCHYARD_FORCE_SCALAR to use the scalar path.
+// Anything that changes between xsimd versions (hadd -> reduce_add, ...) goes
+// through this file so an xsimd upgrade touches one place.
+#include <algorithm>
+#include <cstddef>
+#include <type_traits>
+#include <xsimd/xsimd.hpp>
+
+#include "switchyard/config.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace simd {
+
+/// The plain C++ path: one lane, no xsimd.
+struct scalar {
+  static constexpr const char* name() noexcept { return "scalar"; }
+  static constexpr bool available() noexcept { return true; }
+  static constexpr std::size_t alignment() noexcept { return alignof(double); }
+};
+
+#if defined(SWITCHYARD_FORCE_SCALAR)
+using default_arch = scalar;
+#else
+using default_arch = xsimd::default_arch;
+#endif
+
+template <class Arch>
+inline constexpr bool is_scalar_v = std::is_same_v<Arch, scalar>;
+
+namespace detail {
+template <class T, class Arch, bool = is_scalar_v<Arch>>
+struct lanes_of {
+  static constexpr std::size_t value = 1;
+};
+template <class T, class Arch>
+struct lanes_of<T, Arch, false> {
+  static constexpr std::size_t value = xsimd::batch<T, Arch>::size;
+};
+}  // namespace detail
+
+/// Lanes of one register of T on Arch (1 for scalar).
+template <class T, class Arch>
+inline constexpr std::size_t lanes_v = detail::lanes_of<T, Arch>::value;
+
+/// Sum of the lanes of a batch (xsimd 8.1 calls it hadd; 9.0+ reduce_add).
+template <class T, class A>
+inline T hsum(const xsimd::batch<T, A>& b) noexcept {
+#if XSIMD_VERSION_MAJOR >= 9
+  return xsimd::reduce_add(b);
+#else
+  return xsimd::hadd(b);
+#endif
+}
+
+/// Max of the lanes of a batch.
+template <class T, class A>
+inline T hmax(const xsimd::batch<T, A>& b) noexcept {
+  alignas(64) T lanes[xsimd::batch<T, A>::size];
+  b.store_aligned(lanes);
+  T m = lanes[0];
+  for (std::size_t i = 1; i < xsimd::batch<T, A>::size; ++i) m = std::max(m, lanes[i]);
+  return m;
+}
+
+/// Calls f(arch) for simd::scalar and every xsimd architecture that this
+/// translation unit's flags allow and this CPU runs. Used by tests and benchmarks.
+template <class F>
+void for_each_arch(F&& f) {
+  f(scalar{});
+  xsimd::supported_architectures::for_each([&](auto arch) {
+    if (decltype(arch)::available()) f(arch);
+  });
+}
+
+}  // namespace simd
+}  // namespace v0
+}  // namespace switchyard

@@ -1,0 +1,154 @@
+#pragma once
+// Non-owning strided views. Layers take views, never raw pointers plus loose sizes.
+// View<T, R> is mutable, ConstView<T, R> = View<const T, R> is read-only; a View
+// converts implicitly to the matching ConstView. Strides are in elements.
+#include <array>
+#include <cstdint>
+#include <type_traits>
+
+#include "switchyard/config.hpp"
+#include "switchyard/core/error.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace core {
+
+template <int R>
+using Shape = std::array<std::int64_t, R>;
+
+/// Row-major (C-order) strides of a contiguous tensor with the given extents.
+template <int R>
+constexpr Shape<R> row_major_strides(const Shape<R>& shape) noexcept {
+  Shape<R> strides{};
+  std::int64_t s = 1;
+  for (int i = R - 1; i >= 0; --i) {
+    strides[i] = s;
+    s *= shape[i];
+  }
+  return strides;
+}
+
+template <class T, int R>
+class View {
+  static_assert(R >= 1 && R <= 4, "switchyard views have rank 1 to 4");
+
+ public:
+  using element_type = T;
+  using value_type = std::remove_const_t<T>;
+  static constexpr int rank = R;
+
+  constexpr View() noexcept = default;
+  /// Contiguous row-major view.
+  constexpr View(T* data, const Shape<R>& shape) noexcept
+      : data_(data), shape_(shape), strides_(row_major_strides<R>(shape)) {}
+  /// Strided view; strides in elements.
+  constexpr View(T* data, const Shape<R>& shape, const Shape<R>& strides) noexcept
+      : data_(data), shape_(shape), strides_(strides) {}
+  /// View<U> -> View<const U>.
+  template <class U>
+  requires(std::is_const_v<T>&& std::is_same_v<const U, T>) constexpr View(
+      const View<U, R>& other) noexcept  // NOLINT(google-explicit-constructor)
+      : data_(other.data()), shape_(other.shape()), strides_(other.strides()) {}
+
+  constexpr T* data() const noexcept { return data_; }
+  constexpr const Shape<R>& shape() const noexcept { return shape_; }
+  constexpr const Shape<R>& strides() const noexcept { return strides_; }
+  constexpr std::int64_t extent(int i) const noexcept { return shape_[i]; }
+  constexpr std::int64_t stride(int i) const noexcept { return strides_[i]; }
+  constexpr std::int64_t numel() const noexcept {
+    std::int64_t n = 1;
+    for (auto e : shape_) n *= e;
+    return n;
+  }
+  constexpr bool empty() const noexcept { return numel() == 0; }
+  /// True when the elements are dense in row-major order.
+  constexpr bool is_contiguous() const noexcept {
+    std::int64_t s = 1;
+    for (int i = R - 1; i >= 0; --i) {
+      if (shape_[i] != 1 && strides_[i] != s) return false;
+      s *= shape_[i];
+    }
+    return true;
+  }
+
+  template <class... I>
+  requires(sizeof...(I) == R) constexpr T& operator()(I... idx) const noexcept {
+    const std::array<std::int64_t, R> i{static_cast<std::int64_t>(idx)...};
+    std::int64_t off = 0;
+    for (int d = 0; d < R; ++d) {
+      SWITCHYARD_ASSERT(i[d] >= 0 && i[d] < shape_[d]);
+      off += i[d] * strides_[d];
+    }
+    return data_[off];
+  }
+
+  /// Sub-view with the first index fixed: rank R-1.
+  constexpr View<T, R - 1> operator[](std::int64_t i) const noexcept requires(R > 1) {
+    SWITCHYARD_ASSERT(i >= 0 && i < shape_[0]);
+    Shape<R - 1> s{}, st{};
+    for (int d = 1; d < R; ++d) {
+      s[d - 1] = shape_[d];
+      st[d - 1] = strides_[d];
+    }
+    return View<T, R - 1>(data_ + i * strides_[0], s, st);
+  }
+
+  /// Range [begin, end) along dimension `dim`.
+  constexpr View slice(int dim, std::int64_t begin, std::int64_t end) const noexcept {
+    SWITCHYARD_ASSERT(0 <= begin && begin <= end && end <= shape_[dim]);
+    View v = *this;
+    v.data_ = data_ + begin * strides_[dim];
+    v.shape_[dim] = end - begin;
+    return v;
+  }
+
+ private:
+  T* data_ = nullptr;
+  Shape<R> shape_{};
+  Shape<R> strides_{};
+};
+
+template <class T, int R>
+using ConstView = View<const T, R>;
+
+namespace detail {
+/// Throws shape_error unless `v` has exactly `expected` extents (-1 = any).
+template <class T, int R>
+void check_shape(std::string_view layer, std::string_view fn, std::string_view arg,
+                 const View<T, R>& v, std::initializer_list<std::string_view> names,
+                 const Shape<R>& expected, std::string_view why = {}) {
+  bool ok = true;
+  for (int d = 0; d < R; ++d) ok = ok && (expected[d] < 0 || expected[d] == v.extent(d));
+  if (ok) return;
+  std::string exp = "[";
+  auto name = names.begin();
+  for (int d = 0; d < R; ++d) {
+    if (d) exp += ", ";
+    const std::string_view n = name != names.end() ? *name++ : std::string_view{};
+    exp += std::string(n);
+    if (expected[d] >= 0) exp += (n.empty() ? "" : "=") + std::to_string(expected[d]);
+  }
+  exp += "]";
+  switchyard::detail::fail_shape(layer, fn, arg, switchyard::detail::format_shape(names, v.shape()),
+                                 exp, why);
+}
+
+/// Throws shape_error unless the innermost dimension has stride 1.
+template <class T, int R>
+void check_unit_inner_stride(std::string_view layer, std::string_view fn, std::string_view arg,
+                             const View<T, R>& v) {
+  if (v.extent(R - 1) > 1 && v.stride(R - 1) != 1) {
+    switchyard::detail::fail_shape(layer, fn, arg,
+                                   switchyard::detail::format_shape(v.shape()) +
+                                       " with inner stride " + std::to_string(v.stride(R - 1)),
+                                   "inner stride 1");
+  }
+}
+}  // namespace detail
+
+}  // namespace core
+using core::ConstView;
+using core::Shape;
+using core::View;
+}  // namespace v0
+}  // namespace switchyard

@@ -1,0 +1,7 @@
+#pragma once
+// The single source of switchyard's version; CMakeLists.txt parses these lines.
+#define SWITCHYARD_VERSION_MAJOR 0
+#define SWITCHYARD_VERSION_MINOR 1
+#define SWITCHYARD_VERSION_PATCH 0
+#define SWITCHYARD_VERSION \
+  (SWITCHYARD_VERSION_MAJOR * 10000 + SWITCHYARD_VERSION_MINOR * 100 + SWITCHYARD_VERSION_PATCH)
