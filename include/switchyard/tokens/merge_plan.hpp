@@ -1,0 +1,211 @@
+#pragma once
+// MergePlan: the routing decision of token merging (ToMe), separate from the
+// arithmetic. It says, per batch element, which output token each input token
+// ends up in, and which input tokens make up each output token (in the order
+// the reference adds them), so it can be applied to any tensor of the same
+// tokens (features, keys, a source map) and undone by a gather.
+#include <algorithm>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/core/view.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace tokens {
+
+/// Reduction of merge(): the reference's `merge(x, mode)`. Each includes the
+/// destination token itself (torch scatter_reduce with include_self=True).
+enum class MergeMode { sum, mean, amax };
+
+/// Row order unmerge() reads its input in.
+/// inverse: the true inverse of merge()'s output order (each input token gets
+/// the row it merged into). reference: ToMe's literal `unmerge`, which ignores
+/// the distill-token interleave (rows [0, unmerged) are the unmerged A tokens,
+/// the rest B tokens 0, 1, ...). Both agree when there is no distill token.
+enum class UnmergeOrder { inverse, reference };
+
+template <class T = float>
+struct MergePlan {
+  std::int64_t batch = 0;       // B
+  std::int64_t num_tokens = 0;  // N, tokens before merging
+  std::int64_t num_out = 0;     // N - r, tokens after merging
+  std::int64_t r = 0;           // merges per batch element after clamping (0 = identity)
+  bool class_token = false;
+  bool distill_token = false;
+
+  // Output row of each input token: dest[b*N + i] in [0, num_out).
+  std::vector<std::int64_t> dest;
+  // Members of output row o of batch b: group_members[b*N + group_offsets[b*(num_out+1) + o] ...
+  // up to the next offset), input token indices. The token that keeps its place comes first, then
+  // the tokens merged into it in src_idx order: the order in which the reference adds them.
+  std::vector<std::int64_t> group_offsets;  // [B, num_out + 1]
+  std::vector<std::int64_t> group_members;  // [B, N]
+  // The reference's index tensors (empty when r == 0), as ToMe names them: indices into set A
+  // (tokens 0, 2, 4, ...) and set B (tokens 1, 3, 5, ...).
+  std::vector<std::int64_t> unm_idx;  // [B, ceil(N/2) - r], in output order
+  std::vector<std::int64_t> src_idx;  // [B, r], by descending best-match score
+  std::vector<std::int64_t> dst_idx;  // [B, r], the B token each src merges into
+  core::Tensor<T> size_in;            // [B, N], sizes the plan was built with (1 if none given)
+  core::Tensor<T> size_out;           // [B, num_out], sum of the merged sizes
+
+  bool is_identity() const noexcept { return r == 0; }
+  /// Members of output row o of batch element b, as [begin, end) pointers.
+  std::pair<const std::int64_t*, const std::int64_t*> group(std::int64_t b,
+                                                            std::int64_t o) const noexcept {
+    const std::int64_t* off = group_offsets.data() + b * (num_out + 1);
+    const std::int64_t* base = group_members.data() + b * num_tokens;
+    return {base + off[o], base + off[o + 1]};
+  }
+
+  /// x: [B, N, C] -> out: [B, N-r, C]. The reference's merge(x, mode): each output row reduces
+  /// its member rows (sum, mean, or max), the kept token first, then merged ones in src order.
+  void merge(ConstView<T, 3> x, View<T, 3> out, MergeMode mode = MergeMode::sum) const {
+    check_merge_args("merge", x, out);
+    if (x.extent(2) == 0) return;
+    parallel_for(batch, [&](std::int64_t b) {
+      for (std::int64_t o = 0; o < num_out; ++o) {
+        auto [m, end] = group(b, o);
+        T* dst = &out(b, o, 0);
+        const std::int64_t C = x.extent(2);
+        const T* first = &x(b, *m, 0);
+        for (std::int64_t c = 0; c < C; ++c) dst[c] = first[c];
+        for (const std::int64_t* it = m + 1; it != end; ++it) {
+          const T* src = &x(b, *it, 0);
+          if (mode == MergeMode::amax) {
+            for (std::int64_t c = 0; c < C; ++c) dst[c] = std::max(dst[c], src[c]);
+          } else {
+            for (std::int64_t c = 0; c < C; ++c) dst[c] += src[c];
+          }
+        }
+        if (mode == MergeMode::mean && end - m > 1) {
+          const T n = static_cast<T>(end - m);
+          for (std::int64_t c = 0; c < C; ++c) dst[c] /= n;
+        }
+      }
+    });
+  }
+
+  /// x: [B, N, C] -> out: [B, N-r, C]. ToMe's merge_wavg with this plan's sizes: the size-weighted
+  /// average merge(x * size, sum) / merge(size, sum), with the reference's order of operations
+  /// (each x*size rounded, summed kept-token first, divided by the summed size).
+  void merge_wavg(ConstView<T, 3> x, View<T, 3> out) const {
+    check_merge_args("merge_wavg", x, out);
+    if (x.extent(2) == 0) return;
+    parallel_for(batch, [&](std::int64_t b) {
+      const std::int64_t C = x.extent(2);
+      const T* s = size_in.data() + b * num_tokens;
+      std::vector<T> prod;  // x*size of a merged row, rounded before the sum as in the reference
+      for (std::int64_t o = 0; o < num_out; ++o) {
+        auto [m, end] = group(b, o);
+        T* dst = &out(b, o, 0);
+        const T* first = &x(b, *m, 0);
+        const T s0 = s[*m];
+        for (std::int64_t c = 0; c < C; ++c) dst[c] = first[c] * s0;
+        for (const std::int64_t* it = m + 1; it != end; ++it) {
+          // Two loops through memory, so the compiler cannot contract x*size + acc into an FMA
+          // (that would differ from the reference by an ulp, and more under cancellation).
+          prod.resize(static_cast<std::size_t>(C));
+          const T* src = &x(b, *it, 0);
+          const T si = s[*it];
+          for (std::int64_t c = 0; c < C; ++c) prod[c] = src[c] * si;
+          for (std::int64_t c = 0; c < C; ++c) dst[c] += prod[c];
+        }
+        const T total = size_out.data()[b * num_out + o];
+        for (std::int64_t c = 0; c < C; ++c) dst[c] /= total;
+      }
+    });
+  }
+
+  /// x: [B, N, C]; returns merge_wavg(x) as a new [B, N-r, C] tensor.
+  core::Tensor<T> merge_wavg(ConstView<T, 3> x) const {
+    core::Tensor<T> out({x.extent(0), num_out, x.extent(2)});
+    merge_wavg(x, out.template view<3>());
+    return out;
+  }
+
+  /// x: [B, N-r, C] -> out: [B, N, C]. Gathers each merged row back to every input token that went
+  /// into it (for dense prediction). `order` picks the true inverse or ToMe's literal unmerge.
+  void unmerge(ConstView<T, 3> x, View<T, 3> out,
+               UnmergeOrder order = UnmergeOrder::inverse) const {
+    core::detail::check_shape("MergePlan", "unmerge", "x", x, {"B", "N_out", "C"},
+                              {batch, num_out, -1}, "rows of the merged tensor");
+    core::detail::check_shape("MergePlan", "unmerge", "out", out, {"B", "N", "C"},
+                              {batch, num_tokens, x.extent(2)});
+    core::detail::check_unit_inner_stride("MergePlan", "unmerge", "x", x);
+    core::detail::check_unit_inner_stride("MergePlan", "unmerge", "out", out);
+    const std::vector<std::int64_t> rows =
+        order == UnmergeOrder::reference ? reference_unmerge_rows() : dest;
+    if (x.extent(2) == 0) return;
+    parallel_for(batch, [&](std::int64_t b) {
+      const std::int64_t C = x.extent(2);
+      for (std::int64_t i = 0; i < num_tokens; ++i) {
+        const T* src = &x(b, rows[b * num_tokens + i], 0);
+        T* dst = &out(b, i, 0);
+        for (std::int64_t c = 0; c < C; ++c) dst[c] = src[c];
+      }
+    });
+  }
+
+  /// x: [B, N-r, C]; returns unmerge(x) as a new [B, N, C] tensor.
+  core::Tensor<T> unmerge(ConstView<T, 3> x, UnmergeOrder order = UnmergeOrder::inverse) const {
+    core::Tensor<T> out({batch, num_tokens, x.extent(2)});
+    unmerge(x, out.template view<3>(), order);
+    return out;
+  }
+
+  /// Returns the source map [B, N-r, N]: 1 where input token j went into output token i, else 0
+  /// (ToMe's merge_source with no previous source: amax-merge of the identity).
+  core::Tensor<T> source() const {
+    core::Tensor<T> out({batch, num_out, num_tokens});
+    for (std::int64_t b = 0; b < batch; ++b)
+      for (std::int64_t i = 0; i < num_tokens; ++i) out(b, dest[b * num_tokens + i], i) = T(1);
+    return out;
+  }
+
+  /// previous: [B, N, N0] source map of an earlier merge; returns [B, N-r, N0], the map from this
+  /// plan's output tokens to the original N0 tokens (ToMe's merge_source: amax merge).
+  core::Tensor<T> source(ConstView<T, 3> previous) const {
+    core::detail::check_shape("MergePlan", "source", "previous", previous, {"B", "N", "N0"},
+                              {batch, num_tokens, -1}, "the source map of the tokens merged");
+    core::Tensor<T> out({batch, num_out, previous.extent(2)});
+    merge(previous, out.template view<3>(), MergeMode::amax);
+    return out;
+  }
+
+ private:
+  template <class X, class O>
+  void check_merge_args(std::string_view fn, const X& x, const O& out) const {
+    core::detail::check_shape("MergePlan", fn, "x", x, {"B", "N", "C"}, {batch, num_tokens, -1},
+                              "tokens must be those the plan was built from");
+    core::detail::check_shape("MergePlan", fn, "out", out, {"B", "N_out", "C"},
+                              {batch, num_out, x.extent(2)});
+    core::detail::check_unit_inner_stride("MergePlan", fn, "x", x);
+    core::detail::check_unit_inner_stride("MergePlan", fn, "out", out);
+  }
+
+  // ToMe's unmerge reads rows [0, unm) as unmerged A tokens and the rest as B tokens in order,
+  // also when merge() interleaved the distill token; this mirrors it row for row.
+  std::vector<std::int64_t> reference_unmerge_rows() const {
+    if (r == 0 || !distill_token) return dest;
+    std::vector<std::int64_t> rows(dest.size());
+    const std::int64_t num_a = (num_tokens + 1) / 2, num_b = num_tokens / 2;
+    const std::int64_t num_unm = num_a - r;
+    for (std::int64_t b = 0; b < batch; ++b) {
+      std::int64_t* row = rows.data() + b * num_tokens;
+      for (std::int64_t j = 0; j < num_b; ++j) row[2 * j + 1] = num_unm + j;
+      for (std::int64_t p = 0; p < num_unm; ++p) row[2 * unm_idx[b * num_unm + p]] = p;
+      for (std::int64_t i = 0; i < r; ++i)
+        row[2 * src_idx[b * r + i]] = num_unm + dst_idx[b * r + i];
+    }
+    return rows;
+  }
+};
+
+}  // namespace tokens
+}  // namespace v0
+}  // namespace switchyard
