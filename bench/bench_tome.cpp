@@ -1,0 +1,54 @@
+// ToMe bipartite soft matching at the ViT-B shape (B 32, N 197, C 768, r 16; the metric is the
+// keys averaged over heads, 64 channels, as in ToMe's ViT blocks): routing (match), the
+// size-weighted merge, and both, in tokens/s (input tokens per second).
+// Filter for a smoke run: --benchmark_filter=tiny
+#include <benchmark/benchmark.h>
+
+#include <cstdint>
+#include <random>
+
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/tokens/merge_bipartite.hpp"
+#include "switchyard/tokens/merge_plan.hpp"
+
+namespace {
+using switchyard::Tensor;
+namespace tk = switchyard::tokens;
+
+struct Inputs {
+  Tensor<float> metric, x, size;
+  Inputs(std::int64_t B, std::int64_t N, std::int64_t Cm, std::int64_t C)
+      : metric({B, N, Cm}), x({B, N, C}), size({B, N}) {
+    std::mt19937 gen(1);
+    std::normal_distribution<float> nd;
+    for (auto& v : metric) v = nd(gen);
+    for (auto& v : x) v = nd(gen);
+    for (auto& v : size) v = float(1 + gen() % 3);
+  }
+};
+
+// what: 0 = match + merge, 1 = match only, 2 = merge only (plan built outside the loop).
+void BM_tome(benchmark::State& state, int what, std::int64_t B, std::int64_t N, std::int64_t Cm,
+             std::int64_t C, std::int64_t r) {
+  const Inputs in(B, N, Cm, C);
+  const auto sizes = in.size.view<2>();
+  auto plan = tk::bipartite_soft_matching<float>(in.metric, r, true, false, sizes);
+  Tensor<float> out({B, plan.num_out, C});
+  for (auto _ : state) {
+    if (what != 2) plan = tk::bipartite_soft_matching<float>(in.metric, r, true, false, sizes);
+    if (what != 1) plan.merge_wavg(in.x, out.view<3>());
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * B * N);
+  state.counters["tokens_out"] = double(plan.num_out);
+}
+
+}  // namespace
+
+BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b, 0, 32, 197, 64, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, match_vit_b, 1, 32, 197, 64, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, merge_vit_b, 2, 32, 197, 64, 768, 16)->UseRealTime();
+// Metric as wide as the features (C 768), for callers that match on x itself.
+BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b_metric768, 0, 32, 197, 768, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, match_merge_tiny, 0, 2, 17, 8, 16, 4)->UseRealTime();
