@@ -1,0 +1,149 @@
+#pragma once
+// Element types of safetensors files, the C++ type each one maps to, and the
+// bit-exact BF16 / IEEE half -> float conversions used when a caller asks for
+// float from a 16-bit float tensor.
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+#include <type_traits>
+
+namespace switchyard {
+inline namespace v0 {
+namespace io {
+
+/// Element types of the safetensors format (names as spelled in the header).
+/// F8 and other exotic types are not supported; a file using them is rejected.
+enum class DType { F64, F32, F16, BF16, I64, I32, I16, I8, U64, U32, U16, U8, BOOL };
+
+/// Bytes per element.
+constexpr std::size_t dtype_size(DType d) noexcept {
+  switch (d) {
+    case DType::F64:
+    case DType::I64:
+    case DType::U64:
+      return 8;
+    case DType::F32:
+    case DType::I32:
+    case DType::U32:
+      return 4;
+    case DType::F16:
+    case DType::BF16:
+    case DType::I16:
+    case DType::U16:
+      return 2;
+    case DType::I8:
+    case DType::U8:
+    case DType::BOOL:
+      return 1;
+  }
+  return 0;
+}
+
+/// The header spelling: "F32", "BF16", "BOOL", ...
+constexpr std::string_view dtype_name(DType d) noexcept {
+  switch (d) {
+    case DType::F64:
+      return "F64";
+    case DType::F32:
+      return "F32";
+    case DType::F16:
+      return "F16";
+    case DType::BF16:
+      return "BF16";
+    case DType::I64:
+      return "I64";
+    case DType::I32:
+      return "I32";
+    case DType::I16:
+      return "I16";
+    case DType::I8:
+      return "I8";
+    case DType::U64:
+      return "U64";
+    case DType::U32:
+      return "U32";
+    case DType::U16:
+      return "U16";
+    case DType::U8:
+      return "U8";
+    case DType::BOOL:
+      return "BOOL";
+  }
+  return "?";
+}
+
+/// Inverse of dtype_name; nullopt for a spelling we do not support.
+constexpr std::optional<DType> parse_dtype(std::string_view s) noexcept {
+  constexpr DType all[] = {DType::F64, DType::F32, DType::F16, DType::BF16, DType::I64,
+                           DType::I32, DType::I16, DType::I8,  DType::U64,  DType::U32,
+                           DType::U16, DType::U8,  DType::BOOL};
+  for (DType d : all) {
+    if (dtype_name(d) == s) return d;
+  }
+  return std::nullopt;
+}
+
+/// The dtype a C++ element type reads and writes as. bool <-> BOOL and
+/// std::uint8_t <-> U8 are distinct: a BOOL tensor is read as bool only.
+/// There is no C++ type for BF16/F16; read them with SafeTensors::tensor<float>().
+template <class T>
+inline constexpr bool has_dtype_v =
+    std::is_same_v<T, double> || std::is_same_v<T, float> || std::is_same_v<T, std::int64_t> ||
+    std::is_same_v<T, std::int32_t> || std::is_same_v<T, std::int16_t> ||
+    std::is_same_v<T, std::int8_t> || std::is_same_v<T, std::uint64_t> ||
+    std::is_same_v<T, std::uint32_t> || std::is_same_v<T, std::uint16_t> ||
+    std::is_same_v<T, std::uint8_t> || std::is_same_v<T, bool>;
+
+template <class T>
+constexpr DType dtype_of() noexcept {
+  static_assert(has_dtype_v<T>, "no safetensors dtype for this C++ type");
+  if constexpr (std::is_same_v<T, double>)
+    return DType::F64;
+  else if constexpr (std::is_same_v<T, float>)
+    return DType::F32;
+  else if constexpr (std::is_same_v<T, std::int64_t>)
+    return DType::I64;
+  else if constexpr (std::is_same_v<T, std::int32_t>)
+    return DType::I32;
+  else if constexpr (std::is_same_v<T, std::int16_t>)
+    return DType::I16;
+  else if constexpr (std::is_same_v<T, std::int8_t>)
+    return DType::I8;
+  else if constexpr (std::is_same_v<T, std::uint64_t>)
+    return DType::U64;
+  else if constexpr (std::is_same_v<T, std::uint32_t>)
+    return DType::U32;
+  else if constexpr (std::is_same_v<T, std::uint16_t>)
+    return DType::U16;
+  else if constexpr (std::is_same_v<T, std::uint8_t>)
+    return DType::U8;
+  else
+    return DType::BOOL;
+}
+
+/// bfloat16 bits -> float: exact (bf16 is the top half of a float).
+inline float bf16_to_float(std::uint16_t bits) noexcept {
+  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
+}
+
+/// IEEE 754 binary16 bits -> float: exact for normals, subnormals, +-0, +-inf;
+/// NaN stays NaN with its sign and payload (shifted into the float mantissa).
+inline float half_to_float(std::uint16_t bits) noexcept {
+  const std::uint32_t sign = static_cast<std::uint32_t>(bits & 0x8000u) << 16;
+  const std::uint32_t exp = (bits >> 10) & 0x1Fu;
+  const std::uint32_t mant = bits & 0x3FFu;
+  if (exp == 0) {
+    // Zero or subnormal: mant * 2^-24, exactly representable in float.
+    const float mag = std::ldexp(static_cast<float>(mant), -24);
+    return sign ? -mag : mag;
+  }
+  if (exp == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (mant << 13));
+  return std::bit_cast<float>(sign | ((exp - 15 + 127) << 23) | (mant << 13));
+}
+
+}  // namespace io
+}  // namespace v0
+}  // namespace switchyard

@@ -1,0 +1,170 @@
+#pragma once
+// SafeTensorsWriter: builds a safetensors file in memory, for tests and
+// examples. The output follows the format strictly so other readers (the
+// Python `safetensors` package included) accept it: the header is padded with
+// spaces to a multiple of 8 bytes, and tensors are packed with no gaps, larger
+// element types first, so every tensor starts at a multiple of its element size.
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/io/dtype.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace io {
+
+class SafeTensorsWriter {
+ public:
+  /// Adds a row-major tensor; `shape` may be empty (a 0-d scalar) or hold zeros.
+  /// Throws switchyard::error on a duplicate or reserved name or a negative extent.
+  template <class T>
+  void add(std::string name, const T* data, std::vector<std::int64_t> shape) {
+    static_assert(has_dtype_v<T>, "SafeTensorsWriter::add: T has no safetensors dtype");
+    const std::size_t n = count(name, shape);
+    std::vector<std::uint8_t> bytes(n * sizeof(T));
+    if (n) std::memcpy(bytes.data(), static_cast<const void*>(data), bytes.size());
+    push(std::move(name), dtype_of<T>(), std::move(shape), std::move(bytes));
+  }
+
+  /// Adds the elements of a (possibly strided) view, stored row-major.
+  template <class T, int R>
+  void add(std::string name, const View<T, R>& v) {
+    using U = std::remove_const_t<T>;
+    static_assert(has_dtype_v<U>, "SafeTensorsWriter::add: T has no safetensors dtype");
+    std::vector<std::int64_t> shape(v.shape().begin(), v.shape().end());
+    const std::size_t n = count(name, shape);
+    std::vector<std::uint8_t> bytes;  // not std::vector<U>: vector<bool> has no data()
+    bytes.reserve(n * sizeof(U));
+    if (n) gather(v, 0, 0, bytes);
+    push(std::move(name), dtype_of<U>(), std::move(shape), std::move(bytes));
+  }
+
+  template <class T>
+  void add(std::string name, const Tensor<T>& t) {
+    add<T>(std::move(name), t.data(),
+           std::vector<std::int64_t>(t.shape().begin(), t.shape().end()));
+  }
+
+  /// Adds raw little-endian bytes of any dtype (e.g. BF16/F16 bit patterns).
+  /// Throws switchyard::error if the byte count disagrees with shape and dtype.
+  void add_raw(std::string name, DType dtype, std::vector<std::int64_t> shape,
+               std::span<const std::uint8_t> bytes) {
+    const std::size_t n = count(name, shape);
+    if (bytes.size() != n * dtype_size(dtype)) {
+      throw switchyard::error(
+          "SafeTensorsWriter::add_raw: tensor '" + name + "': " + std::to_string(bytes.size()) +
+          " bytes given, shape " + switchyard::detail::format_shape(shape) + " of " +
+          std::string(dtype_name(dtype)) + " needs " + std::to_string(n * dtype_size(dtype)));
+    }
+    push(std::move(name), dtype, std::move(shape), {bytes.begin(), bytes.end()});
+  }
+
+  /// Sets one "__metadata__" entry (replacing an earlier value of the key).
+  void set_metadata(std::string key, std::string value) {
+    metadata_[std::move(key)] = std::move(value);
+  }
+
+  /// The complete file.
+  std::vector<std::uint8_t> to_bytes() const {
+    std::vector<std::size_t> order(entries_.size());
+    for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+    std::stable_sort(order.begin(), order.end(), [&](std::size_t a, std::size_t b) {
+      return dtype_size(entries_[a].dtype) > dtype_size(entries_[b].dtype);
+    });
+    nlohmann::json header = nlohmann::json::object();
+    if (!metadata_.empty()) header["__metadata__"] = metadata_;
+    std::uint64_t offset = 0;
+    for (std::size_t i : order) {
+      const Entry& e = entries_[i];
+      header[e.name] = {{"dtype", std::string(dtype_name(e.dtype))},
+                        {"shape", e.shape},
+                        {"data_offsets", {offset, offset + e.bytes.size()}}};
+      offset += e.bytes.size();
+    }
+    std::string text = header.dump();
+    text.append((8 - text.size() % 8) % 8, ' ');
+
+    std::vector<std::uint8_t> out;
+    out.reserve(8 + text.size() + offset);
+    const std::uint64_t n = text.size();
+    for (int k = 0; k < 8; ++k) out.push_back(static_cast<std::uint8_t>(n >> (8 * k)));
+    out.insert(out.end(), text.begin(), text.end());
+    for (std::size_t i : order)
+      out.insert(out.end(), entries_[i].bytes.begin(), entries_[i].bytes.end());
+    return out;
+  }
+
+  /// Writes to_bytes() to `path`; throws switchyard::error if that fails.
+  void save(const std::string& path) const {
+    const auto bytes = to_bytes();
+    std::ofstream out(path, std::ios::binary | std::ios::trunc);
+    out.write(reinterpret_cast<const char*>(bytes.data()),
+              static_cast<std::streamsize>(bytes.size()));
+    out.close();
+    if (!out) throw switchyard::error("SafeTensorsWriter::save: cannot write '" + path + "'");
+  }
+
+ private:
+  struct Entry {
+    std::string name;
+    DType dtype;
+    std::vector<std::int64_t> shape;
+    std::vector<std::uint8_t> bytes;
+  };
+
+  std::size_t count(const std::string& name, const std::vector<std::int64_t>& shape) const {
+    const auto fail = [&](const std::string& what) {
+      throw switchyard::error("SafeTensorsWriter::add: tensor '" + name + "': " + what);
+    };
+    if (name == "__metadata__") fail("the name __metadata__ is reserved");
+    if (names_.count(name)) fail("a tensor of this name was already added");
+    std::size_t n = 1;
+    for (auto e : shape) {
+      if (e < 0) fail("negative extent in shape " + switchyard::detail::format_shape(shape));
+      n *= static_cast<std::size_t>(e);
+    }
+    return n;
+  }
+
+  void push(std::string name, DType dtype, std::vector<std::int64_t> shape,
+            std::vector<std::uint8_t> bytes) {
+    names_.insert(name);
+    entries_.push_back({std::move(name), dtype, std::move(shape), std::move(bytes)});
+  }
+
+  /// Appends the bytes of v's elements in row-major order, following its strides.
+  template <class T, int R>
+  static void gather(const View<T, R>& v, int dim, std::int64_t off,
+                     std::vector<std::uint8_t>& out) {
+    for (std::int64_t i = 0; i < v.extent(dim); ++i) {
+      const std::int64_t o = off + i * v.stride(dim);
+      if (dim + 1 == R) {
+        const auto* p = reinterpret_cast<const std::uint8_t*>(v.data() + o);
+        out.insert(out.end(), p, p + sizeof(T));
+      } else {
+        gather(v, dim + 1, o, out);
+      }
+    }
+  }
+
+  std::vector<Entry> entries_;
+  std::set<std::string> names_;
+  std::map<std::string, std::string> metadata_;
+};
+
+}  // namespace io
+}  // namespace v0
+}  // namespace switchyard

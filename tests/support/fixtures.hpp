@@ -1,0 +1,22 @@
+#pragma once
+// Golden fixtures (../shared/fixtures/*.safetensors) for the tests: where they
+// are and how to open one. SWITCHYARD_FIXTURE_DIR comes from tests/CMakeLists.txt.
+#include <string>
+#include <string_view>
+
+#include "switchyard/io/safetensors.hpp"
+
+#ifndef SWITCHYARD_FIXTURE_DIR
+#error "SWITCHYARD_FIXTURE_DIR must be defined (tests/CMakeLists.txt does it)"
+#endif
+
+/// Absolute path of a fixture file, e.g. fixture_path("gshard_top2_tiny.safetensors").
+inline std::string fixture_path(std::string_view file) {
+  return std::string(SWITCHYARD_FIXTURE_DIR) + "/" + std::string(file);
+}
+
+/// Opens and validates a fixture; throws switchyard::error naming the file if it is
+/// missing or malformed.
+inline switchyard::io::SafeTensors open_fixture(std::string_view file) {
+  return switchyard::io::SafeTensors::open(fixture_path(file));
+}
