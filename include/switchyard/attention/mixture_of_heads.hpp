@@ -256,10 +256,16 @@ class MixtureOfHeads {
       const std::int64_t* hi = std::lower_bound(lo, last, (b + 1) * N);
       const std::int64_t n = hi - lo;
       if (n == 0) return;
-      RowMat xg(n, C);  // the queries' tokens, gathered
-      for (std::int64_t i = 0; i < n; ++i) std::copy_n(xc.data() + lo[i] * C, C, xg.data() + i * C);
       RowMat q(n, D);
-      q.noalias() = xg * wqkv.middleRows(h * D, D).transpose();
+      if (n == N) {  // every token of this batch element uses the head: no gather needed
+        const Eigen::Map<const RowMat> xb(xc.data() + b * N * C, N, C);
+        q.noalias() = xb * wqkv.middleRows(h * D, D).transpose();
+      } else {
+        RowMat xg(n, C);  // the queries' tokens, gathered
+        for (std::int64_t i = 0; i < n; ++i)
+          std::copy_n(xc.data() + lo[i] * C, C, xg.data() + i * C);
+        q.noalias() = xg * wqkv.middleRows(h * D, D).transpose();
+      }
       for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = 0; j < D; ++j) {
           const T bias = w.qkv_bias.empty() ? T(0) : w.qkv_bias(h * D + j);
