@@ -4,10 +4,13 @@
 // Method: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite two-constant reduction),
 // exp(r) by a polynomial (float: Cephes expf's degree-5 minimax; double:
 // degree-13 Taylor), times 2^n built from the exponent bits.
-// Error bound (tested against std::exp in test_simd_exp.cpp): relative error
-// at most 2 ulp (float and double; measured 1.24 and 1.21) for results in the normal range.
-// Results below the smallest normal number flush to +0 (so exp(-inf) = 0),
-// results above the largest finite number give +inf, and NaN stays NaN.
+// Error bound (tested against std::exp in long double in test_simd_exp.cpp,
+// every arch and the scalar twin): at most 2 ulp for results in the normal
+// range; the worst seen on ~400k points is 1.22 ulp (float) and 1.21 ulp
+// (double), the same on every arch. Results below 2^-0.5 times the smallest
+// normal number flush to +0 (so exp(-inf) = 0); between that and the smallest
+// normal they are subnormal, within two subnormal steps of the true value.
+// Results above the largest finite number give +inf, and NaN stays NaN.
 #include <cmath>
 #include <cstdint>
 
