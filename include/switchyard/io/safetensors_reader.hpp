@@ -60,7 +60,15 @@ struct TensorInfo {
 
 namespace safetensors_detail {
 
-inline std::string quote(std::string_view s) { return "'" + std::string(s) + "'"; }
+/// 's' (built by append: GCC 12 warns falsely, -Wrestrict, on "'" + std::string(s)).
+inline std::string quote(std::string_view s) {
+  std::string out;
+  out.reserve(s.size() + 2);
+  out.push_back('\'');
+  out.append(s);
+  out.push_back('\'');
+  return out;
+}
 
 /// a * b into `out`; false on int64 overflow. Both operands are >= 0.
 inline bool checked_mul(std::int64_t a, std::int64_t b, std::int64_t& out) noexcept {
@@ -175,7 +183,7 @@ class SafeTensors {
     if (it == index_.end()) {
       std::string known;
       for (std::size_t i = 0; i < infos_.size() && i < 20; ++i) {
-        known += (i ? ", " : "") + infos_[i].name;
+        known += (i ? ", " : "") + safetensors_detail::quote(infos_[i].name);
       }
       if (infos_.size() > 20) known += ", ...";
       fail("info", source_,
