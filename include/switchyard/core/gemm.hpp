@@ -1,0 +1,147 @@
+#pragma once
+// GEMM on views: C = alpha * op(A) * op(B) + beta * C, on switchyard's own packed
+// micro-kernel (core/simd/gemm_kernel.hpp). Serial inside; callers parallelise over
+// independent tiles, or use gemm_parallel, whose fixed tiling gives the same bits
+// for every thread count.
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <type_traits>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/gemm_kernel.hpp"
+#include "switchyard/core/view.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace core {
+
+/// Whether an operand is used as stored or transposed.
+enum class Trans { no, yes };
+
+/// Bytes of workspace gemm needs for op(A) [m, k] * op(B) [k, n] on Arch.
+template <class T, class Arch = simd::default_arch>
+constexpr std::size_t gemm_workspace_bytes(std::int64_t m, std::int64_t n,
+                                           std::int64_t k) noexcept {
+  return kernels::gemm_workspace_elems<Arch, T>(Arch{}, m, n, k) * sizeof(T) + 64;
+}
+
+namespace detail {
+
+inline std::string op_shape(std::int64_t r, std::int64_t c, const char* rn, const char* cn,
+                            Trans t) {
+  const std::int64_t e[2] = {r, c};
+  return switchyard::detail::format_shape({rn, cn}, e) + (t == Trans::yes ? " (transposed)" : "");
+}
+
+/// Validates shapes and returns {M, N, K}; throws shape_error naming gemm and the argument.
+template <class T>
+std::array<std::int64_t, 3> gemm_check(std::string_view fn, const ConstView<T, 2>& a, Trans ta,
+                                       const ConstView<T, 2>& b, Trans tb, const View<T, 2>& c) {
+  const std::int64_t m = ta == Trans::no ? a.extent(0) : a.extent(1);
+  const std::int64_t k = ta == Trans::no ? a.extent(1) : a.extent(0);
+  const std::int64_t kb = tb == Trans::no ? b.extent(0) : b.extent(1);
+  const std::int64_t n = tb == Trans::no ? b.extent(1) : b.extent(0);
+  if (kb != k) {
+    switchyard::detail::fail_shape(
+        "core", fn, "b", op_shape(kb, n, "K", "N", tb), "[K=" + std::to_string(k) + ", N]",
+        "inner dimensions differ: op(a) is " + op_shape(m, k, "M", "K", ta));
+  }
+  if (c.extent(0) != m || c.extent(1) != n) {
+    switchyard::detail::fail_shape(
+        "core", fn, "c", switchyard::detail::format_shape({"M", "N"}, c.shape()),
+        "[M=" + std::to_string(m) + ", N=" + std::to_string(n) + "]",
+        "op(a) is " + op_shape(m, k, "M", "K", ta) + ", op(b) is " + op_shape(k, n, "K", "N", tb));
+  }
+  return {m, n, k};
+}
+
+template <class T, class Arch>
+void gemm_run(const ConstView<T, 2>& a, Trans ta, const ConstView<T, 2>& b, Trans tb,
+              const View<T, 2>& c, T alpha, T beta, std::int64_t m, std::int64_t n, std::int64_t k,
+              T* ws) noexcept {
+  const std::int64_t rsa = ta == Trans::no ? a.stride(0) : a.stride(1);
+  const std::int64_t csa = ta == Trans::no ? a.stride(1) : a.stride(0);
+  const std::int64_t rsb = tb == Trans::no ? b.stride(0) : b.stride(1);
+  const std::int64_t csb = tb == Trans::no ? b.stride(1) : b.stride(0);
+  kernels::gemm(Arch{}, m, n, k, alpha, a.data(), rsa, csa, nullptr, b.data(), rsb, csb, beta,
+                c.data(), c.stride(0), c.stride(1), ws);
+}
+
+}  // namespace detail
+
+/// C = alpha * op(A) * op(B) + beta * C with a caller-provided workspace (no allocation).
+/// a: [M, K] (or [K, M] with ta = yes); b: [K, N] (or [N, K] with tb = yes); c: [M, N].
+/// Any strides (transposes and sub-views need no copies). beta = 0 overwrites C even
+/// where it holds NaN; alpha = 0 or K = 0 gives beta * C. C must not overlap A or B.
+/// workspace: at least gemm_workspace_bytes<T, Arch>(M, N, K) bytes, any alignment.
+/// Throws shape_error (naming gemm, the argument and both shapes) on mismatched
+/// extents or a too-small workspace.
+template <class T, class Arch = simd::default_arch>
+void gemm(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
+          ConstView<std::type_identity_t<T>, 2> b, Trans tb, View<T, 2> c,
+          std::type_identity_t<T> alpha, std::type_identity_t<T> beta,
+          std::span<std::byte> workspace) {
+  const auto [m, n, k] = detail::gemm_check<T>("gemm", a, ta, b, tb, c);
+  const std::size_t need = gemm_workspace_bytes<T, Arch>(m, n, k);
+  if (workspace.size() < need) {
+    switchyard::detail::fail_shape(
+        "core", "gemm", "workspace", "[bytes=" + std::to_string(workspace.size()) + "]",
+        "[bytes>=" + std::to_string(need) + "]", "gemm_workspace_bytes(M, N, K)");
+  }
+  detail::gemm_run<T, Arch>(a, ta, b, tb, c, alpha, beta, m, n, k,
+                            reinterpret_cast<T*>(workspace.data()));
+}
+
+/// C = alpha * op(A) * op(B) + beta * C; allocates its workspace. Shapes as above:
+/// a: [M, K] (ta = no) or [K, M] (ta = yes); b: [K, N] or [N, K]; c: [M, N].
+template <class T, class Arch = simd::default_arch>
+void gemm(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
+          ConstView<std::type_identity_t<T>, 2> b, Trans tb, View<T, 2> c,
+          std::type_identity_t<T> alpha = T(1), std::type_identity_t<T> beta = T(0)) {
+  const auto [m, n, k] = detail::gemm_check<T>("gemm", a, ta, b, tb, c);
+  const std::size_t elems = kernels::gemm_workspace_elems<Arch, T>(Arch{}, m, n, k);
+  std::unique_ptr<T[]> ws(new T[elems]);
+  detail::gemm_run<T, Arch>(a, ta, b, tb, c, alpha, beta, m, n, k, ws.get());
+}
+
+/// Row and column extents of the fixed C tiles gemm_parallel hands to threads;
+/// multiples of every register tile, and independent of the thread count.
+inline constexpr std::int64_t gemm_parallel_tile_m = 168;
+inline constexpr std::int64_t gemm_parallel_tile_n = 512;
+
+/// gemm over fixed [168, 512] tiles of C run with parallel_for: the result has the
+/// same bits for any thread count (and equals gemm's wherever a tile edge coincides).
+/// Shapes as gemm: a: [M, K] or [K, M]; b: [K, N] or [N, K]; c: [M, N]. Each tile
+/// allocates its own packing workspace.
+template <class T, class Arch = simd::default_arch>
+void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
+                   ConstView<std::type_identity_t<T>, 2> b, Trans tb, View<T, 2> c,
+                   std::type_identity_t<T> alpha = T(1), std::type_identity_t<T> beta = T(0)) {
+  const auto [m, n, k] = detail::gemm_check<T>("gemm_parallel", a, ta, b, tb, c);
+  const std::int64_t tiles_m = num_chunks(m, gemm_parallel_tile_m);
+  const std::int64_t tiles_n = num_chunks(n, gemm_parallel_tile_n);
+  const std::size_t elems = kernels::gemm_workspace_elems<Arch, T>(
+      Arch{}, std::min(m, gemm_parallel_tile_m), std::min(n, gemm_parallel_tile_n), k);
+  parallel_for(tiles_m * tiles_n, [&](std::int64_t t) {
+    const std::int64_t i0 = (t / tiles_n) * gemm_parallel_tile_m;
+    const std::int64_t j0 = (t % tiles_n) * gemm_parallel_tile_n;
+    const std::int64_t mt = std::min(gemm_parallel_tile_m, m - i0);
+    const std::int64_t nt = std::min(gemm_parallel_tile_n, n - j0);
+    const ConstView<T, 2> at = ta == Trans::no ? a.slice(0, i0, i0 + mt) : a.slice(1, i0, i0 + mt);
+    const ConstView<T, 2> bt = tb == Trans::no ? b.slice(1, j0, j0 + nt) : b.slice(0, j0, j0 + nt);
+    const View<T, 2> ct = c.slice(0, i0, i0 + mt).slice(1, j0, j0 + nt);
+    std::unique_ptr<T[]> ws(new T[elems]);  // tasks must not throw: bad_alloc terminates
+    detail::gemm_run<T, Arch>(at, ta, bt, tb, ct, alpha, beta, mt, nt, k, ws.get());
+  });
+}
+
+}  // namespace core
+}  // namespace v0
+}  // namespace switchyard

@@ -1,0 +1,251 @@
+#pragma once
+// Packed GEMM in the BLIS/GotoBLAS style: C = alpha * op(A) * op(B) + beta * C.
+//
+// op(A) [M, K] is packed into micro-panels of MR rows (K-major), op(B) [K, N]
+// into micro-panels of NR columns, and a register-blocked micro-kernel
+// accumulates an MR x NR tile of C: NR/lanes vectors of B are loaded and each
+// of the MR values of A is broadcast (C is row-major, so vectors run along N).
+// Loop nest (outer to inner): N in nc, K in kc, pack B block (kept in L2),
+// M in mc, pack A block, MR rows (A micro-panel stays in L1), NR columns.
+//
+// Every element of C is summed by one accumulator lane in ascending k within a
+// kc block, block after block: the sum order is fixed by kc alone. (Full tiles
+// and edge tiles round the final alpha/beta update separately, so callers that
+// split C for threads use a fixed partition; see core::gemm_parallel.)
+//
+// Arbitrary strides (row and column, in elements) for A, B and C; transposes
+// are strides. Packing A can gather rows through an index list, so the MoE
+// layer can fuse its token gather into packing.
+#include <algorithm>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+
+#include "switchyard/core/simd/arch.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace kernels {
+
+/// Register tile and cache blocking of the packed GEMM for one Arch and T.
+template <class Arch, class T>
+struct GemmTile {
+  static constexpr std::size_t lanes = simd::lanes_v<T, Arch>;
+  // 32 vector registers with AVX-512: 14 x 2 accumulators + 2 B vectors + 1 broadcast.
+  // 16 registers otherwise: 6 x 2 accumulators + 2 B + 1 broadcast.
+  static constexpr bool wide = !simd::is_scalar_v<Arch> && lanes * sizeof(T) == 64;
+  static constexpr int mr = simd::is_scalar_v<Arch> ? 4 : (wide ? 14 : 6);
+  static constexpr int nv = simd::is_scalar_v<Arch> ? 4 : 2;  // vectors (or scalars) per row
+  static constexpr int nr = nv * static_cast<int>(lanes);
+  // kc x nr of B (48 KiB for float AVX-512) streams from L2 per micro-kernel call;
+  // mr x kc of A (21 KiB) stays in L1 across the NR loop; kc x nc of B fits L2 (1 MiB).
+  static constexpr std::int64_t kc = 384 * 4 / static_cast<std::int64_t>(sizeof(T));
+  static constexpr std::int64_t nc = ((512 * 1024 / (kc * sizeof(T))) / nr) * nr;
+  static constexpr std::int64_t mc = ((1024 + mr - 1) / mr) * mr;
+};
+
+/// Elements of T the packed GEMM needs as workspace for an [m, k] x [k, n] product
+/// (packed A block + packed B block + slack to align both to 64 bytes).
+template <class Arch, class T>
+constexpr std::size_t gemm_workspace_elems(Arch, std::int64_t m, std::int64_t n,
+                                           std::int64_t k) noexcept {
+  using G = GemmTile<Arch, T>;
+  const std::int64_t kc = std::min<std::int64_t>(std::max<std::int64_t>(k, 1), G::kc);
+  const std::int64_t mc =
+      std::min<std::int64_t>(((std::max<std::int64_t>(m, 1) + G::mr - 1) / G::mr) * G::mr, G::mc);
+  const std::int64_t nc =
+      std::min<std::int64_t>(((std::max<std::int64_t>(n, 1) + G::nr - 1) / G::nr) * G::nr, G::nc);
+  return std::size_t(mc * kc + nc * kc) + 2 * (64 / sizeof(T));
+}
+
+namespace detail {
+
+/// Packs op(A)[i0 : i0+m, p0 : p0+kc] into micro-panels of MR rows, zero-padding
+/// the last panel: dst[panel][p][r]. Row i of op(A) is stored row rows[i] when
+/// rows is non-null (gather), else row i. Element (i, p) is a[row * rsa + p * csa].
+template <int MR, class T>
+void pack_a(const T* a, std::int64_t rsa, std::int64_t csa, const std::int32_t* rows,
+            std::int64_t i0, std::int64_t m, std::int64_t p0, std::int64_t kc, T* dst) noexcept {
+  for (std::int64_t ib = 0; ib < m; ib += MR) {
+    const int mr = static_cast<int>(std::min<std::int64_t>(MR, m - ib));
+    for (int r = 0; r < mr; ++r) {
+      const std::int64_t i = i0 + ib + r;
+      const T* src = a + (rows ? std::int64_t(rows[i]) : i) * rsa + p0 * csa;
+      T* d = dst + r;
+      if (csa == 1) {
+        for (std::int64_t p = 0; p < kc; ++p) d[p * MR] = src[p];
+      } else {
+        for (std::int64_t p = 0; p < kc; ++p) d[p * MR] = src[p * csa];
+      }
+    }
+    for (int r = mr; r < MR; ++r)
+      for (std::int64_t p = 0; p < kc; ++p) dst[p * MR + r] = T(0);
+    dst += MR * kc;
+  }
+}
+
+/// Packs op(B)[p0 : p0+kc, j0 : j0+n] into micro-panels of NR columns, zero-padding
+/// the last panel: dst[panel][p][c]. Element (p, j) is b[p * rsb + j * csb].
+template <int NR, class T>
+void pack_b(const T* b, std::int64_t rsb, std::int64_t csb, std::int64_t p0, std::int64_t kc,
+            std::int64_t j0, std::int64_t n, T* dst) noexcept {
+  for (std::int64_t jb = 0; jb < n; jb += NR) {
+    const int nr = static_cast<int>(std::min<std::int64_t>(NR, n - jb));
+    const T* src = b + p0 * rsb + (j0 + jb) * csb;
+    if (csb == 1 && nr == NR) {
+      for (std::int64_t p = 0; p < kc; ++p)
+        std::memcpy(dst + p * NR, src + p * rsb, sizeof(T) * NR);
+    } else {
+      for (int c = 0; c < nr; ++c) {
+        const T* s = src + c * csb;
+        for (std::int64_t p = 0; p < kc; ++p) dst[p * NR + c] = s[p * rsb];
+      }
+      for (int c = nr; c < NR; ++c)
+        for (std::int64_t p = 0; p < kc; ++p) dst[p * NR + c] = T(0);
+    }
+    dst += NR * kc;
+  }
+}
+
+/// C tile [m, n] (m <= MR, n <= NR) = alpha * acc + beta * C; beta == 0 never reads C.
+template <int MR, int NR, class T>
+void store_tile_scalar(const T* acc, int m, int n, T alpha, T beta, T* c, std::int64_t rsc,
+                       std::int64_t csc) noexcept {
+  for (int i = 0; i < m; ++i) {
+    T* ci = c + i * rsc;
+    for (int j = 0; j < n; ++j) {
+      const T v = alpha * acc[i * NR + j];
+      ci[j * csc] = beta == T(0) ? v : v + beta * ci[j * csc];
+    }
+  }
+}
+
+/// Micro-kernel: acc[MR][NR] = Ap (kc x MR) ^T * Bp (kc x NR), then written to the
+/// [m, n] corner of C with alpha/beta. Full tiles with unit column stride store
+/// vectors straight into C; edges go through a small buffer.
+template <class Arch, class T>
+void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n, T alpha, T beta,
+                  T* c, std::int64_t rsc, std::int64_t csc) noexcept {
+  using G = GemmTile<Arch, T>;
+  constexpr int MR = G::mr, NV = G::nv, NR = G::nr;
+  if constexpr (simd::is_scalar_v<Arch>) {
+    T acc[MR * NR] = {};
+    for (std::int64_t p = 0; p < kc; ++p) {
+      for (int i = 0; i < MR; ++i) {
+        const T av = ap[i];
+        for (int j = 0; j < NR; ++j) acc[i * NR + j] += av * bp[j];
+      }
+      ap += MR;
+      bp += NR;
+    }
+    store_tile_scalar<MR, NR>(acc, m, n, alpha, beta, c, rsc, csc);
+  } else {
+    using B = xsimd::batch<T, Arch>;
+    constexpr int L = static_cast<int>(B::size);
+    B acc[MR][NV];
+#pragma GCC unroll 16
+    for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[i][v] = B(T(0));
+    for (std::int64_t p = 0; p < kc; ++p) {
+      B bv[NV];
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) bv[v] = B::load_aligned(bp + v * L);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        const B av(ap[i]);
+#pragma GCC unroll 4
+        for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(av, bv[v], acc[i][v]);
+      }
+      ap += MR;
+      bp += NR;
+    }
+    if (m == MR && n == NR && csc == 1) {
+      const B va(alpha);
+      if (beta == T(0)) {
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) (va * acc[i][v]).store_unaligned(c + i * rsc + v * L);
+      } else {
+        const B vb(beta);
+#pragma GCC unroll 16
+        for (int i = 0; i < MR; ++i)
+#pragma GCC unroll 4
+          for (int v = 0; v < NV; ++v) {
+            T* cp = c + i * rsc + v * L;
+            (va * acc[i][v] + vb * B::load_unaligned(cp)).store_unaligned(cp);
+          }
+      }
+    } else {
+      alignas(64) T buf[MR * NR];
+      for (int i = 0; i < MR; ++i)
+        for (int v = 0; v < NV; ++v) acc[i][v].store_aligned(buf + i * NR + v * L);
+      store_tile_scalar<MR, NR>(buf, m, n, alpha, beta, c, rsc, csc);
+    }
+  }
+}
+
+inline std::int64_t round_up(std::int64_t x, std::int64_t to) noexcept {
+  return (x + to - 1) / to * to;
+}
+
+template <class T>
+T* align64(T* p) noexcept {
+  const auto u = reinterpret_cast<std::uintptr_t>(p);
+  return reinterpret_cast<T*>((u + 63) & ~std::uintptr_t(63));
+}
+
+}  // namespace detail
+
+/// C [m, n] = alpha * op(A) [m, k] * op(B) [k, n] + beta * C, serial.
+/// op(A)(i, p) = a[r(i) * rsa + p * csa] with r(i) = a_rows ? a_rows[i] : i (row gather);
+/// op(B)(p, j) = b[p * rsb + j * csb]; C(i, j) = c[i * rsc + j * csc]. Any strides.
+/// beta == 0 overwrites C without reading it (NaN in C is discarded); alpha == 0 or
+/// k == 0 scales C by beta without reading A or B. `workspace` holds at least
+/// gemm_workspace_elems(Arch{}, m, n, k) elements and must not alias A, B or C.
+template <class Arch, class T>
+void gemm(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, const T* a,
+          std::int64_t rsa, std::int64_t csa, const std::int32_t* a_rows, const T* b,
+          std::int64_t rsb, std::int64_t csb, T beta, T* c, std::int64_t rsc, std::int64_t csc,
+          T* workspace) noexcept {
+  using G = GemmTile<Arch, T>;
+  if (m <= 0 || n <= 0) return;
+  if (k <= 0 || alpha == T(0)) {
+    for (std::int64_t i = 0; i < m; ++i)
+      for (std::int64_t j = 0; j < n; ++j) {
+        T& cij = c[i * rsc + j * csc];
+        cij = beta == T(0) ? T(0) : beta * cij;
+      }
+    return;
+  }
+  const std::int64_t kc_max = std::min<std::int64_t>(k, G::kc);
+  const std::int64_t mc_max = std::min<std::int64_t>(detail::round_up(m, G::mr), G::mc);
+  T* apack = detail::align64(workspace);
+  T* bpack = detail::align64(apack + mc_max * kc_max);
+  for (std::int64_t j0 = 0; j0 < n; j0 += G::nc) {
+    const std::int64_t nc = std::min<std::int64_t>(G::nc, n - j0);
+    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
+      const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+      const T beta_eff = p0 == 0 ? beta : T(1);
+      detail::pack_b<G::nr>(b, rsb, csb, p0, kc, j0, nc, bpack);
+      for (std::int64_t i0 = 0; i0 < m; i0 += G::mc) {
+        const std::int64_t mc = std::min<std::int64_t>(G::mc, m - i0);
+        detail::pack_a<G::mr>(a, rsa, csa, a_rows, i0, mc, p0, kc, apack);
+        for (std::int64_t ib = 0; ib < mc; ib += G::mr) {
+          const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, mc - ib));
+          const T* ap = apack + ib * kc;
+          for (std::int64_t jb = 0; jb < nc; jb += G::nr) {
+            const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, nc - jb));
+            detail::micro_kernel(arch, kc, ap, bpack + jb * kc, mr, nr, alpha, beta_eff,
+                                 c + (i0 + ib) * rsc + (j0 + jb) * csc, rsc, csc);
+          }
+        }
+      }
+    }
+  }
+}
+
+}  // namespace kernels
+}  // namespace v0
+}  // namespace switchyard

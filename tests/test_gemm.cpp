@@ -1,0 +1,364 @@
+// GEMM against a naive double-precision triple loop: every arch through the kernel
+// API (strides, row gather, tails of the register tile, one past each cache block),
+// then the public view API (all transposes, alpha/beta, sub-views, errors,
+// thread-count-independent parallel bits).
+//
+// Tolerance: a float/double dot product of length K summed in any order (with or
+// without FMA) satisfies |fl(s) - s| <= gamma_K * sum |a_i b_i|, gamma_K = K u / (1 - K u),
+// u = eps / 2; scaling by alpha and adding beta * c costs two more roundings. So
+// |C - C_ref| <= (K + 2) * eps * (|alpha| * sum_p |a_ip b_pj| + |beta| * |c_ij|) is a
+// rigorous bound (with a factor ~2 to spare), computed per element.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <random>
+#include <vector>
+
+#include "switchyard/core/gemm.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/gemm_kernel.hpp"
+#include "switchyard/core/tensor.hpp"
+
+namespace {
+
+using namespace switchyard;
+using core::Trans;
+
+/// A strided matrix inside a larger buffer; padding holds a sentinel.
+template <class T>
+struct Mat {
+  std::int64_t rows = 0, cols = 0, rs = 0, cs = 0;
+  std::vector<T> buf;
+  Mat(std::int64_t r, std::int64_t c, std::int64_t rs_, std::int64_t cs_)
+      : rows(r), cols(c), rs(rs_), cs(cs_) {
+    const std::int64_t span = r == 0 || c == 0 ? 1 : (r - 1) * rs + (c - 1) * cs + 1;
+    buf.assign(std::size_t(span), T(-777));
+  }
+  T& at(std::int64_t i, std::int64_t j) { return buf[std::size_t(i * rs + j * cs)]; }
+  T at(std::int64_t i, std::int64_t j) const { return buf[std::size_t(i * rs + j * cs)]; }
+};
+
+enum class Layout { row_major, col_major, row_padded, col_stride2 };
+
+template <class T>
+Mat<T> make_mat(std::int64_t r, std::int64_t c, Layout l) {
+  switch (l) {
+    case Layout::row_major:
+      return Mat<T>(r, c, c, 1);
+    case Layout::col_major:
+      return Mat<T>(r, c, 1, r);
+    case Layout::row_padded:
+      return Mat<T>(r, c, c + 3, 1);
+    case Layout::col_stride2:
+      return Mat<T>(r, c, 2 * c + 1, 2);
+  }
+  return Mat<T>(r, c, c, 1);
+}
+
+template <class T>
+void fill_random(Mat<T>& m, std::mt19937& gen) {
+  std::uniform_real_distribution<double> ud(-1.0, 1.0);
+  for (std::int64_t i = 0; i < m.rows; ++i)
+    for (std::int64_t j = 0; j < m.cols; ++j) m.at(i, j) = T(ud(gen));
+}
+
+/// Naive reference in double plus the per-element error bound from the header comment.
+template <class T>
+void reference(const Mat<T>& a, const std::vector<std::int32_t>* rows, const Mat<T>& b,
+               const Mat<T>& c0, T alpha, T beta, std::vector<double>& ref,
+               std::vector<double>& bound) {
+  const std::int64_t m = c0.rows, n = c0.cols, k = b.rows;
+  const double eps = std::numeric_limits<T>::epsilon();
+  ref.assign(std::size_t(m * n), 0.0);
+  bound.assign(std::size_t(m * n), 0.0);
+  for (std::int64_t i = 0; i < m; ++i) {
+    const std::int64_t ai = rows ? (*rows)[std::size_t(i)] : i;
+    for (std::int64_t j = 0; j < n; ++j) {
+      double s = 0.0, sa = 0.0;
+      for (std::int64_t p = 0; p < k; ++p) {
+        s += double(a.at(ai, p)) * double(b.at(p, j));
+        sa += std::abs(double(a.at(ai, p)) * double(b.at(p, j)));
+      }
+      const double cij = beta == T(0) ? 0.0 : double(c0.at(i, j));
+      ref[std::size_t(i * n + j)] = double(alpha) * s + double(beta) * cij;
+      bound[std::size_t(i * n + j)] =
+          double(k + 2) * eps * (std::abs(double(alpha)) * sa + std::abs(double(beta) * cij));
+    }
+  }
+}
+
+/// Checks C against the reference and that C's padding still holds the sentinel.
+template <class T>
+void check_result(const Mat<T>& c, const std::vector<double>& ref,
+                  const std::vector<double>& bound) {
+  std::int64_t bad = 0, first_i = -1, first_j = -1;
+  for (std::int64_t i = 0; i < c.rows; ++i)
+    for (std::int64_t j = 0; j < c.cols; ++j) {
+      const double got = double(c.at(i, j)), want = ref[std::size_t(i * c.cols + j)];
+      if (!(std::abs(got - want) <= bound[std::size_t(i * c.cols + j)])) {
+        if (bad++ == 0) first_i = i, first_j = j;
+      }
+    }
+  CAPTURE(first_i, first_j);
+  if (first_i >= 0) {
+    CAPTURE(double(c.at(first_i, first_j)), ref[std::size_t(first_i * c.cols + first_j)]);
+    CHECK(bad == 0);
+  }
+  std::vector<char> is_elem(c.buf.size(), 0);
+  for (std::int64_t i = 0; i < c.rows; ++i)
+    for (std::int64_t j = 0; j < c.cols; ++j) is_elem[std::size_t(i * c.rs + j * c.cs)] = 1;
+  std::int64_t clobbered = 0;
+  for (std::size_t x = 0; x < c.buf.size(); ++x)
+    if (!is_elem[x] && c.buf[x] != T(-777)) ++clobbered;
+  CHECK(clobbered == 0);
+}
+
+struct Case {
+  std::int64_t m, n, k;
+  Layout la, lb, lc;
+  double alpha, beta;
+  bool gather;
+  bool nan_c;
+};
+
+/// Runs one case through kernels::gemm for every arch against one reference.
+template <class T>
+void run_kernel_case(const Case& cs, std::mt19937& gen) {
+  CAPTURE(cs.m, cs.n, cs.k, int(cs.la), int(cs.lb), int(cs.lc), cs.alpha, cs.beta, cs.gather);
+  const std::int64_t a_rows_stored = cs.gather ? cs.m + 5 : cs.m;
+  Mat<T> a = make_mat<T>(a_rows_stored, cs.k, cs.la);
+  Mat<T> b = make_mat<T>(cs.k, cs.n, cs.lb);
+  Mat<T> c0 = make_mat<T>(cs.m, cs.n, cs.lc);
+  fill_random(a, gen);
+  fill_random(b, gen);
+  fill_random(c0, gen);
+  if (cs.nan_c)
+    for (std::int64_t i = 0; i < cs.m; ++i)
+      for (std::int64_t j = 0; j < cs.n; ++j) c0.at(i, j) = std::numeric_limits<T>::quiet_NaN();
+  std::vector<std::int32_t> rows;
+  if (cs.gather) {
+    std::uniform_int_distribution<std::int32_t> pick(0, std::int32_t(a_rows_stored - 1));
+    for (std::int64_t i = 0; i < cs.m; ++i) rows.push_back(pick(gen));  // repeats allowed
+  }
+  std::vector<double> ref, bound;
+  reference(a, cs.gather ? &rows : nullptr, b, c0, T(cs.alpha), T(cs.beta), ref, bound);
+  simd::for_each_arch([&](auto arch) {
+    CAPTURE(decltype(arch)::name());
+    Mat<T> c = c0;
+    std::vector<T> ws(kernels::gemm_workspace_elems<decltype(arch), T>(arch, cs.m, cs.n, cs.k));
+    kernels::gemm(arch, cs.m, cs.n, cs.k, T(cs.alpha), a.buf.data(), a.rs, a.cs,
+                  cs.gather ? rows.data() : nullptr, b.buf.data(), b.rs, b.cs, T(cs.beta),
+                  c.buf.data(), c.rs, c.cs, ws.data());
+    check_result(c, ref, bound);
+  });
+}
+
+TEMPLATE_TEST_CASE("kernels::gemm matches the naive reference on tile tails, every arch", "[gemm]",
+                   float, double) {
+  std::mt19937 gen(1234);
+  // Sizes around every register tile (mr 4/6/14, nr 4/8/16/32/64 over archs).
+  const std::vector<std::int64_t> sizes = {1, 2, 3, 5, 6, 7, 13, 14, 15, 16, 17, 31, 32, 33};
+  std::uniform_int_distribution<std::size_t> pick(0, sizes.size() - 1);
+  std::uniform_int_distribution<int> lay(0, 3);
+  for (int t = 0; t < 24; ++t) {
+    const Case cs{sizes[pick(gen)],
+                  sizes[pick(gen)],
+                  sizes[pick(gen)],
+                  Layout(lay(gen)),
+                  Layout(lay(gen)),
+                  Layout(lay(gen)),
+                  1.0,
+                  0.0,
+                  false,
+                  false};
+    run_kernel_case<TestType>(cs, gen);
+  }
+}
+
+TEMPLATE_TEST_CASE("kernels::gemm: random shapes 1..70, strides, alpha/beta, row gather", "[gemm]",
+                   float, double) {
+  std::mt19937 gen(99);
+  std::uniform_int_distribution<std::int64_t> dim(1, 70);
+  std::uniform_int_distribution<int> lay(0, 3);
+  const double alphas[] = {1.0, -0.5, 2.25};
+  const double betas[] = {0.0, 1.0, -1.5};
+  for (int t = 0; t < 24; ++t) {
+    const Case cs{dim(gen),         dim(gen),
+                  dim(gen),         Layout(lay(gen)),
+                  Layout(lay(gen)), Layout(lay(gen)),
+                  alphas[t % 3],    betas[(t / 3) % 3],
+                  t % 2 == 1,       t % 5 == 0 && betas[(t / 3) % 3] == 0.0};
+    run_kernel_case<TestType>(cs, gen);
+  }
+}
+
+TEMPLATE_TEST_CASE("kernels::gemm: one past the kc, mc and nc blocks", "[gemm]", float, double) {
+  std::mt19937 gen(5);
+  using G = kernels::GemmTile<simd::default_arch, TestType>;
+  const std::vector<Case> cases = {
+      {7, 9, G::kc + 1, Layout::row_major, Layout::row_major, Layout::row_major, 1.0, 0.5, false,
+       false},
+      {G::mc + 1, 5, 3, Layout::row_padded, Layout::row_major, Layout::row_major, 1.0, 0.0, true,
+       false},
+      {3, G::nc + 1, 4, Layout::row_major, Layout::col_major, Layout::row_padded, -1.0, 1.0, false,
+       false},
+  };
+  for (const auto& cs : cases) run_kernel_case<TestType>(cs, gen);
+}
+
+TEST_CASE("kernels::gemm: 300x257x513 (several k blocks, all edges)", "[gemm]") {
+  std::mt19937 gen(77);
+  run_kernel_case<float>({300, 257, 513, Layout::row_major, Layout::col_major, Layout::row_padded,
+                          0.75, -0.25, false, false},
+                         gen);
+}
+
+TEMPLATE_TEST_CASE("kernels::gemm: beta = 0 overwrites NaN; alpha = 0 and k = 0 give beta * C",
+                   "[gemm]", float, double) {
+  using T = TestType;
+  const T nan = std::numeric_limits<T>::quiet_NaN();
+  simd::for_each_arch([&](auto arch) {
+    CAPTURE(decltype(arch)::name());
+    std::vector<T> a(6 * 4, T(1)), b(4 * 5, T(2)), c(6 * 5, nan);
+    std::vector<T> ws(kernels::gemm_workspace_elems<decltype(arch), T>(arch, 6, 5, 4));
+    kernels::gemm(arch, 6, 5, 4, T(1), a.data(), 4, 1, nullptr, b.data(), 5, 1, T(0), c.data(), 5,
+                  1, ws.data());
+    for (T x : c) REQUIRE(x == T(8));
+    // alpha = 0: A and B are not read (NaN there must not leak), C = beta * C.
+    std::fill(a.begin(), a.end(), nan);
+    kernels::gemm(arch, 6, 5, 4, T(0), a.data(), 4, 1, nullptr, b.data(), 5, 1, T(-0.5), c.data(),
+                  5, 1, ws.data());
+    for (T x : c) REQUIRE(x == T(-4));
+    // k = 0 with beta = 0: zeros even over NaN.
+    std::fill(c.begin(), c.end(), nan);
+    kernels::gemm(arch, 6, 5, 0, T(1), a.data(), 4, 1, nullptr, b.data(), 5, 1, T(0), c.data(), 5,
+                  1, ws.data());
+    for (T x : c) REQUIRE(x == T(0));
+  });
+}
+
+/// Public API: a stored as [M, K] or [K, M] inside a bigger tensor, same for b and c.
+template <class T>
+void run_public_case(std::int64_t m, std::int64_t n, std::int64_t k, Trans ta, Trans tb, T alpha,
+                     T beta, std::mt19937& gen) {
+  CAPTURE(m, n, k, int(ta), int(tb), alpha, beta);
+  const std::int64_t ar = ta == Trans::no ? m : k, ac = ta == Trans::no ? k : m;
+  const std::int64_t br = tb == Trans::no ? k : n, bc = tb == Trans::no ? n : k;
+  // Sub-views: offset by (1, 2) inside tensors 3 rows / 5 columns bigger.
+  Tensor<T> abig({ar + 3, ac + 5}), bbig({br + 3, bc + 5}), cbig({m + 3, n + 5});
+  std::uniform_real_distribution<double> ud(-1.0, 1.0);
+  for (auto* t : {&abig, &bbig, &cbig})
+    for (auto& e : *t) e = T(ud(gen));
+  const auto av = abig.template view<2>().slice(0, 1, 1 + ar).slice(1, 2, 2 + ac);
+  const auto bv = bbig.template view<2>().slice(0, 1, 1 + br).slice(1, 2, 2 + bc);
+  const auto cv = cbig.template view<2>().slice(0, 1, 1 + m).slice(1, 2, 2 + n);
+  // Reference in the Mat form, op() applied by index.
+  Mat<T> a(m, k, k, 1), b(k, n, n, 1), c0(m, n, n, 1);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t p = 0; p < k; ++p) a.at(i, p) = ta == Trans::no ? av(i, p) : av(p, i);
+  for (std::int64_t p = 0; p < k; ++p)
+    for (std::int64_t j = 0; j < n; ++j) b.at(p, j) = tb == Trans::no ? bv(p, j) : bv(j, p);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) c0.at(i, j) = cv(i, j);
+  std::vector<double> ref, bound;
+  reference<T>(a, nullptr, b, c0, alpha, beta, ref, bound);
+  const Tensor<T> before = cbig;
+  core::gemm<T>(av, ta, bv, tb, cv, alpha, beta);
+  Mat<T> got(m, n, n, 1);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) got.at(i, j) = cv(i, j);
+  check_result(got, ref, bound);
+  // Nothing outside the C sub-view changed.
+  std::int64_t outside = 0;
+  for (std::int64_t i = 0; i < m + 3; ++i)
+    for (std::int64_t j = 0; j < n + 5; ++j) {
+      const bool inside = i >= 1 && i < 1 + m && j >= 2 && j < 2 + n;
+      if (!inside && cbig(i, j) != before(i, j)) ++outside;
+    }
+  CHECK(outside == 0);
+}
+
+TEMPLATE_TEST_CASE("core::gemm on views: all transposes, alpha/beta, sub-views", "[gemm]", float,
+                   double) {
+  using T = TestType;
+  std::mt19937 gen(2024);
+  for (Trans ta : {Trans::no, Trans::yes})
+    for (Trans tb : {Trans::no, Trans::yes}) {
+      run_public_case<T>(1, 1, 1, ta, tb, T(1), T(0), gen);
+      run_public_case<T>(37, 45, 29, ta, tb, T(1), T(0), gen);
+      run_public_case<T>(70, 33, 65, ta, tb, T(-0.5), T(2), gen);
+      run_public_case<T>(15, 64, 400, ta, tb, T(1.5), T(1), gen);
+    }
+}
+
+TEST_CASE("core::gemm with a caller workspace equals the allocating overload bit for bit",
+          "[gemm]") {
+  std::mt19937 gen(3);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  Tensor<float> a({50, 70}), b({70, 90}), c1({50, 90}), c2({50, 90});
+  for (auto* t : {&a, &b})
+    for (auto& e : *t) e = ud(gen);
+  core::gemm<float>(a.view<2>(), Trans::no, b.view<2>(), Trans::no, c1.view<2>());
+  std::vector<std::byte> ws(core::gemm_workspace_bytes<float>(50, 90, 70) + 3);
+  // A misaligned workspace start is allowed.
+  core::gemm<float>(a.view<2>(), Trans::no, b.view<2>(), Trans::no, c2.view<2>(), 1.0f, 0.0f,
+                    std::span<std::byte>(ws).subspan(3));
+  REQUIRE(std::memcmp(c1.data(), c2.data(), sizeof(float) * 50 * 90) == 0);
+}
+
+TEST_CASE("core::gemm_parallel: same bits for 1 and 2 threads, matches the reference",
+          "[gemm][parallel]") {
+  std::mt19937 gen(11);
+  const std::int64_t m = 400, n = 1100, k = 150;
+  Mat<float> a(m, k, k, 1), b(k, n, n, 1), c0(m, n, n, 1);
+  fill_random(a, gen);
+  fill_random(b, gen);
+  fill_random(c0, gen);
+  std::vector<double> ref, bound;
+  reference<float>(a, nullptr, b, c0, 1.0f, 0.5f, ref, bound);
+  auto run = [&](int threads) {
+    ScopedNumThreads scope(threads);
+    Mat<float> c = c0;
+    core::gemm_parallel<float>(ConstView<float, 2>(a.buf.data(), {m, k}), Trans::no,
+                               ConstView<float, 2>(b.buf.data(), {k, n}), Trans::no,
+                               View<float, 2>(c.buf.data(), {m, n}), 1.0f, 0.5f);
+    return c;
+  };
+  const Mat<float> c1 = run(1), c2 = run(2);
+  check_result(c1, ref, bound);
+  REQUIRE(std::memcmp(c1.buf.data(), c2.buf.data(), sizeof(float) * c1.buf.size()) == 0);
+}
+
+TEST_CASE("core::gemm errors name gemm, the argument and both shapes", "[gemm][errors]") {
+  using Catch::Contains;
+  Tensor<float> a({4, 6}), b({5, 7}), c({4, 7}), b_ok({6, 7}), c_bad({4, 8});
+  // Inner dimensions differ: op(a) is [4, 6], op(b) is [5, 7].
+  REQUIRE_THROWS_AS(core::gemm<float>(a.view<2>(), Trans::no, b.view<2>(), Trans::no, c.view<2>()),
+                    shape_error);
+  REQUIRE_THROWS_WITH(
+      core::gemm<float>(a.view<2>(), Trans::no, b.view<2>(), Trans::no, c.view<2>()),
+      Contains("gemm") && Contains("'b'") && Contains("[K=5, N=7]") && Contains("[K=6, N]") &&
+          Contains("[M=4, K=6]"));
+  // Transposed b: stored [7, 5] is op(b) = [5, 7].
+  REQUIRE_THROWS_WITH(core::gemm<float>(a.view<2>(), Trans::no, b.view<2>().slice(0, 0, 5),
+                                        Trans::yes, c.view<2>()),
+                      Contains("gemm") && Contains("'b'") && Contains("[K=7, N=5] (transposed)"));
+  // C has the wrong shape.
+  REQUIRE_THROWS_WITH(
+      core::gemm<float>(a.view<2>(), Trans::no, b_ok.view<2>(), Trans::no, c_bad.view<2>()),
+      Contains("gemm") && Contains("'c'") && Contains("[M=4, N=8]") && Contains("[M=4, N=7]"));
+  // Workspace too small.
+  std::vector<std::byte> small(16);
+  REQUIRE_THROWS_WITH(core::gemm<float>(a.view<2>(), Trans::no, b_ok.view<2>(), Trans::no,
+                                        c.view<2>(), 1.0f, 0.0f, small),
+                      Contains("gemm") && Contains("'workspace'") && Contains("[bytes=16]"));
+  // gemm_parallel validates the same way.
+  REQUIRE_THROWS_WITH(core::gemm_parallel<float>(a.view<2>(), Trans::no, b_ok.view<2>(), Trans::no,
+                                                 c_bad.view<2>()),
+                      Contains("gemm_parallel") && Contains("'c'") && Contains("[M=4, N=8]"));
+}
+
+}  // namespace
