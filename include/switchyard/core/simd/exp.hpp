@@ -4,13 +4,16 @@
 // Method: x = n*ln2 + r with |r| <= ln2/2 (Cody-Waite two-constant reduction),
 // exp(r) by a polynomial (float: Cephes expf's degree-5 minimax; double:
 // degree-13 Taylor), times 2^n built from the exponent bits.
-// Error bound (tested against std::exp in long double in test_simd_exp.cpp,
-// every arch and the scalar twin): at most 2 ulp for results in the normal
-// range; the worst seen on ~400k points is 1.22 ulp (float) and 1.21 ulp
-// (double), the same on every arch. Results below 2^-0.5 times the smallest
-// normal number flush to +0 (so exp(-inf) = 0); between that and the smallest
-// normal they are subnormal, within two subnormal steps of the true value.
-// Results above the largest finite number give +inf, and NaN stays NaN.
+// Error bound (tested against std::exp in long double in test_simd_exp.cpp, on
+// every arch and the scalar twin): at most 2 ulp for results in the normal range.
+// Worst seen on ~400k points: 1.22 ulp (float) and 1.21 ulp (double) when the
+// multiply-adds are fused (FMA archs, the scalar twin's std::fma, or SSE archs
+// in a TU where the compiler contracts a*b+c); 1.26 and 1.23 ulp when they are
+// not (-march=x86-64, where xsimd::fma is a multiply then an add).
+// Results below 2^-0.5 times the smallest normal number flush to +0 (so
+// exp(-inf) = 0); between that and the smallest normal they are subnormal,
+// within two subnormal steps of the true value. Results above the largest
+// finite number give +inf, and NaN stays NaN.
 #include <cmath>
 #include <cstdint>
 
