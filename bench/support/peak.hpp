@@ -2,13 +2,21 @@
 // Single-thread fp32 FMA peak of this machine, measured (not looked up), so
 // benchmarks can report "% of peak" next to their GFLOP/s.
 #include <algorithm>
-#include <chrono>
 #include <cstddef>
+#include <ctime>
 #include <xsimd/xsimd.hpp>
 
 namespace switchyard_bench {
 
 namespace detail {
+// CPU time of this thread, like Google Benchmark's default timer: on a shared
+// machine, wall time would count the time other processes held the core.
+inline double thread_seconds() {
+  timespec ts{};
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + 1e-9 * double(ts.tv_nsec);
+}
+
 // Templated on Arch (NOTES §2.8): each TU gets the probe for its own flags.
 template <class Arch = xsimd::default_arch>
 double fma_probe_gflops(long iters) {
@@ -19,17 +27,17 @@ double fma_probe_gflops(long iters) {
   // a = a*x + y converges to y/(1-x): no overflow, no denormals. Without
   // -ffast-math the compiler must keep every FMA of the dependent chains.
   B x(0.9999f), y(1e-4f);
-  const auto t0 = std::chrono::steady_clock::now();
+  const double t0 = thread_seconds();
   for (long it = 0; it < iters; ++it) {
 #pragma GCC unroll 12
     for (int i = 0; i < kChains; ++i) acc[i] = xsimd::fma(acc[i], x, y);
   }
-  const auto t1 = std::chrono::steady_clock::now();
+  const double t1 = thread_seconds();
   B s = acc[0];
   for (int i = 1; i < kChains; ++i) s += acc[i];
   volatile float sink = s.get(0);
   (void)sink;
-  const double sec = std::chrono::duration<double>(t1 - t0).count();
+  const double sec = t1 - t0;
   const double flops = 2.0 * double(B::size) * kChains * double(iters);
   return flops / sec * 1e-9;
 }
