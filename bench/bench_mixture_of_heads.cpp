@@ -12,6 +12,7 @@
 #include <random>
 
 #include "switchyard/attention/mixture_of_heads.hpp"
+#include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 
 namespace {
@@ -45,8 +46,9 @@ struct Model {
   }
 };
 
-void BM_moh(benchmark::State& state, std::int64_t B, std::int64_t N, std::int64_t C, std::int64_t H,
-            std::int64_t S, std::int64_t K) {
+// threads: 0 = switchyard's default (all hardware threads), else that many.
+void BM_moh(benchmark::State& state, int threads, std::int64_t B, std::int64_t N, std::int64_t C,
+            std::int64_t H, std::int64_t S, std::int64_t K) {
   const bool plain = K == 0;  // all heads shared, gates 1: plain multi-head attention
   const Model m(C, H, S, plain);
   const auto w = m.views(H, S);
@@ -57,6 +59,7 @@ void BM_moh(benchmark::State& state, std::int64_t B, std::int64_t N, std::int64_
   const at::MixtureOfHeads<float> moh(
       {.dim = C, .num_heads = H, .shared_heads = S, .routed_top_k = K});
   double fraction = 0;
+  switchyard::ScopedNumThreads scoped(threads);
   for (auto _ : state) {
     const auto plan = moh.route(x, w);
     moh.execute(plan, x, w, out.view<3>());
@@ -70,10 +73,16 @@ void BM_moh(benchmark::State& state, std::int64_t B, std::int64_t N, std::int64_
 
 }  // namespace
 
-BENCHMARK_CAPTURE(BM_moh, plain_mha_h6, 8, 197, 384, 6, 6, 0)->UseRealTime();
-BENCHMARK_CAPTURE(BM_moh, moh_50pct_s2_k1of4, 8, 197, 384, 6, 2, 1)->UseRealTime();
-BENCHMARK_CAPTURE(BM_moh, moh_67pct_s2_k2of4, 8, 197, 384, 6, 2, 2)->UseRealTime();
-BENCHMARK_CAPTURE(BM_moh, moh_83pct_s2_k3of4, 8, 197, 384, 6, 2, 3)->UseRealTime();
-BENCHMARK_CAPTURE(BM_moh, moh_100pct_s2_k4of4, 8, 197, 384, 6, 2, 4)->UseRealTime();
-BENCHMARK_CAPTURE(BM_moh, tiny_moh_50pct, 1, 9, 16, 4, 1, 1)->UseRealTime();
-BENCHMARK_CAPTURE(BM_moh, tiny_plain_mha, 1, 9, 16, 4, 4, 0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_moh, plain_mha_h6, 0, 8, 197, 384, 6, 6, 0)->UseRealTime();
+BENCHMARK_CAPTURE(BM_moh, moh_50pct_s2_k1of4, 0, 8, 197, 384, 6, 2, 1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_moh, moh_67pct_s2_k2of4, 0, 8, 197, 384, 6, 2, 2)->UseRealTime();
+BENCHMARK_CAPTURE(BM_moh, moh_83pct_s2_k3of4, 0, 8, 197, 384, 6, 2, 3)->UseRealTime();
+BENCHMARK_CAPTURE(BM_moh, moh_100pct_s2_k4of4, 0, 8, 197, 384, 6, 2, 4)->UseRealTime();
+// One thread, timed in CPU time: the ratios stay meaningful when other work loads the machine.
+BENCHMARK_CAPTURE(BM_moh, 1thread_plain_mha_h6, 1, 8, 197, 384, 6, 6, 0);
+BENCHMARK_CAPTURE(BM_moh, 1thread_moh_50pct_s2_k1of4, 1, 8, 197, 384, 6, 2, 1);
+BENCHMARK_CAPTURE(BM_moh, 1thread_moh_67pct_s2_k2of4, 1, 8, 197, 384, 6, 2, 2);
+BENCHMARK_CAPTURE(BM_moh, 1thread_moh_83pct_s2_k3of4, 1, 8, 197, 384, 6, 2, 3);
+BENCHMARK_CAPTURE(BM_moh, 1thread_moh_100pct_s2_k4of4, 1, 8, 197, 384, 6, 2, 4);
+BENCHMARK_CAPTURE(BM_moh, tiny_moh_50pct, 0, 1, 9, 16, 4, 1, 1)->UseRealTime();
+BENCHMARK_CAPTURE(BM_moh, tiny_plain_mha, 0, 1, 9, 16, 4, 4, 0)->UseRealTime();

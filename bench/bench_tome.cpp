@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <random>
 
+#include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/tokens/merge_bipartite.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
@@ -28,12 +29,14 @@ struct Inputs {
 };
 
 // what: 0 = match + merge, 1 = match only, 2 = merge only (plan built outside the loop).
-void BM_tome(benchmark::State& state, int what, std::int64_t B, std::int64_t N, std::int64_t Cm,
-             std::int64_t C, std::int64_t r) {
+// threads: 0 = switchyard's default (all hardware threads), else that many.
+void BM_tome(benchmark::State& state, int what, int threads, std::int64_t B, std::int64_t N,
+             std::int64_t Cm, std::int64_t C, std::int64_t r) {
   const Inputs in(B, N, Cm, C);
   const auto sizes = in.size.view<2>();
   auto plan = tk::bipartite_soft_matching<float>(in.metric, r, true, false, sizes);
   Tensor<float> out({B, plan.num_out, C});
+  switchyard::ScopedNumThreads scoped(threads);
   for (auto _ : state) {
     if (what != 2) plan = tk::bipartite_soft_matching<float>(in.metric, r, true, false, sizes);
     if (what != 1) plan.merge_wavg(in.x, out.view<3>());
@@ -46,9 +49,10 @@ void BM_tome(benchmark::State& state, int what, std::int64_t B, std::int64_t N, 
 
 }  // namespace
 
-BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b, 0, 32, 197, 64, 768, 16)->UseRealTime();
-BENCHMARK_CAPTURE(BM_tome, match_vit_b, 1, 32, 197, 64, 768, 16)->UseRealTime();
-BENCHMARK_CAPTURE(BM_tome, merge_vit_b, 2, 32, 197, 64, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b, 0, 0, 32, 197, 64, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, match_vit_b, 1, 0, 32, 197, 64, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, merge_vit_b, 2, 0, 32, 197, 64, 768, 16)->UseRealTime();
 // Metric as wide as the features (C 768), for callers that match on x itself.
-BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b_metric768, 0, 32, 197, 768, 768, 16)->UseRealTime();
-BENCHMARK_CAPTURE(BM_tome, match_merge_tiny, 0, 2, 17, 8, 16, 4)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b_metric768, 0, 0, 32, 197, 768, 768, 16)->UseRealTime();
+BENCHMARK_CAPTURE(BM_tome, 1thread_match_merge_vit_b, 0, 1, 32, 197, 64, 768, 16);
+BENCHMARK_CAPTURE(BM_tome, match_merge_tiny, 0, 0, 2, 17, 8, 16, 4)->UseRealTime();

@@ -112,23 +112,21 @@ TEST_CASE("proportional attention hand-computed case", "[tome][attention][hand]"
   CHECK(out[0] == Approx(7.0));
 }
 
-TEST_CASE("biased softmax row kernel on every arch", "[tome][simd]") {
-  switchyard::simd::for_each_arch([](auto arch) {
+TEST_CASE("proportional attention on every arch", "[tome][simd]") {
+  // N = 37 keys: not a multiple of any lane count, so every arch runs its tail.
+  const std::int64_t B = 1, T = 7, H = 2, D = 16, S = 37;
+  const auto q = random_tensor<float>({B, T, H, D}, 11);
+  const auto k = random_tensor<float>({B, S, H, D}, 12);
+  const auto v = random_tensor<float>({B, S, H, D}, 13);
+  Tensor<float> size({B, S});
+  std::mt19937 gen(4);
+  for (auto& z : size) z = float(1 + gen() % 9);
+  const auto want = ref_attention(q, k, v, size, B, T, S, H, D);
+  switchyard::simd::for_each_arch([&](auto arch) {
     using A = decltype(arch);
-    constexpr std::int64_t L = std::int64_t(switchyard::simd::lanes_v<float, A>);
-    for (std::int64_t n : {std::int64_t(1), L - 1, L, L + 1, 3 * L, 3 * L + 1, std::int64_t(197)}) {
-      if (n < 1) continue;
-      CAPTURE(A::name(), n);
-      auto row = random_tensor<float>({n}, std::uint32_t(n));
-      const auto bias = random_tensor<float>({n}, std::uint32_t(n) + 100);
-      std::vector<double> want(n);
-      double m = -INFINITY, s = 0;
-      for (std::int64_t i = 0; i < n; ++i) m = std::max(m, double(row[i]) + bias[i]);
-      for (std::int64_t i = 0; i < n; ++i) s += (want[i] = std::exp(double(row[i]) + bias[i] - m));
-      kernels::biased_softmax_row(arch, row.data(), bias.data(), n);
-      // exp within 2 ulp, plus the rounding of the sum and the bias add: 1e-6 relative.
-      for (std::int64_t i = 0; i < n; ++i) REQUIRE(row[i] == Approx(want[i] / s).epsilon(1e-6));
-    }
+    CAPTURE(A::name());
+    const auto out = proportional_attention<float, A>(q, k, v, size);
+    for (std::int64_t i = 0; i < out.numel(); ++i) REQUIRE(out[i] == Approx(want[i]).margin(1e-5));
   });
 }
 

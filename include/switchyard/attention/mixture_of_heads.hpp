@@ -27,7 +27,7 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
-#include "switchyard/core/simd/exp.hpp"
+#include "switchyard/core/simd/softmax.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
 
@@ -70,40 +70,6 @@ struct HeadRoutingPlan {
     return num_tokens ? double(pairs()) / double(num_tokens * num_heads) : 0.0;
   }
 };
-
-namespace kernels {
-/// Softmax of one row in place (max-subtracted, like torch). x: [n], n >= 1, finite max.
-template <class Arch, class T>
-void softmax_row(Arch, T* x, std::int64_t n) noexcept {
-  T m = -std::numeric_limits<T>::infinity(), s = 0;
-  std::int64_t i = 0;
-  if constexpr (!simd::is_scalar_v<Arch>) {
-    using V = xsimd::batch<T, Arch>;
-    constexpr std::int64_t L = V::size;
-    if (n >= L) {
-      V vm = V::load_unaligned(x);
-      for (i = L; i + L <= n; i += L) vm = xsimd::max(vm, V::load_unaligned(x + i));
-      m = simd::hmax(vm);
-    }
-    for (; i < n; ++i) m = std::max(m, x[i]);
-    V vs(T(0));
-    for (i = 0; i + L <= n; i += L) {
-      const V e = simd::exp(V::load_unaligned(x + i) - V(m));
-      e.store_unaligned(x + i);
-      vs += e;
-    }
-    s = simd::hsum(vs);
-  } else {
-    for (std::int64_t j = 0; j < n; ++j) m = std::max(m, x[j]);
-  }
-  for (; i < n; ++i) {
-    x[i] = simd::exp(x[i] - m);
-    s += x[i];
-  }
-  const T inv = T(1) / s;
-  for (i = 0; i < n; ++i) x[i] *= inv;
-}
-}  // namespace kernels
 
 template <class T = float, class Arch = simd::default_arch>
 class MixtureOfHeads {
@@ -275,7 +241,8 @@ class MixtureOfHeads {
       const Strided v(kv.data() + b * N * 2 * C + C + h * D, N, D, Eigen::OuterStride<>(2 * C));
       RowMat s(n, N);
       s.noalias() = q * k.transpose();
-      for (std::int64_t i = 0; i < n; ++i) kernels::softmax_row(Arch{}, s.data() + i * N, N);
+      for (std::int64_t i = 0; i < n; ++i)
+        switchyard::kernels::softmax_row(Arch{}, s.data() + i * N, s.data() + i * N, N);
       RowMat o(n, D);
       o.noalias() = s * v;
       for (std::int64_t i = 0; i < n; ++i) {

@@ -1,13 +1,12 @@
 #pragma once
 // Proportional attention (ToMe): after merging, a key that stands for s original tokens gets the
 // weight of s keys: logits + log(s). ToMe adds `size.log()[:, None, None, :, 0]` to the attention
-// logits before the softmax. The bias is per key and per batch element ([B, S]), so this is a
-// small fused path of its own: per (batch, head) one GEMM for the logits, the log-size bias and a
-// row softmax, one GEMM for the output.
+// logits before the softmax. The bias is per key and per batch element ([B, S]), not the [T, S]
+// of DenseAttention's AdditiveBias, so this is a small path of its own: per (batch, head) one
+// GEMM for the logits, the log-size bias and a row softmax (core kernels), one GEMM for the output.
 #include <Eigen/Core>
 #include <cmath>
 #include <cstdint>
-#include <limits>
 #include <optional>
 #include <string>
 #include <vector>
@@ -15,55 +14,14 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
-#include "switchyard/core/simd/exp.hpp"
+#include "switchyard/core/simd/softmax.hpp"
+#include "switchyard/core/simd/vector_ops.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
 
 namespace switchyard {
 inline namespace v0 {
 namespace tokens {
-
-namespace kernels {
-/// Adds bias[j] to x[j] and takes the softmax of the row in place. x, bias: [n], n >= 1.
-template <class Arch, class T>
-void biased_softmax_row(Arch, T* x, const T* bias, std::int64_t n) noexcept {
-  T m = -std::numeric_limits<T>::infinity(), s = 0;
-  std::int64_t i = 0;
-  if constexpr (!simd::is_scalar_v<Arch>) {
-    using V = xsimd::batch<T, Arch>;
-    constexpr std::int64_t L = V::size;
-    V vm(m);
-    for (; i + L <= n; i += L) {
-      const V y = V::load_unaligned(x + i) + V::load_unaligned(bias + i);
-      y.store_unaligned(x + i);
-      vm = xsimd::max(vm, y);
-    }
-    m = simd::hmax(vm);
-  }
-  for (; i < n; ++i) {
-    x[i] += bias[i];
-    m = std::max(m, x[i]);
-  }
-  i = 0;
-  if constexpr (!simd::is_scalar_v<Arch>) {
-    using V = xsimd::batch<T, Arch>;
-    constexpr std::int64_t L = V::size;
-    V vs(T(0));
-    for (; i + L <= n; i += L) {
-      const V e = simd::exp(V::load_unaligned(x + i) - V(m));
-      e.store_unaligned(x + i);
-      vs += e;
-    }
-    s = simd::hsum(vs);
-  }
-  for (; i < n; ++i) {
-    x[i] = simd::exp(x[i] - m);
-    s += x[i];
-  }
-  const T inv = T(1) / s;
-  for (i = 0; i < n; ++i) x[i] *= inv;
-}
-}  // namespace kernels
 
 /// q: [B, T, H, D], k: [B, S, H, D], v: [B, S, H, Dv], sizes: [B, S] (every size > 0),
 /// out: [B, T, H, Dv]. out = softmax(q k^T * scale + log(sizes)) v per batch element and head;
@@ -126,8 +84,12 @@ void proportional_attention(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4
     logits.noalias() = qm * km.transpose();
     logits *= scale_t;  // the reference scales q k^T, then adds log(size)
     const T* bias = log_size.data() + b * log_size.extent(1);
-    for (std::int64_t t = 0; t < Tq; ++t)
-      kernels::biased_softmax_row(Arch{}, logits.data() + t * S, bias, S);
+    for (std::int64_t t = 0; t < Tq; ++t) {
+      T* row = logits.data() + t * S;
+      switchyard::kernels::axpy(Arch{}, T(1), bias, row,
+                                S);  // + log(size); fma by 1 rounds as an add
+      switchyard::kernels::softmax_row(Arch{}, row, row, S);
+    }
     om.noalias() = logits * vm;
   });
 }
