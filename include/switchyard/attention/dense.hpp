@@ -1,0 +1,397 @@
+#pragma once
+// Fused dense multi-head attention (FlashAttention-style, CPU SIMD) and the
+// DenseAttention layer.
+//
+// Work split: one task per (batch b, head h, block of query rows); the blocks
+// have a fixed size that depends only on the type and Arch, never on the
+// thread count, so results are bit-identical for any thread count.
+// Per task: K of the head's KV head is packed transposed and key-group-major
+// (Kt[g][d][G], G = NV lanes of keys, zero padded) and V row-major with D
+// padded to whole registers, into a per-thread workspace sized for one head.
+// Then, per tile of MR query rows (Q pre-multiplied by scale * log2(e)):
+//   for each block of up to KB keys:
+//     S_blk = Q_tile . K_blk^T          register-tiled, MR rows x G keys at a time
+//     mask S_blk (causal / bias / tail) and online-softmax update each row
+//     O_tile = O_tile * alpha + P . V_blk   register-tiled, MR rows x NV registers of D
+//   out = O_tile / l
+// The T x S score matrix is never stored: only MR x KB scores at a time.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/attention/mask.hpp"
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/online_softmax.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/core/view.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace kernels {
+
+/// Raw description of one dense attention call (checked by DenseAttention).
+/// Strides are in elements; dims: q/out [B, T, H, D], k/v [B, S, Hkv, D].
+template <class T>
+struct DenseAttentionArgs {
+  const T* q;
+  std::int64_t q_stride[4];
+  const T* k;
+  std::int64_t k_stride[4];
+  const T* v;
+  std::int64_t v_stride[4];
+  T* out;
+  std::int64_t out_stride[4];
+  std::int64_t B, T_q, S, H, Hkv, D;
+  T scale;              // multiplies q . k
+  bool causal = false;  // keys j <= i + causal_offset
+  std::int64_t causal_offset = 0;
+  const std::int64_t* key_lengths = nullptr;  // [B] or null
+  const T* bias = nullptr;                    // [T, S] or null, added to scale * q . k
+  std::int64_t bias_stride[2] = {0, 0};
+};
+
+namespace detail {
+
+// Register-level operations, so one micro-kernel serves every Arch (scalar: T).
+template <class T, class Arch, bool = simd::is_scalar_v<Arch>>
+struct Reg {
+  using V = xsimd::batch<T, Arch>;
+  static constexpr std::int64_t lanes = V::size;
+  static V zero() noexcept { return V(T(0)); }
+  static V load(const T* p) noexcept { return V::load_aligned(p); }
+  static void store(T* p, const V& x) noexcept { x.store_aligned(p); }
+  static V splat(T x) noexcept { return V(x); }
+  static V fma(const V& a, const V& b, const V& c) noexcept { return xsimd::fma(a, b, c); }
+};
+template <class T, class Arch>
+struct Reg<T, Arch, true> {
+  using V = T;
+  static constexpr std::int64_t lanes = 1;
+  static V zero() noexcept { return T(0); }
+  static V load(const T* p) noexcept { return *p; }
+  static void store(T* p, V x) noexcept { *p = x; }
+  static V splat(T x) noexcept { return x; }
+  static V fma(V a, V b, V c) noexcept { return a * b + c; }
+};
+
+// Tile sizes per (T, Arch): MR query rows x NV registers, so MR * NV
+// accumulators plus NV loads and one broadcast fit the register file
+// (32 registers with AVX-512, 16 otherwise).
+template <class T, class Arch>
+struct DenseTiling {
+  static constexpr std::int64_t L = Reg<T, Arch>::lanes;
+  static constexpr bool wide = !simd::is_scalar_v<Arch> && L * sizeof(T) == 64;
+  static constexpr int MR = simd::is_scalar_v<Arch> ? 4 : (wide ? 6 : 6);
+  static constexpr int NV = simd::is_scalar_v<Arch> ? 4 : (wide ? 4 : 2);
+  static constexpr std::int64_t G = NV * L;  // keys per score micro-tile
+  static constexpr std::int64_t KB = 128;    // keys per online-softmax block (multiple of G)
+  static constexpr std::int64_t rows_per_task = MR * ((256 + MR - 1) / MR);
+  static_assert(KB % G == 0);
+};
+
+inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
+  return (x + m - 1) / m * m;
+}
+
+// s[r][0 .. G) = sum_d qp[r][d] * kt[d][0 .. G) for r < MR; kt: one key group.
+template <class Arch, class T, int MR, int NV>
+inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s,
+                       std::int64_t s_stride) noexcept {
+  using R = Reg<T, Arch>;
+  constexpr std::int64_t L = R::lanes;
+  typename R::V acc[MR][NV];
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NV; ++n) acc[r][n] = R::zero();
+  for (std::int64_t d = 0; d < D; ++d) {
+    typename R::V kv[NV];
+    for (int n = 0; n < NV; ++n) kv[n] = R::load(kt + d * NV * L + n * L);
+    for (int r = 0; r < MR; ++r) {
+      const auto qb = R::splat(qp[r * D + d]);
+      for (int n = 0; n < NV; ++n) acc[r][n] = R::fma(qb, kv[n], acc[r][n]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NV; ++n) R::store(s + r * s_stride + n * L, acc[r][n]);
+}
+
+// o[r][0 .. NV*L) = o[r] * alpha[r] + sum_{j < nk} p[r][j] * vp[j][0 .. NV*L).
+template <class Arch, class T, int MR, int NV>
+inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::int64_t nk,
+                       const T* vp, std::int64_t v_stride, T* o, std::int64_t o_stride) noexcept {
+  using R = Reg<T, Arch>;
+  constexpr std::int64_t L = R::lanes;
+  typename R::V acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    const auto a = R::splat(alpha[r]);
+    for (int n = 0; n < NV; ++n) acc[r][n] = R::load(o + r * o_stride + n * L) * a;
+  }
+  for (std::int64_t j = 0; j < nk; ++j) {
+    typename R::V vv[NV];
+    for (int n = 0; n < NV; ++n) vv[n] = R::load(vp + j * v_stride + n * L);
+    for (int r = 0; r < MR; ++r) {
+      const auto pb = R::splat(p[r * p_stride + j]);
+      for (int n = 0; n < NV; ++n) acc[r][n] = R::fma(pb, vv[n], acc[r][n]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NV; ++n) R::store(o + r * o_stride + n * L, acc[r][n]);
+}
+
+template <class T>
+using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+
+template <class T>
+struct DenseWorkspace {
+  aligned_vector<T> kt, vp, qp, s, o, m, l, alpha;
+};
+
+template <class T, class Arch>
+DenseWorkspace<T>& dense_workspace() {
+  static thread_local DenseWorkspace<T> ws;
+  return ws;
+}
+
+// One task: batch b, head h, query rows [i_begin, i_end).
+template <class Arch, class T, bool Causal, bool Bias>
+void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
+                          std::int64_t i_begin, std::int64_t i_end) {
+  using Tl = DenseTiling<T, Arch>;
+  constexpr int MR = Tl::MR, NV = Tl::NV;
+  constexpr std::int64_t L = Tl::L, G = Tl::G, KB = Tl::KB;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  constexpr T log2e = T(1.44269504088896340736);
+  const std::int64_t D = a.D, Dp = round_up(D, L);
+  const std::int64_t hk = h / (a.H / a.Hkv);
+  T* const out_bh = a.out + b * a.out_stride[0] + h * a.out_stride[2];
+
+  // Keys this block can see at all.
+  std::int64_t s_end = a.key_lengths ? a.key_lengths[b] : a.S;
+  if constexpr (Causal) s_end = std::min(s_end, std::max<std::int64_t>(0, i_end + a.causal_offset));
+
+  auto& ws = dense_workspace<T, Arch>();
+  const std::int64_t s_pad = round_up(s_end, G);
+  ws.kt.resize(std::size_t(std::max<std::int64_t>(1, s_pad * D)));
+  ws.vp.resize(std::size_t(std::max<std::int64_t>(1, s_end * Dp)));
+  ws.qp.resize(std::size_t(std::max<std::int64_t>(1, MR * D)));
+  ws.s.resize(std::size_t(MR * KB));
+  ws.o.resize(std::size_t(std::max<std::int64_t>(1, MR * Dp)));
+  ws.m.resize(MR);
+  ws.l.resize(MR);
+  ws.alpha.resize(MR);
+
+  // Pack K^T (group-major, zero padded to whole groups) and V (D padded with zeros).
+  const T* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
+  const T* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
+  for (std::int64_t g = 0; g < s_pad; g += G) {
+    T* dst = ws.kt.data() + g * D;
+    for (std::int64_t jj = 0; jj < G; ++jj) {
+      const std::int64_t j = g + jj;
+      if (j < s_end) {
+        const T* src = k_bh + j * a.k_stride[1];
+        for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = src[d * a.k_stride[3]];
+      } else {
+        for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = T(0);
+      }
+    }
+  }
+  for (std::int64_t j = 0; j < s_end; ++j) {
+    const T* src = v_bh + j * a.v_stride[1];
+    T* dst = ws.vp.data() + j * Dp;
+    for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d * a.v_stride[3]];
+    for (std::int64_t d = D; d < Dp; ++d) dst[d] = T(0);
+  }
+
+  const T qscale = a.scale * log2e;
+  for (std::int64_t i0 = i_begin; i0 < i_end; i0 += MR) {
+    const std::int64_t rows = std::min<std::int64_t>(MR, i_end - i0);
+    // Keys this tile can see.
+    std::int64_t tile_end = s_end;
+    if constexpr (Causal) {
+      tile_end = std::min(tile_end, std::max<std::int64_t>(0, i0 + rows + a.causal_offset));
+    }
+    for (int r = 0; r < MR; ++r) {
+      T* qd = ws.qp.data() + r * D;
+      if (r < rows) {
+        const T* src = a.q + b * a.q_stride[0] + (i0 + r) * a.q_stride[1] + h * a.q_stride[2];
+        for (std::int64_t d = 0; d < D; ++d) qd[d] = src[d * a.q_stride[3]] * qscale;
+      } else {
+        std::fill_n(qd, D, T(0));
+      }
+      ws.m[r] = neg_inf;
+      ws.l[r] = T(0);
+    }
+    std::fill(ws.o.begin(), ws.o.begin() + MR * Dp, T(0));
+
+    for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
+      const std::int64_t nk = std::min(KB, tile_end - j0);
+      const std::int64_t nk_pad = round_up(nk, G);
+      for (std::int64_t g = 0; g < nk_pad; g += G) {
+        score_tile<Arch, T, MR, NV>(ws.qp.data(), D, ws.kt.data() + (j0 + g) * D, ws.s.data() + g,
+                                    KB);
+      }
+      for (int r = 0; r < MR; ++r) {
+        T* srow = ws.s.data() + r * KB;
+        std::fill(srow + nk, srow + nk_pad, neg_inf);
+        if (r >= rows) continue;
+        const std::int64_t i = i0 + r;
+        if constexpr (Bias) {
+          const T* brow = a.bias + i * a.bias_stride[0] + j0 * a.bias_stride[1];
+          for (std::int64_t j = 0; j < nk; ++j) srow[j] += brow[j * a.bias_stride[1]] * log2e;
+        }
+        if constexpr (Causal) {
+          const std::int64_t first_masked = std::max<std::int64_t>(0, i + a.causal_offset + 1 - j0);
+          for (std::int64_t j = first_masked; j < nk; ++j) srow[j] = neg_inf;
+        }
+      }
+      for (int r = 0; r < MR; ++r) {
+        ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, nk_pad, ws.m[r], ws.l[r]);
+      }
+      std::int64_t c = 0;
+      for (; c + NV * L <= Dp; c += NV * L) {
+        value_tile<Arch, T, MR, NV>(ws.s.data(), KB, ws.alpha.data(), nk,
+                                    ws.vp.data() + j0 * Dp + c, Dp, ws.o.data() + c, Dp);
+      }
+      for (; c < Dp; c += L) {
+        value_tile<Arch, T, MR, 1>(ws.s.data(), KB, ws.alpha.data(), nk, ws.vp.data() + j0 * Dp + c,
+                                   Dp, ws.o.data() + c, Dp);
+      }
+    }
+    for (std::int64_t r = 0; r < rows; ++r) {
+      online_softmax_finish(Arch{}, ws.o.data() + r * Dp, D, ws.l[r],
+                            out_bh + (i0 + r) * a.out_stride[1], a.out_stride[3]);
+    }
+  }
+}
+
+}  // namespace detail
+
+/// Fused dense attention on Arch: out[b,i,h] = softmax_j(scale * q.k_j + bias) v_j
+/// over the visible keys (see DenseAttentionArgs). Parallel over batch x heads x
+/// fixed query blocks; bit-identical for any thread count.
+template <class Arch, class T>
+void dense_attention(Arch, const DenseAttentionArgs<T>& a) {
+  if (a.B == 0 || a.T_q == 0 || a.H == 0) return;
+  const std::int64_t block = detail::DenseTiling<T, Arch>::rows_per_task;
+  const std::int64_t blocks = num_chunks(a.T_q, block);
+  const auto run = [&](auto causal, auto bias) {
+    parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
+      const std::int64_t qb = task % blocks;
+      const std::int64_t bh = task / blocks;
+      detail::dense_attention_task<Arch, T, decltype(causal)::value, decltype(bias)::value>(
+          a, bh / a.H, bh % a.H, qb * block, std::min(a.T_q, (qb + 1) * block));
+    });
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  if (a.causal) {
+    a.bias ? run(yes{}, yes{}) : run(yes{}, no{});
+  } else {
+    a.bias ? run(no{}, yes{}) : run(no{}, no{});
+  }
+}
+
+}  // namespace kernels
+
+namespace attention {
+
+/// Configuration of DenseAttention. scale multiplies q . k; default 1/sqrt(D).
+struct DenseAttentionConfig {
+  std::optional<double> scale;
+};
+
+/// Dense multi-head attention with grouped-query attention and typed masks
+/// (mask.hpp), computed by the fused kernel on Arch (default: the compile-time arch).
+template <class T = float, class Arch = simd::default_arch>
+class DenseAttention {
+ public:
+  using config_type = DenseAttentionConfig;
+  static constexpr std::string_view name = "DenseAttention";
+
+  /// Throws config_error if scale is set and not finite and > 0.
+  explicit DenseAttention(config_type cfg = {}) : cfg_(cfg) {
+    if (cfg_.scale && !(std::isfinite(*cfg_.scale) && *cfg_.scale > 0)) {
+      switchyard::detail::fail_config(name, "DenseAttention", "scale", *cfg_.scale,
+                                      "a finite value > 0");
+    }
+  }
+  const config_type& config() const noexcept { return cfg_; }
+
+  /// q: [B, T, H, D], k and v: [B, S, H_kv, D] with H % H_kv == 0 (grouped-query
+  /// attention: query head h reads K/V head h / (H / H_kv)), out: [B, T, H, D].
+  /// Any strides; out must not overlap q, k or v. Rows that see no key get zeros.
+  void forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v, View<T, 4> out,
+               const attention::Mask<T>& mask = {}) const {
+    check(q, k, v, mask);
+    core::detail::check_shape<T, 4>(name, "forward", "out", out, {"B", "T", "H", "D"}, q.shape(),
+                                    "out has the shape of q");
+    kernels::DenseAttentionArgs<T> a{};
+    a.q = q.data();
+    a.k = k.data();
+    a.v = v.data();
+    a.out = out.data();
+    for (int i = 0; i < 4; ++i) {
+      a.q_stride[i] = q.stride(i);
+      a.k_stride[i] = k.stride(i);
+      a.v_stride[i] = v.stride(i);
+      a.out_stride[i] = out.stride(i);
+    }
+    a.B = q.extent(0);
+    a.T_q = q.extent(1);
+    a.H = q.extent(2);
+    a.D = q.extent(3);
+    a.S = k.extent(1);
+    a.Hkv = k.extent(2);
+    a.scale = static_cast<T>(cfg_.scale ? *cfg_.scale
+                                        : 1.0 / std::sqrt(double(std::max<std::int64_t>(1, a.D))));
+    if (mask.causal) {
+      a.causal = true;
+      a.causal_offset = mask.causal->offset;
+    }
+    if (mask.key_lengths) a.key_lengths = mask.key_lengths->lengths.data();
+    if (mask.bias) {
+      a.bias = mask.bias->bias.data();
+      a.bias_stride[0] = mask.bias->bias.stride(0);
+      a.bias_stride[1] = mask.bias->bias.stride(1);
+    }
+    kernels::dense_attention(Arch{}, a);
+  }
+
+  /// As above, returning a new [B, T, H, D] tensor.
+  core::Tensor<T> forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+                          const attention::Mask<T>& mask = {}) const {
+    check(q, k, v, mask);
+    core::Tensor<T> out(q.shape());
+    forward(q, k, v, out.template view<4>(), mask);
+    return out;
+  }
+
+ private:
+  void check(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+             const attention::Mask<T>& mask) const {
+    const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
+    core::detail::check_shape<const T, 4>(name, "forward", "k", k, {"B", "S", "H_kv", "D"},
+                                          Shape<4>{B, -1, -1, D}, "k matches q in B and D");
+    core::detail::check_shape<const T, 4>(name, "forward", "v", v, {"B", "S", "H_kv", "D"},
+                                          k.shape(), "v has the shape of k");
+    const std::int64_t Hkv = k.extent(2);
+    if ((Hkv == 0 && H > 0) || (Hkv > 0 && H % Hkv != 0)) {
+      switchyard::detail::fail_shape(
+          name, "forward", "k",
+          switchyard::detail::format_shape({"B", "S", "H_kv", "D"}, k.shape()),
+          "[B, S, H_kv, D] with H_kv dividing H=" + std::to_string(H), "grouped-query attention");
+    }
+    mask.validate(name, "forward", B, Tq, k.extent(1));
+  }
+
+  config_type cfg_;
+};
+
+}  // namespace attention
+}  // namespace v0
+}  // namespace switchyard
