@@ -124,7 +124,9 @@ template <class T, class Arch = simd::default_arch>
 void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
                    ConstView<std::type_identity_t<T>, 2> b, Trans tb, View<T, 2> c,
                    std::type_identity_t<T> alpha = T(1), std::type_identity_t<T> beta = T(0)) {
-  const auto [m, n, k] = detail::gemm_check<T>("gemm_parallel", a, ta, b, tb, c);
+  // Plain variables, not a structured binding: clang 14 cannot capture bindings.
+  const std::array<std::int64_t, 3> mnk = detail::gemm_check<T>("gemm_parallel", a, ta, b, tb, c);
+  const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2];
   const std::int64_t tiles_m = num_chunks(m, gemm_parallel_tile_m);
   const std::int64_t tiles_n = num_chunks(n, gemm_parallel_tile_n);
   const std::size_t elems = kernels::gemm_workspace_elems<Arch, T>(
