@@ -15,7 +15,6 @@
 // element, and writes gate * output into the head's channels; inactive pairs stay zero. Keys and
 // values are projected for every token (any token may be attended to).
 // Ties in the top-k break toward the lower head index (torch.topk leaves them unspecified).
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +24,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/gemm.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/softmax.hpp"
@@ -125,15 +125,16 @@ class MixtureOfHeads {
     plan.num_heads = H;
     plan.gates.assign(std::size_t(BN * H), T(0));
     plan.active.assign(std::size_t(BN * H), 0);
-    using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
     constexpr std::int64_t chunk = 64;
     parallel_for(num_chunks(BN, chunk), [&](std::int64_t ch) {
       const std::int64_t t0 = ch * chunk, t1 = std::min(BN, t0 + chunk), n = t1 - t0;
-      const Eigen::Map<const RowMat> xs(xc.data() + t0 * C, n, C);
-      RowMat lr, l0, l1;  // router, balance and shared logits of this chunk
-      if (K > 0) lr.noalias() = xs * map(w.wg).transpose();
-      if (K > 0 && S > 0) l0.noalias() = xs * map(w.wg0).transpose();
-      if (S > 1) l1.noalias() = xs * map(w.wg1).transpose();
+      const ConstView<T, 2> xs(xc.data() + t0 * C, {n, C});
+      // router, balance and shared logits of this chunk: [n, R], [n, 2], [n, S]
+      core::Tensor<T> lr({n, std::max<std::int64_t>(R, 1)}), l0({n, 2}),
+          l1({n, std::max<std::int64_t>(S, 1)});
+      if (K > 0) core::gemm<T, Arch>(xs, core::Trans::no, w.wg, core::Trans::yes, lr);
+      if (K > 0 && S > 0) core::gemm<T, Arch>(xs, core::Trans::no, w.wg0, core::Trans::yes, l0);
+      if (S > 1) core::gemm<T, Arch>(xs, core::Trans::no, w.wg1, core::Trans::yes, l1);
       std::vector<T> p(static_cast<std::size_t>(std::max<std::int64_t>(R, 2)));
       std::vector<std::int64_t> order(static_cast<std::size_t>(R));
       for (std::int64_t i = 0; i < n; ++i) {
@@ -195,23 +196,20 @@ class MixtureOfHeads {
     const std::int64_t C = cfg_.dim, H = cfg_.num_heads, D = head_dim_;
     core::Tensor<T> gated({B, N, C});
     if (BN == 0) return gated;
-    using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    using Strided = Eigen::Map<const RowMat, Eigen::Unaligned, Eigen::OuterStride<>>;
     const Rows xc = contiguous(x);
-    const auto wqkv = map(w.qkv_weight);
+    const ConstView<T, 2> wqkv = w.qkv_weight;
 
-    // Keys and values of every token: [B*N, 2C] = x Wkv^T + bkv, in fixed row chunks.
+    // Keys and values of every token: [B*N, 2C] = x Wkv^T + bkv.
     core::Tensor<T> kv({BN, 2 * C});
-    constexpr std::int64_t chunk = 64;
-    parallel_for(num_chunks(BN, chunk), [&](std::int64_t ch) {
-      const std::int64_t t0 = ch * chunk, n = std::min(BN, t0 + chunk) - t0;
-      const Eigen::Map<const RowMat> xs(xc.data() + t0 * C, n, C);
-      Eigen::Map<RowMat> dst(kv.data() + t0 * 2 * C, n, 2 * C);
-      dst.noalias() = xs * wqkv.middleRows(C, 2 * C).transpose();
-      if (!w.qkv_bias.empty())
-        for (std::int64_t i = 0; i < n; ++i)
-          for (std::int64_t o = 0; o < 2 * C; ++o) dst(i, o) += w.qkv_bias(C + o);
-    });
+    core::gemm_parallel<T, Arch>(ConstView<T, 2>(xc.data(), {BN, C}), core::Trans::no,
+                                 wqkv.slice(0, C, 3 * C), core::Trans::yes, kv);
+    if (!w.qkv_bias.empty()) {
+      constexpr std::int64_t chunk = 64;
+      parallel_for(num_chunks(BN, chunk), [&](std::int64_t ch) {
+        for (std::int64_t t = ch * chunk; t < std::min(BN, (ch + 1) * chunk); ++t)
+          for (std::int64_t o = 0; o < 2 * C; ++o) kv(t, o) += w.qkv_bias(C + o);
+      });
+    }
 
     // One task per (batch element, head): its active tokens' queries against all keys.
     parallel_for(B * H, [&](std::int64_t task) {
@@ -222,29 +220,28 @@ class MixtureOfHeads {
       const std::int64_t* hi = std::lower_bound(lo, last, (b + 1) * N);
       const std::int64_t n = hi - lo;
       if (n == 0) return;
-      RowMat q(n, D);
+      core::Tensor<T> q({n, D}), s({n, N}), o({n, D});
+      const auto wq = wqkv.slice(0, h * D, (h + 1) * D);
       if (n == N) {  // every token of this batch element uses the head: no gather needed
-        const Eigen::Map<const RowMat> xb(xc.data() + b * N * C, N, C);
-        q.noalias() = xb * wqkv.middleRows(h * D, D).transpose();
+        const ConstView<T, 2> xb(xc.data() + b * N * C, {N, C});
+        core::gemm<T, Arch>(xb, core::Trans::no, wq, core::Trans::yes, q);
       } else {
-        RowMat xg(n, C);  // the queries' tokens, gathered
+        core::Tensor<T> xg({n, C});  // the queries' tokens, gathered
         for (std::int64_t i = 0; i < n; ++i)
           std::copy_n(xc.data() + lo[i] * C, C, xg.data() + i * C);
-        q.noalias() = xg * wqkv.middleRows(h * D, D).transpose();
+        core::gemm<T, Arch>(xg, core::Trans::no, wq, core::Trans::yes, q);
       }
       for (std::int64_t i = 0; i < n; ++i)
         for (std::int64_t j = 0; j < D; ++j) {
           const T bias = w.qkv_bias.empty() ? T(0) : w.qkv_bias(h * D + j);
           q(i, j) = (q(i, j) + bias) * scale_;  // the reference scales q before q k^T
         }
-      const Strided k(kv.data() + b * N * 2 * C + h * D, N, D, Eigen::OuterStride<>(2 * C));
-      const Strided v(kv.data() + b * N * 2 * C + C + h * D, N, D, Eigen::OuterStride<>(2 * C));
-      RowMat s(n, N);
-      s.noalias() = q * k.transpose();
+      const ConstView<T, 2> k(kv.data() + b * N * 2 * C + h * D, {N, D}, {2 * C, 1});
+      const ConstView<T, 2> v(kv.data() + b * N * 2 * C + C + h * D, {N, D}, {2 * C, 1});
+      core::gemm<T, Arch>(q, core::Trans::no, k, core::Trans::yes, s);
       for (std::int64_t i = 0; i < n; ++i)
         switchyard::kernels::softmax_row(Arch{}, s.data() + i * N, s.data() + i * N, N);
-      RowMat o(n, D);
-      o.noalias() = s * v;
+      core::gemm<T, Arch>(s, core::Trans::no, v, core::Trans::no, o);
       for (std::int64_t i = 0; i < n; ++i) {
         const T g = plan.gates[lo[i] * H + h];
         T* dst = gated.data() + lo[i] * C + h * D;
@@ -265,21 +262,20 @@ class MixtureOfHeads {
                               {x.extent(0), x.extent(1), cfg_.dim});
     const core::Tensor<T> gated = gated_heads(plan, x, w);
     const std::int64_t N = x.extent(1), BN = x.extent(0) * N, C = cfg_.dim;
-    using RowMat = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-    constexpr std::int64_t chunk = 64;
-    // Output projection, written through the (possibly strided) out view.
-    const auto wp = map(w.proj_weight);
-    parallel_for(num_chunks(BN, chunk), [&](std::int64_t ch) {
-      const std::int64_t t0 = ch * chunk, n = std::min(BN, t0 + chunk) - t0;
-      const Eigen::Map<const RowMat> gs(gated.data() + t0 * C, n, C);
-      RowMat y(n, C);
-      y.noalias() = gs * wp.transpose();
-      for (std::int64_t i = 0; i < n; ++i) {
-        const std::int64_t t = t0 + i, b = t / N, tok = t % N;
-        for (std::int64_t c = 0; c < C; ++c)
-          out(b, tok, c) = y(i, c) + (w.proj_bias.empty() ? T(0) : w.proj_bias(c));
-      }
-    });
+    if (BN == 0) return;
+    // Output projection out = proj_bias + gated proj^T, straight into out when its rows are
+    // evenly spaced over (b, n), else through a temporary.
+    const bool flat = out.stride(0) == N * out.stride(1);
+    core::Tensor<T> tmp = flat ? core::Tensor<T>({1}) : core::Tensor<T>({BN, C});
+    const View<T, 2> y = flat ? View<T, 2>(out.data(), {BN, C}, {out.stride(1), out.stride(2)})
+                              : tmp.template view<2>();
+    for (std::int64_t t = 0; t < BN; ++t)
+      for (std::int64_t c = 0; c < C; ++c) y(t, c) = w.proj_bias.empty() ? T(0) : w.proj_bias(c);
+    core::gemm_parallel<T, Arch>(ConstView<T, 2>(gated.data(), {BN, C}), core::Trans::no,
+                                 w.proj_weight, core::Trans::yes, y, T(1), T(1));
+    if (!flat)
+      for (std::int64_t t = 0; t < BN; ++t)
+        for (std::int64_t c = 0; c < C; ++c) out(t / N, t % N, c) = y(t, c);
   }
 
   /// x: [B, N, C] -> out: [B, N, C]; route() then execute().
@@ -294,13 +290,6 @@ class MixtureOfHeads {
   }
 
  private:
-  using RowMatC = Eigen::Matrix<T, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
-  using MapC = Eigen::Map<const RowMatC, Eigen::Unaligned, Eigen::OuterStride<>>;
-
-  static MapC map(ConstView<T, 2> v) {
-    return MapC(v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(0)));
-  }
-
   // Softmax of a few router logits, the reference's order (max-subtracted, divide by the sum).
   static void softmax_small(const T* logits, std::int64_t n, T* p) noexcept {
     T m = logits[0], s = 0;
