@@ -159,11 +159,12 @@ void run_kernel_case(const Case& cs, std::mt19937& gen) {
 TEMPLATE_TEST_CASE("kernels::gemm matches the naive reference on tile tails, every arch", "[gemm]",
                    float, double) {
   std::mt19937 gen(1234);
-  // Sizes around every register tile (mr 4/6/14, nr 4/8/16/32/64 over archs).
-  const std::vector<std::int64_t> sizes = {1, 2, 3, 5, 6, 7, 13, 14, 15, 16, 17, 31, 32, 33};
+  // Sizes around every register tile (mr 4/6/12, nr 4/8/16/32 over archs and types).
+  const std::vector<std::int64_t> sizes = {1,  2,  3,  4,  5,  6,  7,  8,  9,
+                                           11, 12, 13, 15, 16, 17, 31, 32, 33};
   std::uniform_int_distribution<std::size_t> pick(0, sizes.size() - 1);
   std::uniform_int_distribution<int> lay(0, 3);
-  for (int t = 0; t < 24; ++t) {
+  for (int t = 0; t < 40; ++t) {
     const Case cs{sizes[pick(gen)],
                   sizes[pick(gen)],
                   sizes[pick(gen)],
