@@ -54,6 +54,16 @@ void softmax_row(Arch arch, const T* src, T* dst, std::int64_t n) noexcept {
       e.store_unaligned(dst + i);
       s0 += e;
     }
+    if (i < n) {  // tail: pad with -inf (exp gives 0) rather than a scalar exp loop
+      alignas(64) T buf[L];
+      std::fill_n(buf, L, -std::numeric_limits<T>::infinity());
+      std::copy(src + i, src + n, buf);
+      const B e = simd::exp(B::load_aligned(buf) - mb);
+      e.store_aligned(buf);
+      std::copy(buf, buf + (n - i), dst + i);
+      s0 += e;
+      i = n;
+    }
     sum = simd::hsum(s0 + s1);
   }
   for (; i < n; ++i) {
