@@ -4,13 +4,16 @@
 // Filter for a smoke run: --benchmark_filter=tiny
 #include <benchmark/benchmark.h>
 
+#include <cmath>
 #include <cstdint>
 #include <random>
 
+#include "switchyard/attention/dense.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/tokens/merge_bipartite.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
+#include "switchyard/tokens/proportional_attention.hpp"
 
 namespace {
 using switchyard::Tensor;
@@ -47,6 +50,32 @@ void BM_tome(benchmark::State& state, int what, int threads, std::int64_t B, std
   state.counters["tokens_out"] = double(plan.num_out);
 }
 
+// Proportional attention after one merge (ViT-B: 181 tokens, 12 heads of 64), against plain
+// DenseAttention of the same shape: the cost of the per-batch log-size bias.
+// which: 0 = tokens::proportional_attention, 1 = DenseAttention without a mask.
+void BM_proportional(benchmark::State& state, int which, int threads, std::int64_t B,
+                     std::int64_t N, std::int64_t H, std::int64_t D) {
+  Tensor<float> q({B, N, H, D}), k({B, N, H, D}), v({B, N, H, D}), out({B, N, H, D});
+  Tensor<float> size({B, N});
+  std::mt19937 gen(4);
+  std::normal_distribution<float> nd;
+  for (auto* t : {&q, &k, &v})
+    for (auto& x : *t) x = nd(gen);
+  for (auto& z : size) z = float(1 + gen() % 3);
+  const switchyard::attention::DenseAttention<float> attn;
+  switchyard::ScopedNumThreads scoped(threads);
+  for (auto _ : state) {
+    if (which == 1) {
+      attn.forward(q, k, v, out.view<4>());
+    } else {
+      tk::proportional_attention<float>(q, k, v, size, out);
+    }
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * B * N);
+}
+
 }  // namespace
 
 BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b, 0, 0, 32, 197, 64, 768, 16)->UseRealTime();
@@ -56,3 +85,9 @@ BENCHMARK_CAPTURE(BM_tome, merge_vit_b, 2, 0, 32, 197, 64, 768, 16)->UseRealTime
 BENCHMARK_CAPTURE(BM_tome, match_merge_vit_b_metric768, 0, 0, 32, 197, 768, 768, 16)->UseRealTime();
 BENCHMARK_CAPTURE(BM_tome, 1thread_match_merge_vit_b, 0, 1, 32, 197, 64, 768, 16);
 BENCHMARK_CAPTURE(BM_tome, match_merge_tiny, 0, 0, 2, 17, 8, 16, 4)->UseRealTime();
+BENCHMARK_CAPTURE(BM_proportional, proportional_vit_b, 0, 0, 32, 181, 12, 64)->UseRealTime();
+BENCHMARK_CAPTURE(BM_proportional, plain_dense_attention_vit_b, 1, 0, 32, 181, 12, 64)
+    ->UseRealTime();
+BENCHMARK_CAPTURE(BM_proportional, 1thread_proportional_vit_b, 0, 1, 32, 181, 12, 64);
+BENCHMARK_CAPTURE(BM_proportional, 1thread_plain_dense_attention_vit_b, 1, 1, 32, 181, 12, 64);
+BENCHMARK_CAPTURE(BM_proportional, proportional_tiny, 0, 0, 2, 9, 2, 8)->UseRealTime();

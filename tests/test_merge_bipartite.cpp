@@ -426,6 +426,18 @@ TEST_CASE("ToMe properties", "[tome][property]") {
   }
 }
 
+TEST_CASE("ToMe on empty input", "[tome][property]") {
+  const std::int64_t n = GENERATE(0, 1);
+  Tensor<float> metric({2, n, 4}), x({2, n, 3});
+  metric.fill(1.0f);
+  const auto plan = bipartite_soft_matching<float>(metric, 5, true, true);
+  REQUIRE(plan.r == 0);
+  REQUIRE(plan.num_out == n);
+  REQUIRE(plan.merge_wavg(x).numel() == 2 * n * 3);
+  Tensor<float> none({0, 7, 4});
+  REQUIRE(bipartite_soft_matching<float>(none, 2).batch == 0);
+}
+
 // ---- errors -------------------------------------------------------------------------------------
 
 TEST_CASE("ToMe rejects bad input", "[tome][error]") {

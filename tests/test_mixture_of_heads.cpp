@@ -2,6 +2,7 @@
 // reference written from MoHAttention.forward (every head computed densely, then gated), a
 // hand-computed case, properties of the routing plan, the softmax kernel on every arch, errors.
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -424,6 +425,19 @@ TEST_CASE("MoH on every arch matches the double reference", "[moh][simd]") {
         {.dim = C, .num_heads = H, .shared_heads = S, .routed_top_k = K});
     CHECK(max_err_vs_mag(to_double(moh.forward(x, m.views)), want.out, want.out_mag) <= 1e-5);
   });
+}
+
+TEST_CASE("MoH on an empty batch", "[moh][property]") {
+  const RandomModel<float> m(16, 4, 2, 1);
+  const MixtureOfHeads<float> moh(
+      {.dim = 16, .num_heads = 4, .shared_heads = 2, .routed_top_k = 1});
+  for (auto shape : {std::array<std::int64_t, 2>{0, 5}, std::array<std::int64_t, 2>{3, 0}}) {
+    Tensor<float> x({shape[0], shape[1], 16});
+    const auto plan = moh.route(x, m.views);
+    REQUIRE(plan.pairs() == 0);
+    REQUIRE(plan.fraction() == 0.0);
+    REQUIRE(moh.forward(x, m.views).numel() == 0);
+  }
 }
 
 // ---- errors -----------------------------------------------------------------------------------
