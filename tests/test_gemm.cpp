@@ -11,8 +11,10 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <new>
 #include <random>
 #include <vector>
 
@@ -21,6 +23,23 @@
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/gemm_kernel.hpp"
 #include "switchyard/core/tensor.hpp"
+
+// Counts heap allocations so a test can show the workspace overload allocates nothing.
+// gcc 12 flags free() in the replaced operator delete as mismatched with the inlined
+// `new` expressions of every TU (a false positive for replacement functions).
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC diagnostic ignored "-Wmismatched-new-delete"
+#endif
+namespace {
+std::size_t g_allocations = 0;
+}
+void* operator new(std::size_t n) {
+  ++g_allocations;
+  if (void* p = std::malloc(n ? n : 1)) return p;
+  throw std::bad_alloc();
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
 
 namespace {
 
@@ -308,6 +327,20 @@ TEST_CASE("core::gemm with a caller workspace equals the allocating overload bit
   core::gemm<float>(a.view<2>(), Trans::no, b.view<2>(), Trans::no, c2.view<2>(), 1.0f, 0.0f,
                     std::span<std::byte>(ws).subspan(3));
   REQUIRE(std::memcmp(c1.data(), c2.data(), sizeof(float) * 50 * 90) == 0);
+}
+
+TEST_CASE("core::gemm with a caller workspace does not allocate", "[gemm]") {
+  Tensor<float> a({40, 300}), b({300, 70}), c({40, 70});
+  a.fill(0.5f);
+  b.fill(2.0f);
+  std::vector<std::byte> ws(core::gemm_workspace_bytes<float>(40, 70, 300));
+  const auto av = a.view<2>(), bv = b.view<2>();
+  const auto cv = c.view<2>();
+  const std::size_t before = g_allocations;
+  core::gemm<float>(av, Trans::no, bv, Trans::no, cv, 1.0f, 0.0f, ws);
+  const std::size_t after = g_allocations;
+  CHECK(after == before);
+  CHECK(c(0, 0) == 300.0f);
 }
 
 TEST_CASE("core::gemm_parallel: same bits for 1 and 2 threads, matches the reference",
