@@ -208,14 +208,14 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::i
   }
 
   const T qscale = a.scale * log2e;
-  for (std::int64_t i0 = i_begin; i0 < i_end; i0 += MR) {
-    const std::int64_t rows = std::min<std::int64_t>(MR, i_end - i0);
+  // One tile of M query rows [i0, i0 + rows), rows <= M; rows past `rows` are zero padding.
+  const auto tile = [&]<int M>(std::int64_t i0, std::int64_t rows) {
     // Keys this tile can see.
     std::int64_t tile_end = s_end;
     if constexpr (Causal) {
       tile_end = std::min(tile_end, std::max<std::int64_t>(0, i0 + rows + a.causal_offset));
     }
-    for (int r = 0; r < MR; ++r) {
+    for (int r = 0; r < M; ++r) {
       T* qd = ws.qp.data() + r * D;
       if (r < rows) {
         const T* src = a.q + b * a.q_stride[0] + (i0 + r) * a.q_stride[1] + h * a.q_stride[2];
@@ -226,16 +226,16 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::i
       ws.m[r] = neg_inf;
       ws.l[r] = T(0);
     }
-    std::fill(ws.o.begin(), ws.o.begin() + MR * Dp, T(0));
+    std::fill(ws.o.begin(), ws.o.begin() + M * Dp, T(0));
 
     for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
       const std::int64_t nk = std::min(KB, tile_end - j0);
       const std::int64_t nk_pad = round_up(nk, G);
       for (std::int64_t g = 0; g < nk_pad; g += G) {
-        score_tile<Arch, T, MR, NV>(ws.qp.data(), D, ws.kt.data() + (j0 + g) * D, ws.s.data() + g,
-                                    KB);
+        score_tile<Arch, T, M, NV>(ws.qp.data(), D, ws.kt.data() + (j0 + g) * D, ws.s.data() + g,
+                                   KB);
       }
-      for (int r = 0; r < MR; ++r) {
+      for (int r = 0; r < M; ++r) {
         T* srow = ws.s.data() + r * KB;
         std::fill(srow + nk, srow + nk_pad, neg_inf);
         if (r >= rows) continue;
@@ -249,23 +249,32 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::i
           for (std::int64_t j = first_masked; j < nk; ++j) srow[j] = neg_inf;
         }
       }
-      for (int r = 0; r < MR; ++r) {
+      for (int r = 0; r < M; ++r) {
         ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, nk_pad, ws.m[r], ws.l[r]);
       }
       std::int64_t c = 0;
       for (; c + NV * L <= Dp; c += NV * L) {
-        value_tile<Arch, T, MR, NV>(ws.s.data(), KB, ws.alpha.data(), nk,
-                                    ws.vp.data() + j0 * Dp + c, Dp, ws.o.data() + c, Dp);
+        value_tile<Arch, T, M, NV>(ws.s.data(), KB, ws.alpha.data(), nk, ws.vp.data() + j0 * Dp + c,
+                                   Dp, ws.o.data() + c, Dp);
       }
       for (; c < Dp; c += L) {
-        value_tile<Arch, T, MR, 1>(ws.s.data(), KB, ws.alpha.data(), nk, ws.vp.data() + j0 * Dp + c,
-                                   Dp, ws.o.data() + c, Dp);
+        value_tile<Arch, T, M, 1>(ws.s.data(), KB, ws.alpha.data(), nk, ws.vp.data() + j0 * Dp + c,
+                                  Dp, ws.o.data() + c, Dp);
       }
     }
     for (std::int64_t r = 0; r < rows; ++r) {
       online_softmax_finish(Arch{}, ws.o.data() + r * Dp, D, ws.l[r],
                             out_bh + (i0 + r) * a.out_stride[1], a.out_stride[3]);
     }
+  };
+  std::int64_t i0 = i_begin;
+  for (; i0 + MR <= i_end; i0 += MR) tile.template operator()<MR>(i0, MR);
+  // Tail: a padded tile when at least half full, else row by row (decoding, T = 1).
+  const std::int64_t rest = i_end - i0;
+  if (2 * rest >= MR) {
+    tile.template operator()<MR>(i0, rest);
+  } else {
+    for (std::int64_t r = 0; r < rest; ++r) tile.template operator()<1>(i0 + r, 1);
   }
 }
 
