@@ -485,4 +485,9 @@ TEST_CASE("MoH rejects bad configs and shapes", "[moh][error]") {
   REQUIRE_THROWS_WITH(moh.execute(plan, other_x, m.views, other_out.view<3>()),
                       Contains("MixtureOfHeads::execute") && Contains("'plan'") &&
                           Contains("[B*N=10, H=4]") && Contains("[B*N=5, H=4]"));
+  auto broken = plan;
+  broken.token_index[0] = 1000;  // outside the 10 tokens
+  REQUIRE_THROWS_WITH(
+      moh.execute(broken, x, m.views, out.view<3>()),
+      Contains("MixtureOfHeads::execute") && Contains("'plan'") && Contains("in range"));
 }

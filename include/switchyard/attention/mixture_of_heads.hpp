@@ -321,16 +321,25 @@ class MixtureOfHeads {
 
   void check_plan(std::string_view fn, const plan_type& plan, ConstView<T, 3> x) const {
     const std::int64_t BN = x.extent(0) * x.extent(1);
-    if (plan.num_tokens == BN && plan.num_heads == cfg_.num_heads &&
-        std::int64_t(plan.gates.size()) == BN * cfg_.num_heads &&
-        std::int64_t(plan.head_offsets.size()) == cfg_.num_heads + 1)
-      return;
+    bool ok = plan.num_tokens == BN && plan.num_heads == cfg_.num_heads &&
+              std::int64_t(plan.gates.size()) == BN * cfg_.num_heads &&
+              std::int64_t(plan.head_offsets.size()) == cfg_.num_heads + 1;
+    // Token lists in range and ascending per head, so a hand-edited plan cannot index out of x.
+    for (std::int64_t h = 0; ok && h < cfg_.num_heads; ++h) {
+      const std::int64_t lo = plan.head_offsets[h], hi = plan.head_offsets[h + 1];
+      ok = 0 <= lo && lo <= hi && hi <= std::int64_t(plan.token_index.size());
+      for (std::int64_t p = lo; ok && p < hi; ++p)
+        ok = plan.token_index[p] >= 0 && plan.token_index[p] < BN &&
+             (p == lo || plan.token_index[p] > plan.token_index[p - 1]);
+    }
+    if (ok) return;
     const std::int64_t got[] = {plan.num_tokens, plan.num_heads};
     const std::int64_t want[] = {BN, cfg_.num_heads};
     switchyard::detail::fail_shape(name, fn, "plan",
                                    switchyard::detail::format_shape({"B*N", "H"}, got),
                                    switchyard::detail::format_shape({"B*N", "H"}, want),
-                                   "the plan must come from route() on the same x");
+                                   "the plan must come from route() on the same x, with token "
+                                   "lists ascending and in range");
   }
 
   void check_input(std::string_view fn, ConstView<T, 3> x) const {
