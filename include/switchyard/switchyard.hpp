@@ -3,6 +3,7 @@
 #include "switchyard/config.hpp"
 #include "switchyard/core/eigen_map.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/gemm.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/rng.hpp"
 #include "switchyard/core/simd/arch.hpp"
