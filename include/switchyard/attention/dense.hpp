@@ -146,21 +146,69 @@ inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::i
 template <class T>
 using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
 
+// Per-thread buffers of one query tile (a few KiB), reused across calls.
 template <class T>
-struct DenseWorkspace {
-  aligned_vector<T> kt, vp, qp, s, o, m, l, alpha;
+struct DenseTileWorkspace {
+  aligned_vector<T> qp, s, o, m, l, alpha;
 };
 
 template <class T, class Arch>
-DenseWorkspace<T>& dense_workspace() {
-  static thread_local DenseWorkspace<T> ws;
+DenseTileWorkspace<T>& dense_tile_workspace() {
+  static thread_local DenseTileWorkspace<T> ws;
   return ws;
 }
 
+// K and V of every (b, kv head), packed once per call: Kt group-major and zero
+// padded to whole groups of G keys, V with D padded to whole registers.
+template <class T, class Arch>
+struct DensePacked {
+  using Tl = DenseTiling<T, Arch>;
+  std::int64_t D, Dp, S, s_pad, Hkv;
+  aligned_vector<T> kt, vp;
+
+  explicit DensePacked(const DenseAttentionArgs<T>& a)
+      : D(a.D), Dp(round_up(a.D, Tl::L)), S(a.S), s_pad(round_up(a.S, Tl::G)), Hkv(a.Hkv) {
+    kt.resize(std::size_t(std::max<std::int64_t>(1, a.B * Hkv * s_pad * D)));
+    vp.resize(std::size_t(std::max<std::int64_t>(1, a.B * Hkv * S * Dp)));
+  }
+  T* k_head(std::int64_t b, std::int64_t hk) noexcept {
+    return kt.data() + (b * Hkv + hk) * s_pad * D;
+  }
+  T* v_head(std::int64_t b, std::int64_t hk) noexcept {
+    return vp.data() + (b * Hkv + hk) * S * Dp;
+  }
+
+  // Packs keys [0, n) of (b, hk); later keys are never read.
+  void pack(const DenseAttentionArgs<T>& a, std::int64_t b, std::int64_t hk,
+            std::int64_t n) noexcept {
+    constexpr std::int64_t G = Tl::G;
+    const T* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
+    const T* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
+    T* const kt_bh = k_head(b, hk);
+    for (std::int64_t g = 0; g < round_up(n, G); g += G) {
+      T* dst = kt_bh + g * D;
+      for (std::int64_t d = 0; d < D; ++d) {
+        const T* src = k_bh + g * a.k_stride[1] + d * a.k_stride[3];
+        const std::int64_t valid = std::min(G, n - g);
+        for (std::int64_t jj = 0; jj < valid; ++jj) dst[d * G + jj] = src[jj * a.k_stride[1]];
+        for (std::int64_t jj = valid; jj < G; ++jj) dst[d * G + jj] = T(0);
+      }
+    }
+    T* const vp_bh = v_head(b, hk);
+    for (std::int64_t j = 0; j < n; ++j) {
+      const T* src = v_bh + j * a.v_stride[1];
+      T* dst = vp_bh + j * Dp;
+      for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d * a.v_stride[3]];
+      for (std::int64_t d = D; d < Dp; ++d) dst[d] = T(0);
+    }
+  }
+};
+
 // One task: batch b, head h, query rows [i_begin, i_end).
 template <class Arch, class T, bool Causal, bool Bias>
-void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
-                          std::int64_t i_begin, std::int64_t i_end) {
+void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& packed,
+                          std::int64_t b, std::int64_t h, std::int64_t i_begin,
+                          std::int64_t i_end) {
   using Tl = DenseTiling<T, Arch>;
   constexpr int MR = Tl::MR, NV = Tl::NV;
   constexpr std::int64_t L = Tl::L, G = Tl::G, KB = Tl::KB;
@@ -174,38 +222,15 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::i
   std::int64_t s_end = a.key_lengths ? a.key_lengths[b] : a.S;
   if constexpr (Causal) s_end = std::min(s_end, std::max<std::int64_t>(0, i_end + a.causal_offset));
 
-  auto& ws = dense_workspace<T, Arch>();
-  const std::int64_t s_pad = round_up(s_end, G);
-  ws.kt.resize(std::size_t(std::max<std::int64_t>(1, s_pad * D)));
-  ws.vp.resize(std::size_t(std::max<std::int64_t>(1, s_end * Dp)));
+  auto& ws = dense_tile_workspace<T, Arch>();
   ws.qp.resize(std::size_t(std::max<std::int64_t>(1, MR * D)));
   ws.s.resize(std::size_t(MR * KB));
   ws.o.resize(std::size_t(std::max<std::int64_t>(1, MR * Dp)));
   ws.m.resize(MR);
   ws.l.resize(MR);
   ws.alpha.resize(MR);
-
-  // Pack K^T (group-major, zero padded to whole groups) and V (D padded with zeros).
-  const T* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
-  const T* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
-  for (std::int64_t g = 0; g < s_pad; g += G) {
-    T* dst = ws.kt.data() + g * D;
-    for (std::int64_t jj = 0; jj < G; ++jj) {
-      const std::int64_t j = g + jj;
-      if (j < s_end) {
-        const T* src = k_bh + j * a.k_stride[1];
-        for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = src[d * a.k_stride[3]];
-      } else {
-        for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = T(0);
-      }
-    }
-  }
-  for (std::int64_t j = 0; j < s_end; ++j) {
-    const T* src = v_bh + j * a.v_stride[1];
-    T* dst = ws.vp.data() + j * Dp;
-    for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d * a.v_stride[3]];
-    for (std::int64_t d = D; d < Dp; ++d) dst[d] = T(0);
-  }
+  const T* const kt = packed.k_head(b, hk);
+  const T* const vp = packed.v_head(b, hk);
 
   const T qscale = a.scale * log2e;
   // One tile of M query rows [i0, i0 + rows), rows <= M; rows past `rows` are zero padding.
@@ -232,8 +257,7 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::i
       const std::int64_t nk = std::min(KB, tile_end - j0);
       const std::int64_t nk_pad = round_up(nk, G);
       for (std::int64_t g = 0; g < nk_pad; g += G) {
-        score_tile<Arch, T, M, NV>(ws.qp.data(), D, ws.kt.data() + (j0 + g) * D, ws.s.data() + g,
-                                   KB);
+        score_tile<Arch, T, M, NV>(ws.qp.data(), D, kt + (j0 + g) * D, ws.s.data() + g, KB);
       }
       for (int r = 0; r < M; ++r) {
         T* srow = ws.s.data() + r * KB;
@@ -254,12 +278,12 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, std::int64_t b, std::i
       }
       std::int64_t c = 0;
       for (; c + NV * L <= Dp; c += NV * L) {
-        value_tile<Arch, T, M, NV>(ws.s.data(), KB, ws.alpha.data(), nk, ws.vp.data() + j0 * Dp + c,
-                                   Dp, ws.o.data() + c, Dp);
+        value_tile<Arch, T, M, NV>(ws.s.data(), KB, ws.alpha.data(), nk, vp + j0 * Dp + c, Dp,
+                                   ws.o.data() + c, Dp);
       }
       for (; c < Dp; c += L) {
-        value_tile<Arch, T, M, 1>(ws.s.data(), KB, ws.alpha.data(), nk, ws.vp.data() + j0 * Dp + c,
-                                  Dp, ws.o.data() + c, Dp);
+        value_tile<Arch, T, M, 1>(ws.s.data(), KB, ws.alpha.data(), nk, vp + j0 * Dp + c, Dp,
+                                  ws.o.data() + c, Dp);
       }
     }
     for (std::int64_t r = 0; r < rows; ++r) {
@@ -288,12 +312,21 @@ void dense_attention(Arch, const DenseAttentionArgs<T>& a) {
   if (a.B == 0 || a.T_q == 0 || a.H == 0) return;
   const std::int64_t block = detail::DenseTiling<T, Arch>::rows_per_task;
   const std::int64_t blocks = num_chunks(a.T_q, block);
+  // Pack each (b, kv head) once: keys past the key length, or past the last
+  // query's causal limit, are never read.
+  detail::DensePacked<T, Arch> packed(a);
+  parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
+    const std::int64_t b = task / a.Hkv;
+    std::int64_t n = a.key_lengths ? a.key_lengths[b] : a.S;
+    if (a.causal) n = std::min(n, std::max<std::int64_t>(0, a.T_q + a.causal_offset));
+    packed.pack(a, b, task % a.Hkv, n);
+  });
   const auto run = [&](auto causal, auto bias) {
     parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
       const std::int64_t qb = task % blocks;
       const std::int64_t bh = task / blocks;
       detail::dense_attention_task<Arch, T, decltype(causal)::value, decltype(bias)::value>(
-          a, bh / a.H, bh % a.H, qb * block, std::min(a.T_q, (qb + 1) * block));
+          a, packed, bh / a.H, bh % a.H, qb * block, std::min(a.T_q, (qb + 1) * block));
     });
   };
   using yes = std::true_type;
