@@ -356,7 +356,7 @@ TEST_CASE("core::gemm with a caller workspace does not allocate", "[gemm]") {
   CHECK(c(0, 0) == 300.0f);
 }
 
-TEST_CASE("core::gemm_parallel: same bits for 1 and 2 threads, matches the reference",
+TEST_CASE("core::gemm_parallel: same bits for 1 and 2 threads and as gemm, matches the reference",
           "[gemm][parallel]") {
   std::mt19937 gen(11);
   const std::int64_t m = 400, n = 1100, k = 150;
@@ -377,6 +377,12 @@ TEST_CASE("core::gemm_parallel: same bits for 1 and 2 threads, matches the refer
   const Mat<float> c1 = run(1), c2 = run(2);
   check_result(c1, ref, bound);
   REQUIRE(std::memcmp(c1.buf.data(), c2.buf.data(), sizeof(float) * c1.buf.size()) == 0);
+  // Same micro-tile grid as the serial call, so the same bits.
+  Mat<float> cs = c0;
+  core::gemm<float>(ConstView<float, 2>(a.buf.data(), {m, k}), Trans::no,
+                    ConstView<float, 2>(b.buf.data(), {k, n}), Trans::no,
+                    View<float, 2>(cs.buf.data(), {m, n}), 1.0f, 0.5f);
+  REQUIRE(std::memcmp(c1.buf.data(), cs.buf.data(), sizeof(float) * c1.buf.size()) == 0);
 }
 
 TEST_CASE("core::gemm errors name gemm, the argument and both shapes", "[gemm][errors]") {

@@ -117,7 +117,8 @@ inline constexpr std::int64_t gemm_parallel_tile_m = 168;
 inline constexpr std::int64_t gemm_parallel_tile_n = 512;
 
 /// gemm over fixed [168, 512] tiles of C run with parallel_for: the result has the
-/// same bits for any thread count (and equals gemm's wherever a tile edge coincides).
+/// same bits for any thread count. The tiles are multiples of every register tile,
+/// so the micro-tile grid is gemm's and the result also equals gemm's bit for bit.
 /// Shapes as gemm: a: [M, K] or [K, M]; b: [K, N] or [N, K]; c: [M, N]. Each tile
 /// allocates its own packing workspace.
 template <class T, class Arch = simd::default_arch>
