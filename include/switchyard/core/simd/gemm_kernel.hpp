@@ -65,12 +65,14 @@ constexpr std::size_t gemm_workspace_elems(Arch, std::int64_t m, std::int64_t n,
 }
 
 namespace detail {
+// The helpers below are plain C++, but the compiler vectorises them with the TU's
+// flags, so they take Arch too (NOTES 2.8: one symbol per arch, no ODR mix-up).
 
 /// Packs op(A)[i0 : i0+m, p0 : p0+kc] into micro-panels of MR rows, zero-padding
 /// the last panel: dst[panel][p][r]. Row i of op(A) is stored row rows[i] when
 /// rows is non-null (gather), else row i. Element (i, p) is a[row * rsa + p * csa].
-template <int MR, class T>
-void pack_a(const T* a, std::int64_t rsa, std::int64_t csa, const std::int32_t* rows,
+template <class Arch, int MR, class T>
+void pack_a(Arch, const T* a, std::int64_t rsa, std::int64_t csa, const std::int32_t* rows,
             std::int64_t i0, std::int64_t m, std::int64_t p0, std::int64_t kc, T* dst) noexcept {
   for (std::int64_t ib = 0; ib < m; ib += MR) {
     const int mr = static_cast<int>(std::min<std::int64_t>(MR, m - ib));
@@ -92,8 +94,8 @@ void pack_a(const T* a, std::int64_t rsa, std::int64_t csa, const std::int32_t* 
 
 /// Packs op(B)[p0 : p0+kc, j0 : j0+n] into micro-panels of NR columns, zero-padding
 /// the last panel: dst[panel][p][c]. Element (p, j) is b[p * rsb + j * csb].
-template <int NR, class T>
-void pack_b(const T* b, std::int64_t rsb, std::int64_t csb, std::int64_t p0, std::int64_t kc,
+template <class Arch, int NR, class T>
+void pack_b(Arch, const T* b, std::int64_t rsb, std::int64_t csb, std::int64_t p0, std::int64_t kc,
             std::int64_t j0, std::int64_t n, T* dst) noexcept {
   for (std::int64_t jb = 0; jb < n; jb += NR) {
     const int nr = static_cast<int>(std::min<std::int64_t>(NR, n - jb));
@@ -114,8 +116,8 @@ void pack_b(const T* b, std::int64_t rsb, std::int64_t csb, std::int64_t p0, std
 }
 
 /// C tile [m, n] (m <= MR, n <= NR) = alpha * acc + beta * C; beta == 0 never reads C.
-template <int MR, int NR, class T>
-void store_tile_scalar(const T* acc, int m, int n, T alpha, T beta, T* c, std::int64_t rsc,
+template <class Arch, int MR, int NR, class T>
+void store_tile_scalar(Arch, const T* acc, int m, int n, T alpha, T beta, T* c, std::int64_t rsc,
                        std::int64_t csc) noexcept {
   for (int i = 0; i < m; ++i) {
     T* ci = c + i * rsc;
@@ -144,7 +146,7 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
       ap += MR;
       bp += NR;
     }
-    store_tile_scalar<MR, NR>(acc, m, n, alpha, beta, c, rsc, csc);
+    store_tile_scalar<Arch, MR, NR>(Arch{}, acc, m, n, alpha, beta, c, rsc, csc);
   } else {
     using B = xsimd::batch<T, Arch>;
     constexpr int L = static_cast<int>(B::size);
@@ -194,7 +196,7 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
       alignas(64) T buf[MR * NR];
       for (int i = 0; i < MR; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v].store_aligned(buf + i * NR + v * L);
-      store_tile_scalar<MR, NR>(buf, m, n, alpha, beta, c, rsc, csc);
+      store_tile_scalar<Arch, MR, NR>(Arch{}, buf, m, n, alpha, beta, c, rsc, csc);
     }
   }
 }
@@ -241,10 +243,10 @@ void gemm(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, co
     for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
       const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
       const T beta_eff = p0 == 0 ? beta : T(1);
-      detail::pack_b<G::nr>(b, rsb, csb, p0, kc, j0, nc, bpack);
+      detail::pack_b<Arch, G::nr>(arch, b, rsb, csb, p0, kc, j0, nc, bpack);
       for (std::int64_t i0 = 0; i0 < m; i0 += G::mc) {
         const std::int64_t mc = std::min<std::int64_t>(G::mc, m - i0);
-        detail::pack_a<G::mr>(a, rsa, csa, a_rows, i0, mc, p0, kc, apack);
+        detail::pack_a<Arch, G::mr>(arch, a, rsa, csa, a_rows, i0, mc, p0, kc, apack);
         for (std::int64_t ib = 0; ib < mc; ib += G::mr) {
           const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, mc - ib));
           const T* ap = apack + ib * kc;
