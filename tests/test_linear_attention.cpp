@@ -388,19 +388,24 @@ TEST_CASE("causal linear attention leaks nothing from the future", "[linear][cau
     CAPTURE(A::name());
     Tensor<float> out({nb, nt, nh, dv}), out2({nb, nt, nh, dv});
     layer.template forward_causal<A>(q, k, v, out);
-    // Token t* at a chunk start, inside a chunk, and last; large finite values.
-    for (const std::int64_t ts : {0, 7, 20, 49}) {
-      CAPTURE(ts);
-      auto q2 = q, k2 = k, v2 = v;
-      for (std::int64_t h = 0; h < nh; ++h) {
-        for (std::int64_t c = 0; c < d; ++c) q2(0, ts, h, c) += 3, k2(0, ts, h, c) -= 2;
-        for (std::int64_t c = 0; c < dv; ++c) v2(0, ts, h, c) = 1e4f;
+    // Token t* at a chunk start, inside a chunk, and last; changed to other finite
+    // values, or to inf / NaN (which would poison any product they entered, even 0 * x).
+    for (const bool finite : {true, false}) {
+      for (const std::int64_t ts : {0, 7, 20, 49}) {
+        CAPTURE(finite, ts);
+        auto q2 = q, k2 = k, v2 = v;
+        const float big = finite ? 1e4f : std::numeric_limits<float>::infinity();
+        const float odd = finite ? -7.0f : std::numeric_limits<float>::quiet_NaN();
+        for (std::int64_t h = 0; h < nh; ++h) {
+          for (std::int64_t c = 0; c < d; ++c) q2(0, ts, h, c) += 3, k2(0, ts, h, c) = odd;
+          for (std::int64_t c = 0; c < dv; ++c) v2(0, ts, h, c) = big;
+        }
+        layer.template forward_causal<A>(q2, k2, v2, out2);
+        const std::int64_t before = ts * nh * dv;  // elements of tokens < t*
+        CHECK(std::memcmp(out.data(), out2.data(), before * sizeof(float)) == 0);
+        // ... while token t* itself does change (the test can fail).
+        CHECK(std::memcmp(out.data() + before, out2.data() + before, nh * dv * sizeof(float)) != 0);
       }
-      layer.template forward_causal<A>(q2, k2, v2, out2);
-      const std::int64_t before = ts * nh * dv;  // elements of tokens < t*
-      CHECK(std::memcmp(out.data(), out2.data(), before * sizeof(float)) == 0);
-      // ... while token t* itself does change (the test can fail).
-      CHECK(std::memcmp(out.data() + before, out2.data() + before, nh * dv * sizeof(float)) != 0);
     }
   });
 }

@@ -293,7 +293,7 @@ class LinearAttention {
     const std::int64_t gsize = heads_per_task(d.b, d.h);
     const std::int64_t groups = (d.h + gsize - 1) / gsize;
     // Chunk rows C; score rows padded to a multiple of 16 so SIMD tiles may overrun
-    // the valid columns of a chunk (those scores are masked to zero).
+    // the valid columns of a chunk (those scores are never read).
     const std::int64_t c =
         causal ? std::min(cfg_.chunk_size, std::max<std::int64_t>(d.t, 1)) : kBlock;
     const std::int64_t cp = (c + 15) / 16 * 16;
@@ -388,7 +388,7 @@ class LinearAttention {
     for (std::int64_t j = 0; j < n; ++j) kernels::linear_add(arch, phik + j * f, z, f);
   }
 
-  // Head h: num rows = (num + 0) / (den + phiq.z + eps) in place; num already holds
+  // Head h: num rows /= (den + phiq.z + eps) in place; num already holds
   // phiq s (+ the intra-chunk part), den the intra-chunk denominators.
   template <class Arch>
   void normalise(Arch arch, const Dims& d, std::int64_t n, const Buffers& buf,
@@ -463,7 +463,8 @@ class LinearAttention {
           for (std::int64_t e = 0; e < f; ++e) buf.phik_t[e * cp + j] = phik[j * f + e];
         // Inter-chunk part: phi(Q_c) S, the tokens of earlier chunks.
         kernels::small_gemm(arch, n, dv, f, phiq, f, 1, buf.s + h * f * dv, dv, num, dv, false);
-        // Intra-chunk part: lower-triangular A = phi(Q_c) phi(K_c)^T, then num += A V_c.
+        // Intra-chunk part: A = phi(Q_c) phi(K_c)^T, lower triangle only, num += A V_c.
+        // Score columns past the diagonal are computed (whole SIMD tiles) but never read.
         for (std::int64_t i0 = 0; i0 < n; i0 += rb) {
           const std::int64_t mi = std::min(rb, n - i0);
           const std::int64_t width = std::min((i0 + mi + 15) / 16 * 16, cp);
@@ -471,13 +472,17 @@ class LinearAttention {
           kernels::small_gemm(arch, mi, width, f, phiq + i0 * f, f, 1, buf.phik_t, cp, a, cp,
                               false);
           for (std::int64_t i = 0; i < mi; ++i) {
-            T* row = a + i * cp;
-            std::fill(row + i0 + i + 1, row + width, T(0));
             T sum = 0;
-            for (std::int64_t j = 0; j <= i0 + i; ++j) sum += row[j];
+            for (std::int64_t j = 0; j <= i0 + i; ++j) sum += a[i * cp + j];
             buf.den[i0 + i] = sum;
           }
-          kernels::small_gemm(arch, mi, dv, i0 + mi, a, cp, 1, vb, dv, num + i0 * dv, dv, true);
+          // Keys before the block reach every row of it; keys inside it only rows at or
+          // after them, so a future key never enters a product (not even as 0 * inf).
+          if (i0 > 0)
+            kernels::small_gemm(arch, mi, dv, i0, a, cp, 1, vb, dv, num + i0 * dv, dv, true);
+          for (std::int64_t i = 0; i < mi; ++i)
+            kernels::small_gemm(arch, 1, dv, i + 1, a + i * cp + i0, 0, 1, vb + i0 * dv, dv,
+                                num + (i0 + i) * dv, dv, true);
         }
         normalise(arch, d, n, buf, h);
         update_state(arch, d, n, buf, h);
