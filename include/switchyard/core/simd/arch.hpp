@@ -14,16 +14,42 @@
 
 #include "switchyard/config.hpp"
 
+// The instruction set this translation unit is compiled for, as a namespace
+// name. Plain C++ code is auto-vectorised for the TU's flags too, so the scalar
+// tag lives in this namespace: kernel<scalar> built with -march=native and with
+// -march=x86-64 are then different symbols, and the linker cannot hand one TU
+// the other's instructions (NOTES 2.8). xsimd's arch tags differ per ISA already.
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#define SWITCHYARD_ARCH_NS isa_avx512bw
+#elif defined(__AVX512F__)
+#define SWITCHYARD_ARCH_NS isa_avx512f
+#elif defined(__AVX2__) && defined(__FMA__)
+#define SWITCHYARD_ARCH_NS isa_avx2_fma
+#elif defined(__AVX2__)
+#define SWITCHYARD_ARCH_NS isa_avx2
+#elif defined(__AVX__)
+#define SWITCHYARD_ARCH_NS isa_avx
+#elif defined(__SSE4_2__)
+#define SWITCHYARD_ARCH_NS isa_sse4_2
+#elif defined(__SSE2__)
+#define SWITCHYARD_ARCH_NS isa_sse2
+#elif defined(__ARM_NEON)
+#define SWITCHYARD_ARCH_NS isa_neon
+#else
+#define SWITCHYARD_ARCH_NS isa_generic
+#endif
+
 namespace switchyard {
 inline namespace v0 {
 namespace simd {
-
+inline namespace SWITCHYARD_ARCH_NS {
 /// The plain C++ path: one lane, no xsimd.
 struct scalar {
   static constexpr const char* name() noexcept { return "scalar"; }
   static constexpr bool available() noexcept { return true; }
   static constexpr std::size_t alignment() noexcept { return alignof(double); }
 };
+}  // namespace SWITCHYARD_ARCH_NS
 
 #if defined(SWITCHYARD_FORCE_SCALAR)
 using default_arch = scalar;
