@@ -15,9 +15,13 @@
 // explicit state, and `forward_causal` can start from and leave such a state, so
 // a prompt can be prefilled in chunks and then decoded token by token.
 //
-// Work is split into one task per (batch, head), a partition independent of the
-// thread count, and each task accumulates in a fixed order: results are
-// bit-identical for any thread count.
+// Threads: each task takes a batch item and a group of its heads, and reads the
+// [B, T, H, D] inputs chunk by chunk, front to back (all heads of a token are
+// adjacent). The group size follows the thread count (all heads in one task at 1
+// thread), but every head is computed by the same code in the same order whatever
+// group it is in, so results are bit-identical for any thread count.
+// Inputs are assumed finite; a non-finite future token still never reaches an
+// earlier causal output.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -185,11 +189,7 @@ class LinearAttention {
     std::int64_t b, t, s, h, d, dv, f;
   };
 
-  // Start of (batch b, head h): plain arithmetic, valid for empty extents too.
-  template <class U>
-  static U* at(View<U, 4> x, std::int64_t b, std::int64_t h) noexcept {
-    return x.data() + b * x.stride(0) + h * x.stride(2);
-  }
+  // Start of (batch b, head h) of a [B, H, D] view: plain arithmetic, valid for empty extents.
   template <class U>
   static U* at(View<U, 3> x, std::int64_t b, std::int64_t h) noexcept {
     return x.data() + b * x.stride(0) + h * x.stride(1);
@@ -266,8 +266,9 @@ class LinearAttention {
     U* row(std::int64_t t, std::int64_t g) const noexcept { return p + t * rs + g * hs; }
   };
 
-  // Per-task scratch: G heads' packed chunk rows and states, plus buffers that one
-  // head uses at a time. `at(g)` of a per-head buffer is head g's slice.
+  // Per-task scratch: G heads' packed chunk rows and states (head g's slice of each
+  // starts g * C * F, g * C * Dv, g * F * Dv or g * F elements in), plus buffers that one
+  // head uses at a time.
   struct Buffers {
     std::int64_t c, cp, f, dv;
     T *phiq = nullptr, *phik = nullptr, *vb = nullptr,
