@@ -9,6 +9,7 @@
 #include <random>
 #include <switchyard/attention/dense.hpp>
 #include <switchyard/attention/dense_ref.hpp>
+#include <type_traits>
 #include <vector>
 
 using namespace switchyard;
@@ -132,6 +133,9 @@ void check_problem(const Problem& p, std::uint32_t seed) {
   const MaskData<T> md(p, seed + 3);
   const double scale = 1.0 / std::sqrt(double(p.D));
   const double tol = tolerance<T>(p, scale);
+  // One thread keeps this fast on a loaded machine; thread counts are covered
+  // by the bit-identical test below.
+  const ScopedNumThreads one_thread(1);
   for (MaskKind mk :
        {MaskKind::none, MaskKind::causal, MaskKind::causal_decode, MaskKind::causal_negative,
         MaskKind::lengths, MaskKind::bias, MaskKind::causal_lengths, MaskKind::all}) {
@@ -142,6 +146,10 @@ void check_problem(const Problem& p, std::uint32_t seed) {
     simd::for_each_arch([&](auto arch) {
       using Arch = decltype(arch);
       CAPTURE(Arch::name());
+      // Every mask on the scalar path and the build's arch; the others (same
+      // kernels at other lane widths) with no mask and with every mask at once.
+      const bool all_masks = simd::is_scalar_v<Arch> || std::is_same_v<Arch, simd::default_arch>;
+      if (!all_masks && mk != MaskKind::none && mk != MaskKind::all) return;
       core::Tensor<T> got({p.B, p.T, p.H, p.D});
       got.fill(std::numeric_limits<T>::quiet_NaN());  // every element must be written
       DenseAttention<T, Arch>().forward(q, k, v, got.template view<4>(), mask);
@@ -175,8 +183,9 @@ TEMPLATE_TEST_CASE("dense attention: fused matches the reference for many shapes
       {2, 17, 17, 4, 2, 80},
       {1, 9, 63, 1, 1, 64},
       {1, 9, 65, 1, 1, 64},
-      {3, 7, 129, 2, 2, 128},
-      {1, 12, 257, 8, 2, 64},
+      {1, 5, 129, 2, 1, 128},
+      {1, 3, 70, 8, 2, 64},
+      {1, 4, 257, 1, 1, 64},
       {2, 13, 11, 3, 3, 5},
       {1, 11, 33, 2, 1, 17},
       {1, 263, 40, 1, 1, 8},
@@ -240,11 +249,11 @@ TEST_CASE("dense attention: strided views ([B, H, T, D] storage) give the same r
 TEMPLATE_TEST_CASE("dense attention: 1 and 2 threads give bit-identical results", "[dense]", float,
                    double) {
   using T = TestType;
-  const std::int64_t B = 2, Tq = 600, S = 300, H = 4, Hkv = 2, D = 64;
+  const std::int64_t B = 2, Tq = 300, S = 140, H = 4, Hkv = 2, D = 32;  // 16 tasks
   const auto q = random_tensor<T>({B, Tq, H, D}, 21);
   const auto k = random_tensor<T>({B, S, Hkv, D}, 22);
   const auto v = random_tensor<T>({B, S, Hkv, D}, 23);
-  const std::vector<std::int64_t> lengths{S, 250};
+  const std::vector<std::int64_t> lengths{S, 100};
   const Mask<T> mask{CausalMask{S - Tq}, KeyLengths{lengths}};
   const DenseAttention<T> attn;
   core::Tensor<T> one, two;

@@ -2,18 +2,22 @@
 // Fused dense multi-head attention (FlashAttention-style, CPU SIMD) and the
 // DenseAttention layer.
 //
-// Work split: one task per (batch b, head h, block of query rows); the blocks
-// have a fixed size that depends only on the type and Arch, never on the
-// thread count, so results are bit-identical for any thread count.
-// Per task: K of the head's KV head is packed transposed and key-group-major
-// (Kt[g][d][G], G = NV lanes of keys, zero padded) and V row-major with D
-// padded to whole registers, into a per-thread workspace sized for one head.
-// Then, per tile of MR query rows (Q pre-multiplied by scale * log2(e)):
-//   for each block of up to KB keys:
-//     S_blk = Q_tile . K_blk^T          register-tiled, MR rows x G keys at a time
-//     mask S_blk (causal / bias / tail) and online-softmax update each row
-//     O_tile = O_tile * alpha + P . V_blk   register-tiled, MR rows x NV registers of D
-//   out = O_tile / l
+// Two passes, both through parallel_for with fixed partitions (the block sizes
+// depend only on T and Arch, never on the thread count), so results are
+// bit-identical for any thread count:
+// 1. per (batch b, kv head): pack K transposed and key-group-major
+//    (Kt[g][d][G], G = NV registers of keys, zero padded) and V row-major with D
+//    padded to whole registers. Memory: about the size of K and V, per call.
+// 2. per (b, head h, block of ~256 query rows), per tile of MR query rows
+//    (Q pre-multiplied by scale * log2(e), so softmax uses exp2):
+//      for each block of up to KB keys the tile can see:
+//        S_blk = Q_tile . K_blk^T      register-tiled, MR rows x G keys at a time
+//        mask S_blk (causal / bias / tail), online-softmax update of each row
+//        O_tile = O_tile * alpha + P . V_blk   register-tiled, MR rows x NV registers of D
+//      out = O_tile / l
+// Causal tiles stop at their last visible key and key lengths cut the key
+// range, so masked blocks cost nothing. A last tile under half full runs row by
+// row (decoding with T = 1 computes no padding rows).
 // The T x S score matrix is never stored: only MR x KB scores at a time.
 #include <algorithm>
 #include <cmath>
@@ -367,6 +371,8 @@ class DenseAttention {
   /// q: [B, T, H, D], k and v: [B, S, H_kv, D] with H % H_kv == 0 (grouped-query
   /// attention: query head h reads K/V head h / (H / H_kv)), out: [B, T, H, D].
   /// Any strides; out must not overlap q, k or v. Rows that see no key get zeros.
+  /// Allocates a packed copy of K and V (about their size) per call. NaN or +inf
+  /// inputs give unspecified outputs.
   void forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v, View<T, 4> out,
                const attention::Mask<T>& mask = {}) const {
     check(q, k, v, mask);
