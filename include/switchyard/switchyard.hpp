@@ -1,6 +1,9 @@
 #pragma once
 // Umbrella header: everything switchyard offers.
 #include "switchyard/config.hpp"
+#include "switchyard/version.hpp"
+
+// core: tensors, views, errors, threads, SIMD kernels, GEMM, top-k, random numbers
 #include "switchyard/core/eigen_map.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
@@ -8,9 +11,25 @@
 #include "switchyard/core/rng.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/exp.hpp"
+#include "switchyard/core/simd/online_softmax.hpp"
 #include "switchyard/core/simd/softmax.hpp"
 #include "switchyard/core/simd/vector_ops.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/topk.hpp"
 #include "switchyard/core/view.hpp"
-#include "switchyard/version.hpp"
+
+// io: checkpoint loading
+#include "switchyard/io/safetensors.hpp"
+
+// attention layers
+#include "switchyard/attention/dense.hpp"
+#include "switchyard/attention/dense_ref.hpp"
+#include "switchyard/attention/linear.hpp"
+#include "switchyard/attention/linear_ref.hpp"
+#include "switchyard/attention/mask.hpp"
+#include "switchyard/attention/mixture_of_heads.hpp"
+
+// token merging
+#include "switchyard/tokens/merge_bipartite.hpp"
+#include "switchyard/tokens/merge_plan.hpp"
+#include "switchyard/tokens/proportional_attention.hpp"

@@ -29,6 +29,7 @@
 
 #include "switchyard/attention/mask.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/online_softmax.hpp"
@@ -99,9 +100,7 @@ struct DenseTiling {
   static_assert(KB % G == 0);
 };
 
-inline std::int64_t round_up(std::int64_t x, std::int64_t m) noexcept {
-  return (x + m - 1) / m * m;
-}
+using core::round_up;
 
 // s[r][0 .. G) = sum_d qp[r][d] * kt[d][0 .. G) for r < MR; kt: one key group.
 template <class Arch, class T, int MR, int NV>

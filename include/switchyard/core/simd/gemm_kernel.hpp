@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
 
 namespace switchyard {
@@ -201,9 +202,7 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
   }
 }
 
-inline std::int64_t round_up(std::int64_t x, std::int64_t to) noexcept {
-  return (x + to - 1) / to * to;
-}
+using core::round_up;
 
 template <class T>
 T* align64(T* p) noexcept {
