@@ -91,11 +91,12 @@ void softmax_rows(Arch arch, const T* src, std::ptrdiff_t src_stride, T* dst,
 namespace core {
 
 /// src: [R, N], dst: [R, N] (unit inner stride); dst[r] = softmax(src[r]) on
-/// simd::default_arch. src and dst may be the same view (in place). Rows whose
+/// Arch (default simd::default_arch; a template parameter so that TUs built for
+/// different ISAs get different symbols). src and dst may be the same view (in place). Rows whose
 /// entries are all -inf give zeros. Rows run in parallel (parallel_for); each
 /// row is computed the same way on any thread, so results do not depend on the
 /// thread count. Throws shape_error if the shapes differ or an inner stride is not 1.
-template <class T>
+template <class T, class Arch = simd::default_arch>
 void softmax_rows(std::type_identity_t<ConstView<T, 2>> src, View<T, 2> dst) {
   detail::check_unit_inner_stride("core", "softmax_rows", "src", src);
   detail::check_unit_inner_stride("core", "softmax_rows", "dst", dst);
@@ -107,15 +108,15 @@ void softmax_rows(std::type_identity_t<ConstView<T, 2>> src, View<T, 2> dst) {
       std::max<std::int64_t>(1, (std::int64_t{1} << 14) / std::max<std::int64_t>(1, n));
   parallel_for(num_chunks(rows, chunk), [&](std::int64_t c) {
     const std::int64_t r0 = c * chunk, r1 = std::min(rows, r0 + chunk);
-    kernels::softmax_rows(simd::default_arch{}, src.data() + r0 * src.stride(0), src.stride(0),
+    kernels::softmax_rows(Arch{}, src.data() + r0 * src.stride(0), src.stride(0),
                           dst.data() + r0 * dst.stride(0), dst.stride(0), r1 - r0, n);
   });
 }
 
 /// x: [R, N] (unit inner stride); softmax of each row in place.
-template <class T>
+template <class T, class Arch = simd::default_arch>
 void softmax_rows(View<T, 2> x) {
-  softmax_rows<T>(x, x);
+  softmax_rows<T, Arch>(x, x);
 }
 
 }  // namespace core
