@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "support/compare.hpp"
 #include "support/fixtures.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
@@ -22,6 +23,8 @@ using namespace switchyard::tokens;
 using Catch::Contains;
 
 namespace {
+
+using namespace test_support;
 
 // ---- naive reference, double, literal translation of tome/merge.py ---------------------------
 struct RefMerge {
@@ -143,36 +146,6 @@ RefMerge ref_tome(const std::vector<double>& metric, const std::vector<double>& 
     }
   }
   return out;
-}
-
-template <class T>
-std::vector<double> to_double(const Tensor<T>& t) {
-  return std::vector<double>(t.begin(), t.end());
-}
-
-template <class T>
-Tensor<T> random_tensor(std::initializer_list<std::int64_t> shape, std::uint32_t seed) {
-  Tensor<T> t(shape);
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> nd;
-  for (auto& v : t) v = T(nd(gen));
-  return t;
-}
-
-// Max of |got - want| / max(|want|, floor): relative error, with `floor` keeping entries that are
-// (near) zero from dividing by ~0.
-double max_rel_err(const std::vector<double>& got, const std::vector<double>& want, double floor) {
-  REQUIRE(got.size() == want.size());
-  double e = 0;
-  for (std::size_t i = 0; i < got.size(); ++i)
-    e = std::max(e, std::abs(got[i] - want[i]) / std::max(std::abs(want[i]), floor));
-  return e;
-}
-
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::abs(x));
-  return m;
 }
 
 }  // namespace

@@ -10,6 +10,7 @@
 #include <random>
 #include <vector>
 
+#include "support/compare.hpp"
 #include "support/fixtures.hpp"
 #include "switchyard/attention/mixture_of_heads.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -20,6 +21,8 @@ using namespace switchyard::attention;
 using Catch::Contains;
 
 namespace {
+
+using namespace test_support;
 
 // ---- naive reference, double ------------------------------------------------------------------
 struct RefWeights {
@@ -126,40 +129,6 @@ RefOut ref_gated_mha(const std::vector<double>& x, const RefWeights& w,
       r.out_mag[t * C + o] = mag;
     }
   return r;
-}
-
-template <class T>
-std::vector<double> to_double(const Tensor<T>& t) {
-  return std::vector<double>(t.begin(), t.end());
-}
-template <class T>
-std::vector<double> to_double(const std::vector<T>& v) {
-  return std::vector<double>(v.begin(), v.end());
-}
-
-template <class T>
-Tensor<T> random_tensor(std::initializer_list<std::int64_t> shape, std::uint32_t seed,
-                        double sd = 1.0) {
-  Tensor<T> t(shape);
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> nd(0.0, sd);
-  for (auto& v : t) v = T(nd(gen));
-  return t;
-}
-
-double max_abs(const std::vector<double>& v) {
-  double m = 0;
-  for (double x : v) m = std::max(m, std::abs(x));
-  return m;
-}
-
-// Max of |got - want| / max(|want|, floor).
-double max_rel_err(const std::vector<double>& got, const std::vector<double>& want, double floor) {
-  REQUIRE(got.size() == want.size());
-  double e = 0;
-  for (std::size_t i = 0; i < got.size(); ++i)
-    e = std::max(e, std::abs(got[i] - want[i]) / std::max(std::abs(want[i]), floor));
-  return e;
 }
 
 // Max of |got - want| / mag: error relative to the magnitude of the summands of each element.

@@ -7,6 +7,7 @@
 #include <random>
 #include <vector>
 
+#include "support/compare.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/tokens/proportional_attention.hpp"
 
@@ -17,14 +18,7 @@ using Catch::Contains;
 
 namespace {
 
-template <class T>
-Tensor<T> random_tensor(std::initializer_list<std::int64_t> shape, std::uint32_t seed) {
-  Tensor<T> t(shape);
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> nd;
-  for (auto& v : t) v = T(nd(gen));
-  return t;
-}
+using namespace test_support;
 
 // softmax(q k^T * scale + log(size)) v, naive, double. q: [B,T,H,D], k/v: [B,S,H,D], size: [B,S].
 template <class Q, class K, class V, class Z>
