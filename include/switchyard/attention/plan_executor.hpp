@@ -1,0 +1,409 @@
+#pragma once
+// The fused executor of an AttentionPlan (plan.hpp): one kernel for every
+// sparse attention layer (Routing Transformer clusters, BiFormer regions, ...).
+//
+// Per (group, head) work item:
+//   1. gather the group's keys into a workspace, transposed and key-group-major
+//      (as DenseAttention packs K), and its values row-major with D padded to
+//      whole registers: a workspace sized for ONE group, reused per thread;
+//   2. per tile of MR queries (Q gathered and pre-multiplied by scale * log2 e):
+//      for each block of KB keys, scores from dense.hpp's register micro-kernel
+//      (score_tile), the plan's pair rule (causal / self value), a base-2 online
+//      softmax, and P.V accumulated by dense.hpp's value_tile;
+//   3. write (PlanOutput::write) or add (PlanOutput::accumulate, with counts).
+// Parallelism uses fixed partitions, so results are bit-identical for any thread
+// count:
+//   write       one task per (group, head, block of ~256 queries); each task
+//               gathers its group's K/V (for a group of all T queries and all S
+//               keys this costs T/256 gathers of K/V, small against the T*S*D work);
+//   accumulate  one task per (batch, head), its groups in plan order, so the sums
+//               are always formed in the same order.
+// Empty groups and rows that see no key give zeros; queries in no group give 0.
+// Cost: sum over groups of |queries| * |keys| * D * 4 flops, plus gathers.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/attention/dense.hpp"
+#include "switchyard/attention/plan.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace kernels {
+
+/// Raw operands of a plan execution (checked by PlanExecutor). Strides in elements;
+/// q/out [B, T, H, D], k/v [B, S, Hkv, D], counts [B, H, T] (accumulate mode) or null.
+template <class T>
+struct PlanAttentionArgs {
+  const T* q;
+  std::int64_t q_stride[4];
+  const T* k;
+  std::int64_t k_stride[4];
+  const T* v;
+  std::int64_t v_stride[4];
+  T* out;
+  std::int64_t out_stride[4];
+  T* counts = nullptr;
+  std::int64_t counts_stride[3] = {0, 0, 0};
+  std::int64_t B, T_q, S, H, Hkv, D;
+  T scale;
+};
+
+namespace detail {
+
+template <class T>
+struct PlanWorkspace {
+  aligned_vector<T> kt, vp, qp, s, o, m, l, alpha, row;
+};
+
+template <class T, class Arch>
+PlanWorkspace<T>& plan_workspace() {
+  static thread_local PlanWorkspace<T> ws;
+  return ws;
+}
+
+// Gathers keys `keys[0 .. nk)` of (b, kv head hk) into ws.kt (group-major, zero
+// padded to G) and ws.vp ([nk, Dp]).
+template <class Arch, class T>
+void plan_gather(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t hk,
+                 const std::int64_t* keys, std::int64_t nk, PlanWorkspace<T>& ws) {
+  using Tl = DenseTiling<T, Arch>;
+  constexpr std::int64_t G = Tl::G;
+  const std::int64_t D = a.D, Dp = round_up(D, Tl::L), nk_pad = round_up(nk, G);
+  ws.kt.resize(std::size_t(std::max<std::int64_t>(1, nk_pad * D)));
+  ws.vp.resize(std::size_t(std::max<std::int64_t>(1, nk * Dp)));
+  const T* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
+  const T* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
+  for (std::int64_t g = 0; g < nk_pad; g += G) {
+    T* dst = ws.kt.data() + g * D;
+    const std::int64_t valid = std::min(G, nk - g);
+    for (std::int64_t jj = 0; jj < valid; ++jj) {
+      const T* src = k_bh + keys[g + jj] * a.k_stride[1];
+      for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = src[d * a.k_stride[3]];
+    }
+    for (std::int64_t jj = valid; jj < G; ++jj)
+      for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = T(0);
+  }
+  for (std::int64_t j = 0; j < nk; ++j) {
+    const T* src = v_bh + keys[j] * a.v_stride[1];
+    T* dst = ws.vp.data() + j * Dp;
+    for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d * a.v_stride[3]];
+    for (std::int64_t d = D; d < Dp; ++d) dst[d] = T(0);
+  }
+}
+
+// Attention of queries qs[0 .. nq) of (b, h) over the keys already gathered in ws
+// (positions keys[0 .. nk)); writes or adds each row into out.
+template <class Arch, class T, bool Causal, bool Self, bool Accum>
+void plan_queries(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
+                  const std::int64_t* qs, std::int64_t nq, const std::int64_t* keys,
+                  std::int64_t nk, T self_logit, PlanWorkspace<T>& ws) {
+  using Tl = DenseTiling<T, Arch>;
+  constexpr int MR = Tl::MR, NV = Tl::NV;
+  constexpr std::int64_t L = Tl::L, G = Tl::G, KB = Tl::KB;
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  constexpr T log2e = T(1.44269504088896340736);
+  const std::int64_t D = a.D, Dp = round_up(D, L);
+  T* const out_bh = a.out + b * a.out_stride[0] + h * a.out_stride[2];
+  T* const counts_bh =
+      a.counts ? a.counts + b * a.counts_stride[0] + h * a.counts_stride[1] : nullptr;
+  ws.qp.resize(std::size_t(std::max<std::int64_t>(1, MR * D)));
+  ws.s.resize(std::size_t(MR * KB));
+  ws.o.resize(std::size_t(std::max<std::int64_t>(1, MR * Dp)));
+  ws.row.resize(std::size_t(std::max<std::int64_t>(1, Dp)));
+  ws.m.resize(MR);
+  ws.l.resize(MR);
+  ws.alpha.resize(MR);
+  const T qscale = a.scale * log2e;
+  const T self2 = self_logit * log2e;
+
+  const auto tile = [&]<int M>(const std::int64_t* qi, std::int64_t rows) {
+    for (int r = 0; r < M; ++r) {
+      T* qd = ws.qp.data() + r * D;
+      if (r < rows) {
+        const T* src = a.q + b * a.q_stride[0] + qi[r] * a.q_stride[1] + h * a.q_stride[2];
+        for (std::int64_t d = 0; d < D; ++d) qd[d] = src[d * a.q_stride[3]] * qscale;
+      } else {
+        std::fill_n(qd, D, T(0));
+      }
+      ws.m[r] = neg_inf;
+      ws.l[r] = T(0);
+    }
+    std::fill(ws.o.begin(), ws.o.begin() + M * Dp, T(0));
+    for (std::int64_t j0 = 0; j0 < nk; j0 += KB) {
+      const std::int64_t n = std::min(KB, nk - j0);
+      const std::int64_t n_pad = round_up(n, G);
+      for (std::int64_t g = 0; g < n_pad; g += G) {
+        score_tile<Arch, T, M, NV>(ws.qp.data(), D, ws.kt.data() + (j0 + g) * D, ws.s.data() + g,
+                                   KB);
+      }
+      for (int r = 0; r < M; ++r) {
+        T* srow = ws.s.data() + r * KB;
+        std::fill(srow + n, srow + n_pad, neg_inf);
+        if constexpr (Causal || Self) {
+          if (r >= rows) continue;
+          const std::int64_t i = qi[r];
+          const std::int64_t* kp = keys + j0;
+          for (std::int64_t j = 0; j < n; ++j) {
+            if constexpr (Causal) {
+              if (kp[j] > i) srow[j] = neg_inf;
+            }
+            if constexpr (Self) {
+              if (kp[j] == i) srow[j] = self2;
+            }
+          }
+        }
+      }
+      for (int r = 0; r < M; ++r) {
+        ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, n_pad, ws.m[r], ws.l[r]);
+      }
+      const T* vp = ws.vp.data() + j0 * Dp;
+      std::int64_t c = 0;
+      for (; c + NV * L <= Dp; c += NV * L) {
+        value_tile<Arch, T, M, NV>(ws.s.data(), KB, ws.alpha.data(), n, vp + c, Dp, ws.o.data() + c,
+                                   Dp);
+      }
+      for (; c < Dp; c += L) {
+        value_tile<Arch, T, M, 1>(ws.s.data(), KB, ws.alpha.data(), n, vp + c, Dp, ws.o.data() + c,
+                                  Dp);
+      }
+    }
+    for (std::int64_t r = 0; r < rows; ++r) {
+      T* dst = out_bh + qi[r] * a.out_stride[1];
+      if constexpr (Accum) {
+        online_softmax_finish(Arch{}, ws.o.data() + r * Dp, D, ws.l[r], ws.row.data());
+        for (std::int64_t d = 0; d < D; ++d) dst[d * a.out_stride[3]] += ws.row[d];
+        if (counts_bh) counts_bh[qi[r] * a.counts_stride[2]] += T(1);
+      } else {
+        online_softmax_finish(Arch{}, ws.o.data() + r * Dp, D, ws.l[r], dst, a.out_stride[3]);
+      }
+    }
+  };
+  std::int64_t i = 0;
+  for (; i + MR <= nq; i += MR) tile.template operator()<MR>(qs + i, MR);
+  const std::int64_t rest = nq - i;
+  if (2 * rest >= MR) {
+    tile.template operator()<MR>(qs + i, rest);
+  } else {
+    for (std::int64_t r = 0; r < rest; ++r) tile.template operator()<1>(qs + i + r, 1);
+  }
+}
+
+template <class T>
+void zero_rows(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t h) noexcept {
+  T* out_bh = a.out + b * a.out_stride[0] + h * a.out_stride[2];
+  for (std::int64_t i = 0; i < a.T_q; ++i)
+    for (std::int64_t d = 0; d < a.D; ++d) out_bh[i * a.out_stride[1] + d * a.out_stride[3]] = T(0);
+  if (a.counts) {
+    T* c = a.counts + b * a.counts_stride[0] + h * a.counts_stride[1];
+    for (std::int64_t i = 0; i < a.T_q; ++i) c[i * a.counts_stride[2]] = T(0);
+  }
+}
+
+}  // namespace detail
+
+/// Runs a checked plan on Arch (see the file comment). Output rows of queries in no
+/// group are set to 0 (and their counts to 0 in accumulate mode).
+template <class Arch, class T>
+void plan_attention(Arch, const attention::AttentionPlan& p, const PlanAttentionArgs<T>& a) {
+  using attention::AttentionPlan;
+  if (a.B == 0 || a.H == 0 || a.T_q == 0) return;
+  const bool accum = p.output == attention::PlanOutput::accumulate;
+  const bool self = p.rule.self_value.has_value();
+  const T self_logit = self ? static_cast<T>(*p.rule.self_value) : T(0);
+  const std::int64_t group_size = a.H / a.Hkv;
+
+  const auto run = [&](auto causal_c, auto self_c, auto accum_c) {
+    constexpr bool Causal = decltype(causal_c)::value, Self = decltype(self_c)::value,
+                   Accum = decltype(accum_c)::value;
+    if constexpr (Accum) {
+      // Groups of each (b, h), in plan order.
+      const std::int64_t BH = a.B * a.H;
+      std::vector<std::int64_t> off(std::size_t(BH + 1), 0), list;
+      for (std::int64_t g = 0; g < p.num_groups(); ++g) {
+        const std::int64_t b = p.group_batch[g];
+        if (p.group_head[g] == AttentionPlan::all_heads) {
+          for (std::int64_t h = 0; h < a.H; ++h) ++off[std::size_t(b * a.H + h + 1)];
+        } else {
+          ++off[std::size_t(b * a.H + p.group_head[g] + 1)];
+        }
+      }
+      for (std::int64_t i = 0; i < BH; ++i) off[std::size_t(i + 1)] += off[std::size_t(i)];
+      list.resize(std::size_t(off[std::size_t(BH)]));
+      std::vector<std::int64_t> fill(off.begin(), off.end() - 1);
+      for (std::int64_t g = 0; g < p.num_groups(); ++g) {
+        const std::int64_t b = p.group_batch[g];
+        const std::int64_t h0 = p.group_head[g] == AttentionPlan::all_heads ? 0 : p.group_head[g];
+        const std::int64_t h1 =
+            p.group_head[g] == AttentionPlan::all_heads ? a.H : p.group_head[g] + 1;
+        for (std::int64_t h = h0; h < h1; ++h)
+          list[std::size_t(fill[std::size_t(b * a.H + h)]++)] = g;
+      }
+      parallel_for(BH, [&](std::int64_t task) {
+        const std::int64_t b = task / a.H, h = task % a.H;
+        detail::zero_rows(a, b, h);
+        auto& ws = detail::plan_workspace<T, Arch>();
+        for (std::int64_t e = off[std::size_t(task)]; e < off[std::size_t(task + 1)]; ++e) {
+          const std::int64_t g = list[std::size_t(e)];
+          const auto qs = p.queries(g);
+          const auto ks = p.keys(g);
+          if (qs.empty()) continue;
+          detail::plan_gather<Arch>(a, b, h / group_size, ks.data(), std::int64_t(ks.size()), ws);
+          detail::plan_queries<Arch, T, Causal, Self, true>(
+              a, b, h, qs.data(), std::int64_t(qs.size()), ks.data(), std::int64_t(ks.size()),
+              self_logit, ws);
+        }
+      });
+    } else {
+      parallel_for(a.B * a.H,
+                   [&](std::int64_t task) { detail::zero_rows(a, task / a.H, task % a.H); });
+      // (group, head, query block) work items.
+      const std::int64_t block = detail::DenseTiling<T, Arch>::rows_per_task;
+      struct Item {
+        std::int64_t g, h, i0, i1;
+      };
+      std::vector<Item> items;
+      for (std::int64_t g = 0; g < p.num_groups(); ++g) {
+        const std::int64_t nq = std::int64_t(p.queries(g).size());
+        const std::int64_t h0 = p.group_head[g] == AttentionPlan::all_heads ? 0 : p.group_head[g];
+        const std::int64_t h1 =
+            p.group_head[g] == AttentionPlan::all_heads ? a.H : p.group_head[g] + 1;
+        for (std::int64_t h = h0; h < h1; ++h)
+          for (std::int64_t i0 = 0; i0 < nq; i0 += block)
+            items.push_back({g, h, i0, std::min(nq, i0 + block)});
+      }
+      parallel_for(std::int64_t(items.size()), [&](std::int64_t task) {
+        const Item it = items[std::size_t(task)];
+        const std::int64_t b = p.group_batch[it.g];
+        const auto qs = p.queries(it.g);
+        const auto ks = p.keys(it.g);
+        auto& ws = detail::plan_workspace<T, Arch>();
+        detail::plan_gather<Arch>(a, b, it.h / group_size, ks.data(), std::int64_t(ks.size()), ws);
+        detail::plan_queries<Arch, T, Causal, Self, false>(a, b, it.h, qs.data() + it.i0,
+                                                           it.i1 - it.i0, ks.data(),
+                                                           std::int64_t(ks.size()), self_logit, ws);
+      });
+    }
+  };
+  using yes = std::true_type;
+  using no = std::false_type;
+  const auto with_accum = [&](auto c, auto s) { accum ? run(c, s, yes{}) : run(c, s, no{}); };
+  const auto with_self = [&](auto c) { self ? with_accum(c, yes{}) : with_accum(c, no{}); };
+  p.rule.causal ? with_self(yes{}) : with_self(no{});
+}
+
+}  // namespace kernels
+
+namespace attention {
+
+/// Configuration of PlanExecutor. scale multiplies q . k; default 1/sqrt(D).
+struct PlanExecutorConfig {
+  std::optional<double> scale;
+};
+
+/// Runs any AttentionPlan with the fused gathered kernel (see the file comment).
+template <class T = float, class Arch = simd::default_arch>
+class PlanExecutor {
+ public:
+  using config_type = PlanExecutorConfig;
+  static constexpr std::string_view name = "PlanExecutor";
+
+  /// Throws config_error if scale is set and not finite and > 0.
+  explicit PlanExecutor(config_type cfg = {}) : cfg_(cfg) {
+    if (cfg_.scale && !(std::isfinite(*cfg_.scale) && *cfg_.scale > 0)) {
+      switchyard::detail::fail_config(name, "PlanExecutor", "scale", *cfg_.scale,
+                                      "a finite value > 0");
+    }
+  }
+  const config_type& config() const noexcept { return cfg_; }
+
+  /// q: [B, T, H, D], k and v: [B, S, H_kv, D] (H_kv divides H), out: [B, T, H, D],
+  /// counts: [B, H, T] or empty (accumulate mode only: the number of groups that
+  /// contain each query). Plan extents must be B, H, T, S. Any strides; out and
+  /// counts must not overlap the inputs. Throws shape_error / config_error.
+  void execute(const AttentionPlan& plan, ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+               View<T, 4> out, View<T, 3> counts = {}) const {
+    const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
+    core::detail::check_shape<const T, 4>(name, "execute", "k", k, {"B", "S", "H_kv", "D"},
+                                          Shape<4>{B, -1, -1, D}, "k matches q in B and D");
+    core::detail::check_shape<const T, 4>(name, "execute", "v", v, {"B", "S", "H_kv", "D"},
+                                          k.shape(), "v has the shape of k");
+    core::detail::check_shape<T, 4>(name, "execute", "out", out, {"B", "T", "H", "D"}, q.shape(),
+                                    "out has the shape of q");
+    const std::int64_t Hkv = k.extent(2), S = k.extent(1);
+    if ((Hkv == 0 && H > 0) || (Hkv > 0 && H % Hkv != 0)) {
+      switchyard::detail::fail_shape(
+          name, "execute", "k",
+          switchyard::detail::format_shape({"B", "S", "H_kv", "D"}, k.shape()),
+          "[B, S, H_kv, D] with H_kv dividing H=" + std::to_string(H), "grouped-query attention");
+    }
+    if (plan.batch != B || plan.heads != H || plan.num_queries != Tq || plan.num_keys != S) {
+      const std::int64_t got[4] = {plan.batch, plan.heads, plan.num_queries, plan.num_keys};
+      const std::int64_t want[4] = {B, H, Tq, S};
+      switchyard::detail::fail_shape(name, "execute", "plan",
+                                     switchyard::detail::format_shape({"B", "H", "T", "S"}, got),
+                                     switchyard::detail::format_shape({"B", "H", "T", "S"}, want),
+                                     "plan extents match q and k");
+    }
+    if (counts.data() != nullptr) {
+      core::detail::check_shape<T, 3>(name, "execute", "counts", counts, {"B", "H", "T"},
+                                      Shape<3>{B, H, Tq}, "one count per query row");
+    }
+    plan.check(name, "execute");
+    kernels::PlanAttentionArgs<T> a{};
+    a.q = q.data();
+    a.k = k.data();
+    a.v = v.data();
+    a.out = out.data();
+    for (int i = 0; i < 4; ++i) {
+      a.q_stride[i] = q.stride(i);
+      a.k_stride[i] = k.stride(i);
+      a.v_stride[i] = v.stride(i);
+      a.out_stride[i] = out.stride(i);
+    }
+    if (counts.data() != nullptr) {
+      a.counts = counts.data();
+      for (int i = 0; i < 3; ++i) a.counts_stride[i] = counts.stride(i);
+    }
+    a.B = B;
+    a.T_q = Tq;
+    a.H = H;
+    a.D = D;
+    a.S = S;
+    a.Hkv = Hkv;
+    a.scale = static_cast<T>(cfg_.scale ? *cfg_.scale
+                                        : 1.0 / std::sqrt(double(std::max<std::int64_t>(1, D))));
+    kernels::plan_attention(Arch{}, plan, a);
+  }
+
+  /// As above, returning a new [B, T, H, D] tensor (counts not returned).
+  core::Tensor<T> execute(const AttentionPlan& plan, ConstView<T, 4> q, ConstView<T, 4> k,
+                          ConstView<T, 4> v) const {
+    core::Tensor<T> out(q.shape());
+    execute(plan, q, k, v, out.template view<4>());
+    return out;
+  }
+
+ private:
+  config_type cfg_;
+};
+
+/// A plan in which every query of every batch element sees every key (dense attention).
+inline AttentionPlan full_plan(std::int64_t B, std::int64_t H, std::int64_t T, std::int64_t S,
+                               bool causal = false) {
+  AttentionPlan p(B, H, T, S);
+  p.rule.causal = causal;
+  std::vector<std::int64_t> qs(static_cast<std::size_t>(T)), ks(static_cast<std::size_t>(S));
+  for (std::int64_t i = 0; i < T; ++i) qs[std::size_t(i)] = i;
+  for (std::int64_t j = 0; j < S; ++j) ks[std::size_t(j)] = j;
+  for (std::int64_t b = 0; b < B; ++b) p.add_group(b, AttentionPlan::all_heads, qs, ks);
+  return p;
+}
+
+}  // namespace attention
+}  // namespace v0
+}  // namespace switchyard
