@@ -3,7 +3,8 @@
 //   stage 3: 14x14, C 256, 8 heads, n_win 7, topk 16 (2x2-pixel regions, 64 keys per query)
 // against dense attention over the same image tokens (the same qkv and output projections through
 // core::gemm, DenseAttention in between, scale C^-0.5): a full layer each, LePE (3x3) on for BRA.
-// Rates are image tokens (pixels) per second, wall time, all threads.
+// Rates are image tokens (pixels) per second of wall time, on 1 thread and on all threads
+// (threads:all = switchyard's default thread count).
 // Smoke filter: --benchmark_filter=14x14/batch:1
 #include <benchmark/benchmark.h>
 
@@ -15,6 +16,7 @@
 #include "switchyard/attention/bilevel_routing.hpp"
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 
 namespace {
@@ -48,7 +50,8 @@ struct Setup {
   }
 };
 
-void BM_bra(benchmark::State& state, std::int64_t N, Stage s) {
+void BM_bra(benchmark::State& state, int threads, std::int64_t N, Stage s) {
+  const switchyard::ScopedNumThreads scope(threads);
   const Setup m(N, s);
   const at::BiLevelRoutingAttention<float> bra(
       {.dim = s.C, .num_heads = s.heads, .n_win = s.n_win, .topk = s.topk, .side_dwconv = 3});
@@ -62,7 +65,8 @@ void BM_bra(benchmark::State& state, std::int64_t N, Stage s) {
   state.counters["keys_per_query"] = double(s.topk * (s.side / s.n_win) * (s.side / s.n_win));
 }
 
-void BM_dense(benchmark::State& state, std::int64_t N, Stage s) {
+void BM_dense(benchmark::State& state, int threads, std::int64_t N, Stage s) {
+  const switchyard::ScopedNumThreads scope(threads);
   const Setup m(N, s);
   using switchyard::core::Trans;
   const std::int64_t T = s.side * s.side, C = s.C, D = C / s.heads;
@@ -86,20 +90,22 @@ void BM_dense(benchmark::State& state, std::int64_t N, Stage s) {
 const bool registered = [] {
   const Stage stages[] = {{56, 64, 2, 7, 4}, {14, 256, 8, 7, 16}};
   for (const Stage& s : stages)
-    for (const std::int64_t N : {1, 8}) {
-      const std::string shape = std::to_string(s.side) + "x" + std::to_string(s.side) +
-                                "/batch:" + std::to_string(N) + "/C:" + std::to_string(s.C) +
-                                "/heads:" + std::to_string(s.heads);
-      benchmark::RegisterBenchmark(
-          ("bra/" + shape + "/n_win:" + std::to_string(s.n_win) + "/topk:" + std::to_string(s.topk))
-              .c_str(),
-          BM_bra, N, s)
-          ->UseRealTime()
-          ->Unit(benchmark::kMicrosecond);
-      benchmark::RegisterBenchmark(("dense/" + shape).c_str(), BM_dense, N, s)
-          ->UseRealTime()
-          ->Unit(benchmark::kMicrosecond);
-    }
+    for (const std::int64_t N : {1, 8})
+      for (const int threads : {1, 0}) {
+        const std::string shape =
+            std::to_string(s.side) + "x" + std::to_string(s.side) + "/batch:" + std::to_string(N) +
+            "/threads:" + (threads ? std::to_string(threads) : std::string("all")) +
+            "/C:" + std::to_string(s.C) + "/heads:" + std::to_string(s.heads);
+        benchmark::RegisterBenchmark(("bra/" + shape + "/n_win:" + std::to_string(s.n_win) +
+                                      "/topk:" + std::to_string(s.topk))
+                                         .c_str(),
+                                     BM_bra, threads, N, s)
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
+        benchmark::RegisterBenchmark(("dense/" + shape).c_str(), BM_dense, threads, N, s)
+            ->UseRealTime()
+            ->Unit(benchmark::kMicrosecond);
+      }
   return true;
 }();
 

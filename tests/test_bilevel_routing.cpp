@@ -333,3 +333,38 @@ TEST_CASE("bra: errors", "[bra][errors]") {
   plan.r_idx[0] = 4;
   REQUIRE_THROWS_WITH(bra.execute(plan, x, w, y.view<4>()), Contains("'plan'"));
 }
+
+TEST_CASE("bra: token plan = region pixels attending to routed regions' pixels in r_idx order",
+          "[bra][plan]") {
+  const BiLevelRoutingConfig cfg{
+      .dim = 8, .num_heads = 2, .n_win = 2, .topk = 2, .side_dwconv = 0, .auto_pad = true};
+  const Model<float> m(8, 0, 9);
+  const auto x = random_image<float>(2, 3, 4, 8, 10);  // pads to 4 x 4: 2x2-pixel regions
+  const BiLevelRoutingAttention<float> bra(cfg);
+  const auto plan = bra.route(x, m.views());
+  const AttentionPlan ap = bra.token_plan(plan);
+  REQUIRE(ap.num_groups() == 2 * 4);
+  CHECK(ap.batch == 2);
+  CHECK(ap.heads == 2);
+  CHECK(ap.num_queries == 16);
+  CHECK(ap.num_keys == 16);
+  ap.check();
+  // region r = j*2 + i covers padded pixels (2j + a) * 4 + 2i + b, row-major
+  const auto pixels = [](std::int64_t r) {
+    const std::int64_t j = r / 2, i = r % 2;
+    return std::vector<std::int64_t>{(2 * j) * 4 + 2 * i, (2 * j) * 4 + 2 * i + 1,
+                                     (2 * j + 1) * 4 + 2 * i, (2 * j + 1) * 4 + 2 * i + 1};
+  };
+  for (std::int64_t g = 0; g < ap.num_groups(); ++g) {
+    const std::int64_t n = g / 4, r = g % 4;
+    CHECK(ap.group_batch[std::size_t(g)] == n);
+    CHECK(ap.group_head[std::size_t(g)] == AttentionPlan::all_heads);
+    const auto q = ap.queries(g);
+    CHECK(std::vector<std::int64_t>(q.begin(), q.end()) == pixels(r));
+    std::vector<std::int64_t> want = pixels(plan.routed(n, r, 0));
+    const auto second = pixels(plan.routed(n, r, 1));
+    want.insert(want.end(), second.begin(), second.end());
+    const auto k = ap.keys(g);
+    CHECK(std::vector<std::int64_t>(k.begin(), k.end()) == want);
+  }
+}

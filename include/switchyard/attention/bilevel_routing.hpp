@@ -15,12 +15,13 @@
 // scale = qk_scale, default dim^-0.5: the FULL qk dimension (the reference's qk_dim), not the
 // head dimension, for both the routing logits and the token attention.
 //
-// Route, then execute: route() returns a BiLevelRoutingPlan (r_idx), execute() runs it. The
-// routed K/V are never replicated topk times (the reference's memory problem): each task
-// gathers the keys and values of one query region's routed regions into a workspace sized for
-// that one region (topk * w^2 rows), then computes scores, softmax and P V for each head with the
-// packed GEMM. Tasks are fixed groups of (image, region) pairs, so results are bit-identical for
-// any thread count.
+// Route, then execute: route() returns a BiLevelRoutingPlan (r_idx); execute() turns it into an
+// AttentionPlan (token_plan(): one group per image and query region, all heads; queries = the
+// region's pixels, keys = the pixels of its routed regions in r_idx order) and runs it with the
+// fused PlanExecutor (plan_executor.hpp). The routed K/V are never replicated topk times (the
+// reference's memory problem): the executor gathers one group's keys and values (topk * w^2 rows
+// of one head) into a per-thread workspace. The projections use the packed GEMM over fixed tiles
+// and every loop has a fixed partition, so results are bit-identical for any thread count.
 // Cost: O(P C^2) for the projections plus O(P * topk * w^2 * C) for the token attention
 // (P = padded pixels, w^2 = pixels per region), against O(P^2 C) for dense attention.
 #include <algorithm>
@@ -31,8 +32,11 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
+#include "switchyard/attention/plan.hpp"
+#include "switchyard/attention/plan_executor.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -132,6 +136,30 @@ class BiLevelRoutingAttention {
   /// The scale used for routing logits and token attention.
   T scale() const noexcept { return scale_; }
 
+  /// The token-level AttentionPlan of a region routing: one group per (image, query region),
+  /// for all heads; queries = the region's pixels, keys = the pixels of its routed regions in
+  /// r_idx order (row-major inside each), as indices into the padded image (y * Wp + x).
+  AttentionPlan token_plan(const plan_type& plan) const {
+    const std::int64_t nw = plan.n_win, R = plan.regions(), K = plan.topk;
+    const std::int64_t Wp = plan.padded_width, wh = plan.window_height(), ww = plan.window_width(),
+                       w2 = wh * ww;
+    AttentionPlan ap(plan.batch, cfg_.num_heads, plan.padded_height * Wp, plan.padded_height * Wp);
+    std::vector<std::int64_t> qs(static_cast<std::size_t>(w2)),
+        ks(static_cast<std::size_t>(K * w2));
+    auto region_pixels = [&](std::int64_t reg, std::int64_t* dst) {
+      const std::int64_t j = reg / nw, i = reg % nw;
+      for (std::int64_t t = 0; t < w2; ++t) dst[t] = (j * wh + t / ww) * Wp + i * ww + t % ww;
+    };
+    for (std::int64_t n = 0; n < plan.batch; ++n)
+      for (std::int64_t r = 0; r < R; ++r) {
+        region_pixels(r, qs.data());
+        for (std::int64_t s = 0; s < K; ++s)
+          region_pixels(plan.routed(n, r, s), ks.data() + s * w2);
+        ap.add_group(n, AttentionPlan::all_heads, qs, ks);
+      }
+    return ap;
+  }
+
   /// x: [N, H, W, C]; returns the region routing (r_idx [N, n_win^2, topk]).
   plan_type route(ConstView<T, 4> x, const weights_type& w) const {
     check_input("route", x);
@@ -174,8 +202,6 @@ class BiLevelRoutingAttention {
   }
 
  private:
-  static constexpr std::int64_t regions_per_task = 4;
-
   plan_type empty_plan(ConstView<T, 4> x) const {
     plan_type p;
     p.batch = x.extent(0);
@@ -267,57 +293,21 @@ class BiLevelRoutingAttention {
   // Token attention + LePE into a [P, C] buffer, then the output projection and crop.
   void execute_from(const plan_type& plan, const core::Tensor<T>& qkv, const weights_type& w,
                     View<T, 4> out) const {
-    const std::int64_t N = plan.batch, C = cfg_.dim, nw = cfg_.n_win, R = nw * nw;
+    const std::int64_t N = plan.batch, C = cfg_.dim;
     const std::int64_t Hp = plan.padded_height, Wp = plan.padded_width;
     const std::int64_t H = plan.height, W = plan.width;
-    const std::int64_t wh = Hp / nw, ww = Wp / nw, w2 = wh * ww, K = cfg_.topk, S = K * w2;
     const std::int64_t D = head_dim_, heads = cfg_.num_heads, P = N * Hp * Wp;
     core::Tensor<T> att({P, C});
 
-    // One task per fixed group of (image, region) pairs; the workspace holds one region's work.
-    const std::size_t gemm_ws = std::max(core::gemm_workspace_bytes<T, Arch>(w2, S, D),
-                                         core::gemm_workspace_bytes<T, Arch>(w2, D, S));
-    const std::int64_t pairs = N * R;
-    parallel_for((pairs + regions_per_task - 1) / regions_per_task, [&](std::int64_t task) {
-      core::Tensor<T> qb({w2, C}), kb({S, C}), vb({S, C}), sc({w2, S}), ob({w2, C});
-      std::vector<std::byte> ws(gemm_ws);
-      const std::int64_t first = task * regions_per_task;
-      const std::int64_t last = std::min(pairs, first + regions_per_task);
-      for (std::int64_t pr = first; pr < last; ++pr) {
-        const std::int64_t n = pr / R, r = pr % R;
-        auto pixel = [&](std::int64_t reg, std::int64_t t) {  // t-th pixel of region reg
-          const std::int64_t j = reg / nw, i = reg % nw;
-          return (n * Hp + j * wh + t / ww) * Wp + i * ww + t % ww;
-        };
-        for (std::int64_t t = 0; t < w2; ++t) {
-          const T* s = qkv.data() + pixel(r, t) * 3 * C;
-          T* d = qb.data() + t * C;
-          for (std::int64_t c = 0; c < C; ++c) d[c] = s[c] * scale_;
-        }
-        for (std::int64_t sel = 0; sel < K; ++sel) {
-          const std::int64_t reg = plan.routed(n, r, sel);
-          for (std::int64_t t = 0; t < w2; ++t) {
-            const T* s = qkv.data() + pixel(reg, t) * 3 * C;
-            std::copy_n(s + C, C, kb.data() + (sel * w2 + t) * C);
-            std::copy_n(s + 2 * C, C, vb.data() + (sel * w2 + t) * C);
-          }
-        }
-        for (std::int64_t h = 0; h < heads; ++h) {
-          const std::int64_t c0 = h * D;
-          const ConstView<T, 2> qh(qb.data() + c0, {w2, D}, {C, 1});
-          const ConstView<T, 2> kh(kb.data() + c0, {S, D}, {C, 1});
-          const ConstView<T, 2> vh(vb.data() + c0, {S, D}, {C, 1});
-          core::gemm<T, Arch>(qh, core::Trans::no, kh, core::Trans::yes, sc.template view<2>(),
-                              T(1), T(0), ws);
-          for (std::int64_t t = 0; t < w2; ++t)
-            switchyard::kernels::softmax_row(Arch{}, sc.data() + t * S, sc.data() + t * S, S);
-          core::gemm<T, Arch>(sc, core::Trans::no, vh, core::Trans::no,
-                              View<T, 2>(ob.data() + c0, {w2, D}, {C, 1}), T(1), T(0), ws);
-        }
-        for (std::int64_t t = 0; t < w2; ++t)
-          std::copy_n(ob.data() + t * C, C, att.data() + pixel(r, t) * C);
-      }
-    });
+    // Token attention: the routing as an AttentionPlan run by the fused plan executor, which
+    // gathers each group's (one query region's) routed K/V per head into a per-thread workspace.
+    const AttentionPlan ap = token_plan(plan);
+    const std::int64_t Pi = Hp * Wp;
+    const ConstView<T, 4> q(qkv.data(), {N, Pi, heads, D}, {Pi * 3 * C, 3 * C, D, 1});
+    const ConstView<T, 4> k(qkv.data() + C, {N, Pi, heads, D}, {Pi * 3 * C, 3 * C, D, 1});
+    const ConstView<T, 4> v(qkv.data() + 2 * C, {N, Pi, heads, D}, {Pi * 3 * C, 3 * C, D, 1});
+    PlanExecutor<T, Arch>({.scale = double(scale_)})
+        .execute(ap, q, k, v, View<T, 4>(att.data(), {N, Pi, heads, D}, {Pi * C, C, D, 1}));
 
     if (cfg_.side_dwconv > 0) add_lepe(qkv, w, N, Hp, Wp, att);
 
@@ -352,24 +342,38 @@ class BiLevelRoutingAttention {
       for (std::int64_t dy = 0; dy < k; ++dy)
         for (std::int64_t dx = 0; dx < k; ++dx)
           wt[std::size_t((dy * k + dx) * C + c)] = w.lepe_weight(c, 0, dy, dx);
+    std::vector<T> bias(static_cast<std::size_t>(C), T(0));
+    if (!w.lepe_bias.empty())
+      for (std::int64_t c = 0; c < C; ++c) bias[std::size_t(c)] = w.lepe_bias(c);
+    // Channels in blocks of CB with a compile-time length, so the accumulators stay in registers.
+    constexpr std::int64_t CB = 64;
+    const auto block = [&](std::int64_t n, std::int64_t yy, std::int64_t xx, std::int64_t c0,
+                           auto len_c) {
+      constexpr std::int64_t Lc = decltype(len_c)::value;
+      const std::int64_t len = Lc > 0 ? Lc : std::min(CB, C - c0);
+      T acc[CB];
+      for (std::int64_t c = 0; c < (Lc > 0 ? Lc : len); ++c) acc[c] = bias[std::size_t(c0 + c)];
+      for (std::int64_t dy = 0; dy < k; ++dy) {
+        const std::int64_t sy = yy + dy - pad;
+        if (sy < 0 || sy >= Hp) continue;
+        for (std::int64_t dx = 0; dx < k; ++dx) {
+          const std::int64_t sx = xx + dx - pad;
+          if (sx < 0 || sx >= Wp) continue;
+          const T* v = qkv.data() + ((n * Hp + sy) * Wp + sx) * 3 * C + 2 * C + c0;
+          const T* wk = wt.data() + (dy * k + dx) * C + c0;
+          for (std::int64_t c = 0; c < (Lc > 0 ? Lc : len); ++c) acc[c] += wk[c] * v[c];
+        }
+      }
+      T* d = att.data() + ((n * Hp + yy) * Wp + xx) * C + c0;
+      for (std::int64_t c = 0; c < (Lc > 0 ? Lc : len); ++c) d[c] += acc[c];
+    };
     parallel_for(N * Hp, [&](std::int64_t row) {
       const std::int64_t n = row / Hp, yy = row % Hp;
-      std::vector<T> acc(static_cast<std::size_t>(C));
       for (std::int64_t xx = 0; xx < Wp; ++xx) {
-        for (std::int64_t c = 0; c < C; ++c) acc[c] = w.lepe_bias.empty() ? T(0) : w.lepe_bias(c);
-        for (std::int64_t dy = 0; dy < k; ++dy) {
-          const std::int64_t sy = yy + dy - pad;
-          if (sy < 0 || sy >= Hp) continue;
-          for (std::int64_t dx = 0; dx < k; ++dx) {
-            const std::int64_t sx = xx + dx - pad;
-            if (sx < 0 || sx >= Wp) continue;
-            const T* v = qkv.data() + ((n * Hp + sy) * Wp + sx) * 3 * C + 2 * C;
-            const T* wk = wt.data() + (dy * k + dx) * C;
-            for (std::int64_t c = 0; c < C; ++c) acc[c] += wk[c] * v[c];
-          }
-        }
-        T* d = att.data() + ((n * Hp + yy) * Wp + xx) * C;
-        for (std::int64_t c = 0; c < C; ++c) d[c] += acc[c];
+        std::int64_t c0 = 0;
+        for (; c0 + CB <= C; c0 += CB)
+          block(n, yy, xx, c0, std::integral_constant<std::int64_t, CB>{});
+        if (c0 < C) block(n, yy, xx, c0, std::integral_constant<std::int64_t, 0>{});
       }
     });
   }
