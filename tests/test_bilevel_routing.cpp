@@ -368,3 +368,32 @@ TEST_CASE("bra: token plan = region pixels attending to routed regions' pixels i
     CHECK(std::vector<std::int64_t>(k.begin(), k.end()) == want);
   }
 }
+
+TEST_CASE("bra: strided x and out views give the contiguous result", "[bra][views]") {
+  const BiLevelRoutingConfig cfg{.dim = 16,
+                                 .num_heads = 2,
+                                 .n_win = 2,
+                                 .topk = 2,
+                                 .side_dwconv = 3,
+                                 .qk_scale = std::nullopt,
+                                 .auto_pad = false};
+  const Model<float> m(16, 3, 11);
+  const auto wide = random_image<float>(2, 6, 8, 24, 12);  // x = channels [4, 20) of wide
+  const ConstView<float, 4> x = wide.view<4>().slice(3, 4, 20);
+  Tensor<float> xc({2, 6, 8, 16});
+  for (std::int64_t n = 0; n < 2; ++n)
+    for (std::int64_t y = 0; y < 6; ++y)
+      for (std::int64_t xx = 0; xx < 8; ++xx)
+        for (std::int64_t c = 0; c < 16; ++c) xc(n, y, xx, c) = x(n, y, xx, c);
+  const BiLevelRoutingAttention<float> bra(cfg);
+  const auto want = bra.forward(xc, m.views());
+  Tensor<float> out_wide({2, 6, 8, 20});
+  const auto out = out_wide.view<4>().slice(3, 2, 18);
+  bra.forward(x, m.views(), out);
+  bool same = true;
+  for (std::int64_t n = 0; n < 2; ++n)
+    for (std::int64_t y = 0; y < 6; ++y)
+      for (std::int64_t xx = 0; xx < 8; ++xx)
+        for (std::int64_t c = 0; c < 16; ++c) same = same && out(n, y, xx, c) == want(n, y, xx, c);
+  CHECK(same);
+}

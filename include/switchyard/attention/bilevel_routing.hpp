@@ -171,7 +171,10 @@ class BiLevelRoutingAttention {
     return plan;
   }
 
-  /// plan from route(x, w); x: [N, H, W, C]; out: [N, H, W, C] (must not overlap x).
+  /// plan from route(x, w); x: [N, H, W, C]; out: [N, H, W, C] (must not overlap x). Any
+  /// strides. N = 0 is valid (nothing to do). NaN or inf in x or the weights give unspecified
+  /// outputs (a NaN routing logit ranks below every number in the top-k). Allocates the qkv
+  /// image [N*Hp*Wp, 3C] and the attention image [N*Hp*Wp, C] per call.
   void execute(const plan_type& plan, ConstView<T, 4> x, const weights_type& w,
                View<T, 4> out) const {
     check_input("execute", x);
