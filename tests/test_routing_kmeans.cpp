@@ -68,7 +68,7 @@ void check_fixture(const std::string& file, bool causal) {
       for (std::int64_t t = 0; t < T; ++t) {
         CHECK(r.buckets(b, h, t) == buckets(b, h, t));
         for (std::int64_t c = 0; c < C; ++c)
-          CHECK(std::abs(r.dists(b, h, t, c) - dists(b, h, t, c)) <= 1e-6);
+          CHECK(std::abs(r.dists(b, h, c, t) - dists(b, h, t, c)) <= 1e-6);
       }
     }
   CHECK(std::abs(r.aux_loss - aux_want) <= 1e-5 * std::abs(aux_want));
@@ -290,4 +290,19 @@ TEST_CASE("routing attention errors name the layer, argument and shapes", "[rout
     REQUIRE_THROWS_WITH(attn.forward(qn, q, st, out),
                         Contains("RoutingAttention::route") && Contains("'q' = NaN"));
   }
+}
+
+TEST_CASE("window selection equals core::topk, ties toward the lower index", "[routing][topk]") {
+  std::mt19937 rng(3);
+  std::vector<std::pair<float, std::int64_t>> scratch;
+  for (const std::int64_t n : {1, 5, 64, 300, 2000})
+    for (const std::int64_t k : {std::int64_t(1), std::min<std::int64_t>(n, 7), n / 2 + 1, n}) {
+      core::Tensor<float> x({1, n});
+      for (auto& v : x) v = float(int(rng() % 9));  // many ties
+      const auto want = core::topk<float>(x, k);
+      std::vector<std::int64_t> got(static_cast<std::size_t>(k));
+      attention::detail::top_window(x.data(), n, k, got.data(), scratch);
+      CAPTURE(n, k);
+      for (std::int64_t i = 0; i < k; ++i) REQUIRE(got[std::size_t(i)] == want.indices(0, i));
+    }
 }

@@ -4,7 +4,7 @@
 // is an explicit call), routed through an AttentionPlan and run by PlanExecutor.
 //
 // Per batch element b and head h, with centroids means[h] ([C, D], explicit state):
-//   routing   xn = normalize(x) (L2, eps 1e-12); dists[t, c] = xn_t . means[h, c];
+//   routing   xn = normalize(x) (L2, eps 1e-12); dists[c, t] = means[h, c] . xn_t;
 //             cluster c takes its top-w tokens by dists[., c] (w = min(window_size, T);
 //             ties toward the lower token index; a token may sit in 0, 1 or several
 //             clusters). Shared QK: x = q, and the same windows serve queries and keys.
@@ -47,6 +47,7 @@
 #include <optional>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "switchyard/attention/plan_executor.hpp"
@@ -100,7 +101,8 @@ struct KMeansRouting {
   core::Tensor<std::int64_t> indices;     // [B, H, C * w] query windows, cluster-major
   core::Tensor<std::int64_t> kv_indices;  // [B, H, C * w_kv] key windows (== indices if shared)
   core::Tensor<std::int64_t> buckets;     // [B, H, T (+ S)] argmax cluster of each routed vector
-  core::Tensor<T> dists;                  // [B, H, T (+ S), C] normalize(x) . means
+  core::Tensor<T> dists;                  // [B, H, C, T (+ S)] means . normalize(x)
+  core::Tensor<T> normalized;             // [B, H, T (+ S), D] normalize(q) (then normalize(k))
   double aux_loss = 0;                    // commitment loss
 };
 
@@ -167,6 +169,33 @@ void kmeans_sums(const T* xn, std::int64_t B, std::int64_t H, std::int64_t N, st
   });
 }
 
+// Top-k of x[0 .. n) into idx, sorted by value descending, ties toward the lower
+// index (core::topk's rule, NaN-free input): one scan keeping the k best in a heap
+// whose top is the worst kept (lowest value, then highest index); a later element
+// enters only if strictly greater than that top. O(n + k log k log(n / k)) typical.
+template <class T>
+void top_window(const T* x, std::int64_t n, std::int64_t k, std::int64_t* idx,
+                std::vector<std::pair<T, std::int64_t>>& heap) {
+  // "a before b in the heap order" = a is better, so the heap top is the worst.
+  const auto better = [](const std::pair<T, std::int64_t>& a, const std::pair<T, std::int64_t>& b) {
+    return a.first > b.first || (a.first == b.first && a.second < b.second);
+  };
+  heap.clear();
+  for (std::int64_t i = 0; i < k; ++i) heap.emplace_back(x[i], i);
+  std::make_heap(heap.begin(), heap.end(), better);
+  T worst = heap.front().first;
+  for (std::int64_t i = k; i < n; ++i) {
+    if (x[i] > worst) {
+      std::pop_heap(heap.begin(), heap.end(), better);
+      heap.back() = {x[i], i};
+      std::push_heap(heap.begin(), heap.end(), better);
+      worst = heap.front().first;
+    }
+  }
+  std::sort(heap.begin(), heap.end(), better);
+  for (std::int64_t i = 0; i < k; ++i) idx[i] = heap[std::size_t(i)].second;
+}
+
 }  // namespace detail
 
 /// Routing Transformer k-means attention (see the file comment), executed by
@@ -218,10 +247,11 @@ class RoutingAttention {
     const std::int64_t N = shared ? Tq : Tq + S;  // routed vectors per (b, h)
 
     KMeansRouting<T> r;
-    core::Tensor<T> xn({B, H, std::max<std::int64_t>(1, N), D});
-    detail::normalize_rows<T>(q, xn.data(), N, 0);
-    if (!shared) detail::normalize_rows<T>(k, xn.data(), N, Tq);
-    r.dists = core::Tensor<T>({B, H, N, C});
+    r.normalized = core::Tensor<T>({B, H, std::max<std::int64_t>(1, N), D});
+    const auto& xn = r.normalized;
+    detail::normalize_rows<T>(q, r.normalized.data(), N, 0);
+    if (!shared) detail::normalize_rows<T>(k, r.normalized.data(), N, Tq);
+    r.dists = core::Tensor<T>({B, H, C, std::max<std::int64_t>(1, N)});
     r.buckets = core::Tensor<std::int64_t>({B, H, N});
     r.indices = core::Tensor<std::int64_t>({B, H, C * w});
     r.kv_indices = core::Tensor<std::int64_t>({B, H, C * wk});
@@ -230,18 +260,20 @@ class RoutingAttention {
       const std::int64_t b = task / H, h = task % H;
       const T* x = xn.data() + task * N * D;
       const T* m = state.means.data() + h * C * D;
-      // dists^T [C, N] = means[h] . xn^T
-      core::Tensor<T> dt({C, N});
+      // dists [C, N] = means[h] . xn^T
+      T* const dt = &r.dists(b, h, 0, 0);
       core::gemm<T, Arch>(ConstView<T, 2>(m, {C, D}), core::Trans::no, ConstView<T, 2>(x, {N, D}),
-                          core::Trans::yes, dt.template view<2>());
+                          core::Trans::yes, View<T, 2>(dt, {C, N}));
+      // argmax over clusters, ties toward the lower cluster, rows read in order
+      std::int64_t* const bk = &r.buckets(b, h, 0);
+      std::vector<T> best(dt, dt + N);
+      std::fill_n(bk, N, 0);
+      for (std::int64_t c = 1; c < C; ++c)
+        for (std::int64_t t = 0; t < N; ++t)
+          if (dt[c * N + t] > best[std::size_t(t)]) best[std::size_t(t)] = dt[c * N + t], bk[t] = c;
       double l = 0;
       for (std::int64_t t = 0; t < N; ++t) {
-        std::int64_t arg = 0;
-        for (std::int64_t c = 0; c < C; ++c) {
-          r.dists(b, h, t, c) = dt(c, t);
-          if (dt(c, t) > dt(arg, t)) arg = c;
-        }
-        r.buckets(b, h, t) = arg;
+        const std::int64_t arg = bk[t];
         for (std::int64_t d = 0; d < D; ++d) {
           const double e = double(x[t * D + d]) - double(m[arg * D + d]);
           l += e * e;
@@ -250,10 +282,9 @@ class RoutingAttention {
       loss[std::size_t(task)] = l;
       const auto windows = [&](std::int64_t off, std::int64_t len, std::int64_t ww,
                                std::int64_t* dst) {
-        core::Tensor<std::int64_t> idx({C, ww});
-        core::Tensor<T> val({C, ww});
-        core::topk<T>(ConstView<T, 2>(dt.data() + off, {C, len}, {N, 1}), ww, idx, val);
-        for (std::int64_t i = 0; i < C * ww; ++i) dst[i] = idx.data()[i];
+        std::vector<std::pair<T, std::int64_t>> scratch;
+        for (std::int64_t c = 0; c < C; ++c)
+          detail::top_window(dt + c * N + off, len, ww, dst + c * ww, scratch);
       };
       windows(0, Tq, w, &r.indices(b, h, 0));
       if (shared) {
@@ -292,16 +323,9 @@ class RoutingAttention {
     core::detail::check_shape<T, 4>(name, "forward", "out", out, {"B", "T", "H", "D"}, q.shape(),
                                     "out has the shape of q");
     const auto r = route(q, ConstView<T, 4>{}, state);
-    core::Tensor<T> kn(q.shape());
-    {
-      const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
-      core::Tensor<T> xn({B, H, Tq, D});
-      detail::normalize_rows<T>(q, xn.data(), Tq, 0);
-      for (std::int64_t b = 0; b < B; ++b)
-        for (std::int64_t h = 0; h < H; ++h)
-          for (std::int64_t t = 0; t < Tq; ++t)
-            std::copy_n(xn.data() + ((b * H + h) * Tq + t) * D, D, &kn(b, t, h, 0));
-    }
+    // keys = normalize(q): r.normalized [B, H, T, D] seen as [B, T, H, D], no copy
+    const std::int64_t H = q.extent(2), Tq = q.extent(1), D = q.extent(3);
+    const ConstView<T, 4> kn(r.normalized.data(), q.shape(), {H * Tq * D, D, Tq * D, 1});
     execute(r.plan, q, kn, v, out);
     return r.aux_loss;
   }
