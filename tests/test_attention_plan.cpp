@@ -153,7 +153,10 @@ TEST_CASE("plan executor matches the naive reference on random plans", "[plan]")
         for (const bool causal : {false, true})
           for (const bool self : {false, true}) {
             check_random<float, A>(2, 4, 2, 37, 41, 19, per_head, mode, causal, self, seed++);
-            check_random<float, A>(1, 2, 2, 300, 150, 16, per_head, mode, causal, self, seed++);
+            // Larger groups (several tiles and key blocks): scalar and the build's arch.
+            if (simd::is_scalar_v<A> || std::is_same_v<A, simd::default_arch>)
+              check_random<float, A>(1, 2, 2, 300, 150, 16, per_head, mode, causal, self, seed);
+            ++seed;
           }
     check_random<double, A>(2, 2, 1, 23, 29, 8, true, PlanOutput::accumulate, true, true, 99);
     check_random<double, A>(1, 3, 3, 13, 200, 33, false, PlanOutput::write, false, false, 98);
