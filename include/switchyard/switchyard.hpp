@@ -22,12 +22,17 @@
 #include "switchyard/io/safetensors.hpp"
 
 // attention layers
+#include "switchyard/attention/bilevel_routing.hpp"
+#include "switchyard/attention/bilevel_routing_ref.hpp"
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/attention/dense_ref.hpp"
 #include "switchyard/attention/linear.hpp"
 #include "switchyard/attention/linear_ref.hpp"
 #include "switchyard/attention/mask.hpp"
 #include "switchyard/attention/mixture_of_heads.hpp"
+#include "switchyard/attention/plan.hpp"
+#include "switchyard/attention/plan_executor.hpp"
+#include "switchyard/attention/routing_kmeans.hpp"
 
 // token merging
 #include "switchyard/tokens/merge_bipartite.hpp"
