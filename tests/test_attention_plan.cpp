@@ -152,11 +152,16 @@ TEST_CASE("plan executor matches the naive reference on random plans", "[plan]")
       for (const auto mode : {PlanOutput::write, PlanOutput::accumulate})
         for (const bool causal : {false, true})
           for (const bool self : {false, true}) {
-            check_random<float, A>(2, 4, 2, 37, 41, 19, per_head, mode, causal, self, seed++);
-            // Larger groups (several tiles and key blocks): scalar and the build's arch.
-            if (simd::is_scalar_v<A> || std::is_same_v<A, simd::default_arch>)
-              check_random<float, A>(1, 2, 2, 300, 150, 16, per_head, mode, causal, self, seed);
-            ++seed;
+            // Every combination on the scalar path and the build's arch; the other
+            // archs (same code, other lane widths) run a quarter of them.
+            constexpr bool main_arch =
+                simd::is_scalar_v<A> || std::is_same_v<A, simd::default_arch>;
+            if (main_arch || (causal == self && per_head == (mode == PlanOutput::write)))
+              check_random<float, A>(2, 4, 2, 37, 41, 19, per_head, mode, causal, self, seed);
+            // Larger groups (several tiles, key blocks and query chunks): the build's arch.
+            if (std::is_same_v<A, simd::default_arch> && causal == self)
+              check_random<float, A>(1, 2, 2, 300, 150, 16, per_head, mode, causal, self, seed + 1);
+            seed += 2;
           }
     check_random<double, A>(2, 2, 1, 23, 29, 8, true, PlanOutput::accumulate, true, true, 99);
     check_random<double, A>(1, 3, 3, 13, 200, 33, false, PlanOutput::write, false, false, 98);
@@ -167,7 +172,7 @@ TEST_CASE("a full plan equals dense attention", "[plan]") {
   for (const bool causal : {false, true}) {
     for (const std::int64_t Tq : {1, 7, 130, 300}) {
       CAPTURE(causal, Tq);
-      const std::int64_t B = 2, H = 4, Hkv = 2, D = 24;
+      const std::int64_t B = 1, H = 2, Hkv = 1, D = 24;
       const auto q = random_tensor<float>({B, Tq, H, D}, 5);
       const auto k = random_tensor<float>({B, Tq, Hkv, D}, 6);
       const auto v = random_tensor<float>({B, Tq, Hkv, D}, 7);
