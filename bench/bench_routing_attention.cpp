@@ -8,6 +8,8 @@
 // plan_full/T: PlanExecutor on full_plan (every query sees every key).
 // Counters: tokens/s (items_per_second) and x_dense = dense time / this time for the
 // same T, dense being timed once per T inside this binary (CPU time, one run).
+// x_dense is a rate counter, so Google Benchmark prints it with a "/s" suffix: read
+// "x_dense=20.1/s" as "20.1 times faster than dense" (< 1: slower).
 // Filter "/1024" selects the smallest case.
 #include <benchmark/benchmark.h>
 
