@@ -11,20 +11,15 @@
 #include <switchyard/attention/plan_executor.hpp>
 #include <vector>
 
+#include "support/compare.hpp"
+
 using namespace switchyard;
 using namespace switchyard::attention;
 using Catch::Contains;
 
 namespace {
 
-template <class T>
-core::Tensor<T> random_tensor(Shape<4> shape, std::uint32_t seed) {
-  core::Tensor<T> t(shape);
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<double> u(-1.0, 1.0);
-  for (auto& x : t) x = T(u(rng));
-  return t;
-}
+using test_support::uniform_tensor;
 
 // Naive reference of a plan in double: out [B, T, H, D], counts [B, H, T].
 template <class T>
@@ -117,9 +112,9 @@ void check_random(std::int64_t B, std::int64_t H, std::int64_t Hkv, std::int64_t
                   std::int64_t D, bool per_head, PlanOutput mode, bool causal, bool self,
                   std::uint32_t seed) {
   CAPTURE(B, H, Hkv, Tq, S, D, per_head, int(mode), causal, self, seed);
-  const auto q = random_tensor<T>({B, Tq, H, D}, seed);
-  const auto k = random_tensor<T>({B, S, Hkv, D}, seed + 1);
-  const auto v = random_tensor<T>({B, S, Hkv, D}, seed + 2);
+  const auto q = uniform_tensor<T>({B, Tq, H, D}, seed);
+  const auto k = uniform_tensor<T>({B, S, Hkv, D}, seed + 1);
+  const auto v = uniform_tensor<T>({B, S, Hkv, D}, seed + 2);
   auto p = random_plan(B, H, Tq, S, per_head, mode, seed + 3);
   p.rule.causal = causal;
   if (self) p.rule.self_value = -3.0;
@@ -173,9 +168,9 @@ TEST_CASE("a full plan equals dense attention", "[plan]") {
     for (const std::int64_t Tq : {1, 7, 130, 300}) {
       CAPTURE(causal, Tq);
       const std::int64_t B = 1, H = 2, Hkv = 1, D = 24;
-      const auto q = random_tensor<float>({B, Tq, H, D}, 5);
-      const auto k = random_tensor<float>({B, Tq, Hkv, D}, 6);
-      const auto v = random_tensor<float>({B, Tq, Hkv, D}, 7);
+      const auto q = uniform_tensor<float>({B, Tq, H, D}, 5);
+      const auto k = uniform_tensor<float>({B, Tq, Hkv, D}, 6);
+      const auto v = uniform_tensor<float>({B, Tq, Hkv, D}, 7);
       const auto got = PlanExecutor<float>().execute(full_plan(B, H, Tq, Tq, causal), q, k, v);
       core::Tensor<double> qd({B, Tq, H, D}), kd({B, Tq, Hkv, D}), vd({B, Tq, Hkv, D}),
           want({B, Tq, H, D});
@@ -195,9 +190,9 @@ TEST_CASE("a full plan equals dense attention", "[plan]") {
 
 TEST_CASE("empty groups and fully masked rows give zeros", "[plan]") {
   const std::int64_t B = 1, H = 2, Tq = 8, D = 8;
-  const auto q = random_tensor<float>({B, Tq, H, D}, 1);
-  const auto k = random_tensor<float>({B, Tq, H, D}, 2);
-  const auto v = random_tensor<float>({B, Tq, H, D}, 3);
+  const auto q = uniform_tensor<float>({B, Tq, H, D}, 1);
+  const auto k = uniform_tensor<float>({B, Tq, H, D}, 2);
+  const auto v = uniform_tensor<float>({B, Tq, H, D}, 3);
   AttentionPlan p(B, H, Tq, Tq);
   p.rule.causal = true;
   const std::vector<std::int64_t> q0{0, 1}, k0{5, 6}, q1{2, 3}, none{}, q2{4}, k2{4, 7};
@@ -222,9 +217,9 @@ TEST_CASE("empty groups and fully masked rows give zeros", "[plan]") {
 
 TEST_CASE("plan executor: 1 and 2 threads are bit-identical", "[plan][threads]") {
   const std::int64_t B = 2, H = 4, Tq = 200, D = 32;
-  const auto q = random_tensor<float>({B, Tq, H, D}, 11);
-  const auto k = random_tensor<float>({B, Tq, H, D}, 12);
-  const auto v = random_tensor<float>({B, Tq, H, D}, 13);
+  const auto q = uniform_tensor<float>({B, Tq, H, D}, 11);
+  const auto k = uniform_tensor<float>({B, Tq, H, D}, 12);
+  const auto v = uniform_tensor<float>({B, Tq, H, D}, 13);
   for (const auto mode : {PlanOutput::write, PlanOutput::accumulate}) {
     auto p = random_plan(B, H, Tq, Tq, true, mode, 14);
     p.rule.causal = true;
@@ -244,8 +239,8 @@ TEST_CASE("plan executor: 1 and 2 threads are bit-identical", "[plan][threads]")
 }
 
 TEST_CASE("plan executor errors name the argument and shapes", "[plan][errors]") {
-  const auto q = random_tensor<float>({1, 4, 2, 8}, 1);
-  const auto k = random_tensor<float>({1, 5, 2, 8}, 2);
+  const auto q = uniform_tensor<float>({1, 4, 2, 8}, 1);
+  const auto k = uniform_tensor<float>({1, 5, 2, 8}, 2);
   core::Tensor<float> out({1, 4, 2, 8});
   const PlanExecutor<float> ex;
   REQUIRE_THROWS_WITH(ex.execute(full_plan(1, 2, 4, 6), q, k, k, out),

@@ -12,20 +12,15 @@
 #include <type_traits>
 #include <vector>
 
+#include "support/compare.hpp"
+
 using namespace switchyard;
 using namespace switchyard::attention;
 using Catch::Contains;
 
 namespace {
 
-template <class T>
-core::Tensor<T> random_tensor(Shape<4> shape, std::uint32_t seed) {
-  core::Tensor<T> t(shape);
-  std::mt19937 rng(seed);
-  std::uniform_real_distribution<double> u(-1.0, 1.0);
-  for (auto& x : t) x = T(u(rng));
-  return t;
-}
+using test_support::uniform_tensor;
 
 struct Problem {
   std::int64_t B, T, S, H, Hkv, D;
@@ -127,9 +122,9 @@ double tolerance(const Problem& p, double scale) {
 template <class T>
 void check_problem(const Problem& p, std::uint32_t seed) {
   CAPTURE(p.B, p.T, p.S, p.H, p.Hkv, p.D);
-  const auto q = random_tensor<T>({p.B, p.T, p.H, p.D}, seed);
-  const auto k = random_tensor<T>({p.B, p.S, p.Hkv, p.D}, seed + 1);
-  const auto v = random_tensor<T>({p.B, p.S, p.Hkv, p.D}, seed + 2);
+  const auto q = uniform_tensor<T>({p.B, p.T, p.H, p.D}, seed);
+  const auto k = uniform_tensor<T>({p.B, p.S, p.Hkv, p.D}, seed + 1);
+  const auto v = uniform_tensor<T>({p.B, p.S, p.Hkv, p.D}, seed + 2);
   const MaskData<T> md(p, seed + 3);
   const double scale = 1.0 / std::sqrt(double(p.D));
   const double tol = tolerance<T>(p, scale);
@@ -218,9 +213,9 @@ TEST_CASE("dense attention: tiny case worked out by hand", "[dense]") {
 TEST_CASE("dense attention: strided views ([B, H, T, D] storage) give the same result", "[dense]") {
   const std::int64_t B = 2, T = 19, S = 23, H = 4, D = 32;
   // Storage [B, H, T, D], viewed as [B, T, H, D] by permuting strides.
-  const auto qs = random_tensor<float>({B, H, T, D}, 5);
-  const auto ks = random_tensor<float>({B, H, S, D}, 6);
-  const auto vs = random_tensor<float>({B, H, S, D}, 7);
+  const auto qs = uniform_tensor<float>({B, H, T, D}, 5);
+  const auto ks = uniform_tensor<float>({B, H, S, D}, 6);
+  const auto vs = uniform_tensor<float>({B, H, S, D}, 7);
   const auto permuted = [](const core::Tensor<float>& t) {
     const std::int64_t b = t.extent(0), h = t.extent(1), n = t.extent(2), d = t.extent(3);
     return ConstView<float, 4>(t.data(), {b, n, h, d}, {h * n * d, d, n * d, 1});
@@ -250,9 +245,9 @@ TEMPLATE_TEST_CASE("dense attention: 1 and 2 threads give bit-identical results"
                    double) {
   using T = TestType;
   const std::int64_t B = 2, Tq = 300, S = 140, H = 4, Hkv = 2, D = 32;  // 16 tasks
-  const auto q = random_tensor<T>({B, Tq, H, D}, 21);
-  const auto k = random_tensor<T>({B, S, Hkv, D}, 22);
-  const auto v = random_tensor<T>({B, S, Hkv, D}, 23);
+  const auto q = uniform_tensor<T>({B, Tq, H, D}, 21);
+  const auto k = uniform_tensor<T>({B, S, Hkv, D}, 22);
+  const auto v = uniform_tensor<T>({B, S, Hkv, D}, 23);
   const std::vector<std::int64_t> lengths{S, 100};
   const Mask<T> mask{CausalMask{S - Tq}, KeyLengths{lengths}};
   const DenseAttention<T> attn;

@@ -32,6 +32,16 @@ switchyard::Tensor<T> random_tensor(std::initializer_list<std::int64_t> shape, s
   return t;
 }
 
+/// A rank-4 tensor of U(-1, 1) draws from std::mt19937(seed).
+template <class T>
+switchyard::Tensor<T> uniform_tensor(switchyard::Shape<4> shape, std::uint32_t seed) {
+  switchyard::Tensor<T> t(shape);
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<double> u(-1.0, 1.0);
+  for (auto& x : t) x = T(u(rng));
+  return t;
+}
+
 inline double max_abs(const std::vector<double>& v) {
   double m = 0;
   for (double x : v) m = std::max(m, std::abs(x));
