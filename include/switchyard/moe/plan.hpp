@@ -1,0 +1,289 @@
+#pragma once
+// DispatchPlan: what every MoE router returns and what the MoE layer executes.
+//
+// For each expert e, entries [expert_offsets[e], expert_offsets[e+1]) of
+// token_index / slot / gate are the (token, which of the token's choices, gate)
+// triples the expert processes, sorted by token (CSR by expert, the MegaBlocks /
+// torchtune "sorted" layout). Dropped (token, choice) pairs are listed apart and
+// contribute nothing. Token-choice routers also fill the familiar [T, K] views
+// of chosen experts and combine weights; expert-choice plans leave them empty.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/view.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace moe {
+
+/// Which tokens take part in routing (padding mask, True = keep). keep[t] != 0:
+/// the token is routed; 0: it is never routed, gets no expert (its layer output is
+/// zero) and is left out of every statistic and loss. An empty span routes all tokens.
+struct TokenMask {
+  std::span<const std::uint8_t> keep;
+
+  bool routed(std::int64_t t) const noexcept { return keep.empty() || keep[t] != 0; }
+  /// Number of routed tokens among the first num_tokens.
+  std::int64_t count(std::int64_t num_tokens) const noexcept {
+    if (keep.empty()) return num_tokens;
+    std::int64_t n = 0;
+    for (std::int64_t t = 0; t < num_tokens; ++t) n += keep[t] != 0;
+    return n;
+  }
+};
+
+/// Routing statistics, over routed (unmasked) tokens only. Losses carry coefficient 1.
+struct RouterStats {
+  std::vector<std::int64_t> tokens_per_expert;  ///< [E] assignments chosen, before capacity
+  std::vector<std::int64_t> kept_per_expert;    ///< [E] assignments kept (CSR run lengths)
+  std::vector<double> mean_prob;   ///< [E] mean router score per expert (softmax prob, or gate)
+  std::int64_t routed_tokens = 0;  ///< tokens not masked out
+  std::int64_t dropped = 0;        ///< dropped (token, choice) pairs
+  std::int64_t tokens_without_expert = 0;  ///< routed tokens that kept no expert (output 0)
+  double aux_loss = 0;  ///< the router's load-balancing loss (formula documented per router)
+  double z_loss = 0;    ///< mean over routed tokens of logsumexp(logits[t])^2
+  double entropy = 0;   ///< mean over routed tokens of the router distribution's entropy (nats)
+};
+
+/// A (token, choice) pair that capacity removed; `expert` is the expert it had chosen.
+struct DroppedChoice {
+  std::int32_t token = 0;
+  std::int32_t slot = 0;
+  std::int32_t expert = 0;
+};
+
+template <class T>
+struct DispatchPlan {
+  std::int64_t num_tokens = 0;
+  std::int64_t num_experts = 0;
+  /// Choices per token in the [T, K] views (the maximum for variable-count routers);
+  /// 0 for expert-choice plans, which have no token-side views.
+  std::int64_t top_k = 0;
+  /// Per-expert capacity in force; -1 when the router has none (dropless).
+  std::int64_t capacity = -1;
+  /// The capacity the formula asked for, before clamping to what the tokens allow.
+  std::int64_t requested_capacity = -1;
+  /// True when requested_capacity had to be clamped (e.g. above the routed token count).
+  bool capacity_clamped = false;
+
+  std::vector<std::int64_t> expert_offsets;  ///< [E+1]
+  std::vector<std::int32_t> token_index;     ///< [nnz], ascending inside each expert
+  std::vector<std::int32_t> slot;            ///< [nnz], which of the token's choices (0..K-1)
+  std::vector<T> gate;                       ///< [nnz], weight applied to the expert's output
+
+  std::vector<std::int32_t> choice_expert;  ///< [T*K] chosen expert, best first; -1 = unused
+  std::vector<T> choice_weight;             ///< [T*K] combine weight; 0 if dropped or unused
+  std::vector<DroppedChoice> dropped;       ///< in (token, slot) order
+
+  RouterStats stats;
+
+  std::int64_t nnz() const noexcept { return static_cast<std::int64_t>(token_index.size()); }
+  std::int64_t expert_size(std::int64_t e) const noexcept {
+    return expert_offsets[e + 1] - expert_offsets[e];
+  }
+  std::span<const std::int32_t> expert_tokens(std::int64_t e) const noexcept {
+    return {token_index.data() + expert_offsets[e], static_cast<std::size_t>(expert_size(e))};
+  }
+  std::span<const std::int32_t> expert_slots(std::int64_t e) const noexcept {
+    return {slot.data() + expert_offsets[e], static_cast<std::size_t>(expert_size(e))};
+  }
+  std::span<const T> expert_gates(std::int64_t e) const noexcept {
+    return {gate.data() + expert_offsets[e], static_cast<std::size_t>(expert_size(e))};
+  }
+
+  /// [T, K] chosen experts, best first, -1 where unused (token-choice plans only).
+  ConstView<std::int32_t, 2> expert_indices() const noexcept {
+    return {choice_expert.data(), {num_tokens, top_k}};
+  }
+  /// [T, K] combine weights matching expert_indices(); 0 for dropped or unused choices.
+  ConstView<T, 2> expert_weights() const noexcept {
+    return {choice_weight.data(), {num_tokens, top_k}};
+  }
+
+  /// Empties the plan for a new routing call, keeping the allocated memory.
+  void reset(std::int64_t tokens, std::int64_t experts, std::int64_t k) {
+    num_tokens = tokens;
+    num_experts = experts;
+    top_k = k;
+    capacity = requested_capacity = -1;
+    capacity_clamped = false;
+    expert_offsets.assign(static_cast<std::size_t>(experts + 1), 0);
+    token_index.clear();
+    slot.clear();
+    gate.clear();
+    choice_expert.assign(static_cast<std::size_t>(tokens * k), -1);
+    choice_weight.assign(static_cast<std::size_t>(tokens * k), T(0));
+    dropped.clear();
+    stats.tokens_per_expert.assign(static_cast<std::size_t>(experts), 0);
+    stats.kept_per_expert.assign(static_cast<std::size_t>(experts), 0);
+    stats.mean_prob.assign(static_cast<std::size_t>(experts), 0.0);
+    stats.routed_tokens = stats.dropped = stats.tokens_without_expert = 0;
+    stats.aux_loss = stats.z_loss = stats.entropy = 0;
+  }
+
+  /// Throws switchyard::error naming the first broken invariant: offsets
+  /// monotone and sized E+1; token indices in range and strictly ascending inside
+  /// each expert (so no duplicate (token, expert) pair); slots in range; finite
+  /// gates; no expert over capacity; token-side views consistent with the CSR runs.
+  void check() const {
+    const auto fail = [](const std::string& what) {
+      throw switchyard::error("DispatchPlan::check: " + what);
+    };
+    if (num_tokens < 0 || num_experts < 1 || top_k < 0) fail("bad sizes");
+    if (static_cast<std::int64_t>(expert_offsets.size()) != num_experts + 1 ||
+        expert_offsets.front() != 0 || expert_offsets.back() != nnz()) {
+      fail("expert_offsets must have E+1 entries from 0 to nnz");
+    }
+    if (slot.size() != token_index.size() || gate.size() != token_index.size()) {
+      fail("token_index, slot and gate differ in length");
+    }
+    const bool token_choice = top_k > 0;
+    if (token_choice && (static_cast<std::int64_t>(choice_expert.size()) != num_tokens * top_k ||
+                         choice_weight.size() != choice_expert.size())) {
+      fail("choice views must be [T, K]");
+    }
+    std::vector<std::int64_t> kept_per_token(static_cast<std::size_t>(num_tokens), 0);
+    for (std::int64_t e = 0; e < num_experts; ++e) {
+      const std::int64_t b = expert_offsets[e], n = expert_offsets[e + 1] - b;
+      if (n < 0) fail("expert_offsets decrease at expert " + std::to_string(e));
+      if (capacity >= 0 && n > capacity) {
+        fail("expert " + std::to_string(e) + " holds " + std::to_string(n) +
+             " tokens, over capacity " + std::to_string(capacity));
+      }
+      for (std::int64_t i = b; i < b + n; ++i) {
+        const std::int64_t t = token_index[i];
+        if (t < 0 || t >= num_tokens)
+          fail("token index out of range in expert " + std::to_string(e));
+        if (i > b && token_index[i - 1] >= t) {
+          fail("tokens of expert " + std::to_string(e) + " not strictly ascending (duplicate?)");
+        }
+        if (!std::isfinite(static_cast<double>(gate[i]))) fail("non-finite gate");
+        if (slot[i] < 0 || (token_choice && slot[i] >= top_k)) fail("slot out of range");
+        if (token_choice && choice_expert[t * top_k + slot[i]] != e) {
+          fail("choice_expert disagrees with the CSR run of expert " + std::to_string(e));
+        }
+        ++kept_per_token[t];
+      }
+    }
+    for (const auto& d : dropped) {
+      if (d.token < 0 || d.token >= num_tokens || d.expert < 0 || d.expert >= num_experts ||
+          d.slot < 0 || (token_choice && d.slot >= top_k)) {
+        fail("dropped entry out of range");
+      }
+    }
+    if (token_choice) {
+      std::int64_t chosen = 0;
+      for (auto e : choice_expert) chosen += e >= 0;
+      if (chosen != nnz() + static_cast<std::int64_t>(dropped.size())) {
+        fail("chosen pairs != kept + dropped");
+      }
+    }
+  }
+};
+
+namespace detail {
+
+/// Fills the CSR runs of a token-choice plan from its [T, K] choice_expert /
+/// choice_weight views. keep[t*K + s] == 0 marks a chosen pair dropped by
+/// capacity (pass an empty span when nothing is dropped); dropped pairs get
+/// choice_weight 0 and go to plan.dropped. Entries come out sorted by token
+/// inside each expert. Also sets kept_per_expert, dropped and tokens_without_expert
+/// (routed tokens only: a token with no chosen expert at all is taken as masked).
+template <class T>
+void build_csr_from_choices(DispatchPlan<T>& plan, std::span<const std::uint8_t> keep = {}) {
+  const std::int64_t tokens = plan.num_tokens, experts = plan.num_experts, k = plan.top_k;
+  auto& offsets = plan.expert_offsets;
+  std::fill(offsets.begin(), offsets.end(), 0);
+  plan.dropped.clear();
+  std::int64_t without = 0;
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    bool any_chosen = false, any_kept = false;
+    for (std::int64_t s = 0; s < k; ++s) {
+      const std::int64_t i = t * k + s;
+      const std::int32_t e = plan.choice_expert[i];
+      if (e < 0) continue;
+      any_chosen = true;
+      if (keep.empty() || keep[i]) {
+        ++offsets[e + 1];
+        any_kept = true;
+      } else {
+        plan.choice_weight[i] = T(0);
+        plan.dropped.push_back({static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), e});
+      }
+    }
+    without += any_chosen && !any_kept;
+  }
+  for (std::int64_t e = 0; e < experts; ++e) {
+    plan.stats.kept_per_expert[e] = offsets[e + 1];
+    offsets[e + 1] += offsets[e];
+  }
+  const auto nnz = static_cast<std::size_t>(offsets[experts]);
+  plan.token_index.resize(nnz);
+  plan.slot.resize(nnz);
+  plan.gate.resize(nnz);
+  std::vector<std::int64_t> cursor(offsets.begin(), offsets.end() - 1);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t s = 0; s < k; ++s) {
+      const std::int64_t i = t * k + s;
+      const std::int32_t e = plan.choice_expert[i];
+      if (e < 0 || !(keep.empty() || keep[i])) continue;
+      const std::int64_t p = cursor[e]++;
+      plan.token_index[p] = static_cast<std::int32_t>(t);
+      plan.slot[p] = static_cast<std::int32_t>(s);
+      plan.gate[p] = plan.choice_weight[i];
+    }
+  }
+  plan.stats.dropped = static_cast<std::int64_t>(plan.dropped.size());
+  plan.stats.tokens_without_expert = without;
+}
+
+}  // namespace detail
+
+/// A token-choice plan from explicit choices, for users who route elsewhere and
+/// for tests. experts: [T, K] expert ids (-1 = unused), weights: [T, K] combine
+/// weights. Nothing is dropped. Throws shape_error / config_error on bad input.
+template <class T, class Index>
+DispatchPlan<T> make_token_choice_plan(std::int64_t num_experts, ConstView<Index, 2> experts,
+                                       ConstView<T, 2> weights) {
+  constexpr std::string_view layer = "DispatchPlan";
+  if (num_experts < 1) {
+    switchyard::detail::fail_config(layer, "make_token_choice_plan", "num_experts", num_experts,
+                                    ">= 1");
+  }
+  const std::int64_t tokens = experts.extent(0), k = experts.extent(1);
+  core::detail::check_shape(layer, "make_token_choice_plan", "weights", weights, {"T", "K"},
+                            {tokens, k}, "must match experts");
+  DispatchPlan<T> plan;
+  plan.reset(tokens, num_experts, k);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t s = 0; s < k; ++s) {
+      const auto e = static_cast<std::int64_t>(experts(t, s));
+      if (e < -1 || e >= num_experts) {
+        switchyard::detail::fail_config(layer, "make_token_choice_plan", "experts", e,
+                                        "-1 or an expert id below " + std::to_string(num_experts));
+      }
+      for (std::int64_t r = 0; r < s && e >= 0; ++r) {
+        if (experts(t, r) == experts(t, s)) {
+          switchyard::detail::fail_config(layer, "make_token_choice_plan", "experts", e,
+                                          "each expert at most once per token");
+        }
+      }
+      plan.choice_expert[t * k + s] = static_cast<std::int32_t>(e);
+      plan.choice_weight[t * k + s] = e >= 0 ? weights(t, s) : T(0);
+      if (e >= 0) ++plan.stats.tokens_per_expert[e];
+    }
+  }
+  plan.stats.routed_tokens = tokens;
+  detail::build_csr_from_choices(plan);
+  return plan;
+}
+
+}  // namespace moe
+}  // namespace v0
+}  // namespace switchyard
