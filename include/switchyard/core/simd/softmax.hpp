@@ -7,6 +7,7 @@
 // contribute nothing. A row holding NaN or +inf gives NaN (nothing sensible to
 // normalise). Three passes per row (max, exp and sum, scale), all vectorised.
 #include <algorithm>
+#include <cmath>
 #include <cstddef>
 #include <cstdint>
 #include <limits>
@@ -24,14 +25,17 @@ inline namespace v0 {
 namespace kernels {
 
 /// src: [n], dst: [n]; dst = softmax(src). src == dst (in place) is allowed;
-/// partial overlap is not.
+/// partial overlap is not. If log_sum_exp is given it receives log(sum(exp(src)))
+/// (routers need it for the z-loss): -inf for an all -inf row, NaN if NaN shows.
 template <class Arch, class T>
-void softmax_row(Arch arch, const T* src, T* dst, std::int64_t n) noexcept {
+void softmax_row(Arch arch, const T* src, T* dst, std::int64_t n,
+                 T* log_sum_exp = nullptr) noexcept {
   const T m = row_max(arch, src, n);
   if (m == -std::numeric_limits<T>::infinity()) {
     // All -inf, or -inf and NaN (row_max may skip NaN): NaN must still show.
     const bool has_nan = std::any_of(src, src + n, [](T v) { return v != v; });
     std::fill_n(dst, n, has_nan ? std::numeric_limits<T>::quiet_NaN() : T(0));
+    if (log_sum_exp) *log_sum_exp = has_nan ? std::numeric_limits<T>::quiet_NaN() : m;
     return;
   }
   std::int64_t i = 0;
@@ -73,6 +77,7 @@ void softmax_row(Arch arch, const T* src, T* dst, std::int64_t n) noexcept {
   }
   // sum >= 1 (the max contributes exp(0) = 1), so the reciprocal is safe.
   scale(arch, T(1) / sum, dst, n);
+  if (log_sum_exp) *log_sum_exp = m + std::log(sum);
 }
 
 /// src: [rows, n] with row stride src_stride, dst: [rows, n] with row stride

@@ -1,0 +1,105 @@
+#pragma once
+// Auxiliary losses and routing statistics, each with its formula and where it
+// comes from. All take per-expert sums over the routed (unmasked) tokens, so a
+// padding mask is applied once, where the sums are formed, and every loss here
+// excludes padding the same way. Coefficients are 1: scale them yourself.
+//
+// Notation: T routed tokens, E experts, k choices per token, p[t,e] router
+// probability, n_e assignments of expert e counted before capacity,
+// P_e = sum_t p[t,e].
+#include <cmath>
+#include <cstdint>
+#include <span>
+
+namespace switchyard {
+inline namespace v0 {
+namespace moe {
+
+/// Switch / Megatron-LM load-balancing loss (`switch_load_balancing_loss_func`):
+/// E / (T^2 k) * sum_e n_e * P_e. Equals 1 for perfectly uniform routing.
+/// HF `load_balancing_loss_func` gives k times this value (it does not divide by k).
+inline double switch_load_balancing_loss(std::span<const std::int64_t> tokens_per_expert,
+                                         std::span<const double> prob_sum, std::int64_t tokens,
+                                         std::int64_t k) noexcept {
+  if (tokens == 0 || k == 0) return 0.0;
+  double s = 0;
+  for (std::size_t e = 0; e < tokens_per_expert.size(); ++e) {
+    s += static_cast<double>(tokens_per_expert[e]) * prob_sum[e];
+  }
+  const auto E = static_cast<double>(tokens_per_expert.size());
+  const auto t = static_cast<double>(tokens);
+  return E / (t * t * static_cast<double>(k)) * s;
+}
+
+/// HF transformers `load_balancing_loss_func` (Mixtral, OLMoE, Qwen-MoE), before
+/// its router_aux_loss_coef: E / T^2 * sum_e n_e P_e, i.e. k times the Megatron value.
+inline double hf_load_balancing_loss(std::span<const std::int64_t> tokens_per_expert,
+                                     std::span<const double> prob_sum, std::int64_t tokens,
+                                     std::int64_t k) noexcept {
+  return static_cast<double>(k) *
+         switch_load_balancing_loss(tokens_per_expert, prob_sum, tokens, k);
+}
+
+/// GShard / fairscale `l_aux`: mean_e (P_e / T) * (f_e / T) with f_e the tokens whose
+/// FIRST choice is e (before capacity). No E factor: uniform routing gives 1/E^2.
+inline double gshard_load_balancing_loss(std::span<const std::int64_t> first_choice_count,
+                                         std::span<const double> prob_sum,
+                                         std::int64_t tokens) noexcept {
+  if (tokens == 0) return 0.0;
+  const auto t = static_cast<double>(tokens);
+  double s = 0;
+  for (std::size_t e = 0; e < prob_sum.size(); ++e) {
+    s += (prob_sum[e] / t) * (static_cast<double>(first_choice_count[e]) / t);
+  }
+  return s / static_cast<double>(prob_sum.size());
+}
+
+/// llm-baselines `load_balancing_loss`: sum_e f_e * (P_e / T), f_e the fraction of
+/// tokens with e among their choices. 1/E of the Switch (k = 1) value.
+inline double fraction_load_balancing_loss(std::span<const std::int64_t> tokens_with_expert,
+                                           std::span<const double> prob_sum,
+                                           std::int64_t tokens) noexcept {
+  if (tokens == 0) return 0.0;
+  const auto t = static_cast<double>(tokens);
+  double s = 0;
+  for (std::size_t e = 0; e < prob_sum.size(); ++e) {
+    s += static_cast<double>(tokens_with_expert[e]) / t * (prob_sum[e] / t);
+  }
+  return s;
+}
+
+/// Router z-loss (ST-MoE; Megatron `z_loss_func`): mean_t logsumexp(logits[t])^2,
+/// from the sum over routed tokens of lse^2.
+inline double router_z_loss(double sum_lse_squared, std::int64_t tokens) noexcept {
+  return tokens == 0 ? 0.0 : sum_lse_squared / static_cast<double>(tokens);
+}
+
+/// Squared coefficient of variation (Shazeer et al. 2017, davidmrau `cv_squared`):
+/// unbiased variance / (mean^2 + 1e-10); 0 for fewer than two values.
+inline double cv_squared(std::span<const double> v) noexcept {
+  if (v.size() < 2) return 0.0;
+  double mean = 0;
+  for (double x : v) mean += x;
+  mean /= static_cast<double>(v.size());
+  double var = 0;
+  for (double x : v) var += (x - mean) * (x - mean);
+  var /= static_cast<double>(v.size() - 1);
+  return var / (mean * mean + 1e-10);
+}
+
+/// llm-baselines `entropy_reg`: sum_e pbar_e log pbar_e with pbar_e = P_e / T, the
+/// NEGATIVE entropy of the batch-mean router distribution (0 log 0 = 0).
+inline double mean_distribution_neg_entropy(std::span<const double> prob_sum,
+                                            std::int64_t tokens) noexcept {
+  if (tokens == 0) return 0.0;
+  double s = 0;
+  for (double p : prob_sum) {
+    const double q = p / static_cast<double>(tokens);
+    if (q > 0) s += q * std::log(q);
+  }
+  return s;
+}
+
+}  // namespace moe
+}  // namespace v0
+}  // namespace switchyard

@@ -1,0 +1,210 @@
+#pragma once
+// What every MoE router shares: the LogitsRouter concept, router logits from
+// tokens and a router weight, boundary checks, the capacity formula, and the
+// softmax pass that also yields the statistics (mean probability, z-loss,
+// entropy) over routed tokens.
+//
+// Routers take logits [T, E] so they can be compared on the same input; a
+// router that needs more (noise weights, token ids) takes it as extra arguments.
+#include <algorithm>
+#include <cmath>
+#include <concepts>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/gemm.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/softmax.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/moe/plan.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace moe {
+
+/// A router that turns logits [T, E] (unit inner stride) into a DispatchPlan,
+/// reusing the plan's memory: r.route(logits, plan, mask).
+template <class R, class T>
+concept LogitsRouter = requires(const R& r, ConstView<T, 2> logits, DispatchPlan<T>& plan,
+                                const TokenMask& mask) {
+  { r.route(logits, plan, mask) } -> std::same_as<void>;
+  { r.num_experts() } -> std::convertible_to<std::int64_t>;
+  { R::name } -> std::convertible_to<std::string_view>;
+};
+
+/// Convenience: a fresh plan from a LogitsRouter.
+template <class T, LogitsRouter<T> R>
+DispatchPlan<T> route(const R& router, ConstView<T, 2> logits, const TokenMask& mask = {}) {
+  DispatchPlan<T> plan;
+  router.route(logits, plan, mask);
+  return plan;
+}
+
+/// logits [T, E] = x [T, d] * router_weight^T, router_weight in nn.Linear layout
+/// [E, d] (no bias). Throws shape_error naming "router_logits" and both shapes.
+template <class T, class Arch = simd::default_arch>
+void router_logits(ConstView<T, 2> x, ConstView<T, 2> router_weight, View<T, 2> logits) {
+  const std::int64_t d = x.extent(1), experts = router_weight.extent(0);
+  core::detail::check_shape("moe", "router_logits", "router_weight", router_weight, {"E", "d"},
+                            {-1, d}, "nn.Linear layout [out, in]: d must equal x's columns");
+  core::detail::check_shape("moe", "router_logits", "logits", logits, {"T", "E"},
+                            {x.extent(0), experts});
+  if (x.extent(0) == 0) return;
+  core::gemm<T, Arch>(x, core::Trans::no, router_weight, core::Trans::yes, logits, T(1), T(0));
+}
+
+template <class T, class Arch = simd::default_arch>
+Tensor<T> router_logits(ConstView<T, 2> x, ConstView<T, 2> router_weight) {
+  Tensor<T> logits({x.extent(0), router_weight.extent(0)});
+  router_logits<T, Arch>(x, router_weight, logits.template view<2>());
+  return logits;
+}
+
+/// How capacity = f(tokens * k / E * capacity_factor) rounds.
+enum class CapacityRounding { ceil, floor };
+
+/// Per-expert capacity from `tokens` routed tokens; `requested` is the formula's
+/// value (at least min_capacity), `value` what is used: clamped to `tokens`, since
+/// an expert can take each token once. `clamped` says whether the clamp bit.
+struct Capacity {
+  std::int64_t requested = 0;
+  std::int64_t value = 0;
+  bool clamped = false;
+};
+
+inline Capacity compute_capacity(std::int64_t tokens, std::int64_t k, std::int64_t experts,
+                                 double capacity_factor, CapacityRounding rounding,
+                                 std::int64_t min_capacity = 0) noexcept {
+  const double raw = static_cast<double>(tokens) * static_cast<double>(k) /
+                     static_cast<double>(experts) * capacity_factor;
+  // The small slack keeps e.g. 16*2/4*1.0 = 8 from becoming 9 through rounding noise.
+  const double r =
+      rounding == CapacityRounding::ceil ? std::ceil(raw - 1e-9) : std::floor(raw + 1e-9);
+  Capacity c;
+  c.requested = std::max<std::int64_t>(static_cast<std::int64_t>(r), min_capacity);
+  c.value = std::min(c.requested, tokens);
+  c.clamped = c.value != c.requested;
+  return c;
+}
+
+/// Records a capacity in the plan, including the visible clamp flag.
+template <class T>
+void set_capacity(DispatchPlan<T>& plan, const Capacity& c) noexcept {
+  plan.capacity = c.value;
+  plan.requested_capacity = c.requested;
+  plan.capacity_clamped = c.clamped;
+}
+
+namespace detail {
+
+/// Boundary checks shared by the routers; each names the router and the argument.
+template <class T>
+void check_logits(std::string_view router, ConstView<T, 2> logits, std::int64_t experts,
+                  const TokenMask& mask) {
+  core::detail::check_shape(router, "route", "logits", logits, {"T", "E"}, {-1, experts},
+                            "E must equal the router's num_experts");
+  core::detail::check_unit_inner_stride(router, "route", "logits", logits);
+  if (!mask.keep.empty() && static_cast<std::int64_t>(mask.keep.size()) != logits.extent(0)) {
+    const std::int64_t got[1] = {static_cast<std::int64_t>(mask.keep.size())};
+    switchyard::detail::fail_shape(
+        router, "route", "mask", switchyard::detail::format_shape({"T"}, got),
+        "[T=" + std::to_string(logits.extent(0)) + "]", "one entry per token of logits, or empty");
+  }
+}
+
+inline void check_num_experts(std::string_view router, std::int64_t experts) {
+  if (experts < 1)
+    switchyard::detail::fail_config(router, "config", "num_experts", experts, ">= 1");
+}
+
+inline void check_top_k(std::string_view router, std::int64_t k, std::int64_t experts) {
+  if (k < 1 || k > experts) {
+    switchyard::detail::fail_config(router, "config", "top_k", k,
+                                    "1 <= top_k <= num_experts = " + std::to_string(experts));
+  }
+}
+
+inline void check_positive_finite(std::string_view router, std::string_view arg, double v) {
+  if (!(v > 0) || !std::isfinite(v)) {
+    switchyard::detail::fail_config(router, "config", arg, v, "a finite value > 0");
+  }
+}
+
+[[noreturn]] inline void fail_non_finite_logits(std::string_view router, std::int64_t token) {
+  switchyard::detail::fail_config(router, "route", "logits", "NaN or inf",
+                                  "finite logits (token " + std::to_string(token) +
+                                      " has a NaN or infinite logit; routing it would silently "
+                                      "pick arbitrary experts)");
+}
+
+/// Fixed token chunk of the router passes: independent of the thread count, so
+/// per-chunk partial sums added in chunk order give bit-identical statistics.
+inline constexpr std::int64_t router_chunk = 256;
+
+/// probs [T*E] = row softmax of the routed tokens' logits (masked rows are 0),
+/// and the softmax statistics over routed tokens: stats.mean_prob, z_loss,
+/// entropy, routed_tokens. prob_sum [E] gets sum_t p[t,e]. Throws config_error
+/// (naming the router and the token) on a NaN or infinite logit.
+template <class T, class Arch = simd::default_arch>
+void softmax_scores(std::string_view router, ConstView<T, 2> logits, const TokenMask& mask,
+                    std::vector<T>& probs, std::vector<double>& prob_sum, RouterStats& stats) {
+  const std::int64_t tokens = logits.extent(0), experts = logits.extent(1);
+  probs.resize(static_cast<std::size_t>(tokens * experts));
+  const std::int64_t chunks = num_chunks(tokens, router_chunk);
+  const std::int64_t width = experts + 3;  // prob sums, lse^2, entropy, first bad token
+  std::vector<double> partial(static_cast<std::size_t>(chunks * width), 0.0);
+  parallel_for(chunks, [&](std::int64_t c) {
+    double* acc = partial.data() + c * width;
+    acc[experts + 2] = -1;
+    for (std::int64_t t = c * router_chunk; t < std::min(tokens, (c + 1) * router_chunk); ++t) {
+      T* p = probs.data() + t * experts;
+      if (!mask.routed(t)) {
+        std::fill_n(p, experts, T(0));
+        continue;
+      }
+      const T* x = logits.data() + t * logits.stride(0);
+      T lse;
+      kernels::softmax_row(Arch{}, x, p, experts, &lse);
+      if (!std::isfinite(lse)) {
+        if (acc[experts + 2] < 0) acc[experts + 2] = static_cast<double>(t);
+        continue;
+      }
+      double px = 0;  // entropy = lse - sum_e p x, since log p = x - lse
+      for (std::int64_t e = 0; e < experts; ++e) {
+        acc[e] += p[e];
+        px += static_cast<double>(p[e]) * x[e];
+      }
+      acc[experts] += static_cast<double>(lse) * lse;
+      acc[experts + 1] += static_cast<double>(lse) - px;
+    }
+  });
+  prob_sum.assign(static_cast<std::size_t>(experts), 0.0);
+  double lse2 = 0, entropy = 0;
+  for (std::int64_t c = 0; c < chunks; ++c) {
+    const double* acc = partial.data() + c * width;
+    if (acc[experts + 2] >= 0)
+      fail_non_finite_logits(router, static_cast<std::int64_t>(acc[experts + 2]));
+    for (std::int64_t e = 0; e < experts; ++e) prob_sum[e] += acc[e];
+    lse2 += acc[experts];
+    entropy += acc[experts + 1];
+  }
+  const std::int64_t routed = mask.count(tokens);
+  stats.routed_tokens = routed;
+  stats.mean_prob.assign(static_cast<std::size_t>(experts), 0.0);
+  if (routed > 0) {
+    for (std::int64_t e = 0; e < experts; ++e) stats.mean_prob[e] = prob_sum[e] / routed;
+    stats.z_loss = lse2 / routed;
+    stats.entropy = entropy / routed;
+  }
+}
+
+}  // namespace detail
+}  // namespace moe
+}  // namespace v0
+}  // namespace switchyard
