@@ -1,0 +1,454 @@
+#pragma once
+// MoELayer: executes a DispatchPlan. Per expert it gathers the expert's tokens, runs the
+// expert FFN (moe/experts.hpp) as two or three GEMMs with the activation in between, and
+// combines: y[t] = sum over shared experts s (in order) of shared_s(x[t])
+//                + sum over the token's kept plan entries, in slot order, of gate * expert(x[t]).
+// Dropped pairs and masked tokens contribute nothing; a token with nothing outputs 0 (the
+// residual connection is the caller's).
+//
+// Execution (no allocation with a caller workspace):
+// 1. Work is a fixed list of tasks: per expert its CSR run cut into near-equal row tiles of
+//    at most row_tile rows, and per shared expert the T tokens cut the same way. A task runs
+//    its tile through the FFN in chunks of ff_chunk hidden columns:
+//      g = X_tile w1[e][chunk]^T  (the token gather is fused into the GEMM's packing of A)
+//      u = X_tile w3[e][chunk]^T  (swiglu)
+//      g = act(g + b1) (* (u + b3))
+//      O_tile += g w2[e][:, chunk]^T
+//    into a [nnz + S*T, d] buffer at the tile's CSR rows; then + b2 and the optional softmax.
+//    Tiles are large (all rows of an expert up to row_tile) so that packing the expert's
+//    weights is paid once per tile.
+// 2. Per chunk of tokens, y[t] is summed from that buffer in the fixed order above.
+// Tasks go to threads dynamically, but each task and each token is computed the same way
+// whichever thread runs it, and the tiling depends only on the plan: the output is
+// bit-identical for any thread count.
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/gemm_kernel.hpp"
+#include "switchyard/core/simd/softmax.hpp"
+#include "switchyard/core/simd/vector_ops.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/moe/experts.hpp"
+#include "switchyard/moe/plan.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace moe {
+
+struct MoELayerConfig {
+  std::int64_t d_model = 0;      ///< d, token width (input and output)
+  std::int64_t d_ff = 0;         ///< F, hidden width of each routed expert
+  std::int64_t num_experts = 0;  ///< E routed experts
+  Activation activation = Activation::swiglu;
+  std::int64_t num_shared_experts = 0;  ///< S always-on experts, weight 1, ungated (DeepSeekMoE)
+  bool output_softmax = false;   ///< softmax over each expert's d outputs (noisy top-k experts)
+  std::int64_t shared_d_ff = 0;  ///< hidden width of the shared experts; 0 = d_ff
+};
+
+/// Routed experts [E, ...] and shared experts [S, ...], of the layer's activation.
+template <class T>
+struct MoELayerWeights {
+  ExpertWeights<T> experts;  ///< E routed experts
+  ExpertWeights<T> shared;   ///< S shared experts (all views empty when S = 0)
+};
+
+/// A plan from a dense combine-weight matrix, for users who route elsewhere and for tests.
+/// combine: [T, E]; every non-zero combine(t, e) becomes an entry (token t, expert e, gate
+/// combine(t, e)). Tokens are ascending inside each expert; a token's slots number its
+/// non-zero entries in expert order (0, 1, ...); top_k is the largest count per token.
+/// Throws config_error for E < 1 or a non-finite weight.
+template <class T>
+DispatchPlan<T> make_plan_from_combine_weights(ConstView<T, 2> combine) {
+  constexpr std::string_view layer = "DispatchPlan";
+  const std::int64_t tokens = combine.extent(0), experts = combine.extent(1);
+  if (experts < 1) {
+    switchyard::detail::fail_config(layer, "make_plan_from_combine_weights", "E", experts,
+                                    ">= 1 experts (columns of combine)");
+  }
+  std::int64_t k = 0;
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    std::int64_t n = 0;
+    for (std::int64_t e = 0; e < experts; ++e) {
+      const T c = combine(t, e);
+      if (!std::isfinite(static_cast<double>(c))) {
+        switchyard::detail::fail_config(layer, "make_plan_from_combine_weights", "combine",
+                                        static_cast<double>(c), "finite weights");
+      }
+      n += c != T(0);
+    }
+    k = std::max(k, n);
+  }
+  DispatchPlan<T> plan;
+  plan.reset(tokens, experts, k);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    std::int64_t s = 0;
+    for (std::int64_t e = 0; e < experts; ++e) {
+      const T c = combine(t, e);
+      if (c == T(0)) continue;
+      plan.choice_expert[t * k + s] = static_cast<std::int32_t>(e);
+      plan.choice_weight[t * k + s] = c;
+      ++plan.stats.tokens_per_expert[e];
+      ++s;
+    }
+  }
+  plan.stats.routed_tokens = tokens;
+  detail::build_csr_from_choices(plan);
+  return plan;
+}
+
+template <class T = float, class Arch = simd::default_arch>
+class MoELayer {
+ public:
+  using config_type = MoELayerConfig;
+  using weights_type = MoELayerWeights<T>;
+  using plan_type = DispatchPlan<T>;
+  static constexpr std::string_view name = "MoELayer";
+  /// Most rows (plan entries or tokens) one task runs through an expert.
+  static constexpr std::int64_t row_tile = 512;
+  /// Hidden columns computed per step of a task (a multiple of the GEMM's k block).
+  static constexpr std::int64_t ff_chunk = 512;
+
+  /// Throws config_error: d_model, d_ff or num_experts < 1, num_shared_experts < 0,
+  /// shared_d_ff < 0.
+  explicit MoELayer(config_type cfg) : cfg_(cfg) {
+    const std::string_view fn = "MoELayer";
+    if (cfg.d_model < 1) switchyard::detail::fail_config(name, fn, "d_model", cfg.d_model, ">= 1");
+    if (cfg.d_ff < 1) switchyard::detail::fail_config(name, fn, "d_ff", cfg.d_ff, ">= 1");
+    if (cfg.num_experts < 1)
+      switchyard::detail::fail_config(name, fn, "num_experts", cfg.num_experts, ">= 1");
+    if (cfg.num_shared_experts < 0)
+      switchyard::detail::fail_config(name, fn, "num_shared_experts", cfg.num_shared_experts,
+                                      ">= 0");
+    if (cfg.shared_d_ff < 0)
+      switchyard::detail::fail_config(name, fn, "shared_d_ff", cfg.shared_d_ff, ">= 0 (0 = d_ff)");
+    if (cfg.activation != Activation::swiglu && cfg.activation != Activation::gelu &&
+        cfg.activation != Activation::relu)
+      switchyard::detail::fail_config(name, fn, "activation", static_cast<int>(cfg.activation),
+                                      "swiglu, gelu or relu");
+    if (cfg_.shared_d_ff == 0) cfg_.shared_d_ff = cfg_.d_ff;
+  }
+
+  /// The config, with shared_d_ff resolved (never 0).
+  const config_type& config() const noexcept { return cfg_; }
+
+  /// Bytes of workspace execute() needs for a plan with num_tokens tokens and nnz kept
+  /// entries, to run on up to `threads` threads (fewer threads' worth of workspace works too:
+  /// execute then uses as many threads as it has scratch for, at least one).
+  /// 0 when num_tokens is 0.
+  std::size_t workspace_bytes(std::int64_t num_tokens, std::int64_t nnz,
+                              int threads = num_threads()) const noexcept {
+    if (num_tokens <= 0) return 0;
+    const Layout l = layout(num_tokens, nnz);
+    const std::int64_t slots =
+        std::max<std::int64_t>(1, std::min<std::int64_t>(threads, l.max_tasks));
+    return 64 + l.fixed + std::size_t(slots) * l.slot_bytes;
+  }
+  /// workspace_bytes(plan.num_tokens, plan.nnz(), threads).
+  std::size_t workspace_bytes(const plan_type& plan, int threads = num_threads()) const noexcept {
+    return workspace_bytes(plan.num_tokens, plan.nnz(), threads);
+  }
+
+  /// plan: routing of the T tokens (plan.num_tokens == T, plan.num_experts == E);
+  /// x: [T, d] (any strides); y: [T, d], overwritten (any strides; may be x itself).
+  /// workspace: at least workspace_bytes(plan) bytes, any alignment; nothing is allocated.
+  /// mask: optional keep-mask over the T tokens; a masked token outputs 0 (no shared expert
+  /// either) even if the plan lists it. T = 0 is valid and does nothing.
+  /// Throws shape_error naming the argument (x, y, w1 / shared.w1 / ..., plan, mask,
+  /// workspace) and both shapes, or switchyard::error for a malformed plan (offsets,
+  /// token index out of range, tokens of an expert not strictly ascending).
+  void execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w, View<T, 2> y,
+               std::span<std::byte> workspace, TokenMask mask = {}) const {
+    const std::string_view fn = "execute";
+    check_args(fn, plan, x, w, mask);
+    const std::int64_t tokens = plan.num_tokens, d = cfg_.d_model;
+    core::detail::check_shape(name, fn, "y", y, {"T", "D"}, {tokens, d},
+                              "T = plan.num_tokens, D = d_model");
+    if (tokens == 0) return;
+    const std::int64_t nnz = plan.nnz();
+    const Layout l = layout(tokens, nnz);
+    const std::size_t need = workspace_bytes(tokens, nnz, 1);
+    if (workspace.size() < need) {
+      switchyard::detail::fail_shape(
+          name, fn, "workspace", "[bytes=" + std::to_string(workspace.size()) + "]",
+          "[bytes>=" + std::to_string(workspace_bytes(plan)) + "]",
+          "workspace_bytes(plan); at least " + std::to_string(need) + " for one thread");
+    }
+    const std::int64_t slots_fit =
+        std::int64_t((workspace.size() - 64 - l.fixed) / std::max<std::size_t>(1, l.slot_bytes));
+    run(plan, x, w, y, l, align64(workspace.data()), slots_fit, mask);
+  }
+
+  /// As above with an allocated workspace.
+  void execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w, View<T, 2> y,
+               TokenMask mask = {}) const {
+    check_args("execute", plan, x, w, mask);
+    const std::size_t bytes = workspace_bytes(plan);
+    std::unique_ptr<std::byte[]> ws(new std::byte[std::max<std::size_t>(bytes, 1)]);
+    execute(plan, x, w, y, std::span<std::byte>(ws.get(), bytes), mask);
+  }
+
+  /// As above, returning y: [T, d].
+  core::Tensor<T> execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w,
+                          TokenMask mask = {}) const {
+    check_args("execute", plan, x, w, mask);
+    core::Tensor<T> y({plan.num_tokens, cfg_.d_model});
+    execute(plan, x, w, y.template view<2>(), mask);
+    return y;
+  }
+
+ private:
+  struct Task {
+    std::int64_t expert;  // < E: routed expert, rows are CSR positions; else shared expert - E
+    std::int64_t begin;   // first CSR position (routed) or token (shared)
+    std::int64_t rows;
+  };
+
+  // Workspace layout: byte offsets from a 64-aligned base.
+  struct Layout {
+    std::size_t out = 0, tok_off = 0, tok_pos = 0, tasks = 0, fixed = 0;
+    std::size_t g = 0, u = 0, gemm = 0, slot_bytes = 0;
+    std::int64_t max_tasks = 0, rows_cap = 0, fc_cap = 0;
+  };
+
+  static constexpr std::size_t round64(std::size_t b) noexcept {
+    return (b + 63) & ~std::size_t(63);
+  }
+  static std::byte* align64(std::byte* p) noexcept {
+    const auto u = reinterpret_cast<std::uintptr_t>(p);
+    return p + ((64 - (u & 63)) & 63);
+  }
+
+  Layout layout(std::int64_t tokens, std::int64_t nnz) const noexcept {
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
+    Layout l;
+    std::size_t off = 0;
+    l.out = off;
+    off += round64(std::size_t(nnz + S * tokens) * std::size_t(d) * sizeof(T));
+    l.tok_off = off;
+    off += round64(std::size_t(tokens + 1) * sizeof(std::int64_t));
+    l.tok_pos = off;
+    off += round64(std::size_t(nnz) * sizeof(std::int64_t));
+    l.max_tasks = E + num_chunks(nnz, row_tile) + S * num_chunks(tokens, row_tile);
+    l.tasks = off;
+    off += round64(std::size_t(l.max_tasks) * sizeof(Task));
+    l.fixed = off;
+    const std::int64_t f_max = std::max(cfg_.d_ff, S > 0 ? cfg_.shared_d_ff : 0);
+    l.rows_cap = std::min(row_tile, tokens);
+    l.fc_cap = std::min(ff_chunk, f_max);
+    const std::size_t hidden = round64(std::size_t(l.rows_cap * l.fc_cap) * sizeof(T));
+    std::size_t s = 0;
+    l.g = s;
+    s += hidden;
+    l.u = s;
+    if (cfg_.activation == Activation::swiglu) s += hidden;
+    l.gemm = s;
+    const std::size_t ge =
+        std::max(kernels::gemm_workspace_elems<Arch, T>(Arch{}, l.rows_cap, l.fc_cap, d),
+                 kernels::gemm_workspace_elems<Arch, T>(Arch{}, l.rows_cap, d, l.fc_cap));
+    s += round64(ge * sizeof(T));
+    l.slot_bytes = s;
+    return l;
+  }
+
+  void check_args(std::string_view fn, const plan_type& plan, const ConstView<T, 2>& x,
+                  const weights_type& w, const TokenMask& mask) const {
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
+    const std::int64_t tokens = plan.num_tokens;
+    if (plan.num_experts != E || tokens < 0) {
+      const std::int64_t got[2] = {tokens, plan.num_experts};
+      switchyard::detail::fail_shape(
+          name, fn, "plan", switchyard::detail::format_shape({"T", "E"}, got),
+          "[T, E=" + std::to_string(E) + "]", "plan.num_experts must equal num_experts");
+    }
+    core::detail::check_shape(name, fn, "x", x, {"T", "D"}, {tokens, d},
+                              "T = plan.num_tokens, D = d_model");
+    detail::check_expert_weights(name, fn, "", w.experts, E, d, cfg_.d_ff, cfg_.activation);
+    if (S > 0) {
+      detail::check_expert_weights(name, fn, "shared.", w.shared, S, d, cfg_.shared_d_ff,
+                                   cfg_.activation);
+    }
+    if (!mask.keep.empty() && std::int64_t(mask.keep.size()) != tokens) {
+      const std::int64_t got[1] = {std::int64_t(mask.keep.size())};
+      switchyard::detail::fail_shape(name, fn, "mask", switchyard::detail::format_shape({"T"}, got),
+                                     "[T=" + std::to_string(tokens) + "]",
+                                     "one flag per token, or empty");
+    }
+    // The plan's CSR structure (cheap, no allocation): what indexing relies on.
+    const auto bad = [&](const std::string& what) {
+      throw switchyard::error(std::string(name) + "::" + std::string(fn) + ": plan " + what);
+    };
+    const std::int64_t nnz = plan.nnz();
+    if (std::int64_t(plan.expert_offsets.size()) != E + 1 || plan.expert_offsets[0] != 0 ||
+        plan.expert_offsets[E] != nnz)
+      bad("expert_offsets must have E+1 entries from 0 to nnz");
+    if (std::int64_t(plan.slot.size()) != nnz || std::int64_t(plan.gate.size()) != nnz)
+      bad("token_index, slot and gate differ in length");
+    for (std::int64_t e = 0; e < E; ++e) {
+      const std::int64_t b = plan.expert_offsets[e], n = plan.expert_offsets[e + 1] - b;
+      if (n < 0) bad("expert_offsets decrease at expert " + std::to_string(e));
+      for (std::int64_t i = b; i < b + n; ++i) {
+        const std::int64_t t = plan.token_index[i];
+        if (t < 0 || t >= tokens)
+          bad("token index " + std::to_string(t) + " out of range [0, " + std::to_string(tokens) +
+              ") in expert " + std::to_string(e));
+        if (i > b && plan.token_index[i - 1] >= t)
+          bad("tokens of expert " + std::to_string(e) + " not strictly ascending");
+      }
+    }
+  }
+
+  void run(const plan_type& plan, const ConstView<T, 2>& x, const weights_type& w,
+           const View<T, 2>& y, const Layout& l, std::byte* base, std::int64_t slots_fit,
+           const TokenMask& mask) const {
+    const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
+    T* out = reinterpret_cast<T*>(base + l.out);
+    auto* tok_off = reinterpret_cast<std::int64_t*>(base + l.tok_off);
+    auto* tok_pos = reinterpret_cast<std::int64_t*>(base + l.tok_pos);
+    Task* tasks = reinterpret_cast<Task*>(base + l.tasks);
+    std::byte* slot_base = base + l.fixed;
+
+    // Inverse map token -> its CSR positions, in slot order (ties: expert order).
+    std::fill_n(tok_off, tokens + 1, 0);
+    for (std::int64_t p = 0; p < nnz; ++p) ++tok_off[plan.token_index[p] + 1];
+    for (std::int64_t t = 0; t < tokens; ++t) tok_off[t + 1] += tok_off[t];
+    for (std::int64_t p = 0; p < nnz; ++p) tok_pos[tok_off[plan.token_index[p]]++] = p;
+    for (std::int64_t t = tokens; t > 0; --t) tok_off[t] = tok_off[t - 1];
+    tok_off[0] = 0;
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      std::int64_t* b = tok_pos + tok_off[t];
+      const std::int64_t n = tok_off[t + 1] - tok_off[t];
+      for (std::int64_t i = 1; i < n; ++i) {  // stable insertion sort by slot (K is small)
+        const std::int64_t p = b[i];
+        std::int64_t j = i;
+        for (; j > 0 && plan.slot[b[j - 1]] > plan.slot[p]; --j) b[j] = b[j - 1];
+        b[j] = p;
+      }
+    }
+
+    // The fixed task list: near-equal row tiles of at most row_tile rows.
+    std::int64_t num_tasks = 0;
+    const auto add_tiles = [&](std::int64_t expert, std::int64_t begin, std::int64_t n) {
+      if (n <= 0) return;
+      const std::int64_t tiles = num_chunks(n, row_tile), per = num_chunks(n, tiles);
+      for (std::int64_t i = 0; i < tiles; ++i)
+        tasks[num_tasks++] = {expert, begin + i * per, std::min(per, n - i * per)};
+    };
+    for (std::int64_t e = 0; e < E; ++e) add_tiles(e, plan.expert_offsets[e], plan.expert_size(e));
+    for (std::int64_t s = 0; s < S; ++s) add_tiles(E + s, 0, tokens);
+
+    const std::int64_t slots = std::max<std::int64_t>(
+        1, std::min<std::int64_t>({std::int64_t(num_threads()), num_tasks, slots_fit}));
+    std::atomic<std::int64_t> next{0};
+    parallel_for(slots, [&](std::int64_t s) {
+      std::byte* sb = slot_base + std::size_t(s) * l.slot_bytes;
+      T* g = reinterpret_cast<T*>(sb + l.g);
+      T* u = reinterpret_cast<T*>(sb + l.u);
+      T* gws = reinterpret_cast<T*>(sb + l.gemm);
+      for (std::int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1))
+        run_task(tasks[i], plan, x, w, out, g, u, gws);
+    });
+
+    // Combine, per chunk of tokens, in the fixed order: shared experts, then slots.
+    constexpr std::int64_t chunk = 64;
+    parallel_for(num_chunks(tokens, chunk), [&](std::int64_t c) {
+      const std::int64_t t1 = std::min(tokens, (c + 1) * chunk);
+      for (std::int64_t t = c * chunk; t < t1; ++t) {
+        T* yr = y.data() + t * y.stride(0);
+        const std::int64_t ys = y.stride(1);
+        if (ys == 1) {
+          std::fill_n(yr, d, T(0));
+        } else {
+          for (std::int64_t j = 0; j < d; ++j) yr[j * ys] = T(0);
+        }
+        if (!mask.routed(t)) continue;
+        const auto add = [&](T gate, const T* src) {
+          if (ys == 1) {
+            kernels::axpy(Arch{}, gate, src, yr, d);
+          } else {
+            for (std::int64_t j = 0; j < d; ++j) yr[j * ys] += gate * src[j];
+          }
+        };
+        for (std::int64_t s = 0; s < S; ++s) add(T(1), out + (nnz + s * tokens + t) * d);
+        for (std::int64_t i = tok_off[t]; i < tok_off[t + 1]; ++i) {
+          const std::int64_t p = tok_pos[i];
+          add(plan.gate[p], out + p * d);
+        }
+      }
+    });
+  }
+
+  // One tile through one expert: O_tile = FFN(X_tile) (+ b2, softmax) into `out`.
+  void run_task(const Task& tk, const plan_type& plan, const ConstView<T, 2>& x,
+                const weights_type& w, T* out, T* g, T* u, T* gws) const noexcept {
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, tokens = plan.num_tokens;
+    const bool shared = tk.expert >= E;
+    const std::int64_t e = shared ? tk.expert - E : tk.expert;
+    const ExpertWeights<T>& ew = shared ? w.shared : w.experts;
+    const std::int64_t F = shared ? cfg_.shared_d_ff : cfg_.d_ff;
+    const std::int64_t R = tk.rows;
+    const T* xa = x.data();
+    const std::int32_t* rows = nullptr;
+    T* o = nullptr;
+    if (shared) {
+      xa += tk.begin * x.stride(0);
+      o = out + (plan.nnz() + e * tokens + tk.begin) * d;
+    } else {
+      rows = plan.token_index.data() + tk.begin;
+      o = out + tk.begin * d;
+    }
+    const Activation act = cfg_.activation;
+    const auto& w1 = ew.w1;
+    const auto& w3 = ew.w3;
+    const auto& w2 = ew.w2;
+    const T* b1 = ew.b1.empty() ? nullptr : ew.b1.data() + e * ew.b1.stride(0);
+    const T* b3 = ew.b3.empty() ? nullptr : ew.b3.data() + e * ew.b3.stride(0);
+    for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
+      const std::int64_t fc = std::min(ff_chunk, F - f0);
+      // op(B)(p, j) = w1[e][f0 + j][p]: row stride along d, column stride along F.
+      kernels::gemm(Arch{}, R, fc, d, T(1), xa, x.stride(0), x.stride(1), rows,
+                    w1.data() + e * w1.stride(0) + f0 * w1.stride(1), w1.stride(2), w1.stride(1),
+                    T(0), g, fc, 1, gws);
+      if (act == Activation::swiglu) {
+        kernels::gemm(Arch{}, R, fc, d, T(1), xa, x.stride(0), x.stride(1), rows,
+                      w3.data() + e * w3.stride(0) + f0 * w3.stride(1), w3.stride(2), w3.stride(1),
+                      T(0), u, fc, 1, gws);
+      }
+      for (std::int64_t r = 0; r < R; ++r) {
+        kernels::expert_activation(Arch{}, act, g + r * fc,
+                                   act == Activation::swiglu ? u + r * fc : nullptr,
+                                   b1 ? b1 + f0 : nullptr, b3 ? b3 + f0 : nullptr, fc);
+      }
+      // op(B)(p, j) = w2[e][j][f0 + p]; chunks after the first accumulate (beta = 1).
+      kernels::gemm(Arch{}, R, d, fc, T(1), g, fc, 1, nullptr,
+                    w2.data() + e * w2.stride(0) + f0 * w2.stride(2), w2.stride(2), w2.stride(1),
+                    f0 == 0 ? T(0) : T(1), o, d, 1, gws);
+    }
+    const T* b2 = ew.b2.empty() ? nullptr : ew.b2.data() + e * ew.b2.stride(0);
+    if (b2 || cfg_.output_softmax) {
+      for (std::int64_t r = 0; r < R; ++r) {
+        T* orow = o + r * d;
+        if (b2) kernels::axpy(Arch{}, T(1), b2, orow, d);
+        if (cfg_.output_softmax) kernels::softmax_row(Arch{}, orow, orow, d);
+      }
+    }
+  }
+
+  config_type cfg_;
+};
+
+}  // namespace moe
+}  // namespace v0
+}  // namespace switchyard

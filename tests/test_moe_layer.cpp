@@ -1,0 +1,601 @@
+// MoELayer (moe/layer.hpp) and the expert FFNs (moe/experts.hpp): against a naive
+// double-precision reference on random inputs (every activation, biases, output softmax,
+// drops, masked tokens, shared experts, float and double), against every MoE fixture's
+// output from the fixture's own routing tensors, bit-identical for 1 and 2 threads, errors,
+// T = 0, and no allocation with a caller workspace.
+#include <atomic>
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "support/compare.hpp"
+#include "support/fixtures.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/moe/experts.hpp"
+#include "switchyard/moe/layer.hpp"
+#include "switchyard/moe/plan.hpp"
+
+// Counting global allocation functions: the no-allocation test counts calls to operator new
+// while execute() runs with a caller workspace.
+namespace {
+std::atomic<long> g_allocs{0};
+std::atomic<bool> g_counting{false};
+
+void* counted_alloc(std::size_t n, std::size_t align) {
+  if (g_counting.load(std::memory_order_relaxed)) g_allocs.fetch_add(1);
+  void* p = nullptr;
+  if (align <= alignof(std::max_align_t)) {
+    p = std::malloc(n ? n : 1);
+  } else {
+    p = std::aligned_alloc(align, (std::max<std::size_t>(n, 1) + align - 1) / align * align);
+  }
+  if (!p) throw std::bad_alloc();
+  return p;
+}
+}  // namespace
+
+void* operator new(std::size_t n) { return counted_alloc(n, 0); }
+void* operator new[](std::size_t n) { return counted_alloc(n, 0); }
+void* operator new(std::size_t n, std::align_val_t a) {
+  return counted_alloc(n, static_cast<std::size_t>(a));
+}
+void* operator new[](std::size_t n, std::align_val_t a) {
+  return counted_alloc(n, static_cast<std::size_t>(a));
+}
+void operator delete(void* p) noexcept { std::free(p); }
+void operator delete[](void* p) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t) noexcept { std::free(p); }
+void operator delete(void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::align_val_t) noexcept { std::free(p); }
+void operator delete(void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+void operator delete[](void* p, std::size_t, std::align_val_t) noexcept { std::free(p); }
+
+namespace {
+
+using namespace switchyard;
+using Catch::Matchers::Contains;
+using moe::Activation;
+using test_support::max_abs;
+using test_support::random_tensor;
+using test_support::to_double;
+
+template <class T>
+struct OwnedExperts {
+  Tensor<T> w1, w3, w2, b1, b3, b2;
+  moe::ExpertWeights<T> view() const {
+    moe::ExpertWeights<T> w;
+    w.w1 = w1;
+    w.w2 = w2;
+    if (!w3.empty()) w.w3 = w3;
+    if (!b1.empty()) w.b1 = b1;
+    if (!b3.empty()) w.b3 = b3;
+    if (!b2.empty()) w.b2 = b2;
+    return w;
+  }
+};
+
+template <class T>
+OwnedExperts<T> random_experts(std::int64_t n, std::int64_t d, std::int64_t f, Activation act,
+                               bool biases, std::uint32_t seed) {
+  OwnedExperts<T> w;
+  const double s1 = 1.0 / std::sqrt(double(d)), s2 = 1.0 / std::sqrt(double(f));
+  w.w1 = random_tensor<T>({n, f, d}, seed, s1);
+  w.w2 = random_tensor<T>({n, d, f}, seed + 1, s2);
+  if (act == Activation::swiglu) w.w3 = random_tensor<T>({n, f, d}, seed + 2, s1);
+  if (biases) {
+    w.b1 = random_tensor<T>({n, f}, seed + 3, 0.5);
+    w.b2 = random_tensor<T>({n, d}, seed + 4, 0.5);
+    if (act == Activation::swiglu) w.b3 = random_tensor<T>({n, f}, seed + 5, 0.5);
+  }
+  return w;
+}
+
+/// Naive expert e on one token, in double.
+template <class T>
+std::vector<double> ref_expert(const OwnedExperts<T>& w, std::int64_t e, Activation act,
+                               bool out_softmax, const std::vector<double>& x) {
+  const std::int64_t f = w.w1.extent(1), d = w.w1.extent(2);
+  std::vector<double> h(std::size_t(f), 0.0), y(std::size_t(d), 0.0);
+  for (std::int64_t j = 0; j < f; ++j) {
+    double g = 0, u = 0;
+    for (std::int64_t p = 0; p < d; ++p) {
+      g += double(w.w1(e, j, p)) * x[p];
+      if (act == Activation::swiglu) u += double(w.w3(e, j, p)) * x[p];
+    }
+    if (!w.b1.empty()) g += double(w.b1(e, j));
+    if (!w.b3.empty()) u += double(w.b3(e, j));
+    switch (act) {
+      case Activation::swiglu:
+        h[j] = g / (1.0 + std::exp(-g)) * u;
+        break;
+      case Activation::gelu:
+        h[j] = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
+        break;
+      case Activation::relu:
+        h[j] = std::max(g, 0.0);
+        break;
+    }
+  }
+  for (std::int64_t i = 0; i < d; ++i) {
+    double s = w.b2.empty() ? 0.0 : double(w.b2(e, i));
+    for (std::int64_t j = 0; j < f; ++j) s += double(w.w2(e, i, j)) * h[j];
+    y[i] = s;
+  }
+  if (out_softmax) {
+    const double m = *std::max_element(y.begin(), y.end());
+    double z = 0;
+    for (auto& v : y) z += (v = std::exp(v - m));
+    for (auto& v : y) v /= z;
+  }
+  return y;
+}
+
+/// One (token, choice) of the reference: expert (-1 unused), weight, kept by capacity.
+struct Choice {
+  int expert = -1;
+  double weight = 0;
+  bool kept = true;
+};
+
+/// Naive MoE: y[t] = sum_s shared_s(x_t) + sum over kept choices of weight * expert(x_t);
+/// masked tokens give 0.
+template <class T>
+std::vector<double> ref_moe(const Tensor<T>& x, const OwnedExperts<T>& routed,
+                            const OwnedExperts<T>* shared, Activation act, bool out_softmax,
+                            const std::vector<std::vector<Choice>>& choices,
+                            const std::vector<std::uint8_t>& keep) {
+  const std::int64_t tokens = x.extent(0), d = x.extent(1);
+  std::vector<double> y(std::size_t(tokens * d), 0.0);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    if (!keep.empty() && !keep[t]) continue;
+    std::vector<double> xt(static_cast<std::size_t>(d));
+    for (std::int64_t p = 0; p < d; ++p) xt[p] = double(x(t, p));
+    const auto add = [&](const std::vector<double>& o, double g) {
+      for (std::int64_t i = 0; i < d; ++i) y[t * d + i] += g * o[i];
+    };
+    if (shared)
+      for (std::int64_t s = 0; s < shared->w1.extent(0); ++s)
+        add(ref_expert(*shared, s, act, out_softmax, xt), 1.0);
+    for (const Choice& c : choices[t])
+      if (c.expert >= 0 && c.kept)
+        add(ref_expert(routed, c.expert, act, out_softmax, xt), c.weight);
+  }
+  return y;
+}
+
+/// Random token-choice routing: K distinct experts per token, some pairs dropped, every
+/// seventh token masked, token 1 loses all its pairs.
+struct RandomRouting {
+  std::vector<std::vector<Choice>> choices;
+  std::vector<std::uint8_t> keep_token;
+};
+
+RandomRouting random_routing(std::int64_t tokens, std::int64_t experts, std::int64_t k,
+                             std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<double> uw(0.1, 1.0), u01(0.0, 1.0);
+  RandomRouting r;
+  r.choices.resize(std::size_t(tokens));
+  r.keep_token.assign(std::size_t(tokens), 1);
+  std::vector<int> ids(static_cast<std::size_t>(experts));
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t e = 0; e < experts; ++e) ids[e] = int(e);
+    std::shuffle(ids.begin(), ids.end(), gen);
+    const bool masked = t % 7 == 3;
+    r.keep_token[t] = masked ? 0 : 1;
+    for (std::int64_t s = 0; s < k; ++s) {
+      Choice c;
+      if (!masked) {
+        c.expert = ids[s];
+        c.weight = uw(gen);
+        c.kept = t != 1 && u01(gen) > 0.2;
+      }
+      r.choices[t].push_back(c);
+    }
+  }
+  return r;
+}
+
+template <class T>
+moe::DispatchPlan<T> plan_from_routing(const RandomRouting& r, std::int64_t experts,
+                                       std::int64_t k) {
+  const auto tokens = std::int64_t(r.choices.size());
+  moe::DispatchPlan<T> plan;
+  plan.reset(tokens, experts, k);
+  std::vector<std::uint8_t> keep(std::size_t(tokens * k), 1);
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (std::int64_t s = 0; s < k; ++s) {
+      const Choice& c = r.choices[t][s];
+      plan.choice_expert[t * k + s] = c.expert;
+      plan.choice_weight[t * k + s] = c.expert >= 0 ? T(c.weight) : T(0);
+      keep[t * k + s] = c.kept ? 1 : 0;
+      if (c.expert >= 0) ++plan.stats.tokens_per_expert[c.expert];
+    }
+  moe::detail::build_csr_from_choices(plan, keep);
+  plan.check();
+  return plan;
+}
+
+template <class T>
+void check_against_reference(Activation act, bool biases, bool out_softmax, std::int64_t shared,
+                             std::int64_t f, std::uint32_t seed) {
+  const std::int64_t tokens = 37, d = 24, experts = 5, k = act == Activation::relu ? 3 : 2;
+  const Tensor<T> x = random_tensor<T>({tokens, d}, seed);
+  const auto routed = random_experts<T>(experts, d, f, act, biases, seed + 10);
+  const auto sh =
+      random_experts<T>(std::max<std::int64_t>(shared, 1), d, f + 8, act, biases, seed + 20);
+  const RandomRouting r = random_routing(tokens, experts, k, seed + 30);
+  const auto plan = plan_from_routing<T>(r, experts, k);
+  REQUIRE(plan.stats.dropped > 0);
+
+  moe::MoELayer<T> layer({.d_model = d,
+                          .d_ff = f,
+                          .num_experts = experts,
+                          .activation = act,
+                          .num_shared_experts = shared,
+                          .output_softmax = out_softmax,
+                          .shared_d_ff = f + 8});
+  moe::MoELayerWeights<T> w{routed.view(), shared ? sh.view() : moe::ExpertWeights<T>{}};
+  const moe::TokenMask mask{r.keep_token};
+  const Tensor<T> y = layer.execute(plan, x, w, mask);
+  const auto want =
+      ref_moe<T>(x, routed, shared ? &sh : nullptr, act, out_softmax, r.choices, r.keep_token);
+  const double scale = max_abs(want);
+  REQUIRE(scale > 0);
+  const double tol = std::is_same_v<T, float> ? 2e-5 : 1e-12;
+  const auto got = to_double(y);
+  for (std::size_t i = 0; i < got.size(); ++i) REQUIRE(std::abs(got[i] - want[i]) <= tol * scale);
+  // masked tokens and the token that lost every pair (no shared expert) output exactly 0
+  for (std::int64_t j = 0; j < d; ++j) {
+    REQUIRE(y(3, j) == T(0));
+    if (shared == 0) REQUIRE(y(1, j) == T(0));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("MoELayer matches a naive double reference for every activation", "[moe][layer]") {
+  struct Case {
+    Activation act;
+    bool biases, out_softmax;
+    std::int64_t shared, f;
+  };
+  const Case cases[] = {
+      {Activation::swiglu, false, false, 0, 40},  {Activation::swiglu, true, false, 2, 40},
+      {Activation::gelu, true, false, 1, 40},     {Activation::gelu, false, false, 0, 33},
+      {Activation::relu, true, true, 0, 40},      {Activation::relu, true, false, 1, 40},
+      {Activation::swiglu, false, false, 1, 530},  // several hidden chunks (ff_chunk = 512)
+  };
+  std::uint32_t seed = 100;
+  for (const Case& c : cases) {
+    CAPTURE(moe::to_string(c.act), c.biases, c.out_softmax, c.shared, c.f);
+    SECTION("float") {
+      check_against_reference<float>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed);
+    }
+    SECTION("double") {
+      check_against_reference<double>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed);
+    }
+    seed += 100;
+  }
+}
+
+TEST_CASE("MoELayer accepts strided x and y, and y aliasing x", "[moe][layer]") {
+  const std::int64_t tokens = 29, d = 20, f = 24, experts = 3, k = 2;
+  const Tensor<float> wide = random_tensor<float>({tokens, d + 5}, 7);
+  const ConstView<float, 2> x = wide.view<2>().slice(1, 2, 2 + d);
+  const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, false, 8);
+  const auto plan = plan_from_routing<float>(random_routing(tokens, experts, k, 9), experts, k);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+  const moe::MoELayerWeights<float> w{routed.view(), {}};
+
+  Tensor<float> xc({tokens, d});
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (std::int64_t j = 0; j < d; ++j) xc(t, j) = x(t, j);
+  const Tensor<float> want = layer.execute(plan, xc, w);
+
+  Tensor<float> ywide({d, tokens});  // y transposed: column stride tokens
+  const View<float, 2> yt(ywide.data(), {tokens, d}, {1, tokens});
+  layer.execute(plan, x, w, yt);
+  for (std::int64_t t = 0; t < tokens; ++t)
+    for (std::int64_t j = 0; j < d; ++j) REQUIRE(yt(t, j) == Approx(want(t, j)).margin(1e-6));
+
+  Tensor<float> inplace = xc;
+  layer.execute(plan, inplace, w, inplace.view<2>());
+  REQUIRE(std::memcmp(inplace.data(), want.data(), sizeof(float) * std::size_t(tokens * d)) == 0);
+}
+
+namespace {
+
+struct FixtureExperts {
+  Tensor<float> w1, w2, w3, b1, b2;
+  moe::ExpertWeights<float> view() const {
+    moe::ExpertWeights<float> w;
+    w.w1 = w1;
+    w.w2 = w2;
+    if (!w3.empty()) w.w3 = w3;
+    if (!b1.empty()) w.b1 = b1;
+    if (!b2.empty()) w.b2 = b2;
+    return w;
+  }
+};
+
+FixtureExperts swiglu_experts(const io::SafeTensors& f, const std::string& prefix = "") {
+  return {f.tensor<float>(prefix + "w1"),
+          f.tensor<float>(prefix + "w2"),
+          f.tensor<float>(prefix + "w3"),
+          {},
+          {}};
+}
+
+/// |got - want| <= 1e-5 * max(|want|, 1e-2 * max|want|) elementwise.
+void require_close(const Tensor<float>& got, const Tensor<float>& want) {
+  REQUIRE(got.numel() == want.numel());
+  const auto g = to_double(got), w = to_double(want);
+  const double floor = 1e-2 * max_abs(w);
+  REQUIRE(test_support::max_rel_err(g, w, floor) <= 1e-5);
+}
+
+Tensor<float> run_fixture_layer(const moe::DispatchPlan<float>& plan, const Tensor<float>& x,
+                                const FixtureExperts& ex, const FixtureExperts* shared,
+                                Activation act = Activation::swiglu, bool out_softmax = false) {
+  const std::int64_t d = x.extent(1), f = ex.w1.extent(1), experts = ex.w1.extent(0);
+  moe::MoELayer<float> layer({.d_model = d,
+                              .d_ff = f,
+                              .num_experts = experts,
+                              .activation = act,
+                              .num_shared_experts = shared ? shared->w1.extent(0) : 0,
+                              .output_softmax = out_softmax});
+  plan.check();
+  return layer.execute(plan, x, {ex.view(), shared ? shared->view() : moe::ExpertWeights<float>{}});
+}
+
+moe::DispatchPlan<float> plan_from_topk(const io::SafeTensors& f, std::int64_t experts) {
+  const auto idx = f.tensor<std::int64_t>("topk_idx");
+  const auto wts = f.tensor<float>("topk_weights");
+  return moe::make_token_choice_plan<float, std::int64_t>(experts, idx, wts);
+}
+
+}  // namespace
+
+TEST_CASE("MoELayer reproduces the token-choice fixtures", "[moe][layer][fixtures]") {
+  for (const char* file : {"mixtral_topk_tiny.safetensors", "olmoe_topk_tiny.safetensors"}) {
+    CAPTURE(file);
+    const auto f = open_fixture(file);
+    const auto ex = swiglu_experts(f);
+    const auto plan = plan_from_topk(f, ex.w1.extent(0));
+    require_close(run_fixture_layer(plan, f.tensor<float>("x"), ex, nullptr), f.tensor<float>("y"));
+  }
+  const auto f = open_fixture("shared_expert_topk_tiny.safetensors");
+  const auto ex = swiglu_experts(f), sh = swiglu_experts(f, "shared_");
+  const auto plan = plan_from_topk(f, ex.w1.extent(0));
+  require_close(run_fixture_layer(plan, f.tensor<float>("x"), ex, &sh), f.tensor<float>("y"));
+}
+
+TEST_CASE("MoELayer reproduces the capacity, expert-choice and ReLU-routing fixtures",
+          "[moe][layer][fixtures]") {
+  for (const char* file : {"switch_top1_capacity_tiny.safetensors",
+                           "topk_capacity_tiny.safetensors", "expert_choice_tiny.safetensors"}) {
+    CAPTURE(file);
+    const auto f = open_fixture(file);
+    const auto plan =
+        moe::make_plan_from_combine_weights<float>(f.tensor<float>("combine_weights"));
+    const auto y = run_fixture_layer(plan, f.tensor<float>("x"), swiglu_experts(f), nullptr);
+    require_close(y, f.tensor<float>("y"));
+  }
+  {
+    // gshard: [T, E, C] combine weights, one non-zero slot per kept (t, e): sum over C.
+    const auto f = open_fixture("gshard_top2_tiny.safetensors");
+    const auto cw = f.tensor<float>("combine_weights");
+    Tensor<float> c2({cw.extent(0), cw.extent(1)});
+    for (std::int64_t t = 0; t < cw.extent(0); ++t)
+      for (std::int64_t e = 0; e < cw.extent(1); ++e)
+        for (std::int64_t c = 0; c < cw.extent(2); ++c) c2(t, e) += cw(t, e, c);
+    const auto plan = moe::make_plan_from_combine_weights<float>(c2);
+    require_close(run_fixture_layer(plan, f.tensor<float>("x"), swiglu_experts(f), nullptr),
+                  f.tensor<float>("y"));
+  }
+  {
+    const auto f = open_fixture("remoe_relu_tiny.safetensors");
+    const auto plan = moe::make_plan_from_combine_weights<float>(f.tensor<float>("gates"));
+    require_close(run_fixture_layer(plan, f.tensor<float>("x"), swiglu_experts(f), nullptr),
+                  f.tensor<float>("y"));
+  }
+}
+
+TEST_CASE("MoELayer reproduces the noisy top-k fixture (ReLU experts, biases, output softmax)",
+          "[moe][layer][fixtures]") {
+  const auto f = open_fixture("noisy_topk_tiny.safetensors");
+  FixtureExperts ex;
+  ex.w1 = f.tensor<float>("fc1_w");
+  ex.b1 = f.tensor<float>("fc1_b");
+  ex.w2 = f.tensor<float>("fc2_w");
+  ex.b2 = f.tensor<float>("fc2_b");
+  const auto x = f.tensor<float>("x");
+  for (const auto& [gates, y] : {std::pair{"gates", "y"}, std::pair{"train_gates", "train_y"}}) {
+    CAPTURE(gates);
+    const auto plan = moe::make_plan_from_combine_weights<float>(f.tensor<float>(gates));
+    require_close(run_fixture_layer(plan, x, ex, nullptr, Activation::relu, true),
+                  f.tensor<float>(y));
+  }
+}
+
+TEST_CASE("make_plan_from_combine_weights numbers slots in expert order", "[moe][layer]") {
+  const float c[] = {0, 0.5f, 0, 0.25f,  //
+                     0, 0,    0, 0,      //
+                     1, 0,    0, 0};
+  const auto plan = moe::make_plan_from_combine_weights<float>(ConstView<float, 2>(c, {3, 4}));
+  plan.check();
+  REQUIRE(plan.top_k == 2);
+  REQUIRE(plan.nnz() == 3);
+  REQUIRE(plan.expert_offsets == std::vector<std::int64_t>{0, 1, 2, 2, 3});
+  REQUIRE(plan.token_index == std::vector<std::int32_t>{2, 0, 0});
+  REQUIRE(plan.slot == std::vector<std::int32_t>{0, 0, 1});
+  REQUIRE(plan.gate == std::vector<float>{1.0f, 0.5f, 0.25f});
+  const float bad[] = {0, NAN};
+  REQUIRE_THROWS_AS(moe::make_plan_from_combine_weights<float>(ConstView<float, 2>(bad, {1, 2})),
+                    config_error);
+}
+
+TEST_CASE("MoELayer gives the same bits for 1 and 2 threads", "[moe][layer][threads]") {
+  // Experts of ~1500 rows and a shared expert over 1500 tokens: several row tiles each.
+  const std::int64_t tokens = 1500, d = 16, f = 24, experts = 2, k = 2;
+  for (Activation act : {Activation::swiglu, Activation::gelu}) {
+    CAPTURE(moe::to_string(act));
+    const Tensor<float> x = random_tensor<float>({tokens, d}, 11);
+    const auto routed = random_experts<float>(experts, d, f, act, true, 12);
+    const auto sh = random_experts<float>(1, d, f, act, true, 13);
+    const RandomRouting r = random_routing(tokens, experts, k, 14);
+    const auto plan = plan_from_routing<float>(r, experts, k);
+    REQUIRE(plan.expert_size(0) > moe::MoELayer<float>::row_tile);
+    moe::MoELayer<float> layer({.d_model = d,
+                                .d_ff = f,
+                                .num_experts = experts,
+                                .activation = act,
+                                .num_shared_experts = 1});
+    const moe::MoELayerWeights<float> w{routed.view(), sh.view()};
+    Tensor<float> y1, y2, y2small({tokens, d});
+    {
+      ScopedNumThreads one(1);
+      y1 = layer.execute(plan, x, w);
+    }
+    {
+      ScopedNumThreads two(2);
+      y2 = layer.execute(plan, x, w);
+      // a workspace sized for one thread still works with two (it runs one slot)
+      std::vector<std::byte> ws(layer.workspace_bytes(plan, 1));
+      layer.execute(plan, x, w, y2small, ws);
+    }
+    const std::size_t bytes = sizeof(float) * std::size_t(tokens * d);
+    REQUIRE(std::memcmp(y1.data(), y2.data(), bytes) == 0);
+    REQUIRE(std::memcmp(y1.data(), y2small.data(), bytes) == 0);
+    REQUIRE(max_abs(to_double(y1)) > 0);
+  }
+}
+
+TEST_CASE("MoELayer with T = 0 returns an empty output", "[moe][layer]") {
+  const std::int64_t d = 8;
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = 16, .num_experts = 4});
+  const auto routed = random_experts<float>(4, d, 16, Activation::swiglu, false, 1);
+  const auto plan = moe::make_token_choice_plan<float, std::int32_t>(
+      4, ConstView<std::int32_t, 2>(nullptr, {0, 2}), ConstView<float, 2>(nullptr, {0, 2}));
+  const Tensor<float> x({0, d});
+  REQUIRE(layer.workspace_bytes(plan) == 0);
+  const Tensor<float> y = layer.execute(plan, x, {routed.view(), {}});
+  REQUIRE(y.extent(0) == 0);
+  REQUIRE(y.extent(1) == d);
+  Tensor<float> y2({0, d});
+  layer.execute(plan, x, {routed.view(), {}}, y2, std::span<std::byte>{});
+}
+
+TEST_CASE("MoELayer errors name the argument and both shapes", "[moe][layer][errors]") {
+  const std::int64_t tokens = 16, d = 8, f = 16, experts = 4, k = 2;
+  const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, false, 1);
+  const auto sh = random_experts<float>(1, d, f, Activation::swiglu, false, 2);
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 3);
+  const auto plan = plan_from_routing<float>(random_routing(tokens, experts, k, 4), experts, k);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+  const moe::MoELayerWeights<float> w{routed.view(), {}};
+
+  SECTION("config") {
+    REQUIRE_THROWS_AS(moe::MoELayer<float>({.d_model = 0, .d_ff = f, .num_experts = 4}),
+                      config_error);
+    REQUIRE_THROWS_WITH(moe::MoELayer<float>({.d_model = d, .d_ff = 0, .num_experts = 4}),
+                        Contains("MoELayer") && Contains("d_ff"));
+    REQUIRE_THROWS_WITH(moe::MoELayer<float>({.d_model = d, .d_ff = f, .num_experts = 0}),
+                        Contains("num_experts"));
+    REQUIRE_THROWS_WITH(
+        moe::MoELayer<float>({.d_model = d, .d_ff = f, .num_experts = 4, .num_shared_experts = -1}),
+        Contains("num_shared_experts"));
+    REQUIRE_THROWS_AS(
+        moe::MoELayer<float>({.d_model = d, .d_ff = f, .num_experts = 4, .shared_d_ff = -2}),
+        config_error);
+  }
+  SECTION("w1 in the wrong layout") {
+    const Tensor<float> w1t({experts, d, f});  // [E, d, F] instead of [E, F, d]
+    moe::MoELayerWeights<float> bad = w;
+    bad.experts.w1 = w1t;
+    REQUIRE_THROWS_AS(layer.execute(plan, x, bad), shape_error);
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, bad),
+                        Contains("MoELayer::execute") && Contains("'w1'") &&
+                            Contains("[E=4, F=8, D=16]") && Contains("[E=4, F=16, D=8]"));
+  }
+  SECTION("other weights") {
+    moe::MoELayerWeights<float> bad = w;
+    bad.experts.w3 = {};
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, bad), Contains("'w3'"));
+    bad = w;
+    bad.experts.w2 = routed.w1;
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, bad),
+                        Contains("'w2'") && Contains("[E=4, D=16, F=8]"));
+    bad = w;
+    const Tensor<float> b1({experts, f + 1});
+    bad.experts.b1 = b1;
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, bad), Contains("'b1'"));
+    const auto gelu = random_experts<float>(experts, d, f, Activation::gelu, false, 5);
+    moe::MoELayer<float> gl(
+        {.d_model = d, .d_ff = f, .num_experts = experts, .activation = Activation::gelu});
+    moe::MoELayerWeights<float> gw{gelu.view(), {}};
+    gw.experts.w3 = routed.w3;  // only swiglu has w3
+    REQUIRE_THROWS_WITH(gl.execute(plan, x, gw), Contains("'w3'"));
+    moe::MoELayer<float> with_shared(
+        {.d_model = d, .d_ff = f, .num_experts = experts, .num_shared_experts = 2});
+    moe::MoELayerWeights<float> sw{routed.view(), sh.view()};  // holds 1 shared expert, not 2
+    REQUIRE_THROWS_WITH(with_shared.execute(plan, x, sw),
+                        Contains("'shared.w1'") && Contains("[E=1, F=16, D=8]"));
+  }
+  SECTION("x, y, plan, mask, workspace") {
+    const Tensor<float> x7({tokens, d - 1});
+    REQUIRE_THROWS_WITH(layer.execute(plan, x7, w),
+                        Contains("'x'") && Contains("[T=16, D=7]") && Contains("[T=16, D=8]"));
+    const Tensor<float> x15({tokens - 1, d});
+    REQUIRE_THROWS_WITH(layer.execute(plan, x15, w), Contains("'x'") && Contains("[T=15, D=8]"));
+    Tensor<float> y({tokens, d + 1});
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, w, y.view<2>()),
+                        Contains("'y'") && Contains("[T=16, D=9]"));
+    auto other =
+        plan_from_routing<float>(random_routing(tokens, experts + 1, k, 4), experts + 1, k);
+    REQUIRE_THROWS_WITH(layer.execute(other, x, w), Contains("'plan'") && Contains("E=5"));
+    const std::vector<std::uint8_t> keep(5, 1);
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, w, moe::TokenMask{keep}), Contains("'mask'"));
+    Tensor<float> y2({tokens, d});
+    std::vector<std::byte> ws(layer.workspace_bytes(plan, 1) - 1);
+    REQUIRE_THROWS_WITH(layer.execute(plan, x, w, y2.view<2>(), ws), Contains("'workspace'"));
+    auto broken = plan;
+    broken.token_index[0] = 99;
+    REQUIRE_THROWS_AS(layer.execute(broken, x, w), switchyard::error);
+    broken = plan;
+    broken.expert_offsets.pop_back();
+    REQUIRE_THROWS_WITH(layer.execute(broken, x, w), Contains("expert_offsets"));
+  }
+}
+
+TEST_CASE("MoELayer::execute with a workspace does not allocate", "[moe][layer][alloc]") {
+  const std::int64_t tokens = 300, d = 16, f = 24, experts = 3, k = 2;
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 21);
+  const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, true, 22);
+  const auto sh = random_experts<float>(1, d, f, Activation::swiglu, true, 23);
+  const auto plan = plan_from_routing<float>(random_routing(tokens, experts, k, 24), experts, k);
+  moe::MoELayer<float> layer(
+      {.d_model = d, .d_ff = f, .num_experts = experts, .num_shared_experts = 1});
+  const moe::MoELayerWeights<float> w{routed.view(), sh.view()};
+  Tensor<float> y({tokens, d});
+  for (int threads : {1, 2}) {
+    CAPTURE(threads);
+    ScopedNumThreads nt(threads);
+    std::vector<std::byte> ws(layer.workspace_bytes(plan));
+    layer.execute(plan, x, w, y.view<2>(), ws);  // warm-up (thread pool start-up)
+    g_allocs = 0;
+    g_counting = true;
+    layer.execute(plan, x, w, y.view<2>(), ws);
+    g_counting = false;
+    REQUIRE(g_allocs.load() == 0);
+  }
+}
