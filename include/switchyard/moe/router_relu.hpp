@@ -1,0 +1,311 @@
+#pragma once
+// ReLU routing (ReMoE, Wang et al. 2024) and its adaptive L1 coefficient.
+//
+// Mirrors thu-ml/ReMoE @ 463c6af, megatron/core/transformer/moe/router.py,
+// ReLURouter.routing -> l1_reg_load_balancing -> apply_l1_reg (train mode), and
+// the coefficient update of megatron/training/training.py.
+//
+// ReluRouter::route(logits [T, E]):
+//   gate[t,e] = relu(logits[t,e]); expert e is active for token t iff
+//   logits[t,e] > 0 (strictly: 0 and -0 are inactive). No softmax, no top-k, no
+//   normalisation, no capacity: a token uses 0..E experts, each with weight gate.
+//   plan.top_k = E (the most a token can use). The [T, E] choice views list a
+//   token's active experts best first (larger gate first, ties toward the lower
+//   expert index), then -1 / weight 0 in the unused slots; slot s of a CSR entry
+//   is that rank. capacity = -1 (dropless), nothing is dropped.
+// stats (routed tokens only; T below = routed tokens):
+//   tokens_per_expert = kept_per_expert = n_e, active tokens of expert e;
+//   mean_prob[e] = mean_t gate[t,e];
+//   aux_loss = E / (T^2 k) * sum_e n_e * sum_t gate[t,e] with k = topk_for_target:
+//     the UNSCALED L1 term (Megatron switch_load_balancing_loss_func with
+//     coefficient 1 on the ReLU gates, what the reference logs as l1_reg_loss).
+//     Multiply by the L1Controller coefficient (L1Controller::loss) for the
+//     term added to the training loss;
+//   z_loss = mean_t logsumexp(logits[t])^2 and entropy = mean_t entropy of
+//     softmax(logits[t]) (diagnostics on the raw logits, computed as in the
+//     softmax routers; the ReLU gates are not a distribution);
+//   tokens_without_expert = routed tokens with no positive logit (output 0);
+//   dropped = 0.
+// ReluRouter::sparsity(plan) = 1 - active pairs / (T * E) over routed tokens
+// (1 when no token is routed); target_sparsity() = 1 - k/E.
+// Masked tokens (TokenMask keep = 0) get no expert and count in no statistic,
+// loss or sparsity. T = 0 gives an empty plan with zero losses.
+// Errors: config_error (naming "ReluRouter") for num_experts < 1,
+// topk_for_target outside [1, E], NaN or infinite logits; shape_error for logits
+// not [T, E] or a mask not [T].
+//
+// L1Controller: the adaptive coefficient lambda of the L1 term, with its state
+// kept outside (L1ControllerState) so the controller itself is immutable.
+//   loss(state, l1_unscaled) = state.coeff * l1_unscaled;
+//   update(state, sparsity): if sparsity < target_sparsity then coeff *= multiplier,
+//   else coeff /= multiplier (strict '<': a sparsity equal to the target lowers
+//   the coefficient), as the reference does once per iteration, after the step,
+//   from that iteration's sparsity; the iteration's loss uses the coefficient
+//   before the update. With several MoE layers or micro-batches the reference
+//   passes the mean of their sparsities.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/softmax.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/moe/losses.hpp"
+#include "switchyard/moe/plan.hpp"
+#include "switchyard/moe/router.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace moe {
+
+struct ReluRouterConfig {
+  std::int64_t num_experts = 0;      ///< E (Megatron num_moe_experts)
+  std::int64_t topk_for_target = 1;  ///< k (Megatron moe_router_topk): target 1 - k/E, L1 1/k
+};
+
+template <class T = float, class Arch = simd::default_arch>
+class ReluRouter {
+ public:
+  using config_type = ReluRouterConfig;
+  static constexpr std::string_view name = "ReluRouter";
+
+  explicit ReluRouter(config_type cfg) : cfg_(cfg) {
+    detail::check_num_experts(name, cfg_.num_experts);
+    if (cfg_.topk_for_target < 1 || cfg_.topk_for_target > cfg_.num_experts) {
+      switchyard::detail::fail_config(
+          name, "config", "topk_for_target", cfg_.topk_for_target,
+          "1 <= topk_for_target <= num_experts = " + std::to_string(cfg_.num_experts));
+    }
+  }
+
+  std::int64_t num_experts() const noexcept { return cfg_.num_experts; }
+  const config_type& config() const noexcept { return cfg_; }
+  /// 1 - k/E, the sparsity the L1 coefficient steers toward.
+  double target_sparsity() const noexcept {
+    return 1.0 - static_cast<double>(cfg_.topk_for_target) / static_cast<double>(cfg_.num_experts);
+  }
+
+  /// logits: [T, E], unit inner stride. Fills plan (memory reused); see the file comment.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask = {}) const {
+    const std::int64_t E = cfg_.num_experts;
+    detail::check_logits(name, logits, E, mask);
+    const std::int64_t tokens = logits.extent(0);
+    plan.reset(tokens, E, E);
+    const std::int64_t chunks = num_chunks(tokens, detail::router_chunk);
+    // Per chunk: active count [E], gate sums [E], lse^2, entropy, first bad token.
+    const std::int64_t width = 2 * E + 3;
+    std::vector<double> partial(static_cast<std::size_t>(chunks * width), 0.0);
+    parallel_for(chunks, [&](std::int64_t c) {
+      double* acc = partial.data() + c * width;
+      double* count = acc;
+      double* gate_sum = acc + E;
+      acc[2 * E + 2] = -1;
+      std::vector<T> scratch(static_cast<std::size_t>(E));
+      std::vector<std::int32_t> order(static_cast<std::size_t>(E));
+      const std::int64_t end = std::min(tokens, (c + 1) * detail::router_chunk);
+      for (std::int64_t t = c * detail::router_chunk; t < end; ++t) {
+        if (!mask.routed(t)) continue;
+        const T* x = logits.data() + t * logits.stride(0);
+        T lse;
+        kernels::softmax_row(Arch{}, x, scratch.data(), E, &lse);
+        if (!std::isfinite(lse)) {
+          if (acc[2 * E + 2] < 0) acc[2 * E + 2] = static_cast<double>(t);
+          continue;
+        }
+        double px = 0;
+        for (std::int64_t e = 0; e < E; ++e) px += static_cast<double>(scratch[e]) * x[e];
+        acc[2 * E] += static_cast<double>(lse) * lse;
+        acc[2 * E + 1] += static_cast<double>(lse) - px;
+        std::int64_t n = 0;
+        for (std::int64_t e = 0; e < E; ++e) {
+          if (x[e] > T(0)) {
+            order[n++] = static_cast<std::int32_t>(e);
+            count[e] += 1;
+            gate_sum[e] += static_cast<double>(x[e]);
+          }
+        }
+        // Best first: larger gate, ties toward the lower expert index (a strict order).
+        const auto before = [x](std::int32_t a, std::int32_t b) {
+          return x[a] > x[b] || (x[a] == x[b] && a < b);
+        };
+        if (n <= 16) {
+          for (std::int64_t i = 1; i < n; ++i) {
+            const std::int32_t v = order[i];
+            std::int64_t j = i;
+            for (; j > 0 && before(v, order[j - 1]); --j) order[j] = order[j - 1];
+            order[j] = v;
+          }
+        } else {
+          std::sort(order.begin(), order.begin() + n, before);
+        }
+        std::int32_t* ce = plan.choice_expert.data() + t * E;
+        T* cw = plan.choice_weight.data() + t * E;
+        for (std::int64_t s = 0; s < n; ++s) {
+          ce[s] = order[s];
+          cw[s] = x[order[s]];
+        }
+      }
+    });
+    // Reduce in chunk order (bit-identical for any thread count); chunk c's first
+    // CSR position inside expert e is the sum of the earlier chunks' counts.
+    std::vector<double> gate_sum(static_cast<std::size_t>(E), 0.0);
+    std::vector<std::int64_t> start(static_cast<std::size_t>(chunks * E), 0);
+    double lse2 = 0, entropy = 0;
+    for (std::int64_t c = 0; c < chunks; ++c) {
+      const double* acc = partial.data() + c * width;
+      if (acc[2 * E + 2] >= 0)
+        detail::fail_non_finite_logits(name, static_cast<std::int64_t>(acc[2 * E + 2]));
+      for (std::int64_t e = 0; e < E; ++e) {
+        start[c * E + e] = plan.stats.tokens_per_expert[e];
+        plan.stats.tokens_per_expert[e] += static_cast<std::int64_t>(acc[e]);
+        gate_sum[e] += acc[E + e];
+      }
+      lse2 += acc[2 * E];
+      entropy += acc[2 * E + 1];
+    }
+    auto& offsets = plan.expert_offsets;
+    for (std::int64_t e = 0; e < E; ++e) {
+      plan.stats.kept_per_expert[e] = plan.stats.tokens_per_expert[e];
+      offsets[e + 1] = offsets[e] + plan.stats.tokens_per_expert[e];
+    }
+    const auto nnz = static_cast<std::size_t>(offsets[E]);
+    plan.token_index.resize(nnz);
+    plan.slot.resize(nnz);
+    plan.gate.resize(nnz);
+    std::vector<std::int64_t> without(static_cast<std::size_t>(chunks), 0);
+    parallel_for(chunks, [&](std::int64_t c) {
+      std::int64_t* cursor = start.data() + c * E;
+      for (std::int64_t e = 0; e < E; ++e) cursor[e] += offsets[e];
+      const std::int64_t end = std::min(tokens, (c + 1) * detail::router_chunk);
+      for (std::int64_t t = c * detail::router_chunk; t < end; ++t) {
+        if (!mask.routed(t)) continue;
+        const std::int32_t* ce = plan.choice_expert.data() + t * E;
+        const T* cw = plan.choice_weight.data() + t * E;
+        if (ce[0] < 0) ++without[c];
+        for (std::int64_t s = 0; s < E && ce[s] >= 0; ++s) {
+          const std::int64_t p = cursor[ce[s]]++;
+          plan.token_index[p] = static_cast<std::int32_t>(t);
+          plan.slot[p] = static_cast<std::int32_t>(s);
+          plan.gate[p] = cw[s];
+        }
+      }
+    });
+    const std::int64_t routed = mask.count(tokens);
+    auto& st = plan.stats;
+    st.routed_tokens = routed;
+    for (std::int64_t c = 0; c < chunks; ++c) st.tokens_without_expert += without[c];
+    if (routed > 0) {
+      for (std::int64_t e = 0; e < E; ++e) st.mean_prob[e] = gate_sum[e] / routed;
+      st.z_loss = lse2 / routed;
+      st.entropy = entropy / routed;
+      st.aux_loss =
+          switch_load_balancing_loss(st.tokens_per_expert, gate_sum, routed, cfg_.topk_for_target);
+    }
+  }
+
+  /// Convenience: a fresh plan.
+  DispatchPlan<T> route(ConstView<T, 2> logits, const TokenMask& mask = {}) const {
+    DispatchPlan<T> plan;
+    route(logits, plan, mask);
+    return plan;
+  }
+
+  /// 1 - active pairs / (routed tokens * E) of a plan this router made; 1 if no token was routed.
+  static double sparsity(const DispatchPlan<T>& plan) noexcept {
+    const std::int64_t routed = plan.stats.routed_tokens;
+    if (routed <= 0 || plan.num_experts <= 0) return 1.0;
+    return 1.0 - static_cast<double>(plan.nnz()) /
+                     (static_cast<double>(routed) * static_cast<double>(plan.num_experts));
+  }
+
+ private:
+  config_type cfg_;
+};
+
+/// The L1 coefficient lambda in force; the controller updates it once per iteration.
+struct L1ControllerState {
+  double coeff = 1e-8;
+};
+
+struct L1ControllerConfig {
+  double initial_coeff = 1e-8;  ///< ReMoE moe_relu_l1_reg_coeff (initial lambda)
+  double multiplier = 1.2;      ///< ReMoE moe_relu_l1_reg_coeff_multiplier (alpha)
+  /// Target sparsity in [0, 1); empty = 1 - topk_for_target / num_experts of the router
+  /// config passed to the constructor (required when none is passed).
+  std::optional<double> target_sparsity;
+};
+
+class L1Controller {
+ public:
+  using config_type = L1ControllerConfig;
+  using state_type = L1ControllerState;
+  static constexpr std::string_view name = "L1Controller";
+
+  /// cfg.target_sparsity must be set.
+  explicit L1Controller(config_type cfg) : cfg_(cfg) {
+    if (!cfg_.target_sparsity) {
+      switchyard::detail::fail_config(name, "config", "target_sparsity", "unset",
+                                      "a value in [0, 1] (or construct from a ReluRouterConfig)");
+    }
+    validate();
+  }
+  /// Target from the router config (1 - k/E) unless cfg.target_sparsity is set.
+  L1Controller(const ReluRouterConfig& router, config_type cfg = {}) : cfg_(cfg) {
+    detail::check_num_experts(name, router.num_experts);
+    if (router.topk_for_target < 1 || router.topk_for_target > router.num_experts) {
+      switchyard::detail::fail_config(
+          name, "config", "topk_for_target", router.topk_for_target,
+          "1 <= topk_for_target <= num_experts = " + std::to_string(router.num_experts));
+    }
+    if (!cfg_.target_sparsity) {
+      cfg_.target_sparsity = 1.0 - static_cast<double>(router.topk_for_target) /
+                                       static_cast<double>(router.num_experts);
+    }
+    validate();
+  }
+
+  const config_type& config() const noexcept { return cfg_; }
+  double target_sparsity() const noexcept { return *cfg_.target_sparsity; }
+  /// State at the start of training: coeff = initial_coeff.
+  state_type initial_state() const noexcept { return {cfg_.initial_coeff}; }
+
+  /// The term added to the training loss: state.coeff * l1_unscaled
+  /// (l1_unscaled = ReluRouter's plan.stats.aux_loss).
+  double loss(const state_type& state, double l1_unscaled) const noexcept {
+    return state.coeff * l1_unscaled;
+  }
+
+  /// After an iteration: coeff *= multiplier if sparsity < target, else coeff /= multiplier.
+  /// Throws config_error on a NaN sparsity.
+  void update(state_type& state, double sparsity) const {
+    if (std::isnan(sparsity)) {
+      switchyard::detail::fail_config(name, "update", "sparsity", sparsity, "a number in [0, 1]");
+    }
+    if (sparsity < *cfg_.target_sparsity) {
+      state.coeff *= cfg_.multiplier;
+    } else {
+      state.coeff /= cfg_.multiplier;
+    }
+  }
+
+ private:
+  void validate() const {
+    detail::check_positive_finite(name, "initial_coeff", cfg_.initial_coeff);
+    detail::check_positive_finite(name, "multiplier", cfg_.multiplier);
+    const double t = *cfg_.target_sparsity;
+    if (!(t >= 0.0 && t <= 1.0)) {
+      switchyard::detail::fail_config(name, "config", "target_sparsity", t, "a value in [0, 1]");
+    }
+  }
+
+  config_type cfg_;
+};
+
+}  // namespace moe
+}  // namespace v0
+}  // namespace switchyard
