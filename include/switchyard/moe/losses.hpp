@@ -7,9 +7,15 @@
 // Notation: T routed tokens, E experts, k choices per token, p[t,e] router
 // probability, n_e assignments of expert e counted before capacity,
 // P_e = sum_t p[t,e].
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <span>
+#include <vector>
+
+#include "switchyard/core/view.hpp"
+#include "switchyard/moe/plan.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -98,6 +104,46 @@ inline double mean_distribution_neg_entropy(std::span<const double> prob_sum,
     if (q > 0) s += q * std::log(q);
   }
   return s;
+}
+
+/// llm-baselines' log-space mean router probability (its `load_balancing_loss`
+/// takes P_e from log-softmax): logits [T, E] (unit inner stride), routed tokens
+/// only; returns [E] with mean_e = exp(logsumexp_t(log_softmax(logits[t])[e]) - log T),
+/// computed in double. Mathematically the plain mean of the softmax probabilities;
+/// in double the two agree to rounding. T routed = 0 gives zeros. Logits are assumed
+/// finite (routers check them). Use with fraction_load_balancing_loss(n, T * mean, T).
+template <class T>
+std::vector<double> log_space_mean_prob(ConstView<T, 2> logits, const TokenMask& mask = {}) {
+  const std::int64_t tokens = logits.extent(0), experts = logits.extent(1);
+  const double neg_inf = -std::numeric_limits<double>::infinity();
+  std::vector<double> max_l(static_cast<std::size_t>(experts), neg_inf);
+  std::vector<double> lsm(static_cast<std::size_t>(tokens * experts), neg_inf);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    if (!mask.routed(t)) continue;
+    const T* x = logits.data() + t * logits.stride(0);
+    double m = neg_inf;
+    for (std::int64_t e = 0; e < experts; ++e) m = std::max(m, static_cast<double>(x[e]));
+    double s = 0;
+    for (std::int64_t e = 0; e < experts; ++e) s += std::exp(static_cast<double>(x[e]) - m);
+    const double lse = m + std::log(s);
+    for (std::int64_t e = 0; e < experts; ++e) {
+      const double l = static_cast<double>(x[e]) - lse;
+      lsm[t * experts + e] = l;
+      max_l[e] = std::max(max_l[e], l);
+    }
+  }
+  const std::int64_t routed = mask.count(tokens);
+  std::vector<double> mean(static_cast<std::size_t>(experts), 0.0);
+  if (routed == 0) return mean;
+  const double log_t = std::log(static_cast<double>(routed));
+  for (std::int64_t e = 0; e < experts; ++e) {
+    double s = 0;
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      if (mask.routed(t)) s += std::exp(lsm[t * experts + e] - max_l[e]);
+    }
+    mean[e] = std::exp(max_l[e] + std::log(s) - log_t);
+  }
+  return mean;
 }
 
 }  // namespace moe
