@@ -175,11 +175,16 @@ void softmax_scores(std::string_view router, ConstView<T, 2> logits, const Token
         if (acc[experts + 2] < 0) acc[experts + 2] = static_cast<double>(t);
         continue;
       }
-      double px = 0;  // entropy = lse - sum_e p x, since log p = x - lse
-      for (std::int64_t e = 0; e < experts; ++e) {
-        acc[e] += p[e];
-        px += static_cast<double>(p[e]) * x[e];
+      for (std::int64_t e = 0; e < experts; ++e) acc[e] += p[e];
+      // entropy = lse - sum_e p x, since log p = x - lse; four independent sums so
+      // the adds are not one serial chain (fixed order: deterministic).
+      double px4[4] = {0, 0, 0, 0};
+      std::int64_t e = 0;
+      for (; e + 4 <= experts; e += 4) {
+        for (int j = 0; j < 4; ++j) px4[j] += static_cast<double>(p[e + j]) * x[e + j];
       }
+      for (; e < experts; ++e) px4[0] += static_cast<double>(p[e]) * x[e];
+      const double px = (px4[0] + px4[1]) + (px4[2] + px4[3]);
       acc[experts] += static_cast<double>(lse) * lse;
       acc[experts + 1] += static_cast<double>(lse) - px;
     }
