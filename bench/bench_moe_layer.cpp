@@ -1,0 +1,123 @@
+// MoELayer on one thread against dense GEMMs doing the same active work, in one run.
+// Shapes: Mixtral-like (d 1024, d_ff 2816, E 8, k 2; T 512 and 4096) and OLMoE-like
+// (d 1024, d_ff 512, E 64, k 8; T 4096), SwiGLU experts, plans from a top-k over random
+// logits (fixed seed; softmax over the k chosen logits).
+// Each iteration runs the layer (gather, three expert GEMMs, activation, slot-order combine)
+// and then the dense reference: core::gemm on contiguous [nnz, d] x [d, F] twice and
+// [nnz, F] x [F, d]. Both are timed by this thread's CPU time, interleaved, so the ratio is
+// taken under the same machine load. Counters: GFLOP/s of the layer (active flops
+// 2 * nnz * d * F * 3), dense_GFLOP/s, and ratio = layer / dense. The iteration time is the
+// layer's. Names end in /T/E/K/F.
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "support/peak.hpp"
+#include "switchyard/core/gemm.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/moe/layer.hpp"
+#include "switchyard/moe/plan.hpp"
+
+namespace {
+
+using namespace switchyard;
+
+Tensor<float> uniform(std::initializer_list<std::int64_t> shape, std::uint32_t seed, float a) {
+  Tensor<float> t(shape);
+  std::mt19937 gen(seed);
+  std::uniform_real_distribution<float> u(-a, a);
+  for (auto& v : t) v = u(gen);
+  return t;
+}
+
+/// Top-k of random N(0, 1) logits per token (ties toward the lower expert), weights = softmax
+/// over the k chosen logits.
+moe::DispatchPlan<float> random_topk_plan(std::int64_t tokens, std::int64_t experts, std::int64_t k,
+                                          std::uint32_t seed) {
+  std::mt19937 gen(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  Tensor<std::int32_t> idx({tokens, k});
+  Tensor<float> wts({tokens, k});
+  std::vector<float> logits(static_cast<std::size_t>(experts));
+  std::vector<std::int32_t> order(static_cast<std::size_t>(experts));
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (auto& l : logits) l = nd(gen);
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int a, int b) {
+      return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    float z = 0;
+    for (std::int64_t s = 0; s < k; ++s) z += std::exp(logits[order[s]] - logits[order[0]]);
+    for (std::int64_t s = 0; s < k; ++s) {
+      idx(t, s) = order[s];
+      wts(t, s) = std::exp(logits[order[s]] - logits[order[0]]) / z;
+    }
+  }
+  return moe::make_token_choice_plan<float, std::int32_t>(experts, idx, wts);
+}
+
+void BM_MoELayerVsDense(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  const std::int64_t f = state.range(3), d = 1024;
+  ScopedNumThreads one(1);
+
+  const auto plan = random_topk_plan(tokens, experts, k, 42);
+  const std::int64_t nnz = plan.nnz();
+  const Tensor<float> x = uniform({tokens, d}, 1, 1.0f);
+  const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
+  const Tensor<float> w1 = uniform({experts, f, d}, 2, s1), w3 = uniform({experts, f, d}, 3, s1);
+  const Tensor<float> w2 = uniform({experts, d, f}, 4, s2);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+  moe::MoELayerWeights<float> w;
+  w.experts.w1 = w1;
+  w.experts.w3 = w3;
+  w.experts.w2 = w2;
+  Tensor<float> y({tokens, d});
+  std::vector<std::byte> ws(layer.workspace_bytes(plan));
+
+  // Dense GEMMs with the same active work: [nnz, d] x [d, F] (twice), [nnz, F] x [F, d].
+  const Tensor<float> a = uniform({nnz, d}, 5, 1.0f);
+  const Tensor<float> bu = uniform({d, f}, 6, s1), bg = uniform({d, f}, 7, s1);
+  const Tensor<float> bd = uniform({f, d}, 8, s2);
+  Tensor<float> hg({nnz, f}), hu({nnz, f}), out({nnz, d});
+  std::vector<std::byte> gws(std::max(core::gemm_workspace_bytes<float>(nnz, f, d),
+                                      core::gemm_workspace_bytes<float>(nnz, d, f)));
+
+  double moe_s = 0, dense_s = 0;
+  for (auto _ : state) {
+    const double t0 = switchyard_bench::detail::thread_seconds();
+    layer.execute(plan, x, w, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t1 = switchyard_bench::detail::thread_seconds();
+    core::gemm<float>(a, core::Trans::no, bg, core::Trans::no, hg, 1.0f, 0.0f, gws);
+    core::gemm<float>(a, core::Trans::no, bu, core::Trans::no, hu, 1.0f, 0.0f, gws);
+    core::gemm<float>(hg, core::Trans::no, bd, core::Trans::no, out, 1.0f, 0.0f, gws);
+    benchmark::ClobberMemory();
+    const double t2 = switchyard_bench::detail::thread_seconds();
+    state.SetIterationTime(t1 - t0);
+    moe_s += t1 - t0;
+    dense_s += t2 - t1;
+  }
+  const double gflop = 2.0 * double(nnz) * double(d) * double(f) * 3.0 * 1e-9;
+  const double n = double(state.iterations());
+  state.counters["GFLOP/s"] = gflop * n / moe_s;
+  state.counters["dense_GFLOP/s"] = gflop * n / dense_s;
+  state.counters["ratio"] = dense_s / moe_s;
+  state.counters["%peak"] = 100.0 * gflop * n / moe_s / switchyard_bench::fp32_fma_peak_gflops();
+}
+
+BENCHMARK(BM_MoELayerVsDense)
+    ->ArgNames({"T", "E", "K", "F"})
+    ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
+    ->Args({4096, 8, 2, 2816})  // Mixtral-like
+    ->Args({4096, 64, 8, 512})  // OLMoE-like
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+
+}  // namespace
