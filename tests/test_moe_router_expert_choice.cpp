@@ -212,6 +212,21 @@ TEST_CASE("ExpertChoiceRouter matches a naive double reference on random logits"
       }
     }
   }
+  // Several blocks of experts, and probabilities rising with the token index (every
+  // token beats the current c-th best: the candidate buffers fill and are cut back).
+  {
+    const std::int64_t T = 500, E = 130;
+    const auto logits = test_support::random_tensor<double>({T, E}, 123, 1.5);
+    const ExpertChoiceRouter<double> router({.num_experts = E, .capacity_factor = 2.0});
+    check_against_reference(router.route(logits), reference(as_double(logits), T, E, 2.0, 0, {}), E,
+                            1e-12);
+    Tensor<double> rising({T, 3});
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t e = 0; e < 3; ++e) rising(t, e) = 0.01 * double(t) * double(e);
+    const ExpertChoiceRouter<double> r3({.num_experts = 3, .capacity_factor = 0.3});
+    check_against_reference(r3.route(rising), reference(as_double(rising), T, 3, 0.3, 0, {}), 3,
+                            1e-12);
+  }
   // float, and repeated (tied) probabilities: ties go to the lower token index.
   const std::int64_t T = 300, E = 8;
   auto logits = test_support::random_tensor<float>({T, E}, 55, 1.5);

@@ -29,13 +29,15 @@
 // moe_softmax_order = 'softmax_topk' (the 'topk_softmax' variant is not provided).
 //
 // Cost: one vectorised softmax pass (detail::softmax_scores) into a thread-local
-// buffer reused across calls, a blocked transpose of the routed tokens'
-// probabilities to [E, T], per expert (parallel over experts) a threshold
-// selection (nth_element) and one scan in token order, and a serial pass over the
-// E*c entries for the token-side views. Bit-identical for any thread count.
+// buffer reused across calls; then, in fixed blocks of 64 experts (parallel over
+// blocks), one scan of the routed tokens in index order keeping per expert a
+// buffer of 2c candidates (a compare against the c-th best so far rejects most
+// tokens; a full buffer is cut back to its c best by nth_element, so the worst
+// case, increasing probabilities, is O(T) per expert); and a
+// serial pass over the E*c entries for the token-side views. Bit-identical for
+// any thread count.
 #include <algorithm>
 #include <cstdint>
-#include <functional>
 #include <string_view>
 #include <vector>
 
@@ -64,10 +66,19 @@ template <class T>
 struct ExpertChoiceScratch {
   std::vector<T> probs;
   std::vector<double> prob_sum;
-  std::vector<T> columns;           // [E, R] probabilities of the routed tokens
   std::vector<std::int32_t> rows;   // [R] token id of each routed row
   std::vector<std::int32_t> taken;  // [T] experts that took each token so far
 };
+
+/// A candidate of an expert's top-c: its probability and token.
+template <class T>
+struct ScoredToken {
+  T value;
+  std::int32_t token;
+};
+
+/// Experts per selection task: each task streams once over its columns of the probabilities.
+inline constexpr std::int64_t expert_choice_block = 64;
 
 template <class T>
 ExpertChoiceScratch<T>& expert_choice_scratch() {
@@ -113,55 +124,79 @@ class ExpertChoiceRouter {
     set_capacity(plan, cap);
     const std::int64_t c = cap.value;
 
-    // Routed rows, and their probabilities transposed to [E, R] in fixed row blocks.
+    // Routed rows.
     s.rows.resize(static_cast<std::size_t>(routed));
     for (std::int64_t t = 0, r = 0; t < tokens; ++t) {
       if (mask.routed(t)) s.rows[r++] = static_cast<std::int32_t>(t);
     }
-    if (c > 0 && c < routed) {
-      s.columns.resize(static_cast<std::size_t>(experts * routed));
-      const T* probs = s.probs.data();
-      T* cols = s.columns.data();
-      constexpr std::int64_t block = 64;
-      parallel_for(num_chunks(routed, block), [&](std::int64_t b) {
-        const std::int64_t r1 = std::min(routed, (b + 1) * block);
-        for (std::int64_t r = b * block; r < r1; ++r) {
-          const T* p = probs + static_cast<std::int64_t>(s.rows[r]) * experts;
-          for (std::int64_t e = 0; e < experts; ++e) cols[e * routed + r] = p[e];
-        }
-      });
-    }
 
-    // Each expert's run: its c best tokens, in token order.
+    // Each expert's run: its c best tokens, in token order. Experts go in fixed
+    // blocks of 64 (one pass over the probabilities for E <= 64); tokens come
+    // in index order and (value, token) pairs are ranked by value descending, then
+    // token ascending.
     const std::int64_t nnz = experts * c;
     for (std::int64_t e = 0; e <= experts; ++e) plan.expert_offsets[e] = e * c;
     plan.token_index.resize(static_cast<std::size_t>(nnz));
     plan.slot.resize(static_cast<std::size_t>(nnz));
     plan.gate.resize(static_cast<std::size_t>(nnz));
     if (c > 0) {
-      parallel_for(experts, [&](std::int64_t e) {
-        std::int32_t* out_t = plan.token_index.data() + e * c;
-        T* out_g = plan.gate.data() + e * c;
+      const T* probs = s.probs.data();
+      const std::int32_t* rows = s.rows.data();
+      parallel_for(num_chunks(experts, detail::expert_choice_block), [&](std::int64_t b) {
+        const std::int64_t e0 = b * detail::expert_choice_block;
+        const std::int64_t w = std::min(experts, e0 + detail::expert_choice_block) - e0;
         if (c == routed) {  // every routed token
-          for (std::int64_t r = 0; r < routed; ++r) {
-            out_t[r] = s.rows[r];
-            out_g[r] = s.probs[static_cast<std::int64_t>(s.rows[r]) * experts + e];
+          for (std::int64_t j = 0; j < w; ++j) {
+            for (std::int64_t r = 0; r < routed; ++r) {
+              plan.token_index[(e0 + j) * c + r] = rows[r];
+              plan.gate[(e0 + j) * c + r] = probs[std::int64_t{rows[r]} * experts + e0 + j];
+            }
           }
           return;
         }
-        const T* col = s.columns.data() + e * routed;
-        std::vector<T> work(col, col + routed);
-        std::nth_element(work.begin(), work.begin() + (c - 1), work.end(), std::greater<T>());
-        const T thr = work[c - 1];
-        std::int64_t above = 0;
-        for (std::int64_t r = 0; r < routed; ++r) above += col[r] > thr;
-        std::int64_t equal_quota = c - above, n = 0;
-        for (std::int64_t r = 0; r < routed && n < c; ++r) {
-          const T v = col[r];
-          if (v > thr || (v == thr && equal_quota-- > 0)) {
-            out_t[n] = s.rows[r];
-            out_g[n] = v;
-            ++n;
+        using Entry = detail::ScoredToken<T>;
+        const auto better = [](const Entry& a, const Entry& b) {
+          return a.value > b.value || (a.value == b.value && a.token < b.token);
+        };
+        // Per expert a buffer of 2c candidates; the first c routed tokens fill it,
+        // `worst` is the value of the c-th best kept so far. When the buffer is
+        // full, nth_element keeps the c best and raises `worst`.
+        const std::int64_t cap2 = 2 * c;
+        std::vector<Entry> buffers(static_cast<std::size_t>(w * cap2));
+        std::int64_t size[detail::expert_choice_block];
+        T worst[detail::expert_choice_block];
+        for (std::int64_t j = 0; j < w; ++j) {
+          size[j] = c;
+          worst[j] = probs[std::int64_t{rows[0]} * experts + e0 + j];
+        }
+        for (std::int64_t r = 0; r < c; ++r) {
+          const T* p = probs + std::int64_t{rows[r]} * experts + e0;
+          for (std::int64_t j = 0; j < w; ++j) {
+            buffers[j * cap2 + r] = {p[j], rows[r]};
+            worst[j] = std::min(worst[j], p[j]);
+          }
+        }
+        for (std::int64_t r = c; r < routed; ++r) {
+          const T* p = probs + std::int64_t{rows[r]} * experts + e0;
+          for (std::int64_t j = 0; j < w; ++j) {
+            // A later token equal to the worst kept value loses (higher index).
+            if (!(p[j] > worst[j])) continue;
+            Entry* buf = buffers.data() + j * cap2;
+            buf[size[j]++] = {p[j], rows[r]};
+            if (size[j] == cap2) {
+              std::nth_element(buf, buf + (c - 1), buf + cap2, better);
+              size[j] = c;
+              worst[j] = buf[c - 1].value;
+            }
+          }
+        }
+        for (std::int64_t j = 0; j < w; ++j) {
+          Entry* buf = buffers.data() + j * cap2;
+          if (size[j] > c) std::nth_element(buf, buf + (c - 1), buf + size[j], better);
+          std::sort(buf, buf + c, [](const Entry& a, const Entry& x) { return a.token < x.token; });
+          for (std::int64_t i = 0; i < c; ++i) {
+            plan.token_index[(e0 + j) * c + i] = buf[i].token;
+            plan.gate[(e0 + j) * c + i] = buf[i].value;
           }
         }
       });
