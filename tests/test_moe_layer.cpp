@@ -312,8 +312,8 @@ TEST_CASE("MoELayer matches a naive double reference for every activation", "[mo
   }
 }
 
-TEST_CASE("MoELayer accepts strided x and y, and y aliasing x", "[moe][layer]") {
-  const std::int64_t tokens = 29, d = 20, f = 24, experts = 3, k = 2;
+TEST_CASE("MoELayer accepts strided x, y and weights, and y aliasing x", "[moe][layer]") {
+  const std::int64_t tokens = 29, d = 20, f = 40, experts = 3, k = 2;
   const Tensor<float> wide = random_tensor<float>({tokens, d + 5}, 7);
   const ConstView<float, 2> x = wide.view<2>().slice(1, 2, 2 + d);
   const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, false, 8);
@@ -335,6 +335,23 @@ TEST_CASE("MoELayer accepts strided x and y, and y aliasing x", "[moe][layer]") 
   Tensor<float> inplace = xc;
   layer.execute(plan, inplace, w, inplace.view<2>());
   REQUIRE(std::memcmp(inplace.data(), want.data(), sizeof(float) * std::size_t(tokens * d)) == 0);
+
+  // Weights stored transposed ([E, d, F] / [E, F, d] in memory) and passed as strided views:
+  // packing copies exactly, so the result has the same bits.
+  Tensor<float> w1t({experts, d, f}), w3t({experts, d, f}), w2t({experts, f, d});
+  for (std::int64_t e = 0; e < experts; ++e)
+    for (std::int64_t i = 0; i < f; ++i)
+      for (std::int64_t j = 0; j < d; ++j) {
+        w1t(e, j, i) = routed.w1(e, i, j);
+        w3t(e, j, i) = routed.w3(e, i, j);
+        w2t(e, i, j) = routed.w2(e, j, i);
+      }
+  moe::MoELayerWeights<float> ws{};
+  ws.experts.w1 = ConstView<float, 3>(w1t.data(), {experts, f, d}, {d * f, 1, f});
+  ws.experts.w3 = ConstView<float, 3>(w3t.data(), {experts, f, d}, {d * f, 1, f});
+  ws.experts.w2 = ConstView<float, 3>(w2t.data(), {experts, d, f}, {d * f, 1, d});
+  const Tensor<float> ystrided = layer.execute(plan, xc, ws);
+  REQUIRE(std::memcmp(ystrided.data(), want.data(), sizeof(float) * std::size_t(tokens * d)) == 0);
 }
 
 namespace {

@@ -8,15 +8,18 @@
 //
 // Execution (no allocation with a caller workspace):
 // 1. Work is a fixed list of tasks: per expert its CSR run cut into near-equal row tiles of
-//    at most row_tile rows, and per shared expert the T tokens cut the same way. A task runs
-//    its tile through the FFN in chunks of ff_chunk hidden columns:
-//      g = X_tile w1[e][chunk]^T  (the token gather is fused into the GEMM's packing of A)
-//      u = X_tile w3[e][chunk]^T  (swiglu)
+//    at most row_tile rows, and per shared expert the T tokens cut the same way. A task packs
+//    its tile's rows of x once for the GEMM micro-kernel (core/simd/gemm_kernel.hpp), the
+//    token gather happening while packing, then runs chunks of ff_chunk hidden columns:
+//      g = X_tile w1[e][chunk]^T   (w1's [out, in] rows packed by register transposes)
+//      u = X_tile w3[e][chunk]^T   (swiglu)
 //      g = act(g + b1) (* (u + b3))
 //      O_tile += g w2[e][:, chunk]^T
 //    into a [nnz + S*T, d] buffer at the tile's CSR rows; then + b2 and the optional softmax.
 //    Tiles are large (all rows of an expert up to row_tile) so that packing the expert's
-//    weights is paid once per tile.
+//    weights, the cost that grows with E rather than with tokens, is paid once per tile.
+//    On one thread this runs at 0.8-0.93x the GFLOP/s of dense GEMMs doing the same work
+//    (bench/bench_moe_layer.cpp).
 // 2. Per chunk of tokens, y[t] is summed from that buffer in the fixed order above.
 // Tasks go to threads dynamically, but each task and each token is computed the same way
 // whichever thread runs it, and the tiling depends only on the plan: the output is
