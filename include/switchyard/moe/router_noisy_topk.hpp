@@ -257,7 +257,7 @@ class NoisyTopKRouter {
   void gate(ConstView<T, 2> logits, ConstView<T, 2> clean, const T* stddev, bool smooth,
             DispatchPlan<T>& plan, const TokenMask& mask, NoisyTopKDetails<T>& d) const {
     const std::int64_t tokens = logits.extent(0), E = cfg_.num_experts, k = cfg_.top_k;
-    const std::int64_t m = std::min(k + 1, E);  // the reference's k+1 largest (k+1 <= E)
+    const std::int64_t m = smooth ? k + 1 : k;  // the smooth load needs the (k+1)-th (k < E)
     plan.reset(tokens, E, k);
     std::vector<double> prob_sum;
     detail::softmax_scores<T, Arch>(name, logits, mask, d.probs, prob_sum, plan.stats);
@@ -278,7 +278,7 @@ class NoisyTopKRouter {
         const T* p = d.probs.data() + t * E;
         if (m == 1) {
           kernels::argmax_row(p, E, idx.data(), top.data());
-        } else if (m <= 8) {
+        } else if (m <= 16) {
           kernels::topk_row_insertion(p, E, m, idx.data(), top.data());
         } else {
           kernels::topk_row_select(p, E, m, idx.data(), top.data(), scratch);

@@ -63,6 +63,52 @@ namespace switchyard {
 inline namespace v0 {
 namespace moe {
 
+namespace detail {
+
+inline std::int64_t relu_padded(std::int64_t n, std::size_t lanes) noexcept {
+  const auto l = static_cast<std::int64_t>(lanes);
+  return (n + l - 1) / l * l;
+}
+
+/// x: [n] (finite or -inf, no NaN). rank[e] = #{j : x_j > x_e}, counted with SIMD over
+/// e and no branches (faster than sorting at router sizes). For a positive x_e no
+/// non-positive x_j counts, so without ties the ranks of the a positive entries are a
+/// permutation of 0..a-1 (they sum to a(a-1)/2); a tie lowers that sum.
+/// padded, rank: scratch of relu_padded(n, lanes) entries each.
+template <class Arch, class T>
+void relu_ranks(const T* x, T* padded, T* rank, std::int64_t n) noexcept {
+  if constexpr (simd::is_scalar_v<Arch>) {
+    (void)padded;
+    for (std::int64_t e = 0; e < n; ++e) {
+      std::int64_t r = 0;
+      for (std::int64_t j = 0; j < n; ++j) r += x[j] > x[e];
+      rank[e] = static_cast<T>(r);
+    }
+  } else {
+    using B = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = B::size;
+    const std::int64_t np = relu_padded(n, L);
+    std::copy(x, x + n, padded);
+    std::fill(padded + n, padded + np, -std::numeric_limits<T>::infinity());
+    const B one(T(1)), zero(T(0));
+    for (std::int64_t eb = 0; eb < np; eb += L) {
+      const B xe = B::load_unaligned(padded + eb);
+      B a0(T(0)), a1(T(0)), a2(T(0)), a3(T(0));
+      std::int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        a0 += xsimd::select(B(x[j]) > xe, one, zero);
+        a1 += xsimd::select(B(x[j + 1]) > xe, one, zero);
+        a2 += xsimd::select(B(x[j + 2]) > xe, one, zero);
+        a3 += xsimd::select(B(x[j + 3]) > xe, one, zero);
+      }
+      for (; j < n; ++j) a0 += xsimd::select(B(x[j]) > xe, one, zero);
+      ((a0 + a1) + (a2 + a3)).store_unaligned(rank + eb);
+    }
+  }
+}
+
+}  // namespace detail
+
 struct ReluRouterConfig {
   std::int64_t num_experts = 0;      ///< E (Megatron num_moe_experts)
   std::int64_t topk_for_target = 1;  ///< k (Megatron moe_router_topk): target 1 - k/E, L1 1/k
@@ -106,7 +152,8 @@ class ReluRouter {
       double* gate_sum = acc + E;
       acc[2 * E + 2] = -1;
       std::vector<T> scratch(static_cast<std::size_t>(E));
-      std::vector<std::int32_t> order(static_cast<std::size_t>(E));
+      const auto np = static_cast<std::size_t>(detail::relu_padded(E, simd::lanes_v<T, Arch>));
+      std::vector<T> padded(np), rank(np);
       const std::int64_t end = std::min(tokens, (c + 1) * detail::router_chunk);
       for (std::int64_t t = c * detail::router_chunk; t < end; ++t) {
         if (!mask.routed(t)) continue;
@@ -117,37 +164,42 @@ class ReluRouter {
           if (acc[2 * E + 2] < 0) acc[2 * E + 2] = static_cast<double>(t);
           continue;
         }
-        double px = 0;
-        for (std::int64_t e = 0; e < E; ++e) px += static_cast<double>(scratch[e]) * x[e];
+        double px0 = 0, px1 = 0;  // entropy = lse - sum_e p x (two chains for speed)
+        std::int64_t e = 0;
+        for (; e + 2 <= E; e += 2) {
+          px0 += static_cast<double>(scratch[e]) * x[e];
+          px1 += static_cast<double>(scratch[e + 1]) * x[e + 1];
+        }
+        if (e < E) px0 += static_cast<double>(scratch[e]) * x[e];
         acc[2 * E] += static_cast<double>(lse) * lse;
-        acc[2 * E + 1] += static_cast<double>(lse) - px;
-        std::int64_t n = 0;
-        for (std::int64_t e = 0; e < E; ++e) {
-          if (x[e] > T(0)) {
-            order[n++] = static_cast<std::int32_t>(e);
-            count[e] += 1;
-            gate_sum[e] += static_cast<double>(x[e]);
-          }
-        }
-        // Best first: larger gate, ties toward the lower expert index (a strict order).
-        const auto before = [x](std::int32_t a, std::int32_t b) {
-          return x[a] > x[b] || (x[a] == x[b] && a < b);
-        };
-        if (n <= 16) {
-          for (std::int64_t i = 1; i < n; ++i) {
-            const std::int32_t v = order[i];
-            std::int64_t j = i;
-            for (; j > 0 && before(v, order[j - 1]); --j) order[j] = order[j - 1];
-            order[j] = v;
-          }
-        } else {
-          std::sort(order.begin(), order.begin() + n, before);
-        }
+        acc[2 * E + 1] += static_cast<double>(lse) - (px0 + px1);
+        // Slot of an active expert = its rank (larger gate first); written branch-free,
+        // inactive experts go to a dummy. Ties (equal gates) are re-ordered below.
+        detail::relu_ranks<Arch>(x, padded.data(), rank.data(), E);
         std::int32_t* ce = plan.choice_expert.data() + t * E;
         T* cw = plan.choice_weight.data() + t * E;
-        for (std::int64_t s = 0; s < n; ++s) {
-          ce[s] = order[s];
-          cw[s] = x[order[s]];
+        std::int32_t dummy_e = 0;
+        T dummy_w = T(0);
+        std::int64_t active = 0, rank_sum = 0;
+        for (std::int64_t j = 0; j < E; ++j) {
+          const bool on = x[j] > T(0);
+          const auto r = static_cast<std::int64_t>(rank[j]);
+          *(on ? ce + r : &dummy_e) = static_cast<std::int32_t>(j);
+          *(on ? cw + r : &dummy_w) = x[j];
+          count[j] += static_cast<double>(on);
+          gate_sum[j] += on ? static_cast<double>(x[j]) : 0.0;
+          active += on;
+          rank_sum += on ? r : 0;
+        }
+        if (rank_sum != active * (active - 1) / 2) {  // equal gates: lower expert first
+          std::int64_t a = 0;
+          for (std::int64_t j = 0; j < E; ++j) {
+            if (!(x[j] > T(0))) continue;
+            std::int64_t i = a++;
+            for (; i > 0 && x[ce[i - 1]] < x[j]; --i) ce[i] = ce[i - 1];
+            ce[i] = static_cast<std::int32_t>(j);
+          }
+          for (std::int64_t i = 0; i < active; ++i) cw[i] = x[ce[i]];
         }
       }
     });
