@@ -491,6 +491,21 @@ TEST_CASE("CapacityRouter: hand-worked top-2 with softmax after top-k",
   REQUIRE(plan.choice_weight[2] == Approx(0.5));
   REQUIRE(plan.choice_weight[3] == Approx(0.5));
   REQUIRE(plan.dropped.empty());
+
+  // -inf logits are valid (an expert ruled out): (-inf, 0, -inf) picks e1 then e0
+  // (the lower index among the -inf), gates softmax(0, -inf) = (1, 0).
+  Tensor<float> with_inf({1, 3});
+  const float inf = std::numeric_limits<float>::infinity();
+  with_inf(0, 0) = -inf;
+  with_inf(0, 1) = 0;
+  with_inf(0, 2) = -inf;
+  for (const bool pre : {true, false}) {
+    const CapacityRouter<float> r2({.num_experts = 3, .top_k = 2, .pre_softmax = pre});
+    const auto p2 = r2.route(with_inf);
+    REQUIRE_NOTHROW(p2.check());
+    REQUIRE(p2.choice_expert == std::vector<std::int32_t>{1, 0});
+    REQUIRE(p2.choice_weight == std::vector<float>{1.0f, 0.0f});
+  }
 }
 
 TEST_CASE("CapacityRouter: documented errors", "[moe][router][capacity][errors]") {
