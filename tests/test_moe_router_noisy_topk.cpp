@@ -265,6 +265,25 @@ TEST_CASE("NoisyTopKRouter eval matches a naive double reference on random logit
   }
 }
 
+TEST_CASE("NoisyTopKRouter scalar path and double instantiation match the reference",
+          "[moe][router_noisy_topk]") {
+  for (std::int64_t E : {1, 3, 17, 64}) {
+    const std::int64_t T = 64, k = std::min<std::int64_t>(3, E);
+    const auto logits = grid_logits(T * E, std::uint32_t(77 + E));
+    const std::vector<double> ld(logits.begin(), logits.end());
+    const NoisyTopKRouter<float, switchyard::simd::scalar> router({.num_experts = E, .top_k = k});
+    NoisyTopKDetails<float> d;
+    DispatchPlan<float> plan;
+    router.route(ConstView<float, 2>(logits.data(), {T, E}), plan, {}, &d);
+    check_plan(plan, ref_noisy(ld, {}, {}, false, T, E, k, 0.01, {}), d, T, E, k, 2e-6);
+    const NoisyTopKRouter<double> rd({.num_experts = E, .top_k = k});
+    NoisyTopKDetails<double> dd;
+    DispatchPlan<double> pd;
+    rd.route(ConstView<double, 2>(ld.data(), {T, E}), pd, {}, &dd);
+    check_plan(pd, ref_noisy(ld, {}, {}, false, T, E, k, 0.01, {}), dd, T, E, k, 1e-12);
+  }
+}
+
 TEST_CASE("NoisyTopKRouter train mode matches a naive double reference",
           "[moe][router_noisy_topk]") {
   for (std::int64_t E : {2, 4, 9, 16}) {

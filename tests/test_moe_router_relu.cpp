@@ -245,6 +245,21 @@ TEST_CASE("ReluRouter matches a naive double reference on random logits", "[moe]
       }
     }
   }
+  // the scalar path (no xsimd), with ties and padding tails
+  for (std::int64_t E : {1, 3, 17, 64}) {
+    const auto logits = random_logits<float>(64 * E, std::uint32_t(500 + E));
+    const ReluRouter<float, switchyard::simd::scalar> router({.num_experts = E});
+    const auto plan = router.route(ConstView<float, 2>(logits.data(), {64, E}));
+    check_against_ref(plan, ref_relu(logits, 64, E, 1, {}), logits, 64, E);
+  }
+  // -inf logits are allowed (inactive); only NaN and +inf are errors
+  {
+    std::vector<float> li = {-std::numeric_limits<float>::infinity(), 1, 0.5f, -1};
+    const ReluRouter<float> router({.num_experts = 4});
+    const auto plan = router.route(ConstView<float, 2>(li.data(), {1, 4}));
+    check_against_ref(plan, ref_relu(li, 1, 4, 1, {}), li, 1, 4);
+    CHECK(std::isfinite(plan.stats.z_loss));
+  }
   // double instantiation
   const auto logits = random_logits<double>(37 * 6, 99);
   const ReluRouter<double> router({.num_experts = 6, .topk_for_target = 3});

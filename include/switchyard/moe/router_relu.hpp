@@ -164,13 +164,13 @@ class ReluRouter {
           if (acc[2 * E + 2] < 0) acc[2 * E + 2] = static_cast<double>(t);
           continue;
         }
-        double px0 = 0, px1 = 0;  // entropy = lse - sum_e p x (two chains for speed)
+        double px0 = 0, px1 = 0;  // entropy = lse - sum_e p x (p = 0 terms, x = -inf, skipped)
         std::int64_t e = 0;
         for (; e + 2 <= E; e += 2) {
-          px0 += static_cast<double>(scratch[e]) * x[e];
-          px1 += static_cast<double>(scratch[e + 1]) * x[e + 1];
+          px0 += scratch[e] > T(0) ? static_cast<double>(scratch[e]) * x[e] : 0.0;
+          px1 += scratch[e + 1] > T(0) ? static_cast<double>(scratch[e + 1]) * x[e + 1] : 0.0;
         }
-        if (e < E) px0 += static_cast<double>(scratch[e]) * x[e];
+        if (e < E && scratch[e] > T(0)) px0 += static_cast<double>(scratch[e]) * x[e];
         acc[2 * E] += static_cast<double>(lse) * lse;
         acc[2 * E + 1] += static_cast<double>(lse) - (px0 + px1);
         // Slot of an active expert = its rank (larger gate first); written branch-free,
