@@ -302,7 +302,7 @@ TEST_CASE("MoELayer matches a naive double reference for every activation", "[mo
   };
   std::uint32_t seed = 100;
   for (const Case& c : cases) {
-    CAPTURE(moe::to_string(c.act), c.biases, c.out_softmax, c.shared, c.f);
+    CAPTURE(moe::activation_name(c.act), c.biases, c.out_softmax, c.shared, c.f);
     check_against_reference<float>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed);
     check_against_reference<double>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed);
     // the plain C++ path (SWITCHYARD_FORCE_SCALAR builds use it as the default)
@@ -490,7 +490,7 @@ TEST_CASE("MoELayer gives the same bits for 1 and 2 threads", "[moe][layer][thre
   // Experts of ~1500 rows and a shared expert over 1500 tokens: several row tiles each.
   const std::int64_t tokens = 1500, d = 16, f = 24, experts = 2, k = 2;
   for (Activation act : {Activation::swiglu, Activation::gelu}) {
-    CAPTURE(moe::to_string(act));
+    CAPTURE(moe::activation_name(act));
     const Tensor<float> x = random_tensor<float>({tokens, d}, 11);
     const auto routed = random_experts<float>(experts, d, f, act, true, 12);
     const auto sh = random_experts<float>(1, d, f, act, true, 13);

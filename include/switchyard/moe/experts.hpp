@@ -32,7 +32,8 @@ namespace moe {
 /// The hidden activation of an expert FFN (see the file comment for the formulas).
 enum class Activation { swiglu, gelu, relu };
 
-inline constexpr std::string_view to_string(Activation a) noexcept {
+/// "swiglu", "gelu" or "relu".
+inline constexpr std::string_view activation_name(Activation a) noexcept {
   switch (a) {
     case Activation::swiglu:
       return "swiglu";
