@@ -3,6 +3,7 @@
 # already present are skipped, and apt runs only when something is missing.
 #   scripts/install_deps.sh         build, tests, benchmarks, examples
 #   scripts/install_deps.sh --dev   also clang 14 + sanitizer runtime + clang-format (CI legs)
+#                                   and matplotlib (the benchmark chart script)
 set -euo pipefail
 
 packages=(g++ cmake ninja-build pkg-config
@@ -10,7 +11,8 @@ packages=(g++ cmake ninja-build pkg-config
           catch2                                          # tests
           libbenchmark-dev libopenblas-dev)               # benchmarks (OpenBLAS: comparison only)
 if [[ "${1:-}" == "--dev" ]]; then
-  packages+=(clang-14 libclang-rt-14-dev libomp-14-dev clang-format)
+  packages+=(clang-14 libclang-rt-14-dev libomp-14-dev clang-format
+            python3-matplotlib)  # scripts/bench_chart.py
 fi
 
 missing=()
