@@ -170,24 +170,14 @@ void topk_lanes(Arch arch, std::int64_t k, const T* tile, std::int64_t n, T* val
   }
 }
 
-/// Top-k of the routed rows [t0, t1) of probs [T, E] into the plan's [T, K] views
-/// (best first, ties to the lower index; weights raw or renormalised).
-template <class T, class Arch>
-void topk_rows_to_plan(const T* probs, std::int64_t t0, std::int64_t t1, std::int64_t experts,
-                       std::int64_t k, bool renormalize, const TokenMask& mask,
-                       std::int32_t* choice, T* weight) {
-  const auto write = [&](std::int64_t t, auto&& index_of, auto&& value_of) {
-    std::int32_t* ce = choice + t * k;
-    T* cw = weight + t * k;
-    T s(0);
-    if (renormalize) {
-      for (std::int64_t j = 0; j < k; ++j) s += value_of(j);
-    }
-    for (std::int64_t j = 0; j < k; ++j) {
-      ce[j] = static_cast<std::int32_t>(index_of(j));
-      cw[j] = renormalize ? value_of(j) / s : value_of(j);
-    }
-  };
+/// For each routed row t in [t0, t1) of probs [T, E] (entries >= 0, finite), the
+/// k largest entries best first, ties to the lower index (core::topk's order):
+/// calls visit(t, index_of, value_of) with index_of(j), value_of(j) for j < k.
+/// Lanes path (SIMD Arch, k <= 8): L rows at a time through topk_lanes on a
+/// transposed tile (thread-local, reused); otherwise the core row kernels.
+template <class T, class Arch, class Visit>
+void for_each_topk_row(const T* probs, std::int64_t t0, std::int64_t t1, std::int64_t experts,
+                       std::int64_t k, const TokenMask& mask, Visit&& visit) {
   constexpr bool lanes_path = !simd::is_scalar_v<Arch>;
   // Index exactly representable in T for the lanes path (always true in practice).
   const bool small_index = experts < (std::int64_t{1} << std::numeric_limits<T>::digits);
@@ -212,8 +202,8 @@ void topk_rows_to_plan(const T* probs, std::int64_t t0, std::int64_t t1, std::in
         topk_lanes(Arch{}, k, tile, experts, val, idx);
         for (std::int64_t l = 0; l < rows; ++l) {
           if (!mask.routed(t + l)) continue;
-          write(
-              t + l, [&](std::int64_t j) { return idx[j * L + l]; },
+          visit(
+              t + l, [&](std::int64_t j) { return static_cast<std::int32_t>(idx[j * L + l]); },
               [&](std::int64_t j) { return val[j * L + l]; });
         }
       }
@@ -241,8 +231,9 @@ void topk_rows_to_plan(const T* probs, std::int64_t t0, std::int64_t t1, std::in
     } else {
       kernels::topk_row_select(p, experts, k, ip, vp, select_scratch);
     }
-    write(
-        t, [&](std::int64_t j) { return ip[j]; }, [&](std::int64_t j) { return vp[j]; });
+    visit(
+        t, [&](std::int64_t j) { return static_cast<std::int32_t>(ip[j]); },
+        [&](std::int64_t j) { return vp[j]; });
   }
 }
 
@@ -283,8 +274,20 @@ class TopKRouter {
     const bool renorm = config_.renormalize;
     parallel_for(num_chunks(tokens, detail::router_chunk), [&](std::int64_t c) {
       const std::int64_t t0 = c * detail::router_chunk;
-      detail::topk_rows_to_plan<T, Arch>(probs, t0, std::min(tokens, t0 + detail::router_chunk),
-                                         experts, k, renorm, mask, choice, weight);
+      detail::for_each_topk_row<T, Arch>(probs, t0, std::min(tokens, t0 + detail::router_chunk),
+                                         experts, k, mask,
+                                         [&](std::int64_t t, auto&& index_of, auto&& value_of) {
+                                           std::int32_t* ce = choice + t * k;
+                                           T* cw = weight + t * k;
+                                           T s(0);
+                                           if (renorm) {
+                                             for (std::int64_t j = 0; j < k; ++j) s += value_of(j);
+                                           }
+                                           for (std::int64_t j = 0; j < k; ++j) {
+                                             ce[j] = index_of(j);
+                                             cw[j] = renorm ? value_of(j) / s : value_of(j);
+                                           }
+                                         });
     });
     detail::build_csr_from_choices(plan);
     plan.stats.tokens_per_expert = plan.stats.kept_per_expert;  // dropless: chosen == kept

@@ -1,0 +1,261 @@
+#pragma once
+// TopPRouter: dynamic (top-p) routing, "Harder Tasks Need More Experts: Dynamic
+// Routing in MoE Models" (Huang et al., 2024): each token takes as many experts
+// as it needs for their probabilities to reach a threshold.
+//
+// Semantics, per routed token t with logits x[t, :] ([T, E]):
+//   p[t, :] = softmax(x[t, :]) over all E experts (as TopKRouter);
+//   rank the experts by p descending, equal probabilities to the lower index;
+//   c_m = sum of the m best probabilities (in double, best first);
+//   m_p = the smallest m >= 1 with c_m >= threshold (E if no prefix reaches it, e.g.
+//         threshold = 1 with a rounded sum just below 1). The expert whose
+//         probability makes the sum cross the threshold IS included (the paper
+//         adds experts until the cumulative probability reaches p);
+//   the token takes the m = min(max(m_p, min_experts), max_experts) best experts;
+//   weight = p[t, e] (renormalize = false, the paper's default: the weights sum to
+//   c_m), or p[t, e] / (sum of the m chosen p, in T, best first) if renormalize.
+// plan.top_k = max_experts: row t of the [T, K] views holds the m chosen experts
+// best first, then -1 with weight 0. No capacity, nothing dropped. Masked tokens
+// get no expert and count nowhere; T = 0 / all masked gives an empty plan.
+//
+// Statistics (routed tokens only, coefficient 1; T routed tokens, N = sum_t m_t
+// assignments, n_e = tokens_per_expert = kept_per_expert, P_e = sum_t p[t, e]):
+//   stats.aux_loss = E / (T * N) * sum_e n_e P_e: the Switch / Megatron balance loss
+//     E/(T^2 k) sum_e n_e P_e with k = N / T, the mean number of experts per token,
+//     so it is 1 for perfectly uniform routing whatever the per-token counts (the
+//     paper adds the standard balance loss; with a variable count the fraction of
+//     assignments n_e / N is the natural f_e);
+//   stats.entropy = mean_t entropy of p[t, :] (nats): the paper's dynamic loss
+//     L_d = -sum_e p log p, averaged over tokens, which pushes tokens to fewer experts;
+//   stats.z_loss, mean_prob: as TopKRouter. Mean experts per token = nnz() / routed_tokens.
+//
+// Cost: the softmax pass, then the branch-free lane-parallel top-min(max_experts, 8)
+// of TopKRouter; a token whose 8 best do not reach the threshold gets its whole row
+// ranked by branch-free counting (detail::rank_row, O(E^2 / lanes), thread-local buffers).
+// Bit-identical for any thread count.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+#include <utility>
+#include <vector>
+
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/view.hpp"
+#include "switchyard/moe/plan.hpp"
+#include "switchyard/moe/router.hpp"
+#include "switchyard/moe/router_topk.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace moe {
+
+namespace detail {
+
+/// Full ranking of one row p: [n] (entries >= 0, finite) by (value descending,
+/// index ascending): writes the first `keep` ranked entries to idx / val. Each
+/// entry's rank is the number of entries ranked before it, counted for L entries
+/// at a time against every entry: branch-free, O(n^2 / L). `buf` is scratch.
+template <class Arch, class T>
+void rank_row(Arch, const T* p, std::int64_t n, std::int64_t keep, std::int32_t* idx, T* val,
+              std::vector<T>& buf) {
+  if constexpr (simd::is_scalar_v<Arch>) {
+    std::vector<std::pair<T, std::int32_t>> v(static_cast<std::size_t>(n));
+    for (std::int64_t e = 0; e < n; ++e) v[e] = {p[e], static_cast<std::int32_t>(e)};
+    std::stable_sort(v.begin(), v.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (std::int64_t j = 0; j < keep; ++j) {
+      idx[j] = v[j].second;
+      val[j] = v[j].first;
+    }
+  } else {
+    using B = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = B::size;
+    const std::int64_t np = (n + L - 1) / L * L;
+    buf.assign(static_cast<std::size_t>(np), T(-1));  // padding ranks after every entry
+    std::copy(p, p + n, buf.begin());
+    alignas(64) T lane[L];
+    for (std::int64_t l = 0; l < L; ++l) lane[l] = static_cast<T>(l);
+    const B iota = B::load_aligned(lane), one(T(1)), zero(T(0));
+    alignas(64) T cnt_out[L];
+    for (std::int64_t a0 = 0; a0 < np; a0 += L) {
+      const B va = B::load_unaligned(buf.data() + a0);
+      const B ia = iota + B(static_cast<T>(a0));
+      // Entry b ranks before entry a if larger, or equal with b < a: entries before
+      // the block count when >=, entries after it when >, and only the block itself
+      // needs the index test.
+      // Four counters: the adds are not one serial dependency chain.
+      B c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
+      const std::int64_t b_mid = std::min(n, a0 + L);
+      std::int64_t b = 0;
+      for (; b + 4 <= a0; b += 4) {
+        c0 += xsimd::select(B(buf[b]) >= va, one, zero);
+        c1 += xsimd::select(B(buf[b + 1]) >= va, one, zero);
+        c2 += xsimd::select(B(buf[b + 2]) >= va, one, zero);
+        c3 += xsimd::select(B(buf[b + 3]) >= va, one, zero);
+      }
+      for (; b < a0; ++b) c0 += xsimd::select(B(buf[b]) >= va, one, zero);
+      for (; b < b_mid; ++b) {
+        const B vb(buf[b]), ib(static_cast<T>(b));
+        c1 += xsimd::select((vb > va) | ((vb == va) & (ib < ia)), one, zero);
+      }
+      for (; b + 4 <= n; b += 4) {
+        c0 += xsimd::select(B(buf[b]) > va, one, zero);
+        c1 += xsimd::select(B(buf[b + 1]) > va, one, zero);
+        c2 += xsimd::select(B(buf[b + 2]) > va, one, zero);
+        c3 += xsimd::select(B(buf[b + 3]) > va, one, zero);
+      }
+      for (; b < n; ++b) c0 += xsimd::select(B(buf[b]) > va, one, zero);
+      const B cnt = (c0 + c1) + (c2 + c3);
+      cnt.store_aligned(cnt_out);
+      for (std::int64_t l = 0; l < L && a0 + l < n; ++l) {
+        const auto r = static_cast<std::int64_t>(cnt_out[l]);
+        if (r < keep) {
+          idx[r] = static_cast<std::int32_t>(a0 + l);
+          val[r] = buf[a0 + l];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace detail
+
+struct TopPRouterConfig {
+  std::int64_t num_experts = 0;  ///< E; must be >= 1
+  double threshold = 0.4;        ///< p in (0, 1]: cumulative probability to reach
+  std::int64_t min_experts = 1;  ///< at least this many experts per token, 1..E
+  std::int64_t max_experts = 0;  ///< at most this many, min_experts..E; 0 means E
+  bool renormalize = false;      ///< weights = p / sum of the chosen p (else raw p)
+};
+
+template <class T = float, class Arch = simd::default_arch>
+class TopPRouter {
+ public:
+  using config_type = TopPRouterConfig;
+  static constexpr std::string_view name = "TopPRouter";
+
+  /// Throws config_error (naming TopPRouter and the field) if num_experts < 1,
+  /// threshold is not in (0, 1] (NaN included), min_experts is not in 1..E, or
+  /// max_experts (after 0 -> E) is not in min_experts..E.
+  explicit TopPRouter(const TopPRouterConfig& config) : config_(config) {
+    const std::int64_t experts = config_.num_experts;
+    detail::check_num_experts(name, experts);
+    if (!(config_.threshold > 0 && config_.threshold <= 1)) {
+      switchyard::detail::fail_config(name, "config", "threshold", config_.threshold,
+                                      "a probability in (0, 1]");
+    }
+    if (config_.min_experts < 1 || config_.min_experts > experts) {
+      switchyard::detail::fail_config(
+          name, "config", "min_experts", config_.min_experts,
+          "1 <= min_experts <= num_experts = " + std::to_string(experts));
+    }
+    if (config_.max_experts == 0) config_.max_experts = experts;
+    if (config_.max_experts < config_.min_experts || config_.max_experts > experts) {
+      switchyard::detail::fail_config(
+          name, "config", "max_experts", config_.max_experts,
+          "0 (= num_experts) or min_experts = " + std::to_string(config_.min_experts) +
+              " <= max_experts <= num_experts = " + std::to_string(experts));
+    }
+  }
+
+  /// The config in force (max_experts resolved: never 0).
+  const TopPRouterConfig& config() const noexcept { return config_; }
+  std::int64_t num_experts() const noexcept { return config_.num_experts; }
+
+  /// logits: [T, E] (unit inner stride); mask: empty or [T]. Fills plan with
+  /// K = max_experts slots per token (-1 past the token's m experts). Throws
+  /// shape_error on a shape/stride/mask-length mismatch, config_error on a NaN
+  /// or infinite logit of a routed token.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask = {}) const {
+    const std::int64_t experts = config_.num_experts, kmax = config_.max_experts;
+    const std::int64_t kmin = config_.min_experts;
+    detail::check_logits(name, logits, experts, mask);
+    const std::int64_t tokens = logits.extent(0);
+    plan.reset(tokens, experts, kmax);
+    auto& scratch = detail::topk_router_scratch<T>();
+    detail::softmax_scores<T, Arch>(name, logits, mask, scratch.probs, scratch.prob_sum,
+                                    plan.stats);
+    const T* probs = scratch.probs.data();
+    std::int32_t* choice = plan.choice_expert.data();
+    T* weight = plan.choice_weight.data();
+    const bool renorm = config_.renormalize;
+    const double p_thr = config_.threshold;
+    const std::int64_t k_fast = std::min<std::int64_t>(kmax, 8);
+
+    // Writes the first m of a ranked row into the plan.
+    const auto write = [&](std::int64_t t, std::int64_t m, auto&& index_of, auto&& value_of) {
+      std::int32_t* ce = choice + t * kmax;
+      T* cw = weight + t * kmax;
+      T s(0);
+      if (renorm) {
+        for (std::int64_t j = 0; j < m; ++j) s += value_of(j);
+      }
+      for (std::int64_t j = 0; j < m; ++j) {
+        ce[j] = index_of(j);
+        cw[j] = renorm ? value_of(j) / s : value_of(j);
+      }
+    };
+    // Number of experts taken from a ranked prefix of length `have`, or -1 if more are needed.
+    const auto count = [&](std::int64_t have, auto&& value_of) -> std::int64_t {
+      double c = 0;
+      for (std::int64_t j = 0; j < have; ++j) {
+        c += static_cast<double>(value_of(j));
+        const std::int64_t m = j + 1;
+        if (m >= kmax) return kmax;
+        if (m >= kmin && c >= p_thr) return m;
+      }
+      return -1;  // only when have < kmax (have = kmax always returns above)
+    };
+
+    parallel_for(num_chunks(tokens, detail::router_chunk), [&](std::int64_t c) {
+      const std::int64_t t0 = c * detail::router_chunk;
+      const std::int64_t t1 = std::min(tokens, t0 + detail::router_chunk);
+      thread_local std::vector<std::int32_t> rank_idx;
+      thread_local std::vector<T> rank_val, rank_buf;
+      detail::for_each_topk_row<T, Arch>(
+          probs, t0, t1, experts, k_fast, mask,
+          [&](std::int64_t t, auto&& index_of, auto&& value_of) {
+            const std::int64_t m = count(k_fast, value_of);
+            if (m >= 0) {
+              write(t, m, index_of, value_of);
+              return;
+            }
+            // Slow path (the 8 best do not reach the threshold): rank the whole row.
+            rank_idx.resize(static_cast<std::size_t>(kmax));
+            rank_val.resize(static_cast<std::size_t>(kmax));
+            detail::rank_row(Arch{}, probs + t * experts, experts, kmax, rank_idx.data(),
+                             rank_val.data(), rank_buf);
+            const auto ri = [&](std::int64_t j) { return rank_idx[j]; };
+            const auto rv = [&](std::int64_t j) { return rank_val[j]; };
+            write(t, count(kmax, rv), ri, rv);
+          });
+    });
+    detail::build_csr_from_choices(plan);
+    plan.stats.tokens_per_expert = plan.stats.kept_per_expert;
+    const std::int64_t routed = plan.stats.routed_tokens, assignments = plan.nnz();
+    if (routed > 0 && assignments > 0) {
+      double s = 0;
+      for (std::int64_t e = 0; e < experts; ++e)
+        s += static_cast<double>(plan.stats.tokens_per_expert[e]) * scratch.prob_sum[e];
+      plan.stats.aux_loss = static_cast<double>(experts) /
+                            (static_cast<double>(routed) * static_cast<double>(assignments)) * s;
+    }
+  }
+
+  /// Allocating convenience: a fresh plan.
+  DispatchPlan<T> route(ConstView<T, 2> logits, const TokenMask& mask = {}) const {
+    DispatchPlan<T> plan;
+    route(logits, plan, mask);
+    return plan;
+  }
+
+ private:
+  TopPRouterConfig config_;
+};
+
+}  // namespace moe
+}  // namespace v0
+}  // namespace switchyard
