@@ -270,6 +270,17 @@ TEST_CASE("GShardTop2Router: sampled Gumbel noise", "[moe][router][gshard][noise
   GShardTop2Router<float>::gumbel_noise(rng, noise);
   router.route_with_noise(logits, noise, explicit_noise);
   require_identical(sampled, explicit_noise);
+  // The documented positions: float from 24 bits of uint32(t * E + e), double from 53 of uint64.
+  for (const std::int64_t i : {0, 1, 5, 4097, 8191}) {
+    const float u = (float(rng.uint32(std::uint64_t(i)) >> 8) + 0.5f) * 0x1p-24f;
+    REQUIRE(noise(i / E, i % E) == -std::log(-std::log(u)));
+  }
+  Tensor<double> noise_d({3, 5});
+  GShardTop2Router<double>::gumbel_noise(rng, noise_d);
+  for (std::int64_t i = 0; i < 15; ++i) {
+    const double u = (double(rng.uint64(std::uint64_t(i)) >> 11) + 0.5) * 0x1p-53;
+    REQUIRE(noise_d(i / 5, i % 5) == -std::log(-std::log(u)));
+  }
   // Gumbel(0, 1): mean = Euler-Mascheroni 0.5772, variance pi^2 / 6.
   double mean = 0, var = 0;
   for (float v : noise) mean += v;

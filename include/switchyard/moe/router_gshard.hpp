@@ -51,12 +51,14 @@
 // one serial pass for the buffer positions, and the CSR build. Bit-identical for
 // any thread count.
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "switchyard/core/error.hpp"
@@ -163,18 +165,36 @@ class GShardTop2Router {
     route_impl(logits, &cnoise, plan, mask);  // route_impl leaves s.noise alone
   }
 
-  /// noise[t, e] = -log(-log(u)) with u = (bits + 1/2) * 2^-53 from the top 53
-  /// bits of rng.uint64(t * E + e), u in (0, 1) so the noise is finite.
-  /// Deterministic for any thread count.
+  /// noise[t, e] = -log(-log(u)), u in (0, 1) from position i = t * E + e of rng:
+  /// float: u = ((rng.uint32(i) >> 8) + 1/2) * 2^-24, logs in float;
+  /// double: u = ((rng.uint64(i) >> 11) + 1/2) * 2^-53, logs in double.
+  /// u never reaches 0 or 1, so the noise is finite. Deterministic for any
+  /// thread count (each row's values depend only on the positions).
   static void gumbel_noise(const core::Rng& rng, View<T, 2> noise) {
     const std::int64_t rows = noise.extent(0), cols = noise.extent(1);
     parallel_for(num_chunks(rows, detail::router_chunk), [&](std::int64_t c) {
+      std::uint64_t cached = ~std::uint64_t{0};
+      std::array<std::uint32_t, 4> words{};
       for (std::int64_t t = c * detail::router_chunk;
            t < std::min(rows, (c + 1) * detail::router_chunk); ++t) {
         for (std::int64_t e = 0; e < cols; ++e) {
           const auto pos = static_cast<std::uint64_t>(t * cols + e);
-          const double u = (static_cast<double>(rng.uint64(pos) >> 11) + 0.5) * 0x1p-53;
-          noise(t, e) = static_cast<T>(-std::log(-std::log(u)));
+          if constexpr (std::is_same_v<T, float>) {
+            if (pos / 4 != cached) {
+              cached = pos / 4;
+              words = rng.block(cached);
+            }
+            const float u = (static_cast<float>(words[pos % 4] >> 8) + 0.5f) * 0x1p-24f;
+            noise(t, e) = -std::log(-std::log(u));
+          } else {
+            if (pos / 2 != cached) {
+              cached = pos / 2;
+              words = rng.block(cached);
+            }
+            const double u =
+                (static_cast<double>(core::Rng::pair64(words, pos % 2) >> 11) + 0.5) * 0x1p-53;
+            noise(t, e) = static_cast<T>(-std::log(-std::log(u)));
+          }
         }
       }
     });
