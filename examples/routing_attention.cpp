@@ -1,6 +1,9 @@
 // Routing Transformer k-means attention on random data: initialise the centroids,
 // route (inspect the plan: cluster sizes, tokens in no cluster, tokens in several),
-// run the attention, take one EMA centroid step.
+// run the attention, take one EMA centroid step; then separate Q/K with the
+// reference's per-cluster memory key/value and a padding mask, and the causal-safe
+// nearest_centroid selection.
+#include <cmath>
 #include <cstdio>
 #include <switchyard/attention/routing_kmeans.hpp>
 #include <vector>
@@ -52,5 +55,34 @@ int main() {
   std::printf("centroids updated (EMA); state [H=%lld, C=%lld, D=%lld]\n",
               (long long)state.means.extent(0), (long long)state.means.extent(1),
               (long long)state.means.extent(2));
+
+  // Separate Q/K, causal: the reference always adds (at least) one memory key/value
+  // per head and cluster, [H, C, M, D] (learnt parameters; random here).
+  core::Tensor<float> k({B, T, H, D});
+  core::fill_normal(k, /*seed=*/3);
+  const attention::RoutingAttention<float> sep(
+      {.num_clusters = C, .window_size = T / C, .causal = true, .shared_qk = false});
+  const std::int64_t M = sep.memory_kv();  // max(num_mem_kv, 1) = 1
+  core::Tensor<float> mem_k({H, C, M, D}), mem_v({H, C, M, D});
+  core::fill_normal(mem_k, /*seed=*/4);
+  core::fill_normal(mem_v, /*seed=*/5);
+  std::vector<std::uint8_t> keep(static_cast<std::size_t>(B * T), 1);
+  for (std::int64_t t = T - 100; t < T; ++t) keep[std::size_t(t)] = 0;  // 100 padding tokens
+  const auto sep_state = sep.init_state(q, k, /*seed=*/7);
+  sep.forward(q, k, v, sep_state, out, {.mem_key = mem_k, .mem_value = mem_v, .query_mask = keep});
+  double mean_abs = 0;
+  for (const float x : out) mean_abs += std::abs(double(x)) / double(out.numel());
+  std::printf("separate QK + %lld memory key/value per cluster + padding mask: mean |out| = %.4f\n",
+              (long long)M, mean_abs);
+
+  // nearest_centroid: every token in exactly one cluster; with causal = true no output
+  // depends on a later token (the top-w windows above do not guarantee that).
+  const attention::RoutingAttention<float> nearest(
+      {.num_clusters = C,
+       .causal = true,
+       .selection = attention::RoutingSelection::nearest_centroid});
+  nearest.forward(q, v, state, out);
+  std::printf("nearest_centroid: out[0, 0, 0, 0] = %.4f (token 0 sees only itself)\n",
+              out(0, 0, 0, 0));
   return 0;
 }

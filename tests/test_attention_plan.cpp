@@ -1,7 +1,8 @@
 // PlanExecutor (every arch) against a naive double reference of the same pairs on
 // random plans (per-head and all-heads groups, write and accumulate, causal and
-// self rules, GQA, strided views); a full plan against ref::dense_attention;
-// empty groups, fully masked rows, 1 vs 2 threads, errors.
+// self rules, GQA, strided views); memory keys, keep masks and finite masking
+// against the same reference; a full plan against ref::dense_attention; empty
+// groups, fully masked rows, 1 vs 2 threads, errors.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
@@ -21,11 +22,19 @@ namespace {
 
 using test_support::uniform_tensor;
 
-// Naive reference of a plan in double: out [B, T, H, D], counts [B, H, T].
+// Naive reference of a plan in double: out [B, T, H, D], counts [B, H, T]. Memory
+// keys (mk, mv [R, M, D]) come first in each group with memory and are never
+// masked; keep masks (qk [B, T], kk [B, S]) mask pairs before the self value;
+// finite_mask uses the lowest finite logit instead of -inf.
 template <class T>
 void reference(const AttentionPlan& p, const core::Tensor<T>& q, const core::Tensor<T>& k,
                const core::Tensor<T>& v, double scale, std::vector<double>& out,
-               std::vector<double>& counts) {
+               std::vector<double>& counts, const core::Tensor<T>* mk = nullptr,
+               const core::Tensor<T>* mv = nullptr, const std::vector<std::uint8_t>* qk = nullptr,
+               const std::vector<std::uint8_t>* kk = nullptr) {
+  const double masked = p.rule.finite_mask ? std::numeric_limits<double>::lowest()
+                                           : -std::numeric_limits<double>::infinity();
+  const std::int64_t S = k.extent(1);
   const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
   const std::int64_t Hkv = k.extent(2);
   out.assign(std::size_t(B * Tq * H * D), 0.0);
@@ -35,14 +44,24 @@ void reference(const AttentionPlan& p, const core::Tensor<T>& q, const core::Ten
     for (std::int64_t h = 0; h < H; ++h) {
       if (p.group_head[g] != AttentionPlan::all_heads && p.group_head[g] != h) continue;
       const std::int64_t hk = h / (H / Hkv);
+      const std::int64_t row = p.memory_row(g), M = row >= 0 ? p.memory_keys : 0;
       for (const auto i : p.queries(g)) {
         std::vector<double> s;
         double m = -std::numeric_limits<double>::infinity();
+        for (std::int64_t j = 0; j < M; ++j) {
+          double x = 0;
+          for (std::int64_t d = 0; d < D; ++d)
+            x += double(q(b, i, h, d)) * double((*mk)(row, j, d));
+          s.push_back(x * scale);
+          m = std::max(m, x * scale);
+        }
         for (const auto j : p.keys(g)) {
           double x = 0;
           for (std::int64_t d = 0; d < D; ++d) x += double(q(b, i, h, d)) * double(k(b, j, hk, d));
           x *= scale;
-          if (p.rule.causal && j > i) x = -std::numeric_limits<double>::infinity();
+          if (qk && !(*qk)[std::size_t(b * Tq + i)]) x = masked;
+          if (kk && !(*kk)[std::size_t(b * S + j)]) x = masked;
+          if (p.rule.causal && j > i) x = masked;
           if (p.rule.self_value && j == i) x = *p.rule.self_value;
           s.push_back(x);
           m = std::max(m, x);
@@ -52,6 +71,9 @@ void reference(const AttentionPlan& p, const core::Tensor<T>& q, const core::Ten
           double l = 0;
           for (auto& x : s) l += (x = std::exp(x - m));
           std::size_t jj = 0;
+          for (std::int64_t j = 0; j < M; ++j, ++jj)
+            for (std::int64_t d = 0; d < D; ++d)
+              o[std::size_t(d)] += s[jj] / l * double((*mv)(row, j, d));
           for (const auto j : p.keys(g)) {
             for (std::int64_t d = 0; d < D; ++d)
               o[std::size_t(d)] += s[jj] / l * double(v(b, j, hk, d));
@@ -136,7 +158,94 @@ void check_random(std::int64_t B, std::int64_t H, std::int64_t Hkv, std::int64_t
   }
 }
 
+// Random plan with memory (random rows of R, some groups without), random keep
+// masks, finite or -inf masking.
+template <class T, class Arch>
+void check_extras(PlanOutput mode, bool causal, bool self, bool finite, std::int64_t M,
+                  std::uint32_t seed) {
+  const std::int64_t B = 2, H = 2, Hkv = 1, Tq = 37, S = 37, D = 19, R = 5;
+  CAPTURE(int(mode), causal, self, finite, M, seed);
+  const auto q = uniform_tensor<T>({B, Tq, H, D}, seed);
+  const auto k = uniform_tensor<T>({B, S, Hkv, D}, seed + 1);
+  const auto v = uniform_tensor<T>({B, S, Hkv, D}, seed + 2);
+  core::Tensor<T> mk({R, M, D}), mv({R, M, D});
+  {
+    const auto a = uniform_tensor<T>({1, R, M, D}, seed + 3);
+    const auto c = uniform_tensor<T>({1, R, M, D}, seed + 4);
+    std::copy(a.begin(), a.end(), mk.begin());
+    std::copy(c.begin(), c.end(), mv.begin());
+  }
+  auto p = random_plan(B, H, Tq, S, true, mode, seed + 5);
+  p.rule.causal = causal;
+  p.rule.finite_mask = finite;
+  if (self) p.rule.self_value = -3.0;
+  p.memory_keys = M;
+  std::mt19937 rng(seed + 6);
+  p.group_memory.resize(std::size_t(p.num_groups()));
+  for (auto& r : p.group_memory) r = std::int64_t(rng() % (R + 1)) - 1;  // -1: none
+  std::vector<std::uint8_t> qk(std::size_t(B * Tq)), kk(std::size_t(B * S));
+  for (auto& x : qk) x = rng() % 4 != 0;
+  for (auto& x : kk) x = rng() % 2 != 0;
+  core::Tensor<T> out({B, Tq, H, D}), counts({B, H, Tq});
+  PlanExecutor<T, Arch>({.scale = 0.37})
+      .execute(p, q, k, v, out, counts,
+               {.memory_k = mk, .memory_v = mv, .query_keep = qk, .key_keep = kk});
+  std::vector<double> want, want_counts;
+  reference(p, q, k, v, double(T(0.37)), want, want_counts, &mk, &mv, &qk, &kk);
+  double err = 0, mx = 0;
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    err = std::max(err, std::abs(double(out.data()[i]) - want[i]));
+    mx = std::max(mx, std::abs(want[i]));
+  }
+  CHECK(err <= tol<T>() * std::max(1.0, mx));
+}
+
 }  // namespace
+
+TEST_CASE("plan executor: memory keys, keep masks, finite masking", "[plan][memory]") {
+  simd::for_each_arch([](auto arch) {
+    using A = decltype(arch);
+    CAPTURE(A::name());
+    constexpr bool main_arch = simd::is_scalar_v<A> || std::is_same_v<A, simd::default_arch>;
+    std::uint32_t seed = 500;
+    for (const auto mode : {PlanOutput::write, PlanOutput::accumulate})
+      for (const bool causal : {false, true})
+        for (const bool finite : {false, true}) {
+          if (main_arch || causal == finite)
+            check_extras<float, A>(mode, causal, causal != finite, finite, 1 + seed % 3, seed);
+          seed += 7;
+        }
+    check_extras<double, A>(PlanOutput::accumulate, true, true, true, 2, 77);
+  });
+  // Errors: memory missing or of the wrong shape, a row past the table, mask sizes.
+  const auto q = uniform_tensor<float>({1, 4, 2, 8}, 1);
+  core::Tensor<float> out({1, 4, 2, 8}), mk({2, 3, 8}), bad({2, 3, 7});
+  auto p = full_plan(1, 2, 4, 4);
+  p.memory_keys = 3;
+  p.group_memory = {1};
+  const PlanExecutor<float> ex;
+  REQUIRE_THROWS_WITH(ex.execute(p, q, q, q, out), Contains("PlanExecutor::execute") &&
+                                                       Contains("'memory_k'") && Contains("M=3"));
+  REQUIRE_THROWS_AS(ex.execute(p, q, q, q, out), shape_error);
+  REQUIRE_THROWS_WITH(ex.execute(p, q, q, q, out, {}, {.memory_k = bad, .memory_v = bad}),
+                      Contains("'memory_k'") && Contains("D=7"));
+  REQUIRE_THROWS_WITH(ex.execute(p, q, q, q, out, {}, {.memory_k = mk, .memory_v = bad}),
+                      Contains("'memory_v'") && Contains("D=7"));
+  p.group_memory = {2};
+  REQUIRE_THROWS_WITH(ex.execute(p, q, q, q, out, {}, {.memory_k = mk, .memory_v = mk}),
+                      Contains("'memory_k'") && Contains("R >= 3"));
+  p.group_memory = {-2};
+  REQUIRE_THROWS_WITH(ex.execute(p, q, q, q, out, {}, {.memory_k = mk, .memory_v = mk}),
+                      Contains("memory row -2"));
+  REQUIRE_THROWS_AS(ex.execute(p, q, q, q, out, {}, {.memory_k = mk, .memory_v = mk}),
+                    config_error);
+  const std::vector<std::uint8_t> keep3(3, 1);
+  REQUIRE_THROWS_WITH(
+      ex.execute(full_plan(1, 2, 4, 4), q, q, q, out, {}, {.query_keep = keep3}),
+      Contains("'query_keep'") && Contains("[3 entries]") && Contains("[B, T] = 4 entries"));
+  REQUIRE_THROWS_AS(ex.execute(full_plan(1, 2, 4, 4), q, q, q, out, {}, {.key_keep = keep3}),
+                    shape_error);
+}
 
 TEST_CASE("plan executor matches the naive reference on random plans", "[plan]") {
   simd::for_each_arch([](auto arch) {

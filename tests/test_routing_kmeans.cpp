@@ -2,7 +2,10 @@
 // fixtures from lucidrains/routing-transformer (windows as sets, buckets, dists,
 // aux loss, outputs); one cluster with window = T against dense attention;
 // causality of the executed plan; the seeded initialiser and the EMA update against
-// naive loops; 1 vs 2 threads; every documented error.
+// naive loops; 1 vs 2 threads; every documented error. Per-cluster memory keys /
+// values, query / key keep masks and the nearest_centroid selection against a naive
+// double-precision port of the reference (ref_forward below, no fixture exists for
+// them), a hand-computed case, and causality by construction of nearest_centroid.
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
@@ -99,6 +102,214 @@ void check_fixture(const std::string& file, bool causal) {
             << zero_rows << ", aux " << r.aux_loss << " vs " << aux_want);
 }
 
+// ---------------------------------------------------------------------------
+// Naive double-precision port of lucidrains/routing-transformer @3f6c461
+// routing_transformer/routing_transformer.py, KmeansAttention.forward (eval mode,
+// dropout 0), written from the reference's rules (line numbers of that file):
+//   routing   Kmeans.forward: xn = normalize(x); dists = xn . means (l. 339-349);
+//             top_window: `distribution` = top-w per cluster over ALL tokens
+//             (l. 288-291), w = min(window, T) (l. 393-394); separate QK routes
+//             q and k by one Kmeans call on cat(q, k) (l. 396-400).
+//             nearest_centroid (ours): token -> argmax_c dists, ties to lower c.
+//   keys      shared QK: normalize(q) (l. 403); separate: k as given.
+//   memory    mem_key / mem_value [H, C, M, D] (l. 379-380) are PREPENDED to each
+//             cluster's gathered keys / values (torch.cat((m_k, k), dim=3),
+//             l. 414-415): not normalised (even with shared QK), scaled by
+//             d^-0.5 like every logit (l. 417), always visible under the padding
+//             and causal masks (F.pad(..., value=True), l. 429 and 436), never a
+//             self pair (F.pad(..., value=False), l. 443).
+//             M = max(num_mem_kv, 1 if causal and not shared_qk) (l. 378).
+//   masks     key_mask defaults to query_mask (l. 390); pair (i, j) is kept iff
+//             query_mask[i] and key_mask[j] (l. 428); masked logits are
+//             max_neg_value = -FLT_MAX, finite (l. 419, 430): a row with every
+//             logit masked softmaxes to a uniform average of its keys' values.
+//   causal    key position > query position -> -FLT_MAX (l. 433-437), after the
+//             padding mask.
+//   self      shared QK: same position -> -5e4 (l. 440-444), after both masks,
+//             so a masked query still sees itself.
+//   output    scatter_mean: sum over windows / (count + 1e-5) (l. 85-88, 452);
+//             nearest_centroid: the token's one cluster output.
+struct RefConfig {
+  std::int64_t C = 4, w = 16;
+  bool causal = false, shared = true, nearest = false;
+  std::int64_t M = 0;  // memory keys per cluster
+};
+
+template <class VQ, class VK, class VV>
+std::vector<double> ref_forward(const RefConfig& rc, const VQ& q, const VK& k, const VV& v,
+                                const core::Tensor<float>& means, const core::Tensor<float>* mem_k,
+                                const core::Tensor<float>* mem_v,
+                                const std::vector<std::uint8_t>& qmask,
+                                const std::vector<std::uint8_t>& kmask) {
+  const std::int64_t B = q.extent(0), T = q.extent(1), H = q.extent(2), D = q.extent(3);
+  const std::int64_t S = rc.shared ? T : k.extent(1), C = rc.C;
+  const double scale = 1.0 / std::sqrt(double(D));
+  const double lowest = std::numeric_limits<double>::lowest();
+  std::vector<double> out(std::size_t(B * T * H * D), 0.0);
+  const auto normalized = [&](const auto& x, std::int64_t b, std::int64_t t, std::int64_t h) {
+    std::vector<double> r(static_cast<std::size_t>(D));
+    double n = 0;
+    for (std::int64_t d = 0; d < D; ++d) n += double(x(b, t, h, d)) * double(x(b, t, h, d));
+    n = std::max(std::sqrt(n), 1e-12);
+    for (std::int64_t d = 0; d < D; ++d) r[std::size_t(d)] = double(x(b, t, h, d)) / n;
+    return r;
+  };
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < H; ++h) {
+      std::vector<std::vector<double>> xq, xk, keys;
+      for (std::int64_t t = 0; t < T; ++t) xq.push_back(normalized(q, b, t, h));
+      for (std::int64_t s = 0; s < S; ++s) {
+        xk.push_back(rc.shared ? xq[std::size_t(s)] : normalized(k, b, s, h));
+        std::vector<double> kr(static_cast<std::size_t>(D));
+        for (std::int64_t d = 0; d < D; ++d)
+          kr[std::size_t(d)] =
+              rc.shared ? xq[std::size_t(s)][std::size_t(d)] : double(k(b, s, h, d));
+        keys.push_back(kr);
+      }
+      const auto dist = [&](const std::vector<double>& x, std::int64_t c) {
+        double r = 0;
+        for (std::int64_t d = 0; d < D; ++d) r += x[std::size_t(d)] * double(means(h, c, d));
+        return r;
+      };
+      // members[c]: the cluster's tokens (window order is irrelevant to the result)
+      const auto clusters = [&](const std::vector<std::vector<double>>& x, std::int64_t n) {
+        std::vector<std::vector<std::int64_t>> members(static_cast<std::size_t>(C));
+        if (rc.nearest) {
+          for (std::int64_t t = 0; t < n; ++t) {
+            std::int64_t best = 0;
+            for (std::int64_t c = 1; c < C; ++c)
+              if (dist(x[std::size_t(t)], c) > dist(x[std::size_t(t)], best)) best = c;
+            members[std::size_t(best)].push_back(t);
+          }
+        } else {
+          for (std::int64_t c = 0; c < C; ++c) {
+            std::vector<std::int64_t> order(static_cast<std::size_t>(n));
+            for (std::int64_t t = 0; t < n; ++t) order[std::size_t(t)] = t;
+            std::stable_sort(order.begin(), order.end(), [&](std::int64_t a, std::int64_t z) {
+              return dist(x[std::size_t(a)], c) > dist(x[std::size_t(z)], c);
+            });
+            order.resize(std::size_t(std::min(rc.w, n)));
+            members[std::size_t(c)] = order;
+          }
+        }
+        return members;
+      };
+      const auto qwin = clusters(xq, T), kwin = clusters(xk, S);
+      std::vector<double> acc(std::size_t(T * D), 0.0), cnt(std::size_t(T), 0.0);
+      for (std::int64_t c = 0; c < C; ++c)
+        for (const std::int64_t i : qwin[std::size_t(c)]) {
+          std::vector<double> logit;
+          std::vector<std::vector<double>> vrow;
+          for (std::int64_t m = 0; m < rc.M; ++m) {
+            double l = 0;
+            std::vector<double> vr(static_cast<std::size_t>(D));
+            for (std::int64_t d = 0; d < D; ++d) {
+              l += double(q(b, i, h, d)) * double((*mem_k)(h, c, m, d));
+              vr[std::size_t(d)] = double((*mem_v)(h, c, m, d));
+            }
+            logit.push_back(l * scale);
+            vrow.push_back(vr);
+          }
+          for (const std::int64_t j : kwin[std::size_t(c)]) {
+            double l = 0;
+            std::vector<double> vr(static_cast<std::size_t>(D));
+            for (std::int64_t d = 0; d < D; ++d) {
+              l += double(q(b, i, h, d)) * keys[std::size_t(j)][std::size_t(d)];
+              vr[std::size_t(d)] = double(v(b, j, h, d));
+            }
+            l *= scale;
+            const bool qk = qmask.empty() || qmask[std::size_t(b * T + i)];
+            const bool kk = kmask.empty() || kmask[std::size_t(b * S + j)];
+            if (!(qk && kk)) l = lowest;
+            if (rc.causal && j > i) l = lowest;
+            if (rc.shared && j == i) l = -5e4;
+            logit.push_back(l);
+            vrow.push_back(vr);
+          }
+          if (logit.empty()) {  // nearest_centroid, separate QK: a cluster without keys
+            cnt[std::size_t(i)] += 1;
+            continue;
+          }
+          const double mx = *std::max_element(logit.begin(), logit.end());
+          double z = 0;
+          std::vector<double> o(static_cast<std::size_t>(D), 0.0);
+          for (std::size_t j = 0; j < logit.size(); ++j) {
+            const double p = std::exp(logit[j] - mx);
+            z += p;
+            for (std::int64_t d = 0; d < D; ++d) o[std::size_t(d)] += p * vrow[j][std::size_t(d)];
+          }
+          for (std::int64_t d = 0; d < D; ++d) acc[std::size_t(i * D + d)] += o[std::size_t(d)] / z;
+          cnt[std::size_t(i)] += 1;
+        }
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t d = 0; d < D; ++d) {
+          const double den = rc.nearest ? 1.0 : cnt[std::size_t(t)] + 1e-5;
+          out[std::size_t(((b * T + t) * H + h) * D + d)] = acc[std::size_t(t * D + d)] / den;
+        }
+    }
+  return out;
+}
+
+std::vector<std::uint8_t> random_mask(std::int64_t n, std::uint32_t seed, double keep = 0.75) {
+  std::mt19937 rng(seed);
+  std::bernoulli_distribution bern(keep);
+  std::vector<std::uint8_t> m(static_cast<std::size_t>(n));
+  for (auto& x : m) x = bern(rng) ? 1 : 0;
+  return m;
+}
+
+// max |ours - ref| / max(1, max |ref|)
+template <class O>
+double rel_error(const O& out, const std::vector<double>& ref) {
+  double err = 0, mx = 0;
+  for (std::size_t i = 0; i < ref.size(); ++i) {
+    err = std::max(err, std::abs(double(out.data()[i]) - ref[i]));
+    mx = std::max(mx, std::abs(ref[i]));
+  }
+  return err / std::max(1.0, mx);
+}
+
+// Runs RoutingAttention<float> and the naive reference on random inputs.
+double compare_with_ref(RoutingAttentionConfig cfg, std::int64_t S, bool with_masks,
+                        std::uint32_t seed, bool separate_key_mask = false) {
+  const std::int64_t B = 2, T = 48, H = 2, D = 16;
+  if (cfg.shared_qk) S = T;
+  const auto q = random_tensor({B, T, H, D}, seed);
+  const auto k = random_tensor({B, S, H, D}, seed + 1);
+  const auto v = random_tensor({B, S, H, D}, seed + 2);
+  const RoutingAttention<float> attn(cfg);
+  const auto state = attn.init_state(q, cfg.shared_qk ? ConstView<float, 4>{} : k, seed + 3);
+  const std::int64_t C = state.means.extent(1), M = attn.memory_kv();
+  const auto mem_k = random_tensor({H, C, std::max<std::int64_t>(M, 1), D}, seed + 4);
+  const auto mem_v = random_tensor({H, C, std::max<std::int64_t>(M, 1), D}, seed + 5);
+  RoutingExtras<float> ex;
+  if (M > 0) {
+    ex.mem_key = mem_k;
+    ex.mem_value = mem_v;
+  }
+  std::vector<std::uint8_t> qm, km;
+  if (with_masks) {
+    qm = random_mask(B * T, seed + 6);
+    km = separate_key_mask ? random_mask(B * S, seed + 7, 0.5) : qm;
+    ex.query_mask = qm;
+    if (separate_key_mask) ex.key_mask = km;
+  }
+  core::Tensor<float> out({B, T, H, D});
+  if (cfg.shared_qk) {
+    attn.forward(q, v, state, out, ex);
+  } else {
+    attn.forward(q, k, v, state, out, ex);
+  }
+  const RefConfig rc{.C = C,
+                     .w = cfg.window_size,
+                     .causal = cfg.causal,
+                     .shared = cfg.shared_qk,
+                     .nearest = cfg.selection == RoutingSelection::nearest_centroid,
+                     .M = M};
+  const auto ref = ref_forward(rc, q, k, v, state.means, &mem_k, &mem_v, qm, km);
+  return rel_error(out, ref);
+}
+
 }  // namespace
 
 TEST_CASE("routing attention matches the fixture, non-causal", "[routing][fixture]") {
@@ -114,14 +325,29 @@ TEST_CASE("one cluster with window = T equals dense attention", "[routing][dense
   const auto q = random_tensor({B, T, H, D}, 1);
   const auto k = random_tensor({B, T, H, D}, 2);
   const auto v = random_tensor({B, T, H, D}, 3);
+  // Causal separate QK has one memory key/value (the reference's rule): dense
+  // attention over [memory; keys] with CausalMask{offset = 1} is the same thing.
+  const auto mk = random_tensor({H, 1, 1, D}, 4);
+  const auto mv = random_tensor({H, 1, 1, D}, 5);
+  core::Tensor<float> kc({B, T + 1, H, D}), vc({B, T + 1, H, D});
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t <= T; ++t)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t d = 0; d < D; ++d) {
+          kc(b, t, h, d) = t == 0 ? mk(h, 0, 0, d) : k(b, t - 1, h, d);
+          vc(b, t, h, d) = t == 0 ? mv(h, 0, 0, d) : v(b, t - 1, h, d);
+        }
   for (const bool causal : {false, true}) {
     CAPTURE(causal);
     const RoutingAttention<float> attn(
         {.num_clusters = 1, .window_size = T, .causal = causal, .shared_qk = false});
+    REQUIRE(attn.memory_kv() == (causal ? 1 : 0));
     const auto state = attn.init_state(q, k, 5);
     core::Tensor<float> out({B, T, H, D});
-    attn.forward(q, k, v, state, out);
-    const auto dense = causal ? DenseAttention<float>().forward(q, k, v, CausalMask{})
+    RoutingExtras<float> ex;
+    if (causal) ex.mem_key = mk, ex.mem_value = mv;
+    attn.forward(q, k, v, state, out, ex);
+    const auto dense = causal ? DenseAttention<float>().forward(q, kc, vc, CausalMask{1})
                               : DenseAttention<float>().forward(q, k, v);
     double err = 0;
     for (std::int64_t i = 0; i < out.numel(); ++i)
@@ -174,6 +400,200 @@ TEST_CASE("causal routing: a future token never changes an earlier output", "[ro
       for (std::int64_t d = 0; d < D; ++d)
         diff = std::max(diff, std::abs(double(a(0, t, h, d)) - double(b(0, t, h, d))));
   CHECK(diff <= 1e-6);
+}
+
+TEST_CASE("memory keys/values: a hand-computed case", "[routing][memory]") {
+  // T = 2, D = 1, one cluster holding both tokens, scale 1, separate QK, causal, so
+  // one memory key (0) / value (10) is added automatically (M = 1):
+  //   q = (1, 1), k = (0, ln 3), v = (2, 4)
+  //   token 0 sees [mem, k0]     logits (0, 0)         -> (10 + 2) / 2          = 6
+  //   token 1 sees [mem, k0, k1] logits (0, 0, ln 3)   -> (10 + 2 + 3 * 4) / 5  = 4.8
+  // each divided by (1 + 1e-5) (scatter_mean of one window).
+  core::Tensor<double> q({1, 2, 1, 1}), k({1, 2, 1, 1}), v({1, 2, 1, 1});
+  q(0, 0, 0, 0) = 1, q(0, 1, 0, 0) = 1;
+  k(0, 0, 0, 0) = 0, k(0, 1, 0, 0) = std::log(3.0);
+  v(0, 0, 0, 0) = 2, v(0, 1, 0, 0) = 4;
+  core::Tensor<double> mk({1, 1, 1, 1}), mv({1, 1, 1, 1});
+  mk(0, 0, 0, 0) = 0, mv(0, 0, 0, 0) = 10;
+  const RoutingAttention<double> attn(
+      {.num_clusters = 1, .window_size = 2, .causal = true, .shared_qk = false, .scale = 1.0});
+  KMeansState<double> st(1, 1, 1);
+  st.means(0, 0, 0) = 1;
+  st.initialised = true;
+  core::Tensor<double> out({1, 2, 1, 1});
+  attn.forward(q, k, v, st, out, {.mem_key = mk, .mem_value = mv});
+  CHECK(out(0, 0, 0, 0) == Approx(6.0 / (1 + 1e-5)).epsilon(1e-14));
+  CHECK(out(0, 1, 0, 0) == Approx(4.8 / (1 + 1e-5)).epsilon(1e-14));
+  // A masked key 0 (key_mask) leaves token 0 only the memory: 10; token 1 sees
+  // [mem, k1] with logits (0, ln 3): (10 + 3 * 4) / 4 = 5.5.
+  const std::vector<std::uint8_t> keep_q{1, 1}, keep_k{0, 1};
+  attn.forward(q, k, v, st, out,
+               {.mem_key = mk, .mem_value = mv, .query_mask = keep_q, .key_mask = keep_k});
+  CHECK(out(0, 0, 0, 0) == Approx(10.0 / (1 + 1e-5)).epsilon(1e-14));
+  CHECK(out(0, 1, 0, 0) == Approx(5.5 / (1 + 1e-5)).epsilon(1e-14));
+}
+
+TEST_CASE("memory keys/values match the naive reference", "[routing][memory]") {
+  for (const std::uint32_t seed : {11u, 12u}) {
+    CAPTURE(seed);
+    // Separate QK, causal: M = max(0, 1) = 1 automatically, and M = 3 explicitly.
+    for (const std::int64_t M : {0, 3}) {
+      CAPTURE(M);
+      const double e = compare_with_ref({.num_clusters = 4,
+                                         .window_size = 16,
+                                         .causal = true,
+                                         .shared_qk = false,
+                                         .num_mem_kv = M},
+                                        48, false, seed);
+      WARN("separate QK causal, num_mem_kv " << M << ": rel err " << e);
+      CHECK(e <= 1e-5);
+    }
+    // Separate QK, non-causal, S != T, memory requested; shared QK with memory
+    // (not normalised, never a self pair), causal and not.
+    CHECK(compare_with_ref(
+              {.num_clusters = 3, .window_size = 20, .shared_qk = false, .num_mem_kv = 2}, 40,
+              false, seed) <= 1e-5);
+    for (const bool causal : {false, true})
+      CHECK(compare_with_ref(
+                {.num_clusters = 4, .window_size = 16, .causal = causal, .num_mem_kv = 2}, 48,
+                false, seed) <= 1e-5);
+  }
+}
+
+TEST_CASE("query/key keep masks match the naive reference", "[routing][masks]") {
+  for (const std::uint32_t seed : {21u, 22u}) {
+    CAPTURE(seed);
+    for (const bool causal : {false, true}) {
+      CAPTURE(causal);
+      // shared QK (a masked query still sees itself at -5e4)
+      CHECK(compare_with_ref({.num_clusters = 4, .window_size = 16, .causal = causal}, 48, true,
+                             seed) <= 1e-5);
+      CHECK(compare_with_ref({.num_clusters = 4, .window_size = 16, .causal = causal}, 48, true,
+                             seed, true) <= 1e-5);
+      // separate QK (causal: with its memory key)
+      const double e = compare_with_ref(
+          {.num_clusters = 4, .window_size = 16, .causal = causal, .shared_qk = false}, 48, true,
+          seed, true);
+      WARN("separate QK masks, causal " << causal << ": rel err " << e);
+      CHECK(e <= 1e-5);
+    }
+    // Separate QK without memory, half the keys masked: rows whose every key is masked
+    // average their window's values uniformly (finite -FLT_MAX mask, as the reference).
+    CHECK(compare_with_ref({.num_clusters = 4, .window_size = 6, .shared_qk = false}, 48, true,
+                           seed, true) <= 1e-5);
+  }
+  // Shared QK, no memory: a masked query sees only itself, so its output is v_i times
+  // count / (count + 1e-5).
+  const std::int64_t B = 1, T = 40, H = 1, D = 8;
+  const auto q = random_tensor({B, T, H, D}, 5);
+  const auto v = random_tensor({B, T, H, D}, 6);
+  const RoutingAttention<float> attn({.num_clusters = 4, .window_size = 12});
+  const auto st = attn.init_state(q, {}, 1);
+  const auto keep = random_mask(T, 9, 0.5);
+  core::Tensor<float> out({B, T, H, D});
+  attn.forward(q, v, st, out, {.query_mask = keep});
+  const auto r = attn.route(q, {}, st);
+  for (std::int64_t t = 0; t < T; ++t) {
+    if (keep[std::size_t(t)]) continue;
+    double cnt = 0;
+    for (std::int64_t i = 0; i < r.indices.extent(2); ++i) cnt += r.indices(0, 0, i) == t;
+    for (std::int64_t d = 0; d < D; ++d)
+      CHECK(out(0, t, 0, d) == Approx(v(0, t, 0, d) * cnt / (cnt + 1e-5)).epsilon(1e-6));
+  }
+}
+
+TEST_CASE("nearest_centroid selection matches the naive reference", "[routing][nearest]") {
+  const auto nc = RoutingSelection::nearest_centroid;
+  for (const std::uint32_t seed : {31u, 32u}) {
+    CAPTURE(seed);
+    for (const bool causal : {false, true}) {
+      CAPTURE(causal);
+      const double e =
+          compare_with_ref({.num_clusters = 4, .causal = causal, .selection = nc}, 48, false, seed);
+      WARN("nearest_centroid shared QK, causal " << causal << ": rel err " << e);
+      CHECK(e <= 1e-5);
+      CHECK(compare_with_ref(
+                {.num_clusters = 4, .causal = causal, .shared_qk = false, .selection = nc}, 48,
+                false, seed) <= 1e-5);
+      CHECK(
+          compare_with_ref({.num_clusters = 3, .causal = causal, .num_mem_kv = 2, .selection = nc},
+                           48, true, seed) <= 1e-5);
+    }
+    CHECK(compare_with_ref({.num_clusters = 5, .shared_qk = false, .selection = nc}, 30, true, seed,
+                           true) <= 1e-5);
+  }
+  // Every token lies in exactly one cluster of the plan.
+  const auto q = random_tensor({2, 33, 2, 8}, 3);
+  const RoutingAttention<float> attn({.num_clusters = 4, .selection = nc});
+  const auto r = attn.route(q, {}, attn.init_state(q, {}, 2));
+  CHECK(r.plan.output == PlanOutput::write);
+  CHECK_NOTHROW(r.plan.check());
+  CHECK(std::int64_t(r.plan.query_index.size()) == 2 * 2 * 33);
+}
+
+TEST_CASE("nearest_centroid + causal: a future token never changes an earlier output",
+          "[routing][nearest][causal]") {
+  const std::int64_t B = 2, T = 80, H = 2, D = 16;
+  bool top_window_changed = false;
+  for (const std::uint32_t seed : {41u, 42u, 43u, 44u}) {
+    std::mt19937 rng(seed);
+    for (const bool shared : {true, false}) {
+      CAPTURE(seed, shared);
+      auto q = random_tensor({B, T, H, D}, seed);
+      auto k = random_tensor({B, T, H, D}, seed + 100);
+      auto v = random_tensor({B, T, H, D}, seed + 200);
+      const auto mk = random_tensor({H, 5, 1, D}, seed + 300);
+      const auto mv = random_tensor({H, 5, 1, D}, seed + 400);
+      RoutingAttentionConfig cfg{.num_clusters = 5,
+                                 .window_size = 16,
+                                 .causal = true,
+                                 .shared_qk = shared,
+                                 .selection = RoutingSelection::nearest_centroid};
+      const RoutingAttention<float> attn(cfg);
+      cfg.selection = RoutingSelection::top_window;
+      const RoutingAttention<float> topw(cfg);
+      const auto st = attn.init_state(q, shared ? ConstView<float, 4>{} : k, seed);
+      RoutingExtras<float> ex;
+      if (!shared) ex.mem_key = mk, ex.mem_value = mv;
+      const auto run = [&](const RoutingAttention<float>& a, core::Tensor<float>& out) {
+        if (shared) {
+          a.forward(q, v, st, out, ex);
+        } else {
+          a.forward(q, k, v, st, out, ex);
+        }
+      };
+      core::Tensor<float> o1({B, T, H, D}), o2({B, T, H, D}), t1({B, T, H, D}), t2({B, T, H, D});
+      // one random future token, then every token from a random position on
+      std::normal_distribution<float> n(0.0f, 3.0f);
+      const std::int64_t p = 1 + std::int64_t(rng() % std::uint32_t(T - 1));
+      const std::int64_t from = 1 + std::int64_t(rng() % std::uint32_t(T - 1));
+      for (const auto& [lo, hi] : {std::pair{p, p + 1}, std::pair{from, T}}) {
+        CAPTURE(lo, hi);
+        run(attn, o1);
+        run(topw, t1);
+        for (std::int64_t b = 0; b < B; ++b)
+          for (std::int64_t t = lo; t < hi; ++t)
+            for (std::int64_t h = 0; h < H; ++h)
+              for (std::int64_t d = 0; d < D; ++d) {
+                q(b, t, h, d) = n(rng);
+                k(b, t, h, d) = n(rng);
+                v(b, t, h, d) = n(rng);
+              }
+        run(attn, o2);
+        run(topw, t2);
+        for (std::int64_t b = 0; b < B; ++b)
+          for (std::int64_t t = 0; t < lo; ++t)
+            for (std::int64_t h = 0; h < H; ++h) {
+              REQUIRE(std::memcmp(&o1(b, t, h, 0), &o2(b, t, h, 0), sizeof(float) * D) == 0);
+              top_window_changed =
+                  top_window_changed ||
+                  std::memcmp(&t1(b, t, h, 0), &t2(b, t, h, 0), sizeof(float) * D) != 0;
+            }
+      }
+    }
+  }
+  // The reference's top_window selection is not causal by construction.
+  CHECK(top_window_changed);
 }
 
 TEST_CASE("seeded initialiser and EMA update", "[routing][kmeans]") {
@@ -289,6 +709,51 @@ TEST_CASE("routing attention errors name the layer, argument and shapes", "[rout
     qn(0, 3, 1, 2) = std::numeric_limits<float>::quiet_NaN();
     REQUIRE_THROWS_WITH(attn.forward(qn, q, st, out),
                         Contains("RoutingAttention::route") && Contains("'q' = NaN"));
+  }
+  REQUIRE_THROWS_WITH(RoutingAttention<float>({.num_mem_kv = -1}),
+                      Contains("'num_mem_kv' = -1") && Contains(">= 0"));
+  {
+    // memory: missing when required (causal, separate QK), wrong shapes, given when
+    // not used
+    const RoutingAttention<float> sep(
+        {.num_clusters = 4, .window_size = 4, .causal = true, .shared_qk = false});
+    const auto st = sep.init_state(q, q, 1);
+    const auto mk = random_tensor({H, 4, 1, D}, 2);
+    const auto bad = random_tensor({H, 3, 1, D}, 2);
+    REQUIRE_THROWS_WITH(sep.forward(q, q, q, st, out), Contains("RoutingAttention::forward") &&
+                                                           Contains("'mem_key' = missing") &&
+                                                           Contains("M=1"));
+    REQUIRE_THROWS_AS(sep.forward(q, q, q, st, out), config_error);
+    REQUIRE_THROWS_WITH(sep.forward(q, q, q, st, out, {.mem_key = mk}),
+                        Contains("'mem_value' = missing"));
+    REQUIRE_THROWS_WITH(sep.forward(q, q, q, st, out, {.mem_key = bad, .mem_value = mk}),
+                        Contains("RoutingAttention::forward") && Contains("'mem_key'") &&
+                            Contains("C=3") && Contains("[H=2, C=4, M=1, D=8]"));
+    REQUIRE_THROWS_AS(sep.forward(q, q, q, st, out, {.mem_key = bad, .mem_value = mk}),
+                      shape_error);
+    REQUIRE_THROWS_WITH(sep.forward(q, q, q, st, out, {.mem_key = mk, .mem_value = bad}),
+                        Contains("'mem_value'") && Contains("C=3"));
+    REQUIRE_THROWS_AS(sep.forward(q, q, q, st, out, {.mem_key = mk, .mem_value = bad}),
+                      shape_error);
+    const auto st2 = attn.init_state(q, {}, 1);
+    REQUIRE_THROWS_WITH(attn.forward(q, q, st2, out, {.mem_key = mk, .mem_value = mk}),
+                        Contains("'mem_key' = given") && Contains("memory_kv() = 0"));
+    REQUIRE_THROWS_AS(attn.forward(q, q, st2, out, {.mem_key = mk, .mem_value = mk}), config_error);
+    // masks: wrong sizes; key_mask defaulting to a query_mask of another length
+    const std::vector<std::uint8_t> m15(15, 1), m16(16, 1), m12(12, 1);
+    REQUIRE_THROWS_WITH(attn.forward(q, q, st2, out, {.query_mask = m15}),
+                        Contains("RoutingAttention::forward") && Contains("'query_mask'") &&
+                            Contains("[15 entries]") && Contains("16 entries"));
+    REQUIRE_THROWS_AS(attn.forward(q, q, st2, out, {.query_mask = m15}), shape_error);
+    REQUIRE_THROWS_WITH(attn.forward(q, q, st2, out, {.query_mask = m16, .key_mask = m15}),
+                        Contains("'key_mask'") && Contains("[15 entries]"));
+    const RoutingAttention<float> nc({.num_clusters = 4, .window_size = 4, .shared_qk = false});
+    const auto k12 = random_tensor({B, 12, H, D}, 3);
+    const auto st3 = nc.init_state(q, k12, 1);
+    REQUIRE_THROWS_WITH(nc.forward(q, k12, k12, st3, out, {.query_mask = m16}),
+                        Contains("'key_mask'") && Contains("defaults to query_mask"));
+    REQUIRE_THROWS_AS(nc.forward(q, k12, k12, st3, out, {.query_mask = m16}), shape_error);
+    CHECK_NOTHROW(nc.forward(q, k12, k12, st3, out, {.query_mask = m16, .key_mask = m12}));
   }
 }
 

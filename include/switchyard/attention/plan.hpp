@@ -13,7 +13,16 @@
 //   causal      key position > query position: the pair is masked (-inf);
 //   self_value  key position == query position: the logit is replaced by this
 //               value (Routing Transformer's shared-QK penalty, -5e4), after the
-//               causal mask, so a query with only itself visible attends to itself.
+//               causal mask (and the executor's keep masks), so a query with only
+//               itself visible attends to itself.
+//   finite_mask masked pairs get the lowest finite logit instead of -inf, as
+//               PyTorch's masked_fill(-finfo.max): a row whose every key is masked
+//               then averages its keys' values uniformly instead of giving 0.
+// Memory keys (memory_keys = M > 0): group g also sees the M key/value rows
+// group_memory[g] of the executor's memory tables ([R, M, D], e.g. one row per
+// head and cluster), placed before its gathered keys. Memory keys have no
+// position: the pair rule and the keep masks never mask them. group_memory[g] = -1
+// (or an empty group_memory) gives group g no memory.
 // Output modes:
 //   write       each (batch, head, query) lies in at most one group (check()
 //               verifies it); out rows of queries in no group are 0.
@@ -37,6 +46,7 @@ namespace attention {
 struct PlanPairRule {
   bool causal = false;               // mask keys later than the query (original positions)
   std::optional<double> self_value;  // logit of a query/key pair at the same position
+  bool finite_mask = false;          // masked logit = lowest finite value, not -inf
 };
 
 enum class PlanOutput { write, accumulate };
@@ -54,6 +64,8 @@ struct AttentionPlan {
   std::vector<std::int64_t> query_index;       // [query_offsets.back()]
   std::vector<std::int64_t> key_offsets{0};    // [G + 1]
   std::vector<std::int64_t> key_index;         // [key_offsets.back()]
+  std::int64_t memory_keys = 0;                // M memory key/value rows per group
+  std::vector<std::int64_t> group_memory;      // [G] memory table row, -1 = none (or empty)
   PlanPairRule rule;
   PlanOutput output = PlanOutput::write;
 
@@ -70,9 +82,14 @@ struct AttentionPlan {
     return {key_index.data() + key_offsets[g], std::size_t(key_offsets[g + 1] - key_offsets[g])};
   }
 
-  /// Appends a group of batch element b, head h (or all_heads).
+  /// Appends a group of batch element b, head h (or all_heads), with memory table
+  /// row `memory` (-1: none; see memory_keys).
   void add_group(std::int64_t b, std::int64_t h, std::span<const std::int64_t> q,
-                 std::span<const std::int64_t> k) {
+                 std::span<const std::int64_t> k, std::int64_t memory = -1) {
+    if (memory >= 0 || !group_memory.empty()) {
+      group_memory.resize(group_batch.size(), -1);
+      group_memory.push_back(memory);
+    }
     group_batch.push_back(b);
     group_head.push_back(h);
     query_index.insert(query_index.end(), q.begin(), q.end());
@@ -95,9 +112,15 @@ struct AttentionPlan {
     return m;
   }
 
+  /// Memory table row of group g, or -1.
+  std::int64_t memory_row(std::int64_t g) const noexcept {
+    return memory_keys > 0 && !group_memory.empty() ? group_memory[std::size_t(g)] : -1;
+  }
+
   /// Throws config_error (naming `layer::fn` and argument 'plan') if the CSR
-  /// arrays are inconsistent, an index is out of range, self_value is NaN, or in
-  /// write mode a (batch, head, query) lies in two groups. O(size + B H T).
+  /// arrays are inconsistent, an index is out of range, self_value is NaN,
+  /// memory_keys < 0, group_memory is neither empty nor [G] with entries >= -1, or
+  /// in write mode a (batch, head, query) lies in two groups. O(size + B H T).
   void check(std::string_view layer = "AttentionPlan", std::string_view fn = "check") const {
     const auto bad = [&](const std::string& what) {
       switchyard::detail::fail_config(layer, fn, "plan", what, "a consistent AttentionPlan");
@@ -111,6 +134,12 @@ struct AttentionPlan {
         key_offsets[G] != std::int64_t(key_index.size()))
       bad("offsets do not end at the index count");
     if (rule.self_value && !(*rule.self_value == *rule.self_value)) bad("self_value NaN");
+    if (memory_keys < 0) bad("memory_keys " + std::to_string(memory_keys));
+    if (!group_memory.empty() && std::int64_t(group_memory.size()) != G)
+      bad("group_memory of " + std::to_string(group_memory.size()) + " entries for " +
+          std::to_string(G) + " groups");
+    for (const auto r : group_memory)
+      if (r < -1) bad("memory row " + std::to_string(r));
     for (std::int64_t g = 0; g < G; ++g) {
       if (group_batch[g] < 0 || group_batch[g] >= batch)
         bad("group " + std::to_string(g) + " batch " + std::to_string(group_batch[g]));

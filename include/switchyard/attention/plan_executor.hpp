@@ -11,6 +11,10 @@
 //      (score_tile), the plan's pair rule (causal / self value), a base-2 online
 //      softmax, and P.V accumulated by dense.hpp's value_tile;
 //   3. write (PlanOutput::write) or add (PlanOutput::accumulate, with counts).
+// Options (PlanExtras): memory key/value tables [R, M, D] (group g sees row
+// plan.group_memory[g] before its gathered keys, never masked), and query / key
+// keep masks [B, T] / [B, S] (0 = masked: a masked query sees no gathered key, a
+// masked key is seen by no query; the self value still applies afterwards).
 // Parallelism uses fixed partitions, so results are bit-identical for any thread
 // count:
 //   write       one task per (group, head, block of ~256 queries); each task
@@ -25,6 +29,8 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <span>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -49,6 +55,13 @@ struct PlanAttentionArgs {
   std::int64_t out_stride[4];
   T* counts = nullptr;
   std::int64_t counts_stride[3] = {0, 0, 0};
+  const T* mem_k = nullptr;  // [R, M, D] memory tables (plan.memory_keys = M), or null
+  std::int64_t mem_k_stride[3] = {0, 0, 0};
+  const T* mem_v = nullptr;
+  std::int64_t mem_v_stride[3] = {0, 0, 0};
+  std::int64_t M = 0;
+  const std::uint8_t* q_keep = nullptr;  // [B, T] contiguous, 0 = masked; or null
+  const std::uint8_t* k_keep = nullptr;  // [B, S] contiguous, 0 = masked; or null
   std::int64_t B, T_q, S, H, Hkv, D;
   T scale;
 };
@@ -66,42 +79,62 @@ PlanWorkspace<T>& plan_workspace() {
   return ws;
 }
 
-// Gathers keys `keys[0 .. nk)` of (b, kv head hk) into ws.kt (group-major, zero
-// padded to G) and ws.vp ([nk, Dp]).
+// Gathers the nm memory rows of table row mem_row (nm = 0: none), then keys
+// `keys[0 .. nk)` of (b, kv head hk), into ws.kt (group-major, zero padded to G)
+// and ws.vp ([nm + nk, Dp]).
 template <class Arch, class T>
 void plan_gather(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t hk,
-                 const std::int64_t* keys, std::int64_t nk, PlanWorkspace<T>& ws) {
+                 const std::int64_t* keys, std::int64_t nk, std::int64_t mem_row, std::int64_t nm,
+                 PlanWorkspace<T>& ws) {
   using Tl = DenseTiling<T, Arch>;
   constexpr std::int64_t G = Tl::G;
-  const std::int64_t D = a.D, Dp = round_up(D, Tl::L), nk_pad = round_up(nk, G);
-  ws.kt.resize(std::size_t(std::max<std::int64_t>(1, nk_pad * D)));
-  ws.vp.resize(std::size_t(std::max<std::int64_t>(1, nk * Dp)));
+  const std::int64_t n = nm + nk;
+  const std::int64_t D = a.D, Dp = round_up(D, Tl::L), n_pad = round_up(n, G);
+  ws.kt.resize(std::size_t(std::max<std::int64_t>(1, n_pad * D)));
+  ws.vp.resize(std::size_t(std::max<std::int64_t>(1, n * Dp)));
   const T* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
   const T* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
-  for (std::int64_t g = 0; g < nk_pad; g += G) {
+  // Row j of the gathered keys / values (memory rows first) and its element stride.
+  struct Row {
+    const T* p;
+    std::int64_t stride;
+  };
+  const auto key_row = [&](std::int64_t j) -> Row {
+    if (j < nm)
+      return {a.mem_k + mem_row * a.mem_k_stride[0] + j * a.mem_k_stride[1], a.mem_k_stride[2]};
+    return {k_bh + keys[j - nm] * a.k_stride[1], a.k_stride[3]};
+  };
+  const auto value_row = [&](std::int64_t j) -> Row {
+    if (j < nm)
+      return {a.mem_v + mem_row * a.mem_v_stride[0] + j * a.mem_v_stride[1], a.mem_v_stride[2]};
+    return {v_bh + keys[j - nm] * a.v_stride[1], a.v_stride[3]};
+  };
+  for (std::int64_t g = 0; g < n_pad; g += G) {
     T* dst = ws.kt.data() + g * D;
-    const std::int64_t valid = std::min(G, nk - g);
+    const std::int64_t valid = std::min(G, n - g);
     for (std::int64_t jj = 0; jj < valid; ++jj) {
-      const T* src = k_bh + keys[g + jj] * a.k_stride[1];
-      for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = src[d * a.k_stride[3]];
+      const Row src = key_row(g + jj);
+      for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = src.p[d * src.stride];
     }
     for (std::int64_t jj = valid; jj < G; ++jj)
       for (std::int64_t d = 0; d < D; ++d) dst[d * G + jj] = T(0);
   }
-  for (std::int64_t j = 0; j < nk; ++j) {
-    const T* src = v_bh + keys[j] * a.v_stride[1];
+  for (std::int64_t j = 0; j < n; ++j) {
+    const Row src = value_row(j);
     T* dst = ws.vp.data() + j * Dp;
-    for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d * a.v_stride[3]];
+    for (std::int64_t d = 0; d < D; ++d) dst[d] = src.p[d * src.stride];
     for (std::int64_t d = D; d < Dp; ++d) dst[d] = T(0);
   }
 }
 
 // Attention of queries qs[0 .. nq) of (b, h) over the keys already gathered in ws
-// (positions keys[0 .. nk)); writes or adds each row into out.
+// (nm memory keys, then positions keys[0 .. nk)); writes or adds each row into out.
+// Masked pairs get mask_logit (-inf, or the lowest finite value).
 template <class Arch, class T, bool Causal, bool Self, bool Accum>
 void plan_queries(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
                   const std::int64_t* qs, std::int64_t nq, const std::int64_t* keys,
-                  std::int64_t nk, T self_logit, PlanWorkspace<T>& ws) {
+                  std::int64_t nk, std::int64_t nm, T self_logit, T mask_logit,
+                  PlanWorkspace<T>& ws) {
   using Tl = DenseTiling<T, Arch>;
   constexpr int MR = Tl::MR, NV = Tl::NV;
   constexpr std::int64_t L = Tl::L, G = Tl::G, KB = Tl::KB;
@@ -120,6 +153,10 @@ void plan_queries(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
   ws.alpha.resize(MR);
   const T qscale = a.scale * log2e;
   const T self2 = self_logit * log2e;
+  const std::uint8_t* const qkeep = a.q_keep ? a.q_keep + b * a.T_q : nullptr;
+  const std::uint8_t* const kkeep = a.k_keep ? a.k_keep + b * a.S : nullptr;
+  const bool rules = Causal || Self || qkeep || kkeep;
+  const std::int64_t n_all = nm + nk;
 
   const auto tile = [&]<int M>(const std::int64_t* qi, std::int64_t rows) {
     for (int r = 0; r < M; ++r) {
@@ -134,8 +171,8 @@ void plan_queries(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
       ws.l[r] = T(0);
     }
     std::fill(ws.o.begin(), ws.o.begin() + M * Dp, T(0));
-    for (std::int64_t j0 = 0; j0 < nk; j0 += KB) {
-      const std::int64_t n = std::min(KB, nk - j0);
+    for (std::int64_t j0 = 0; j0 < n_all; j0 += KB) {
+      const std::int64_t n = std::min(KB, n_all - j0);
       const std::int64_t n_pad = round_up(n, G);
       for (std::int64_t g = 0; g < n_pad; g += G) {
         score_tile<Arch, T, M, NV>(ws.qp.data(), D, ws.kt.data() + (j0 + g) * D, ws.s.data() + g,
@@ -144,16 +181,17 @@ void plan_queries(const PlanAttentionArgs<T>& a, std::int64_t b, std::int64_t h,
       for (int r = 0; r < M; ++r) {
         T* srow = ws.s.data() + r * KB;
         std::fill(srow + n, srow + n_pad, neg_inf);
-        if constexpr (Causal || Self) {
-          if (r >= rows) continue;
+        if (rules && r < rows) {
           const std::int64_t i = qi[r];
-          const std::int64_t* kp = keys + j0;
-          for (std::int64_t j = 0; j < n; ++j) {
-            if constexpr (Causal) {
-              if (kp[j] > i) srow[j] = neg_inf;
-            }
+          const bool q_masked = qkeep && !qkeep[i];
+          // gathered key jj >= nm is position keys[jj - nm]; memory keys are never masked
+          for (std::int64_t j = std::max<std::int64_t>(0, nm - j0); j < n; ++j) {
+            const std::int64_t kpos = keys[j0 + j - nm];
+            bool masked = q_masked || (kkeep && !kkeep[kpos]);
+            if constexpr (Causal) masked = masked || kpos > i;
+            if (masked) srow[j] = mask_logit;
             if constexpr (Self) {
-              if (kp[j] == i) srow[j] = self2;
+              if (kpos == i) srow[j] = self2;
             }
           }
         }
@@ -215,6 +253,9 @@ void plan_attention(Arch, const attention::AttentionPlan& p, const PlanAttention
   const bool accum = p.output == attention::PlanOutput::accumulate;
   const bool self = p.rule.self_value.has_value();
   const T self_logit = self ? static_cast<T>(*p.rule.self_value) : T(0);
+  const T mask_logit =
+      p.rule.finite_mask ? std::numeric_limits<T>::lowest() : -std::numeric_limits<T>::infinity();
+  const std::int64_t M = a.mem_k ? a.M : 0;
   const std::int64_t group_size = a.H / a.Hkv;
 
   const auto run = [&](auto causal_c, auto self_c, auto accum_c) {
@@ -252,10 +293,12 @@ void plan_attention(Arch, const attention::AttentionPlan& p, const PlanAttention
           const auto qs = p.queries(g);
           const auto ks = p.keys(g);
           if (qs.empty()) continue;
-          detail::plan_gather<Arch>(a, b, h / group_size, ks.data(), std::int64_t(ks.size()), ws);
+          const std::int64_t row = p.memory_row(g), nm = row >= 0 ? M : 0;
+          detail::plan_gather<Arch>(a, b, h / group_size, ks.data(), std::int64_t(ks.size()), row,
+                                    nm, ws);
           detail::plan_queries<Arch, T, Causal, Self, true>(
-              a, b, h, qs.data(), std::int64_t(qs.size()), ks.data(), std::int64_t(ks.size()),
-              self_logit, ws);
+              a, b, h, qs.data(), std::int64_t(qs.size()), ks.data(), std::int64_t(ks.size()), nm,
+              self_logit, mask_logit, ws);
         }
       });
     } else {
@@ -282,10 +325,12 @@ void plan_attention(Arch, const attention::AttentionPlan& p, const PlanAttention
         const auto qs = p.queries(it.g);
         const auto ks = p.keys(it.g);
         auto& ws = detail::plan_workspace<T, Arch>();
-        detail::plan_gather<Arch>(a, b, it.h / group_size, ks.data(), std::int64_t(ks.size()), ws);
-        detail::plan_queries<Arch, T, Causal, Self, false>(a, b, it.h, qs.data() + it.i0,
-                                                           it.i1 - it.i0, ks.data(),
-                                                           std::int64_t(ks.size()), self_logit, ws);
+        const std::int64_t row = p.memory_row(it.g), nm = row >= 0 ? M : 0;
+        detail::plan_gather<Arch>(a, b, it.h / group_size, ks.data(), std::int64_t(ks.size()), row,
+                                  nm, ws);
+        detail::plan_queries<Arch, T, Causal, Self, false>(
+            a, b, it.h, qs.data() + it.i0, it.i1 - it.i0, ks.data(), std::int64_t(ks.size()), nm,
+            self_logit, mask_logit, ws);
       });
     }
   };
@@ -303,6 +348,16 @@ namespace attention {
 /// Configuration of PlanExecutor. scale multiplies q . k; default 1/sqrt(D).
 struct PlanExecutorConfig {
   std::optional<double> scale;
+};
+
+/// Optional operands of PlanExecutor::execute (see the file comment). Views are
+/// not owned; empty members are absent.
+template <class T>
+struct PlanExtras {
+  ConstView<T, 3> memory_k{};  // [R, M, D], M = plan.memory_keys (required when M > 0)
+  ConstView<T, 3> memory_v{};  // [R, M, D]
+  std::span<const std::uint8_t> query_keep{};  // [B * T] row-major, 0 = masked query
+  std::span<const std::uint8_t> key_keep{};    // [B * S] row-major, 0 = masked key
 };
 
 /// Runs any AttentionPlan with the fused gathered kernel (see the file comment).
@@ -323,10 +378,12 @@ class PlanExecutor {
 
   /// q: [B, T, H, D], k and v: [B, S, H_kv, D] (H_kv divides H), out: [B, T, H, D],
   /// counts: [B, H, T] or empty (accumulate mode only: the number of groups that
-  /// contain each query). Plan extents must be B, H, T, S. Any strides; out and
-  /// counts must not overlap the inputs. Throws shape_error / config_error.
+  /// contain each query). Plan extents must be B, H, T, S. extras: memory tables
+  /// (required iff plan.memory_keys > 0, rows covering plan.group_memory) and keep
+  /// masks. Any strides; out and counts must not overlap the inputs. Throws
+  /// shape_error / config_error.
   void execute(const AttentionPlan& plan, ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
-               View<T, 4> out, View<T, 3> counts = {}) const {
+               View<T, 4> out, View<T, 3> counts = {}, const PlanExtras<T>& extras = {}) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
     core::detail::check_shape<const T, 4>(name, "execute", "k", k, {"B", "S", "H_kv", "D"},
                                           Shape<4>{B, -1, -1, D}, "k matches q in B and D");
@@ -354,7 +411,49 @@ class PlanExecutor {
                                       Shape<3>{B, H, Tq}, "one count per query row");
     }
     plan.check(name, "execute");
+    const std::int64_t M = plan.memory_keys;
+    if (M > 0 || extras.memory_k.data() != nullptr || extras.memory_v.data() != nullptr) {
+      std::int64_t rows = 0;
+      for (std::int64_t g = 0; g < plan.num_groups(); ++g)
+        rows = std::max(rows, plan.memory_row(g) + 1);
+      core::detail::check_shape<const T, 3>(name, "execute", "memory_k", extras.memory_k,
+                                            {"R", "M", "D"}, Shape<3>{-1, M, D},
+                                            "M = plan.memory_keys, D of q");
+      core::detail::check_shape<const T, 3>(name, "execute", "memory_v", extras.memory_v,
+                                            {"R", "M", "D"}, extras.memory_k.shape(),
+                                            "memory_v has the shape of memory_k");
+      if (M > 0 && (extras.memory_k.data() == nullptr || extras.memory_k.extent(0) < rows)) {
+        switchyard::detail::fail_shape(
+            name, "execute", "memory_k",
+            switchyard::detail::format_shape({"R", "M", "D"}, extras.memory_k.shape()),
+            "[R >= " + std::to_string(rows) + ", M=" + std::to_string(M) +
+                ", D=" + std::to_string(D) + "]",
+            "one memory row per plan.group_memory entry");
+      }
+    }
+    const auto check_keep = [&](std::string_view arg, std::span<const std::uint8_t> keep,
+                                std::int64_t n, std::string_view want) {
+      if (!keep.empty() && std::int64_t(keep.size()) != B * n) {
+        switchyard::detail::fail_shape(
+            name, "execute", arg, "[" + std::to_string(keep.size()) + " entries]",
+            std::string(want) + " = " + std::to_string(B * n) + " entries",
+            "one keep flag per token, row-major");
+      }
+    };
+    check_keep("query_keep", extras.query_keep, Tq, "[B, T]");
+    check_keep("key_keep", extras.key_keep, S, "[B, S]");
     kernels::PlanAttentionArgs<T> a{};
+    if (M > 0) {
+      a.mem_k = extras.memory_k.data();
+      a.mem_v = extras.memory_v.data();
+      for (int i = 0; i < 3; ++i) {
+        a.mem_k_stride[i] = extras.memory_k.stride(i);
+        a.mem_v_stride[i] = extras.memory_v.stride(i);
+      }
+      a.M = M;
+    }
+    if (!extras.query_keep.empty()) a.q_keep = extras.query_keep.data();
+    if (!extras.key_keep.empty()) a.k_keep = extras.key_keep.data();
     a.q = q.data();
     a.k = k.data();
     a.v = v.data();

@@ -4,24 +4,60 @@
 // is an explicit call), routed through an AttentionPlan and run by PlanExecutor.
 //
 // Per batch element b and head h, with centroids means[h] ([C, D], explicit state):
-//   routing   xn = normalize(x) (L2, eps 1e-12); dists[c, t] = means[h, c] . xn_t;
-//             cluster c takes its top-w tokens by dists[., c] (w = min(window_size, T);
-//             ties toward the lower token index; a token may sit in 0, 1 or several
-//             clusters). Shared QK: x = q, and the same windows serve queries and keys.
+//   routing   xn = normalize(x) (L2, eps 1e-12); dists[c, t] = means[h, c] . xn_t.
+//             Shared QK: x = q, and the same clusters serve queries and keys.
 //             Separate QK: queries route by normalize(q), keys by normalize(k).
+//             Which tokens a cluster takes depends on config.selection:
+//     top_window (default, the reference's `distribution`): cluster c takes its
+//             top-w tokens by dists[., c] among ALL tokens (w = min(window_size, T);
+//             ties toward the lower token index; a token may sit in 0, 1 or several
+//             clusters). Not causal by construction: a later token can push an
+//             earlier one out of a window, changing earlier outputs.
+//     nearest_centroid (the Routing Transformer paper's formulation): each token
+//             joins the cluster argmax_c dists[c, t] (ties toward the lower cluster),
+//             so clusters have variable sizes and every token lies in exactly one.
+//             A token's cluster depends only on its own vector, so with causal = true
+//             each output depends only on tokens at positions <= its own (bit for
+//             bit: tested by perturbing future tokens).
+//   memory    M = memory_kv() = max(num_mem_kv, 1 if causal and separate QK) memory
+//             keys/values per head and cluster (the reference's mem_key / mem_value,
+//             [H, C, M, D], passed in RoutingExtras): prepended to every cluster's
+//             keys/values, used as given (not normalised, also with shared QK),
+//             scaled like every logit, never masked (causal or padding), never a
+//             self pair. The reference forces M >= 1 for causal separate QK so that
+//             no query is left without a visible key; we mirror that rule, so such a
+//             layer requires memory (a trained model runs unchanged).
 //   attention inside each cluster: logits = q . k * scale (default D^-0.5) with
 //             shared QK keys = normalize(q) (queries are NOT normalised), separate
-//             QK keys = k as given. Causal: a key later than the query (original
-//             positions) is masked. Shared QK: a query's own token gets the logit
-//             self_value (-5e4) after the causal mask, so a token with no earlier
-//             window-mate attends to itself.
-//   output    per token, the sum of its cluster outputs / (count + 1e-5); a token in
-//             no cluster outputs exactly 0.
+//             QK keys = k as given. Masked pairs get the lowest finite logit (the
+//             reference's masked_fill(-FLT_MAX)), in this order:
+//               keep masks  (query_mask [B, T], key_mask [B, S], nonzero = keep;
+//                           key_mask defaults to query_mask as in the reference):
+//                           a pair is kept iff its query and its key are kept;
+//               causal      a key later than the query (original positions);
+//               self        shared QK: a query's own token gets self_value (-5e4),
+//                           even when masked, so a token with no other visible key
+//                           attends to itself.
+//             A row whose every logit is masked (only possible for separate QK
+//             without memory) averages its cluster's values uniformly, as the
+//             reference's softmax of equal -FLT_MAX logits does. Masks change
+//             neither the routing nor the aux loss (the reference routes all tokens).
+//             A masked query still gets an output (memory, itself, or that uniform
+//             average), as in the reference; callers usually ignore those rows.
+//   output    top_window: per token, the sum of its cluster outputs / (count + 1e-5)
+//             (scatter_mean); a token in no cluster outputs exactly 0.
+//             nearest_centroid: the token's one cluster output (no division); a
+//             token whose cluster has no key and no memory (separate QK) outputs 0.
 //   aux loss  commitment * mean((xn - means[argmax_c dists])^2) over all routed
 //             vectors (q, and k when separate).
-// Cost per (b, h): O(T C D) routing + O(C T) top-k + O(C w^2 D) attention; with the
-// default C ~ sqrt(T) and w ~ T / C ~ sqrt(T) that is O(T^1.5 D), against O(T^2 D)
-// for dense attention.
+// Cost per (b, h): O(T C D) routing + O(C T) top-k + O(C (w + M) w D) attention; with
+// the default C ~ sqrt(T) and w ~ T / C ~ sqrt(T) that is O(T^1.5 D), against
+// O(T^2 D) for dense attention. nearest_centroid: O(T C D) routing + sum over
+// clusters of n_c (n_c + M) D attention, O(T^2 D / C) for balanced clusters but up to
+// O(T^2 D) when most tokens pick one centroid (no window caps a cluster). Use
+// top_window to reproduce the reference (and trained models) exactly and for a
+// bounded cost; nearest_centroid for autoregressive use, where an output must not
+// depend on later tokens (streaming / incremental decoding, strict causal training).
 //
 // Centroid state (KMeansState): means [H, C, D] plus an initialised flag. A forward
 // with uninitialised state throws (the reference initialises silently on the first
@@ -36,15 +72,15 @@
 // vectors assigned to each cluster, summed over the batch); means = decay * means +
 // (1 - decay) * new (ema_decay 0.999; means are not renormalised afterwards).
 //
-// Not implemented: the per-cluster memory key/value of separate-QK causal mode
-// (reference num_mem_kv > 0); separate QK here is the reference with num_mem_kv = 0.
-// Query/key padding masks are not supported. NaN in q, k or the centroids is an error
-// (it would silently reorder the top-k windows).
+// Not implemented: the reference's receives_context / context_window_size mode
+// (cross-attention with a separate key window size) and dropout (eval mode only).
+// NaN in q, k or the centroids is an error (it would silently reorder the windows).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <span>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -81,10 +117,16 @@ inline std::int64_t default_num_clusters(std::int64_t T) {
   return std::max<std::int64_t>(1, std::llround(std::sqrt(double(std::max<std::int64_t>(0, T)))));
 }
 
+/// How clusters pick their tokens (see the file comment).
+enum class RoutingSelection {
+  top_window,        // the reference: each cluster takes its top-w tokens among all T
+  nearest_centroid,  // the paper: each token joins its most similar centroid; causal-safe
+};
+
 /// Configuration of RoutingAttention (names as the reference's KmeansAttention).
 struct RoutingAttentionConfig {
   std::int64_t num_clusters = 0;  // C; 0 = default_num_clusters(T) at each call
-  std::int64_t window_size = 64;  // w: tokens per cluster (min(w, T) used)
+  std::int64_t window_size = 64;  // w: tokens per cluster (min(w, T) used; top_window only)
   bool causal = false;
   bool shared_qk = true;
   double ema_decay = 0.999;
@@ -92,14 +134,31 @@ struct RoutingAttentionConfig {
   double self_value = -5e4;                    // TOKEN_SELF_ATTN_VALUE (shared QK only)
   double scatter_eps = 1e-5;                   // output = sum / (count + scatter_eps)
   std::optional<double> scale = std::nullopt;  // default D^-0.5
+  std::int64_t num_mem_kv = 0;  // memory keys/values per cluster; at least 1 when causal and
+                                // separate QK (the reference's rule, see memory_kv())
+  RoutingSelection selection = RoutingSelection::top_window;
+};
+
+/// Optional operands of a RoutingAttention forward. Views and spans are not owned;
+/// empty members are absent.
+template <class T>
+struct RoutingExtras {
+  ConstView<T, 4> mem_key{};    // [H, C, M, D] the reference's mem_key, M = memory_kv()
+  ConstView<T, 4> mem_value{};  // [H, C, M, D] the reference's mem_value
+  std::span<const std::uint8_t> query_mask{};  // [B, T] row-major keep flags, nonzero = keep
+  std::span<const std::uint8_t> key_mask{};    // [B, S] keep flags; empty = query_mask
 };
 
 /// Routing decision of one call: the plan plus what produced it.
 template <class T>
 struct KMeansRouting {
-  AttentionPlan plan;                     // groups (b, h, c) in that order, accumulate mode
-  core::Tensor<std::int64_t> indices;     // [B, H, C * w] query windows, cluster-major
-  core::Tensor<std::int64_t> kv_indices;  // [B, H, C * w_kv] key windows (== indices if shared)
+  // Groups (b, h, c) in that order, each with memory row h * C + c when memory_kv() > 0.
+  // top_window: accumulate mode; nearest_centroid: write mode.
+  AttentionPlan plan;
+  // top_window: [B, H, C * w] query windows, cluster-major (top-w by similarity).
+  // nearest_centroid: [B, H, T], the tokens ordered by (cluster, position).
+  core::Tensor<std::int64_t> indices;
+  core::Tensor<std::int64_t> kv_indices;  // the same for keys ([B, H, C * w_kv] or [B, H, S])
   core::Tensor<std::int64_t> buckets;     // [B, H, T (+ S)] argmax cluster of each routed vector
   core::Tensor<T> dists;                  // [B, H, C, T (+ S)] means . normalize(x)
   core::Tensor<T> normalized;             // [B, H, T (+ S), D] normalize(q) (then normalize(k))
@@ -208,7 +267,7 @@ class RoutingAttention {
 
   /// Throws config_error for window_size < 1, num_clusters < 0, ema_decay outside
   /// [0, 1], commitment or scatter_eps negative or NaN, self_value NaN, a scale not
-  /// finite and > 0.
+  /// finite and > 0, num_mem_kv < 0, an unknown selection.
   explicit RoutingAttention(config_type cfg = {}) : cfg_(cfg) {
     const auto fail = [](std::string_view arg, auto v, std::string_view want) {
       switchyard::detail::fail_config(name, "RoutingAttention", arg, v, want);
@@ -221,6 +280,10 @@ class RoutingAttention {
     if (std::isnan(cfg_.self_value)) fail("self_value", cfg_.self_value, "not NaN");
     if (cfg_.scale && !(std::isfinite(*cfg_.scale) && *cfg_.scale > 0))
       fail("scale", *cfg_.scale, "a finite value > 0");
+    if (cfg_.num_mem_kv < 0) fail("num_mem_kv", cfg_.num_mem_kv, ">= 0");
+    if (cfg_.selection != RoutingSelection::top_window &&
+        cfg_.selection != RoutingSelection::nearest_centroid)
+      fail("selection", int(cfg_.selection), "top_window or nearest_centroid");
   }
   const config_type& config() const noexcept { return cfg_; }
 
@@ -229,8 +292,9 @@ class RoutingAttention {
     return cfg_.num_clusters > 0 ? cfg_.num_clusters : default_num_clusters(T_len);
   }
 
-  /// Routing only. q: [B, T, H, D]; k: [B, S, H, D] (separate QK; ignored and may be
-  /// empty when shared_qk). state.means: [H, C, D], initialised.
+  /// Routing only (config.selection picks the tokens of each cluster). q: [B, T, H, D];
+  /// k: [B, S, H, D] (separate QK; ignored and may be empty when shared_qk).
+  /// state.means: [H, C, D], initialised. Masks do not change the routing.
   KMeansRouting<T> route(ConstView<T, 4> q, ConstView<T, 4> k, const KMeansState<T>& state) const {
     const bool shared = cfg_.shared_qk;
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
@@ -243,7 +307,9 @@ class RoutingAttention {
     }
     if (detail::has_nan(q)) nan_error("route", "q");
     const std::int64_t C = state.means.extent(1);
-    const std::int64_t w = std::min(cfg_.window_size, Tq), wk = std::min(cfg_.window_size, S);
+    const bool nearest = cfg_.selection == RoutingSelection::nearest_centroid;
+    const std::int64_t w = nearest ? Tq : std::min(cfg_.window_size, Tq);
+    const std::int64_t wk = nearest ? S : std::min(cfg_.window_size, S);
     const std::int64_t N = shared ? Tq : Tq + S;  // routed vectors per (b, h)
 
     KMeansRouting<T> r;
@@ -253,8 +319,11 @@ class RoutingAttention {
     if (!shared) detail::normalize_rows<T>(k, r.normalized.data(), N, Tq);
     r.dists = core::Tensor<T>({B, H, C, std::max<std::int64_t>(1, N)});
     r.buckets = core::Tensor<std::int64_t>({B, H, N});
-    r.indices = core::Tensor<std::int64_t>({B, H, C * w});
-    r.kv_indices = core::Tensor<std::int64_t>({B, H, C * wk});
+    r.indices = core::Tensor<std::int64_t>({B, H, nearest ? Tq : C * w});
+    r.kv_indices = core::Tensor<std::int64_t>({B, H, nearest ? S : C * wk});
+    // nearest_centroid: cluster c's members are [off[c], off[c + 1]) of indices
+    std::vector<std::int64_t> q_off(nearest ? std::size_t(B * H * (C + 1)) : 0),
+        k_off(nearest ? std::size_t(B * H * (C + 1)) : 0);
     std::vector<double> loss(std::size_t(B * H), 0.0);
     parallel_for(B * H, [&](std::int64_t task) {
       const std::int64_t b = task / H, h = task % H;
@@ -286,9 +355,27 @@ class RoutingAttention {
         for (std::int64_t c = 0; c < C; ++c)
           detail::top_window(dt + c * N + off, len, ww, dst + c * ww, scratch);
       };
-      windows(0, Tq, w, &r.indices(b, h, 0));
+      // Counting sort of tokens off .. off + len by bucket, positions ascending.
+      const auto by_cluster = [&](std::int64_t off, std::int64_t len, std::int64_t* dst,
+                                  std::int64_t* o) {
+        std::fill_n(o, C + 1, 0);
+        for (std::int64_t t = 0; t < len; ++t) ++o[bk[off + t] + 1];
+        for (std::int64_t c = 0; c < C; ++c) o[c + 1] += o[c];
+        std::vector<std::int64_t> fill(o, o + C);
+        for (std::int64_t t = 0; t < len; ++t) dst[fill[std::size_t(bk[off + t])]++] = t;
+      };
+      std::int64_t* const qo = nearest ? q_off.data() + task * (C + 1) : nullptr;
+      std::int64_t* const ko = nearest ? k_off.data() + task * (C + 1) : nullptr;
+      if (nearest) {
+        by_cluster(0, Tq, &r.indices(b, h, 0), qo);
+      } else {
+        windows(0, Tq, w, &r.indices(b, h, 0));
+      }
       if (shared) {
-        std::copy_n(&r.indices(b, h, 0), C * w, &r.kv_indices(b, h, 0));
+        std::copy_n(&r.indices(b, h, 0), r.indices.extent(2), &r.kv_indices(b, h, 0));
+        if (nearest) std::copy_n(qo, C + 1, ko);
+      } else if (nearest) {
+        by_cluster(Tq, S, &r.kv_indices(b, h, 0), ko);
       } else {
         windows(Tq, S, wk, &r.kv_indices(b, h, 0));
       }
@@ -298,22 +385,37 @@ class RoutingAttention {
     r.aux_loss = B * H * N * D > 0 ? cfg_.commitment * total / double(B * H * N * D) : 0.0;
 
     r.plan = AttentionPlan(B, H, Tq, S);
-    r.plan.output = PlanOutput::accumulate;
+    r.plan.output = nearest ? PlanOutput::write : PlanOutput::accumulate;
     r.plan.rule.causal = cfg_.causal;
+    r.plan.rule.finite_mask = true;  // masked_fill(max_neg_value), reference lines 430, 437
     if (shared) r.plan.rule.self_value = cfg_.self_value;
+    const std::int64_t M = memory_kv();
+    r.plan.memory_keys = M;
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t h = 0; h < H; ++h)
         for (std::int64_t c = 0; c < C; ++c) {
-          r.plan.add_group(b, h, std::span<const std::int64_t>(&r.indices(b, h, c * w), w),
-                           std::span<const std::int64_t>(&r.kv_indices(b, h, c * wk), wk));
+          const std::int64_t mem = M > 0 ? h * C + c : -1;
+          if (nearest) {
+            const std::int64_t* qo = q_off.data() + (b * H + h) * (C + 1);
+            const std::int64_t* ko = k_off.data() + (b * H + h) * (C + 1);
+            r.plan.add_group(
+                b, h, std::span<const std::int64_t>(&r.indices(b, h, 0) + qo[c], qo[c + 1] - qo[c]),
+                std::span<const std::int64_t>(&r.kv_indices(b, h, 0) + ko[c], ko[c + 1] - ko[c]),
+                mem);
+          } else {
+            r.plan.add_group(b, h, std::span<const std::int64_t>(&r.indices(b, h, c * w), w),
+                             std::span<const std::int64_t>(&r.kv_indices(b, h, c * wk), wk), mem);
+          }
         }
     return r;
   }
 
   /// Shared QK: q, v and out [B, T, H, D] (any strides); keys are normalize(q).
-  /// Returns the commitment loss. Throws shape_error / config_error (see check_state).
-  double forward(ConstView<T, 4> q, ConstView<T, 4> v, const KMeansState<T>& state,
-                 View<T, 4> out) const {
+  /// extras: memory keys/values (required iff memory_kv() > 0) and keep masks.
+  /// Returns the commitment loss. Throws shape_error / config_error (see check_state
+  /// and run).
+  double forward(ConstView<T, 4> q, ConstView<T, 4> v, const KMeansState<T>& state, View<T, 4> out,
+                 const RoutingExtras<T>& extras = {}) const {
     if (!cfg_.shared_qk) {
       switchyard::detail::fail_config(name, "forward", "k", "missing",
                                       "k when shared_qk is false (use forward(q, k, v, ...))");
@@ -326,14 +428,16 @@ class RoutingAttention {
     // keys = normalize(q): r.normalized [B, H, T, D] seen as [B, T, H, D], no copy
     const std::int64_t H = q.extent(2), Tq = q.extent(1), D = q.extent(3);
     const ConstView<T, 4> kn(r.normalized.data(), q.shape(), {H * Tq * D, D, Tq * D, 1});
-    execute(r.plan, q, kn, v, out);
+    run(r.plan, q, kn, v, out, extras, state.means.extent(1), "forward");
     return r.aux_loss;
   }
 
   /// Separate QK: q [B, T, H, D], k and v [B, S, H, D], out [B, T, H, D]. Keys are
-  /// used as given (only routing normalises them). Returns the commitment loss.
+  /// used as given (only routing normalises them). extras as above; when causal,
+  /// memory keys/values are required (memory_kv() >= 1). Returns the commitment loss.
   double forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
-                 const KMeansState<T>& state, View<T, 4> out) const {
+                 const KMeansState<T>& state, View<T, 4> out,
+                 const RoutingExtras<T>& extras = {}) const {
     if (cfg_.shared_qk) {
       switchyard::detail::fail_config(name, "forward", "k", "given",
                                       "no k when shared_qk is true (use forward(q, v, ...))");
@@ -343,34 +447,33 @@ class RoutingAttention {
     core::detail::check_shape<T, 4>(name, "forward", "out", out, {"B", "T", "H", "D"}, q.shape(),
                                     "out has the shape of q");
     const auto r = route(q, k, state);
-    execute(r.plan, q, k, v, out);
+    run(r.plan, q, k, v, out, extras, state.means.extent(1), "forward");
     return r.aux_loss;
   }
 
   /// Allocating shared-QK forward: returns out [B, T, H, D].
   core::Tensor<T> forward(ConstView<T, 4> q, ConstView<T, 4> v, const KMeansState<T>& state,
-                          double* aux_loss = nullptr) const {
+                          double* aux_loss = nullptr, const RoutingExtras<T>& extras = {}) const {
     core::Tensor<T> out(q.shape());
-    const double l = forward(q, v, state, out.template view<4>());
+    const double l = forward(q, v, state, out.template view<4>(), extras);
     if (aux_loss) *aux_loss = l;
     return out;
   }
 
-  /// Runs a routing plan (from route): out = per-token sum of cluster outputs /
-  /// (count + scatter_eps); tokens in no cluster get exactly 0.
+  /// Runs a routing plan (from route). top_window (accumulate mode): out = per-token
+  /// sum of cluster outputs / (count + scatter_eps), tokens in no cluster get exactly
+  /// 0; nearest_centroid (write mode): out = the token's cluster output. k: the keys
+  /// as attended (normalize(q) for shared QK). extras as in forward (C is then
+  /// taken from mem_key).
   void execute(const AttentionPlan& plan, ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
-               View<T, 4> out) const {
-    const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
-    core::Tensor<T> counts({B, H, Tq});
-    PlanExecutor<T, Arch>({.scale = cfg_.scale}).execute(plan, q, k, v, out, counts);
-    const T eps = T(cfg_.scatter_eps);
-    parallel_for(B * H, [&](std::int64_t task) {
-      const std::int64_t b = task / H, h = task % H;
-      for (std::int64_t t = 0; t < Tq; ++t) {
-        const T den = counts(b, h, t) + eps;
-        for (std::int64_t d = 0; d < D; ++d) out(b, t, h, d) = out(b, t, h, d) / den;
-      }
-    });
+               View<T, 4> out, const RoutingExtras<T>& extras = {}) const {
+    run(plan, q, k, v, out, extras, -1, "execute");
+  }
+
+  /// Memory keys/values per cluster: max(num_mem_kv, 1 if causal and separate QK
+  /// else 0), the reference's rule (KmeansAttention.__init__).
+  std::int64_t memory_kv() const noexcept {
+    return std::max<std::int64_t>(cfg_.num_mem_kv, cfg_.causal && !cfg_.shared_qk ? 1 : 0);
   }
 
   /// Deterministic seeded initialiser (see the file comment): returns initialised
@@ -502,6 +605,77 @@ class RoutingAttention {
     }
     for (const T x : m)
       if (std::isnan(x)) nan_error(fn, "state.means");
+  }
+
+  // Checks extras against q [B, T, H, D], S keys and C clusters (C < 0: any), and
+  // runs the plan; memory tables are copied only when [H, C] is not one stride.
+  void run(const AttentionPlan& plan, ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+           View<T, 4> out, const RoutingExtras<T>& ex, std::int64_t C, std::string_view fn) const {
+    const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
+    const std::int64_t S = k.extent(1), M = memory_kv();
+    PlanExtras<T> pe;
+    core::Tensor<T> mk_copy, mv_copy;
+    if (M == 0 && (ex.mem_key.data() || ex.mem_value.data())) {
+      switchyard::detail::fail_config(name, fn, ex.mem_key.data() ? "mem_key" : "mem_value",
+                                      "given", "no memory when memory_kv() = 0 (num_mem_kv = 0)");
+    }
+    if (M > 0) {
+      if (!ex.mem_key.data() || !ex.mem_value.data()) {
+        switchyard::detail::fail_config(
+            name, fn, ex.mem_key.data() ? "mem_value" : "mem_key", "missing",
+            "[H, C, M=" + std::to_string(M) +
+                ", D] memory keys and values (num_mem_kv; at least 1 when causal and "
+                "shared_qk is false, as in the reference)");
+      }
+      core::detail::check_shape<const T, 4>(name, fn, "mem_key", ex.mem_key, {"H", "C", "M", "D"},
+                                            Shape<4>{H, C, M, D},
+                                            "one memory block per head and cluster");
+      core::detail::check_shape<const T, 4>(name, fn, "mem_value", ex.mem_value,
+                                            {"H", "C", "M", "D"}, ex.mem_key.shape(),
+                                            "mem_value has the shape of mem_key");
+      const auto table = [&](ConstView<T, 4> m, core::Tensor<T>& copy) {
+        const std::int64_t Cm = m.extent(1);
+        if (m.stride(0) == Cm * m.stride(1) || H <= 1)
+          return ConstView<T, 3>(m.data(), {H * Cm, M, D}, {m.stride(1), m.stride(2), m.stride(3)});
+        copy = core::Tensor<T>({H * Cm, M, D});
+        for (std::int64_t h = 0; h < H; ++h)
+          for (std::int64_t c = 0; c < Cm; ++c)
+            for (std::int64_t j = 0; j < M; ++j)
+              for (std::int64_t d = 0; d < D; ++d) copy(h * Cm + c, j, d) = m(h, c, j, d);
+        return std::as_const(copy).template view<3>();
+      };
+      pe.memory_k = table(ex.mem_key, mk_copy);
+      pe.memory_v = table(ex.mem_value, mv_copy);
+    }
+    const auto check_mask = [&](std::string_view arg, std::span<const std::uint8_t> m,
+                                std::int64_t n, std::string_view want, std::string_view why) {
+      if (!m.empty() && std::int64_t(m.size()) != B * n) {
+        switchyard::detail::fail_shape(
+            name, fn, arg, "[" + std::to_string(m.size()) + " entries]",
+            std::string(want) + " = " + std::to_string(B * n) + " entries", why);
+      }
+    };
+    check_mask("query_mask", ex.query_mask, Tq, "[B, T]", "one keep flag per query token");
+    // key_mask = default(key_mask, query_mask) (reference line 390)
+    const auto key_mask = ex.key_mask.empty() ? ex.query_mask : ex.key_mask;
+    check_mask("key_mask", key_mask, S, "[B, S]",
+               ex.key_mask.empty() ? "key_mask defaults to query_mask, which needs S == T"
+                                   : "one keep flag per key token");
+    pe.query_keep = ex.query_mask;
+    pe.key_keep = key_mask;
+    const bool accum = plan.output == PlanOutput::accumulate;
+    core::Tensor<T> counts(accum ? Shape<3>{B, H, Tq} : Shape<3>{0, 0, 0});
+    PlanExecutor<T, Arch>({.scale = cfg_.scale})
+        .execute(plan, q, k, v, out, accum ? counts.template view<3>() : View<T, 3>{}, pe);
+    if (!accum) return;
+    const T eps = T(cfg_.scatter_eps);
+    parallel_for(B * H, [&](std::int64_t task) {
+      const std::int64_t b = task / H, h = task % H;
+      for (std::int64_t t = 0; t < Tq; ++t) {
+        const T den = counts(b, h, t) + eps;
+        for (std::int64_t d = 0; d < D; ++d) out(b, t, h, d) = out(b, t, h, d) / den;
+      }
+    });
   }
 
   [[noreturn]] static void nan_error(std::string_view fn, std::string_view arg) {
