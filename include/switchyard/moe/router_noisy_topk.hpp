@@ -68,6 +68,7 @@
 #include "switchyard/moe/losses.hpp"
 #include "switchyard/moe/plan.hpp"
 #include "switchyard/moe/router.hpp"
+#include "switchyard/moe/router_topk.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -271,44 +272,42 @@ class NoisyTopKRouter {
       std::int64_t* count = partial_count.data() + c * E;
       std::vector<std::int64_t> idx(static_cast<std::size_t>(m));
       std::vector<T> top(static_cast<std::size_t>(m));
-      std::vector<std::pair<T, std::int64_t>> scratch;
       const std::int64_t end = std::min(tokens, (c + 1) * detail::router_chunk);
-      for (std::int64_t t = c * detail::router_chunk; t < end; ++t) {
-        if (!mask.routed(t)) continue;
-        const T* p = d.probs.data() + t * E;
-        if (m == 1) {
-          kernels::argmax_row(p, E, idx.data(), top.data());
-        } else if (m <= 16) {
-          kernels::topk_row_insertion(p, E, m, idx.data(), top.data());
-        } else {
-          kernels::topk_row_select(p, E, m, idx.data(), top.data(), scratch);
-        }
-        T sum = T(0);
-        for (std::int64_t s = 0; s < k; ++s) sum += top[s];
-        const T denom = sum + static_cast<T>(1e-6);
-        std::int32_t* ce = plan.choice_expert.data() + t * k;
-        T* cw = plan.choice_weight.data() + t * k;
-        for (std::int64_t s = 0; s < k; ++s) {
-          const T g = top[s] / denom;
-          ce[s] = static_cast<std::int32_t>(idx[s]);
-          cw[s] = g;
-          ++count[idx[s]];
-          importance[idx[s]] += static_cast<double>(g);
-          if (!smooth && g > T(0)) load[idx[s]] += 1.0;
-        }
-        if (smooth) {
-          const T thr_in = top[k], thr_out = top[k - 1];
-          const T* noisy = logits.data() + t * logits.stride(0);
-          const T* cl = clean.data() + t * clean.stride(0);
-          const T* sd = stddev + t * E;
-          for (std::int64_t e = 0; e < E; ++e) {
-            const T thr = noisy[e] > thr_in ? thr_in : thr_out;
-            load[e] += detail::standard_normal_cdf(
-                (static_cast<double>(cl[e]) - static_cast<double>(thr)) /
-                static_cast<double>(sd[e]));
-          }
-        }
-      }
+      // The m largest p of each routed row, best first, ties to the lower index
+      // (TopKRouter's row visitor: SIMD lanes for m <= 8, else the core::topk kernels).
+      detail::for_each_topk_row<T, Arch>(
+          d.probs.data(), c * detail::router_chunk, end, E, m, mask,
+          [&](std::int64_t t, auto index_of, auto value_of) {
+            for (std::int64_t s = 0; s < m; ++s) {
+              idx[s] = index_of(s);
+              top[s] = value_of(s);
+            }
+            T sum = T(0);
+            for (std::int64_t s = 0; s < k; ++s) sum += top[s];
+            const T denom = sum + static_cast<T>(1e-6);
+            std::int32_t* ce = plan.choice_expert.data() + t * k;
+            T* cw = plan.choice_weight.data() + t * k;
+            for (std::int64_t s = 0; s < k; ++s) {
+              const T g = top[s] / denom;
+              ce[s] = static_cast<std::int32_t>(idx[s]);
+              cw[s] = g;
+              ++count[idx[s]];
+              importance[idx[s]] += static_cast<double>(g);
+              if (!smooth && g > T(0)) load[idx[s]] += 1.0;
+            }
+            if (smooth) {
+              const T thr_in = top[k], thr_out = top[k - 1];
+              const T* noisy = logits.data() + t * logits.stride(0);
+              const T* cl = clean.data() + t * clean.stride(0);
+              const T* sd = stddev + t * E;
+              for (std::int64_t e = 0; e < E; ++e) {
+                const T thr = noisy[e] > thr_in ? thr_in : thr_out;
+                load[e] += detail::standard_normal_cdf(
+                    (static_cast<double>(cl[e]) - static_cast<double>(thr)) /
+                    static_cast<double>(sd[e]));
+              }
+            }
+          });
     });
     auto& st = plan.stats;
     for (std::int64_t c = 0; c < chunks; ++c) {

@@ -107,6 +107,25 @@ void relu_ranks(const T* x, T* padded, T* rank, std::int64_t n) noexcept {
   }
 }
 
+/// count[e] += (x_e > 0) for e < n; padded: x with a -inf tail (relu_ranks leaves it
+/// so); count: relu_padded(n, lanes) entries. Exact: a chunk adds at most 2^24 ones.
+template <class Arch, class T>
+void relu_count_active(const T* x, const T* padded, T* count, std::int64_t n) noexcept {
+  if constexpr (simd::is_scalar_v<Arch>) {
+    (void)padded;
+    for (std::int64_t e = 0; e < n; ++e) count[e] += x[e] > T(0) ? T(1) : T(0);
+  } else {
+    using B = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = B::size;
+    const B one(T(1)), zero(T(0));
+    for (std::int64_t e = 0; e < relu_padded(n, L); e += L) {
+      const B c = B::load_unaligned(count + e) +
+                  xsimd::select(B::load_unaligned(padded + e) > zero, one, zero);
+      c.store_unaligned(count + e);
+    }
+  }
+}
+
 }  // namespace detail
 
 struct ReluRouterConfig {
@@ -143,17 +162,17 @@ class ReluRouter {
     const std::int64_t tokens = logits.extent(0);
     plan.reset(tokens, E, E);
     const std::int64_t chunks = num_chunks(tokens, detail::router_chunk);
-    // Per chunk: active count [E], gate sums [E], lse^2, entropy, first bad token.
-    const std::int64_t width = 2 * E + 3;
+    // Per chunk: active count [E], lse^2, entropy, first bad token.
+    const std::int64_t width = E + 3;
     std::vector<double> partial(static_cast<std::size_t>(chunks * width), 0.0);
     parallel_for(chunks, [&](std::int64_t c) {
       double* acc = partial.data() + c * width;
       double* count = acc;
-      double* gate_sum = acc + E;
-      acc[2 * E + 2] = -1;
+      acc[E + 2] = -1;
       std::vector<T> scratch(static_cast<std::size_t>(E));
       const auto np = static_cast<std::size_t>(detail::relu_padded(E, simd::lanes_v<T, Arch>));
-      std::vector<T> padded(np), rank(np);
+      std::vector<T> padded(np), rank(np), active_count(np, T(0)), wt(E + 1);
+      std::vector<std::int32_t> ord(E + 1);
       const std::int64_t end = std::min(tokens, (c + 1) * detail::router_chunk);
       for (std::int64_t t = c * detail::router_chunk; t < end; ++t) {
         if (!mask.routed(t)) continue;
@@ -161,7 +180,7 @@ class ReluRouter {
         T lse;
         kernels::softmax_row(Arch{}, x, scratch.data(), E, &lse);
         if (!std::isfinite(lse)) {
-          if (acc[2 * E + 2] < 0) acc[2 * E + 2] = static_cast<double>(t);
+          if (acc[E + 2] < 0) acc[E + 2] = static_cast<double>(t);
           continue;
         }
         double px0 = 0, px1 = 0;  // entropy = lse - sum_e p x (p = 0 terms, x = -inf, skipped)
@@ -171,26 +190,29 @@ class ReluRouter {
           px1 += scratch[e + 1] > T(0) ? static_cast<double>(scratch[e + 1]) * x[e + 1] : 0.0;
         }
         if (e < E && scratch[e] > T(0)) px0 += static_cast<double>(scratch[e]) * x[e];
-        acc[2 * E] += static_cast<double>(lse) * lse;
-        acc[2 * E + 1] += static_cast<double>(lse) - (px0 + px1);
+        acc[E] += static_cast<double>(lse) * lse;
+        acc[E + 1] += static_cast<double>(lse) - (px0 + px1);
         // Slot of an active expert = its rank (larger gate first); written branch-free,
         // inactive experts go to a dummy. Ties (equal gates) are re-ordered below.
         detail::relu_ranks<Arch>(x, padded.data(), rank.data(), E);
+        detail::relu_count_active<Arch>(x, padded.data(), active_count.data(), E);
         std::int32_t* ce = plan.choice_expert.data() + t * E;
         T* cw = plan.choice_weight.data() + t * E;
-        std::int32_t dummy_e = 0;
-        T dummy_w = T(0);
         std::int64_t active = 0, rank_sum = 0;
         for (std::int64_t j = 0; j < E; ++j) {
-          const bool on = x[j] > T(0);
+          // Integer masks, not a ternary: compilers turn that into a branch that
+          // mispredicts on the random signs of logits. Inactive experts go to slot E.
+          const std::int64_t on = x[j] > T(0);
           const auto r = static_cast<std::int64_t>(rank[j]);
-          *(on ? ce + r : &dummy_e) = static_cast<std::int32_t>(j);
-          *(on ? cw + r : &dummy_w) = x[j];
-          count[j] += static_cast<double>(on);
-          gate_sum[j] += on ? static_cast<double>(x[j]) : 0.0;
+          const std::int64_t m = -on;
+          const std::int64_t slot = (r & m) | (E & ~m);
+          ord[slot] = static_cast<std::int32_t>(j);
+          wt[slot] = x[j];
           active += on;
-          rank_sum += on ? r : 0;
+          rank_sum += r & m;
         }
+        std::copy_n(ord.data(), active, ce);
+        std::copy_n(wt.data(), active, cw);
         if (rank_sum != active * (active - 1) / 2) {  // equal gates: lower expert first
           std::int64_t a = 0;
           for (std::int64_t j = 0; j < E; ++j) {
@@ -202,23 +224,22 @@ class ReluRouter {
           for (std::int64_t i = 0; i < active; ++i) cw[i] = x[ce[i]];
         }
       }
+      for (std::int64_t e = 0; e < E; ++e) count[e] = static_cast<double>(active_count[e]);
     });
     // Reduce in chunk order (bit-identical for any thread count); chunk c's first
     // CSR position inside expert e is the sum of the earlier chunks' counts.
-    std::vector<double> gate_sum(static_cast<std::size_t>(E), 0.0);
     std::vector<std::int64_t> start(static_cast<std::size_t>(chunks * E), 0);
     double lse2 = 0, entropy = 0;
     for (std::int64_t c = 0; c < chunks; ++c) {
       const double* acc = partial.data() + c * width;
-      if (acc[2 * E + 2] >= 0)
-        detail::fail_non_finite_logits(name, static_cast<std::int64_t>(acc[2 * E + 2]));
+      if (acc[E + 2] >= 0)
+        detail::fail_non_finite_logits(name, static_cast<std::int64_t>(acc[E + 2]));
       for (std::int64_t e = 0; e < E; ++e) {
         start[c * E + e] = plan.stats.tokens_per_expert[e];
         plan.stats.tokens_per_expert[e] += static_cast<std::int64_t>(acc[e]);
-        gate_sum[e] += acc[E + e];
       }
-      lse2 += acc[2 * E];
-      entropy += acc[2 * E + 1];
+      lse2 += acc[E];
+      entropy += acc[E + 1];
     }
     auto& offsets = plan.expert_offsets;
     for (std::int64_t e = 0; e < E; ++e) {
@@ -230,8 +251,10 @@ class ReluRouter {
     plan.slot.resize(nnz);
     plan.gate.resize(nnz);
     std::vector<std::int64_t> without(static_cast<std::size_t>(chunks), 0);
+    std::vector<double> gate_partial(static_cast<std::size_t>(chunks * E), 0.0);
     parallel_for(chunks, [&](std::int64_t c) {
       std::int64_t* cursor = start.data() + c * E;
+      double* gsum = gate_partial.data() + c * E;
       for (std::int64_t e = 0; e < E; ++e) cursor[e] += offsets[e];
       const std::int64_t end = std::min(tokens, (c + 1) * detail::router_chunk);
       for (std::int64_t t = c * detail::router_chunk; t < end; ++t) {
@@ -244,9 +267,13 @@ class ReluRouter {
           plan.token_index[p] = static_cast<std::int32_t>(t);
           plan.slot[p] = static_cast<std::int32_t>(s);
           plan.gate[p] = cw[s];
+          gsum[ce[s]] += static_cast<double>(cw[s]);
         }
       }
     });
+    std::vector<double> gate_sum(static_cast<std::size_t>(E), 0.0);  // in chunk order
+    for (std::int64_t c = 0; c < chunks; ++c)
+      for (std::int64_t e = 0; e < E; ++e) gate_sum[e] += gate_partial[c * E + e];
     const std::int64_t routed = mask.count(tokens);
     auto& st = plan.stats;
     st.routed_tokens = routed;
