@@ -1,0 +1,297 @@
+// DispatchPlan: check() catches every broken invariant built by hand;
+// make_token_choice_plan and build_csr_from_choices; plan_json round trips.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/moe/plan.hpp"
+#include "switchyard/moe/plan_json.hpp"
+
+using namespace switchyard;
+using Catch::Contains;
+
+namespace {
+
+// 4 tokens, 3 experts, k = 2:
+//   token 0 -> (2, 0.6), (0, 0.4);  token 1 -> (1, 0.7), (2, 0.3)
+//   token 2 -> (0, 0.5), (1, 0.5);  token 3 -> (2, 1.0), unused (-1)
+moe::DispatchPlan<float> small_plan() {
+  Tensor<std::int32_t> e({4, 2});
+  Tensor<float> w({4, 2});
+  const std::int32_t ev[8] = {2, 0, 1, 2, 0, 1, 2, -1};
+  const float wv[8] = {0.6f, 0.4f, 0.7f, 0.3f, 0.5f, 0.5f, 1.0f, 0.9f};
+  for (int i = 0; i < 8; ++i) {
+    e[i] = ev[i];
+    w[i] = wv[i];
+  }
+  return moe::make_token_choice_plan<float, std::int32_t>(3, e.view<2>(), w.view<2>());
+}
+
+}  // namespace
+
+TEST_CASE("make_token_choice_plan: CSR by expert, sorted by token", "[moe][plan]") {
+  const auto p = small_plan();
+  REQUIRE_NOTHROW(p.check());
+  REQUIRE(p.num_tokens == 4);
+  REQUIRE(p.num_experts == 3);
+  REQUIRE(p.top_k == 2);
+  REQUIRE(p.capacity == -1);
+  REQUIRE(p.nnz() == 7);
+  // expert 0: tokens 0 (slot 1), 2 (slot 0); expert 1: 1 (0), 2 (1); expert 2: 0 (0), 1 (1), 3 (0)
+  REQUIRE(p.expert_offsets == std::vector<std::int64_t>{0, 2, 4, 7});
+  REQUIRE(p.token_index == std::vector<std::int32_t>{0, 2, 1, 2, 0, 1, 3});
+  REQUIRE(p.slot == std::vector<std::int32_t>{1, 0, 0, 1, 0, 1, 0});
+  REQUIRE(p.gate == std::vector<float>{0.4f, 0.5f, 0.7f, 0.5f, 0.6f, 0.3f, 1.0f});
+  REQUIRE(p.choice_weight[7] == 0.0f);  // unused slot: weight 0 whatever was passed
+  REQUIRE(p.stats.tokens_per_expert == std::vector<std::int64_t>{2, 2, 3});
+  REQUIRE(p.stats.kept_per_expert == std::vector<std::int64_t>{2, 2, 3});
+  REQUIRE(p.stats.routed_tokens == 4);
+  REQUIRE(p.stats.dropped == 0);
+  REQUIRE(p.dropped.empty());
+  REQUIRE(p.expert_tokens(2).size() == 3);
+  REQUIRE(p.expert_gates(0)[1] == 0.5f);
+  REQUIRE(p.expert_indices()(1, 0) == 1);
+  REQUIRE(p.expert_weights()(0, 0) == 0.6f);
+}
+
+TEST_CASE("make_token_choice_plan: errors", "[moe][plan]") {
+  Tensor<std::int64_t> e({2, 2});
+  Tensor<float> w({2, 2}), w3({2, 3});
+  e[0] = 0;
+  e[1] = 1;
+  e[2] = 1;
+  e[3] = 0;
+  const auto make = [&](std::int64_t experts, const Tensor<float>& weights) {
+    return moe::make_token_choice_plan<float, std::int64_t>(experts, e.view<2>(),
+                                                            weights.view<2>());
+  };
+  REQUIRE_NOTHROW(make(2, w));
+  REQUIRE_THROWS_AS(make(0, w), config_error);
+  e[3] = 2;  // out of range
+  REQUIRE_THROWS_WITH(make(2, w), Contains("DispatchPlan") && Contains("experts"));
+  e[3] = 1;  // token 1 chooses expert 1 twice
+  REQUIRE_THROWS_AS(make(2, w), config_error);
+  REQUIRE_THROWS_WITH(make(2, w), Contains("at most once"));
+  e[3] = -2;
+  REQUIRE_THROWS_AS(make(2, w), config_error);
+  e[3] = 0;
+  REQUIRE_THROWS_AS(make(2, w3), shape_error);
+}
+
+TEST_CASE("build_csr_from_choices: capacity drops", "[moe][plan]") {
+  auto p = small_plan();
+  // Drop token 3's only choice and token 0's second choice.
+  std::vector<std::uint8_t> keep{1, 0, 1, 1, 1, 1, 0, 1};
+  moe::detail::build_csr_from_choices(p, keep);
+  p.capacity = 2;
+  REQUIRE_NOTHROW(p.check());
+  REQUIRE(p.nnz() == 5);
+  REQUIRE(p.stats.dropped == 2);
+  REQUIRE(p.dropped.size() == 2);
+  REQUIRE(p.dropped[0].token == 0);
+  REQUIRE(p.dropped[0].slot == 1);
+  REQUIRE(p.dropped[0].expert == 0);
+  REQUIRE(p.dropped[1].token == 3);
+  REQUIRE(p.dropped[1].expert == 2);
+  REQUIRE(p.choice_weight[1] == 0.0f);
+  REQUIRE(p.choice_weight[6] == 0.0f);
+  REQUIRE(p.choice_expert[6] == 2);  // still chosen, only dropped
+  REQUIRE(p.stats.tokens_without_expert == 1);
+  REQUIRE(p.stats.kept_per_expert == std::vector<std::int64_t>{1, 2, 2});
+}
+
+TEST_CASE("DispatchPlan::check catches each broken invariant", "[moe][plan]") {
+  const auto good = small_plan();
+  REQUIRE_NOTHROW(good.check());
+  const auto broken = [&](auto&& edit, const char* what) {
+    auto p = good;
+    edit(p);
+    REQUIRE_THROWS_AS(p.check(), switchyard::error);
+    REQUIRE_THROWS_WITH(p.check(), Contains("DispatchPlan::check") && Contains(what));
+  };
+  // Over capacity: expert 2 holds 3 tokens.
+  broken([](auto& p) { p.capacity = 2; }, "over capacity");
+  // Duplicate (token, expert): expert 2 lists token 0 twice.
+  broken(
+      [](auto& p) {
+        p.token_index[5] = 0;
+        p.slot[5] = 0;
+        p.token_index[4] = 0;
+      },
+      "not strictly ascending");
+  // Tokens out of order inside an expert.
+  broken(
+      [](auto& p) {
+        std::swap(p.token_index[0], p.token_index[1]);
+        std::swap(p.slot[0], p.slot[1]);
+      },
+      "ascending");
+  // Out-of-range token index.
+  broken([](auto& p) { p.token_index[6] = 4; }, "out of range");
+  broken([](auto& p) { p.token_index[0] = -1; }, "out of range");
+  // Out-of-range slot.
+  broken([](auto& p) { p.slot[2] = 2; }, "slot out of range");
+  // Inconsistent views: the [T, K] choices disagree with the CSR run.
+  broken([](auto& p) { p.choice_expert[2] = 0; }, "disagrees");
+  // Chosen pairs that are neither kept nor dropped.
+  broken([](auto& p) { p.choice_expert[7] = 0; }, "chosen pairs");
+  // Non-finite gate.
+  broken([](auto& p) { p.gate[3] = std::numeric_limits<float>::quiet_NaN(); }, "non-finite");
+  // Offsets: wrong size, not ending at nnz, decreasing.
+  broken([](auto& p) { p.expert_offsets.pop_back(); }, "expert_offsets");
+  broken([](auto& p) { p.expert_offsets[3] = 6; }, "expert_offsets");
+  broken([](auto& p) { p.expert_offsets[2] = 1; }, "decrease");
+  // Parallel arrays of different lengths.
+  broken([](auto& p) { p.gate.pop_back(); }, "differ in length");
+  // [T, K] views of the wrong size.
+  broken([](auto& p) { p.choice_weight.pop_back(); }, "[T, K]");
+  // Dropped entry out of range.
+  broken([](auto& p) { p.dropped.push_back({0, 0, 3}); }, "dropped entry");
+  // Bad sizes.
+  broken([](auto& p) { p.num_experts = 0; }, "bad sizes");
+}
+
+TEST_CASE("DispatchPlan::reset empties the plan and keeps its memory", "[moe][plan]") {
+  auto p = small_plan();
+  const auto cap = p.token_index.capacity();
+  p.capacity = 3;
+  p.capacity_clamped = true;
+  p.reset(2, 3, 1);
+  REQUIRE(p.nnz() == 0);
+  REQUIRE(p.token_index.capacity() == cap);
+  REQUIRE(p.capacity == -1);
+  REQUIRE_FALSE(p.capacity_clamped);
+  REQUIRE(p.choice_expert == std::vector<std::int32_t>{-1, -1});
+  REQUIRE_NOTHROW(p.check());
+}
+
+namespace {
+template <class T>
+void require_same(const moe::DispatchPlan<T>& a, const moe::DispatchPlan<T>& b) {
+  REQUIRE(a.num_tokens == b.num_tokens);
+  REQUIRE(a.num_experts == b.num_experts);
+  REQUIRE(a.top_k == b.top_k);
+  REQUIRE(a.capacity == b.capacity);
+  REQUIRE(a.requested_capacity == b.requested_capacity);
+  REQUIRE(a.capacity_clamped == b.capacity_clamped);
+  REQUIRE(a.expert_offsets == b.expert_offsets);
+  REQUIRE(a.token_index == b.token_index);
+  REQUIRE(a.slot == b.slot);
+  REQUIRE(a.gate == b.gate);
+  REQUIRE(a.choice_expert == b.choice_expert);
+  REQUIRE(a.choice_weight == b.choice_weight);
+  REQUIRE(a.dropped.size() == b.dropped.size());
+  for (std::size_t i = 0; i < a.dropped.size(); ++i) {
+    REQUIRE(a.dropped[i].token == b.dropped[i].token);
+    REQUIRE(a.dropped[i].slot == b.dropped[i].slot);
+    REQUIRE(a.dropped[i].expert == b.dropped[i].expert);
+  }
+  REQUIRE(a.stats.tokens_per_expert == b.stats.tokens_per_expert);
+  REQUIRE(a.stats.kept_per_expert == b.stats.kept_per_expert);
+  REQUIRE(a.stats.mean_prob == b.stats.mean_prob);
+  REQUIRE(a.stats.routed_tokens == b.stats.routed_tokens);
+  REQUIRE(a.stats.dropped == b.stats.dropped);
+  REQUIRE(a.stats.tokens_without_expert == b.stats.tokens_without_expert);
+  REQUIRE(a.stats.aux_loss == b.stats.aux_loss);
+  REQUIRE(a.stats.z_loss == b.stats.z_loss);
+  REQUIRE(a.stats.entropy == b.stats.entropy);
+}
+}  // namespace
+
+TEST_CASE("plan_json: every field, and a bit-exact round trip", "[moe][plan][json]") {
+  auto p = small_plan();
+  std::vector<std::uint8_t> keep{1, 0, 1, 1, 1, 1, 0, 1};
+  moe::detail::build_csr_from_choices(p, keep);
+  p.capacity = 4;  // clamped from a requested 9 (visible, not silent)
+  p.requested_capacity = 9;
+  p.capacity_clamped = true;
+  p.gate[0] = 0.1f;  // a value with no short decimal form
+  p.choice_weight[p.token_index[0] * 2 + p.slot[0]] = 0.1f;
+  p.stats.mean_prob = {1.0 / 3, 0.25, 0.1 + 0.2};
+  p.stats.aux_loss = 1.0625;
+  p.stats.z_loss = std::sqrt(2.0);
+  p.stats.entropy = 0.6931471805599453;
+  REQUIRE_NOTHROW(p.check());
+
+  const std::string text = moe::to_json_string(p);
+  const auto j = nlohmann::json::parse(text);
+  REQUIRE(j["num_tokens"] == 4);
+  REQUIRE(j["num_experts"] == 3);
+  REQUIRE(j["top_k"] == 2);
+  REQUIRE(j["nnz"] == 5);
+  REQUIRE(j["capacity"] == 4);
+  REQUIRE(j["requested_capacity"] == 9);
+  REQUIRE(j["capacity_clamped"] == true);
+  REQUIRE(j["expert_offsets"] == nlohmann::json({0, 1, 3, 5}));
+  REQUIRE(j["experts"].size() == 3);
+  REQUIRE(j["experts"][1]["expert"] == 1);
+  REQUIRE(j["experts"][1]["tokens"] == nlohmann::json({1, 2}));
+  REQUIRE(j["experts"][1]["slots"] == nlohmann::json({0, 1}));
+  REQUIRE(j["experts"][2]["gates"][0].get<double>() == 0.6f);
+  REQUIRE(j["experts"][0]["gates"][0].get<double>() == 0.1f);
+  REQUIRE(j["choice_expert"].size() == 4);
+  REQUIRE(j["choice_expert"][3] == nlohmann::json({2, -1}));
+  REQUIRE(j["choice_weight"][3] == nlohmann::json({0.0, 0.0}));
+  REQUIRE(j["dropped"].size() == 2);
+  REQUIRE(j["dropped"][1] == nlohmann::json({{"token", 3}, {"slot", 0}, {"expert", 2}}));
+  REQUIRE(j["stats"]["dropped"] == 2);
+  REQUIRE(j["stats"]["tokens_without_expert"] == 1);
+  REQUIRE(j["stats"]["routed_tokens"] == 4);
+  REQUIRE(j["stats"]["aux_loss"].get<double>() == 1.0625);
+  REQUIRE(j["stats"]["z_loss"].get<double>() == std::sqrt(2.0));
+  REQUIRE(j["stats"]["mean_prob"][2].get<double>() == 0.1 + 0.2);
+
+  require_same(moe::plan_from_json<float>(j), p);
+  // One-line text, the ADL hooks, and double plans.
+  require_same(moe::plan_from_json<float>(nlohmann::json::parse(moe::to_json_string(p, -1))), p);
+  const nlohmann::json via_adl = p;
+  require_same(via_adl.get<moe::DispatchPlan<float>>(), p);
+  REQUIRE(moe::to_json_string(p, -1).find('\n') == std::string::npos);
+
+  Tensor<std::int32_t> e({1, 1});
+  Tensor<double> w({1, 1});
+  e[0] = 0;
+  w[0] = 0.1 + 0.2;
+  const auto pd = moe::make_token_choice_plan<double, std::int32_t>(1, e.view<2>(), w.view<2>());
+  require_same(moe::plan_from_json<double>(nlohmann::json::parse(moe::to_json_string(pd))), pd);
+}
+
+TEST_CASE("plan_json: expert-choice plan (no [T, K] views), empty plan, errors",
+          "[moe][plan][json]") {
+  // Expert choice: K = 0, each expert a run of tokens; token 1 is taken twice, token 2 never.
+  moe::DispatchPlan<float> p;
+  p.reset(3, 2, 0);
+  p.expert_offsets = {0, 2, 4};
+  p.token_index = {0, 1, 1, 2};
+  p.slot = {0, 0, 0, 0};
+  p.gate = {0.5f, 0.25f, 0.75f, 1.0f};
+  p.capacity = 2;
+  p.requested_capacity = 2;
+  p.stats.kept_per_expert = {2, 2};
+  REQUIRE_NOTHROW(p.check());
+  const auto j = moe::to_json(p);
+  REQUIRE(j["choice_expert"].empty());
+  REQUIRE(j["capacity_clamped"] == false);
+  require_same(moe::plan_from_json<float>(nlohmann::json::parse(j.dump())), p);
+
+  moe::DispatchPlan<float> empty;
+  empty.reset(0, 4, 2);
+  require_same(moe::plan_from_json<float>(nlohmann::json::parse(moe::to_json_string(empty))),
+               empty);
+
+  auto missing = j;
+  missing.erase("capacity");
+  REQUIRE_THROWS_AS(moe::plan_from_json<float>(missing), switchyard::error);
+  REQUIRE_THROWS_WITH(moe::plan_from_json<float>(missing), Contains("plan_from_json"));
+  auto wrong_type = j;
+  wrong_type["top_k"] = "two";
+  REQUIRE_THROWS_AS(moe::plan_from_json<float>(wrong_type), switchyard::error);
+  auto invalid = j;  // well-formed JSON, broken plan: over capacity
+  invalid["capacity"] = 1;
+  REQUIRE_THROWS_WITH(moe::plan_from_json<float>(invalid), Contains("over capacity"));
+}
