@@ -576,3 +576,25 @@ TEST_CASE("CapacityRouter: 1 and 2 threads give bit-identical plans",
     }
   }
 }
+
+TEST_CASE("CapacityRouter: the scalar path selects like the SIMD path",
+          "[moe][router][capacity][scalar]") {
+  const std::int64_t T = 300, E = 12;
+  const auto logits = random_logits<double>(T, E, 61);
+  for (const std::int64_t k : {1, 3, 8, 10}) {
+    for (const bool pre : {true, false}) {
+      if (!pre && k == 1) continue;
+      const CapacityRouterConfig cfg{
+          .num_experts = E, .top_k = k, .capacity_factor = 1.0, .pre_softmax = pre};
+      const auto simd_plan = CapacityRouter<double>(cfg).route(logits);
+      const auto scalar_plan = CapacityRouter<double, switchyard::simd::scalar>(cfg).route(logits);
+      REQUIRE_NOTHROW(scalar_plan.check());
+      REQUIRE(scalar_plan.choice_expert == simd_plan.choice_expert);
+      REQUIRE(scalar_plan.token_index == simd_plan.token_index);
+      for (std::size_t i = 0; i < simd_plan.choice_weight.size(); ++i)
+        REQUIRE(scalar_plan.choice_weight[i] == Approx(simd_plan.choice_weight[i]).epsilon(1e-12));
+      const Ref r = reference(as_double(logits), T, E, k, 1.0, 0, pre, DropPolicy::probs, {});
+      check_against_reference(scalar_plan, r, E, k, 1e-12);
+    }
+  }
+}
