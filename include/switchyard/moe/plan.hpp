@@ -5,8 +5,9 @@
 // token_index / slot / gate are the (token, which of the token's choices, gate)
 // triples the expert processes, sorted by token (CSR by expert, the MegaBlocks /
 // torchtune "sorted" layout). Dropped (token, choice) pairs are listed apart and
-// contribute nothing. Token-choice routers also fill the familiar [T, K] views
-// of chosen experts and combine weights; expert-choice plans leave them empty.
+// contribute nothing. Routers also fill the familiar [T, K] views of chosen
+// experts and combine weights (best first for token-choice routers; expert order
+// for expert choice, where K = E and a token may have 0..E experts).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -62,8 +63,8 @@ template <class T>
 struct DispatchPlan {
   std::int64_t num_tokens = 0;
   std::int64_t num_experts = 0;
-  /// Choices per token in the [T, K] views (the maximum for variable-count routers);
-  /// 0 for expert-choice plans, which have no token-side views.
+  /// Choices per token in the [T, K] views (the maximum for variable-count routers,
+  /// E for expert choice and ReLU routing); 0 means the plan has no token-side views.
   std::int64_t top_k = 0;
   /// Per-expert capacity in force; -1 when the router has none (dropless).
   std::int64_t capacity = -1;
@@ -77,7 +78,7 @@ struct DispatchPlan {
   std::vector<std::int32_t> slot;            ///< [nnz], which of the token's choices (0..K-1)
   std::vector<T> gate;                       ///< [nnz], weight applied to the expert's output
 
-  std::vector<std::int32_t> choice_expert;  ///< [T*K] chosen expert, best first; -1 = unused
+  std::vector<std::int32_t> choice_expert;  ///< [T*K] chosen expert (order: see top); -1 = unused
   std::vector<T> choice_weight;             ///< [T*K] combine weight; 0 if dropped or unused
   std::vector<DroppedChoice> dropped;       ///< in (token, slot) order
 
