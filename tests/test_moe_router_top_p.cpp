@@ -12,6 +12,7 @@
 
 #include "support/compare.hpp"
 #include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/router.hpp"
 #include "switchyard/moe/router_top_p.hpp"
@@ -55,7 +56,7 @@ RefPlan ref_top_p(const std::vector<double>& x, int T, int E, double p_thr, int 
     r.z += lse * lse;
     for (int e = 0; e < E; ++e) {
       r.prob_sum[e] += p[e];
-      r.entropy -= p[e] * std::log(p[e]);
+      if (p[e] > 0) r.entropy -= p[e] * std::log(p[e]);
     }
     std::vector<int> order(E);
     std::iota(order.begin(), order.end(), 0);
@@ -102,22 +103,28 @@ bool close(double got, double want, double rel, double abs_floor = 1e-12) {
   return std::abs(got - want) <= rel * std::max(std::abs(want), abs_floor) + abs_floor;
 }
 
-template <class T>
+template <class T, class Arch = simd::default_arch>
 void random_case(int T_, int E, double p_thr, int mn, int mx, bool renorm, std::uint32_t seed,
-                 bool with_mask) {
-  CAPTURE(T_, E, p_thr, mn, mx, renorm, seed, with_mask);
-  const auto x = grid_logits<T>(T_, E, seed);
+                 bool with_mask, bool with_neg_inf = false) {
+  CAPTURE(T_, E, p_thr, mn, mx, renorm, seed, with_mask, with_neg_inf, Arch::name());
+  auto x = grid_logits<T>(T_, E, seed);
+  if (with_neg_inf) {  // experts ruled out by -inf (one logit per row stays finite)
+    std::mt19937 gen(seed + 5);
+    for (int t = 0; t < T_; ++t)
+      for (int e = 0; e < E; ++e)
+        if (e != t % E && gen() % 3 == 0) x(t, e) = -std::numeric_limits<T>::infinity();
+  }
   std::vector<std::uint8_t> keep;
   if (with_mask) {
     std::mt19937 gen(seed + 7);
     keep.resize(T_);
     for (auto& v : keep) v = std::uint8_t(gen() % 3 != 0);
   }
-  moe::TopPRouter<T> router({.num_experts = E,
-                             .threshold = p_thr,
-                             .min_experts = mn,
-                             .max_experts = mx,
-                             .renormalize = renorm});
+  moe::TopPRouter<T, Arch> router({.num_experts = E,
+                                   .threshold = p_thr,
+                                   .min_experts = mn,
+                                   .max_experts = mx,
+                                   .renormalize = renorm});
   const auto plan = router.route(x.template view<2>(), moe::TokenMask{keep});
   const auto ref =
       ref_top_p(std::vector<double>(x.begin(), x.end()), T_, E, p_thr, mn, mx, renorm, keep);
@@ -172,6 +179,18 @@ TEST_CASE("TopPRouter: random logits against the naive reference", "[moe][top_p]
   }
   random_case<double>(64, 40, 0.8, 1, 40, true, seed++, false);
   random_case<double>(64, 7, 0.3, 1, 7, false, seed++, false);
+}
+
+TEST_CASE("TopPRouter: scalar arch, double, and -inf logits", "[moe][top_p]") {
+  std::uint32_t seed = 4000;
+  for (int E : {1, 5, 16, 64}) {
+    for (double p_thr : {0.3, 0.9}) {
+      random_case<float, simd::scalar>(64, E, p_thr, 1, E, true, seed++, false);
+      random_case<double, simd::scalar>(7, E, p_thr, 1, std::min(E, 3), false, seed++, true);
+      random_case<float>(64, E, p_thr, 1, E, false, seed++, false, true);
+      random_case<double>(64, E, p_thr, 1, E, true, seed++, false, true);
+    }
+  }
 }
 
 TEST_CASE("TopPRouter: padding mask", "[moe][top_p]") {

@@ -14,6 +14,7 @@
 #include "support/compare.hpp"
 #include "support/fixtures.hpp"
 #include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/losses.hpp"
 #include "switchyard/moe/router.hpp"
@@ -145,17 +146,24 @@ void check_against_ref(const moe::DispatchPlan<T>& plan, const RefPlan& ref, int
   REQUIRE(close(plan.stats.entropy, ref.entropy, tol, 1e-6));
 }
 
-template <class T>
-void random_case(int T_, int E, int k, bool renorm, std::uint32_t seed, bool with_mask) {
-  CAPTURE(T_, E, k, renorm, seed, with_mask);
-  const auto x = grid_logits<T>(T_, E, seed);
+template <class T, class Arch = simd::default_arch>
+void random_case(int T_, int E, int k, bool renorm, std::uint32_t seed, bool with_mask,
+                 bool with_neg_inf = false) {
+  CAPTURE(T_, E, k, renorm, seed, with_mask, with_neg_inf, Arch::name());
+  auto x = grid_logits<T>(T_, E, seed);
+  if (with_neg_inf) {  // experts ruled out by -inf (one logit per row stays finite)
+    std::mt19937 gen(seed + 5);
+    for (int t = 0; t < T_; ++t)
+      for (int e = 0; e < E; ++e)
+        if (e != t % E && gen() % 3 == 0) x(t, e) = -std::numeric_limits<T>::infinity();
+  }
   std::vector<std::uint8_t> keep;
   if (with_mask) {
     std::mt19937 gen(seed + 99);
     keep.resize(T_);
     for (auto& v : keep) v = std::uint8_t(gen() % 4 != 0);
   }
-  moe::TopKRouter<T> router({.num_experts = E, .top_k = k, .renormalize = renorm});
+  moe::TopKRouter<T, Arch> router({.num_experts = E, .top_k = k, .renormalize = renorm});
   const auto plan = router.route(x.template view<2>(), moe::TokenMask{keep});
   const auto ref = ref_topk(as_double(x), T_, E, k, renorm, keep);
   check_against_ref(plan, ref, T_, E, k, std::is_same_v<T, float> ? 2e-5 : 1e-11);
@@ -271,6 +279,33 @@ TEST_CASE("TopKRouter: random logits against the naive reference", "[moe][topk]"
   }
   for (int E : {3, 33}) random_case<double>(64, E, std::min(E, 3), true, seed++, false);
   random_case<float>(300, 64, 64, true, seed++, false);
+}
+
+TEST_CASE("TopKRouter: scalar arch, double, and -inf logits", "[moe][topk]") {
+  std::uint32_t seed = 300;
+  for (int E : {1, 5, 16, 64}) {
+    for (int k : {1, 2, 8}) {
+      if (k > E) continue;
+      random_case<float, simd::scalar>(64, E, k, true, seed++, false);
+      random_case<double, simd::scalar>(7, E, k, false, seed++, true);
+      random_case<double>(64, E, k, true, seed++, false);
+      random_case<float>(64, E, k, k % 2 == 0, seed++, false, true);
+      random_case<float, simd::scalar>(64, E, k, true, seed++, false, true);
+    }
+  }
+  // (-inf, 0, -inf), k = 2: expert 1 (p = 1) then expert 0 (p = 0, the lower index among
+  // the ruled-out), weights (1, 0); entropy 0, not NaN.
+  Tensor<float> x({1, 3});
+  x(0, 0) = x(0, 2) = -std::numeric_limits<float>::infinity();
+  moe::TopKRouter<float> router({.num_experts = 3, .top_k = 2});
+  const auto plan = router.route(x.view<2>());
+  REQUIRE_NOTHROW(plan.check());
+  REQUIRE(plan.choice_expert[0] == 1);
+  REQUIRE(plan.choice_expert[1] == 0);
+  REQUIRE(plan.choice_weight[0] == 1.0f);
+  REQUIRE(plan.choice_weight[1] == 0.0f);
+  REQUIRE(plan.stats.entropy == 0.0);
+  REQUIRE(plan.stats.z_loss == 0.0);
 }
 
 TEST_CASE("TopKRouter: padding mask routes nothing and stats match the subset", "[moe][topk]") {

@@ -178,12 +178,16 @@ void softmax_scores(std::string_view router, ConstView<T, 2> logits, const Token
       for (std::int64_t e = 0; e < experts; ++e) acc[e] += p[e];
       // entropy = lse - sum_e p x, since log p = x - lse; four independent sums so
       // the adds are not one serial chain (fixed order: deterministic).
+      // A -inf logit (expert ruled out) has p = 0 and contributes 0, not 0 * -inf = NaN.
+      const auto p_log_term = [](T pe, T xe) {
+        return pe > T(0) ? static_cast<double>(pe) * static_cast<double>(xe) : 0.0;
+      };
       double px4[4] = {0, 0, 0, 0};
       std::int64_t e = 0;
       for (; e + 4 <= experts; e += 4) {
-        for (int j = 0; j < 4; ++j) px4[j] += static_cast<double>(p[e + j]) * x[e + j];
+        for (int j = 0; j < 4; ++j) px4[j] += p_log_term(p[e + j], x[e + j]);
       }
-      for (; e < experts; ++e) px4[0] += static_cast<double>(p[e]) * x[e];
+      for (; e < experts; ++e) px4[0] += p_log_term(p[e], x[e]);
       const double px = (px4[0] + px4[1]) + (px4[2] + px4[3]);
       acc[experts] += static_cast<double>(lse) * lse;
       acc[experts + 1] += static_cast<double>(lse) - px;
