@@ -4,6 +4,9 @@
 //
 // routing/T:   RoutingAttention::forward (normalise, route with C = round(sqrt(T))
 //              clusters of window w = T / C, gathered attention, scatter-mean).
+// routing_nearest/T: the same with RoutingSelection::nearest_centroid (each token in
+//              its nearest cluster, variable cluster sizes; cost grows with the
+//              largest clusters, max_cluster counter = largest cluster / (T / C)).
 // dense/T:     DenseAttention::forward on the same q (as keys) and v.
 // plan_full/T: PlanExecutor on full_plan (every query sees every key).
 // Counters: tokens/s (items_per_second) and x_dense = dense time / this time for the
@@ -13,6 +16,7 @@
 // Filter "/1024" selects the smallest case.
 #include <benchmark/benchmark.h>
 
+#include <algorithm>
 #include <chrono>
 #include <ctime>
 #include <map>
@@ -79,20 +83,33 @@ void BM_dense(benchmark::State& state) {
   set_counters(state, T, false);
 }
 
-void BM_routing(benchmark::State& state) {
+void run_routing(benchmark::State& state, RoutingSelection selection) {
   const std::int64_t T = state.range(0);
   ScopedNumThreads threads(1);
   Inputs in(T);
   const std::int64_t C = default_num_clusters(T);
-  const RoutingAttention<float> attn({.num_clusters = C, .window_size = T / C});
+  const RoutingAttention<float> attn(
+      {.num_clusters = C, .window_size = T / C, .selection = selection});
   const auto st = attn.init_state(in.q, {}, 1, 2);
   state.counters["clusters"] = double(C);
+  if (selection == RoutingSelection::nearest_centroid) {
+    const auto r = attn.route(in.q, {}, st);
+    std::int64_t largest = 0;
+    for (std::int64_t g = 0; g < r.plan.num_groups(); ++g)
+      largest = std::max<std::int64_t>(largest, std::int64_t(r.plan.queries(g).size()));
+    state.counters["max_cluster"] = double(largest) / double(T / C);
+  }
   for (auto _ : state) {
     attn.forward(in.q, in.v, st, in.out.view<4>());
     benchmark::DoNotOptimize(in.out.data());
     benchmark::ClobberMemory();
   }
   set_counters(state, T, true);
+}
+
+void BM_routing(benchmark::State& state) { run_routing(state, RoutingSelection::top_window); }
+void BM_routing_nearest(benchmark::State& state) {
+  run_routing(state, RoutingSelection::nearest_centroid);
 }
 
 void BM_plan_full(benchmark::State& state) {
@@ -114,6 +131,12 @@ void BM_plan_full(benchmark::State& state) {
 BENCHMARK(BM_dense)->Name("dense")->Arg(1024)->Arg(4096)->Arg(16384)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_routing)
     ->Name("routing")
+    ->Arg(1024)
+    ->Arg(4096)
+    ->Arg(16384)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_routing_nearest)
+    ->Name("routing_nearest")
     ->Arg(1024)
     ->Arg(4096)
     ->Arg(16384)
