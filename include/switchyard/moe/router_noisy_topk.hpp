@@ -47,9 +47,9 @@
 // logits (so the router runs in the shared benchmarks); details then leave
 // clean_logits empty (the input is the clean logits).
 // Errors: config_error naming "NoisyTopKRouter" for num_experts < 1, top_k outside
-// [1, E], noise_epsilon < 0 or not finite, loss_coef < 0 or not finite, NaN or
-// infinite logits (clean, or noisy in train); shape_error for x / w_gate / w_noise /
-// noise / logits / mask shapes.
+// [1, E], noise_epsilon < 0 or not finite, loss_coef < 0 or not finite, a NaN or
+// +inf logit or a row of only -inf (clean, or noisy in train); shape_error for x,
+// w_gate, w_noise, noise, logits and mask shapes.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -31,7 +31,8 @@
 // Masked tokens (TokenMask keep = 0) get no expert and count in no statistic,
 // loss or sparsity. T = 0 gives an empty plan with zero losses.
 // Errors: config_error (naming "ReluRouter") for num_experts < 1,
-// topk_for_target outside [1, E], NaN or infinite logits; shape_error for logits
+// topk_for_target outside [1, E], a NaN or +inf logit or a row of only -inf (its
+// logsumexp is not finite; a single -inf logit is simply inactive); shape_error for logits
 // not [T, E] or a mask not [T].
 //
 // L1Controller: the adaptive coefficient lambda of the L1 term, with its state
@@ -41,8 +42,8 @@
 //   else coeff /= multiplier (strict '<': a sparsity equal to the target lowers
 //   the coefficient), as the reference does once per iteration, after the step,
 //   from that iteration's sparsity; the iteration's loss uses the coefficient
-//   before the update. With several MoE layers or micro-batches the reference
-//   passes the mean of their sparsities.
+//   before the update. With several MoE layers or micro-batches, call update once
+//   per iteration with one value for all of them (e.g. their mean sparsity).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
