@@ -650,20 +650,27 @@ TEST_CASE("routing attention: 1 and 2 threads are bit-identical", "[routing][thr
   const std::int64_t B = 2, T = 256, H = 4, D = 32;
   const auto q = random_tensor({B, T, H, D}, 31);
   const auto v = random_tensor({B, T, H, D}, 32);
-  const RoutingAttention<float> attn({.window_size = 24, .causal = true});
-  const auto st = attn.init_state(q, {}, 1);
-  core::Tensor<float> o1(q.shape()), o2(q.shape());
-  double l1, l2;
-  {
-    ScopedNumThreads t(1);
-    l1 = attn.forward(q, v, st, o1);
+  const auto keep = random_mask(B * T, 33);
+  for (const auto sel : {RoutingSelection::top_window, RoutingSelection::nearest_centroid}) {
+    CAPTURE(int(sel));
+    const RoutingAttention<float> attn(
+        {.window_size = 24, .causal = true, .num_mem_kv = 1, .selection = sel});
+    const auto st = attn.init_state(q, {}, 1);
+    const auto mk = random_tensor({H, st.means.extent(1), 1, D}, 34);
+    const RoutingExtras<float> ex{.mem_key = mk, .mem_value = mk, .query_mask = keep};
+    core::Tensor<float> o1(q.shape()), o2(q.shape());
+    double l1, l2;
+    {
+      ScopedNumThreads t(1);
+      l1 = attn.forward(q, v, st, o1, ex);
+    }
+    {
+      ScopedNumThreads t(2);
+      l2 = attn.forward(q, v, st, o2, ex);
+    }
+    CHECK(l1 == l2);
+    CHECK(std::memcmp(o1.data(), o2.data(), sizeof(float) * std::size_t(o1.numel())) == 0);
   }
-  {
-    ScopedNumThreads t(2);
-    l2 = attn.forward(q, v, st, o2);
-  }
-  CHECK(l1 == l2);
-  CHECK(std::memcmp(o1.data(), o2.data(), sizeof(float) * std::size_t(o1.numel())) == 0);
 }
 
 TEST_CASE("routing attention errors name the layer, argument and shapes", "[routing][errors]") {
