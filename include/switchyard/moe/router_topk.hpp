@@ -44,10 +44,14 @@
 //
 // Cost: one vectorised softmax pass (core softmax_row, via detail::softmax_scores)
 // into a thread-local probability buffer that is reused across calls (T*E values
-// per calling thread, kept alive for the thread's lifetime), one top-k pass per
-// token (insertion buffer for k <= 8, selection above) straight into the plan's
-// [T, K] views, and a counting-sort CSR build. Token chunks are fixed
-// (detail::router_chunk), so plans are bit-identical for any thread count.
+// per calling thread, kept alive for the thread's lifetime), one top-k pass
+// straight into the plan's [T, K] views, and a counting-sort CSR build. The top-k
+// for k <= 8 on a SIMD arch runs one token per lane (detail::topk_lanes: a
+// branch-free sorted register list, L tokens at once from a transposed tile);
+// k > 8 or the scalar arch use core's row kernels (insertion, selection). Both
+// give core::topk's exact order. Token chunks are fixed (detail::router_chunk), so
+// plans are bit-identical for any thread count. Measured (1 thread, AVX-512,
+// -O2 -march=native): T = 4096, E = 64, k = 8 logits -> plan about 0.9 ms.
 #include <algorithm>
 #include <cstdint>
 #include <limits>
