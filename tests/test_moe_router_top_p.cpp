@@ -214,11 +214,12 @@ TEST_CASE("TopPRouter: padding mask", "[moe][top_p]") {
   moe::TopPRouter<float> router({.num_experts = E, .threshold = 0.7});
   const auto full = router.route(x.view<2>(), moe::TokenMask{keep});
   const auto part = router.route(sub.view<2>());
+  // Equal up to summation order (the sums may group tokens in blocks).
   REQUIRE(full.stats.tokens_per_expert == part.stats.tokens_per_expert);
   REQUIRE(full.nnz() == part.nnz());
-  REQUIRE(close(full.stats.aux_loss, part.stats.aux_loss, 1e-12));
-  REQUIRE(close(full.stats.z_loss, part.stats.z_loss, 1e-12));
-  REQUIRE(close(full.stats.entropy, part.stats.entropy, 1e-12));
+  REQUIRE(close(full.stats.aux_loss, part.stats.aux_loss, 1e-6));
+  REQUIRE(close(full.stats.z_loss, part.stats.z_loss, 1e-6));
+  REQUIRE(close(full.stats.entropy, part.stats.entropy, 1e-6));
   for (std::size_t i = 0; i < kept.size(); ++i)
     for (int j = 0; j < E; ++j)
       REQUIRE(full.choice_expert[kept[i] * E + j] == part.choice_expert[i * E + j]);

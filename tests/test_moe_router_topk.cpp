@@ -329,12 +329,13 @@ TEST_CASE("TopKRouter: padding mask routes nothing and stats match the subset", 
   const auto full = router.route(x.view<2>(), moe::TokenMask{keep});
   const auto part = router.route(sub.view<2>());
   REQUIRE(full.stats.routed_tokens == std::int64_t(kept.size()));
+  // Equal up to summation order (the sums may group tokens in blocks).
   REQUIRE(full.stats.tokens_per_expert == part.stats.tokens_per_expert);
   for (int e = 0; e < E; ++e)
-    REQUIRE(close(full.stats.mean_prob[e], part.stats.mean_prob[e], 1e-12));
-  REQUIRE(close(full.stats.aux_loss, part.stats.aux_loss, 1e-12));
-  REQUIRE(close(full.stats.z_loss, part.stats.z_loss, 1e-12));
-  REQUIRE(close(full.stats.entropy, part.stats.entropy, 1e-12));
+    REQUIRE(close(full.stats.mean_prob[e], part.stats.mean_prob[e], 1e-6));
+  REQUIRE(close(full.stats.aux_loss, part.stats.aux_loss, 1e-6));
+  REQUIRE(close(full.stats.z_loss, part.stats.z_loss, 1e-6));
+  REQUIRE(close(full.stats.entropy, part.stats.entropy, 1e-6));
   for (std::size_t i = 0; i < kept.size(); ++i) {
     for (int j = 0; j < k; ++j) {
       REQUIRE(full.choice_expert[kept[i] * k + j] == part.choice_expert[i * k + j]);
