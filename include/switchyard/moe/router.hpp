@@ -147,6 +147,26 @@ inline void check_positive_finite(std::string_view router, std::string_view arg,
 /// per-chunk partial sums added in chunk order give bit-identical statistics.
 inline constexpr std::int64_t router_chunk = 256;
 
+/// sum_e p[e] * max(x[e], lowest), vectorised in a fixed order (deterministic).
+template <class Arch, class T>
+double clamped_dot(const T* p, const T* x, std::int64_t n) noexcept {
+  const T lowest = std::numeric_limits<T>::lowest();
+  std::int64_t e = 0;
+  T dot(0);
+  if constexpr (!simd::is_scalar_v<Arch>) {
+    using B = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = B::size;
+    B d(T(0));
+    const B lo(lowest);
+    for (; e + L <= n; e += L) {
+      d = xsimd::fma(B::load_unaligned(p + e), xsimd::max(B::load_unaligned(x + e), lo), d);
+    }
+    dot = simd::hsum(d);
+  }
+  for (; e < n; ++e) dot += p[e] * std::max(x[e], lowest);
+  return static_cast<double>(dot);
+}
+
 /// probs [T*E] = row softmax of the routed tokens' logits (masked rows are 0),
 /// and the softmax statistics over routed tokens: stats.mean_prob, z_loss,
 /// entropy, routed_tokens. prob_sum [E] gets sum_t p[t,e]. Throws config_error
@@ -175,20 +195,12 @@ void softmax_scores(std::string_view router, ConstView<T, 2> logits, const Token
         if (acc[experts + 2] < 0) acc[experts + 2] = static_cast<double>(t);
         continue;
       }
-      for (std::int64_t e = 0; e < experts; ++e) acc[e] += p[e];
-      // entropy = lse - sum_e p x, since log p = x - lse; four independent sums so
-      // the adds are not one serial chain (fixed order: deterministic).
-      // A -inf logit (expert ruled out) has p = 0 and contributes 0, not 0 * -inf = NaN.
-      const auto p_log_term = [](T pe, T xe) {
-        return pe > T(0) ? static_cast<double>(pe) * static_cast<double>(xe) : 0.0;
-      };
-      double px4[4] = {0, 0, 0, 0};
-      std::int64_t e = 0;
-      for (; e + 4 <= experts; e += 4) {
-        for (int j = 0; j < 4; ++j) px4[j] += p_log_term(p[e + j], x[e + j]);
-      }
-      for (; e < experts; ++e) px4[0] += p_log_term(p[e], x[e]);
-      const double px = (px4[0] + px4[1]) + (px4[2] + px4[3]);
+      // entropy = lse - sum_e p x, since log p = x - lse. A -inf logit (expert ruled
+      // out) has p = 0; clamping x to the lowest finite value makes its term 0, not NaN.
+      // The probability sums stay in double so a token's contribution does not depend
+      // on which other tokens share its chunk (masked and unmasked runs agree).
+      for (std::int64_t e = 0; e < experts; ++e) acc[e] += static_cast<double>(p[e]);
+      const double px = clamped_dot<Arch>(p, x, experts);
       acc[experts] += static_cast<double>(lse) * lse;
       acc[experts + 1] += static_cast<double>(lse) - px;
     }
