@@ -12,6 +12,13 @@ if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   # (sanitize) build keeps these warnings on for our own code.
   target_compile_options(switchyard_dev_flags INTERFACE -Wno-maybe-uninitialized
                          -Wno-uninitialized -Wno-restrict)
+  # gcc 12.2 (Debian 12) miscompiles with AVX-512 targets (-march=native on this
+  # machine, x86-64-v4): its SLP vectoriser turned `std::vector<std::int64_t> w{2, 2, 0, 0}`
+  # into {2, 2, 2, 2} in a test. Our kernels vectorise explicitly (xsimd), so turning
+  # the SLP pass off costs them nothing. The README tells users about it.
+  if(CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
+    target_compile_options(switchyard_dev_flags INTERFACE -fno-tree-slp-vectorize)
+  endif()
 endif()
 if(SWITCHYARD_ARCH)
   target_compile_options(switchyard_dev_flags INTERFACE -march=${SWITCHYARD_ARCH})
