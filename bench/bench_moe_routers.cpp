@@ -1,0 +1,190 @@
+// Router comparison, the headline microbenchmark: every MoE router turns the same
+// logits [T, E] into a finished DispatchPlan (CSR runs, [T, K] views, statistics
+// and losses), 1 thread, in tokens/s. T in {512, 4096, 16384}, E in {8, 64, 256},
+// k in {1, 2, 8} where meaningful (k < E; GShard is top-2 only).
+//
+// Also in the same run, "naive_sort": what a straightforward implementation does
+// (softmax, a full argsort of each row, then a stable sort of all (expert, token)
+// pairs to group by expert), as the yardstick for "faster than an afternoon's code".
+//
+// Inputs: logits ~ N(0, 1), fixed seed. The ReLU router gets the same logits shifted
+// down so that about k/E of them are positive (the sparsity its L1 controller aims
+// for); expert choice gets capacity_factor = k, so it routes as many pairs as top-k.
+// Names: route/<router>/T:<T>/E:<E>/k:<k> (scripts/bench_chart.py reads them).
+// Smoke filter: --benchmark_filter='T:512/E:8/'
+#include <benchmark/benchmark.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <map>
+#include <numeric>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/rng.hpp"
+#include "switchyard/core/tensor.hpp"
+#include "switchyard/moe/router_capacity.hpp"
+#include "switchyard/moe/router_expert_choice.hpp"
+#include "switchyard/moe/router_gshard.hpp"
+#include "switchyard/moe/router_hash.hpp"
+#include "switchyard/moe/router_noisy_topk.hpp"
+#include "switchyard/moe/router_relu.hpp"
+#include "switchyard/moe/router_top_p.hpp"
+#include "switchyard/moe/router_topk.hpp"
+
+namespace {
+using switchyard::ConstView;
+using switchyard::Tensor;
+namespace moe = switchyard::moe;
+
+/// Logits ~ N(0, 1) per (T, E), made once and shared by every router.
+const Tensor<float>& logits_for(std::int64_t tokens, std::int64_t experts) {
+  static std::map<std::pair<std::int64_t, std::int64_t>, Tensor<float>> cache;
+  auto it = cache.find({tokens, experts});
+  if (it == cache.end()) {
+    Tensor<float> t({tokens, experts});
+    switchyard::core::fill_normal<float>(t.view<2>(), /*seed=*/2026, /*stream=*/7);
+    it = cache.emplace(std::make_pair(tokens, experts), std::move(t)).first;
+  }
+  return it->second;
+}
+
+/// The logits shifted so that about k/E of them are positive (ReLU routing's target).
+Tensor<float> shifted_for_relu(const Tensor<float>& logits, std::int64_t experts, std::int64_t k) {
+  std::vector<float> sorted(logits.begin(), logits.end());
+  const auto q = static_cast<std::size_t>(static_cast<double>(sorted.size()) *
+                                          (1.0 - static_cast<double>(k) / experts));
+  std::nth_element(sorted.begin(), sorted.begin() + q, sorted.end());
+  Tensor<float> out = logits;
+  for (auto& v : out) v -= sorted[q];
+  return out;
+}
+
+template <class Route>
+void run(benchmark::State& state, std::int64_t tokens, Route&& route) {
+  switchyard::ScopedNumThreads one(1);
+  moe::DispatchPlan<float> plan;
+  for (auto _ : state) {
+    route(plan);
+    benchmark::DoNotOptimize(plan.gate.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetItemsProcessed(state.iterations() * tokens);
+  state.counters["pairs/token"] =
+      tokens ? static_cast<double>(plan.nnz()) / static_cast<double>(tokens) : 0.0;
+}
+
+/// The yardstick: full argsort per row, then a stable sort of (expert, token) pairs.
+void naive_sort_route(ConstView<float, 2> logits, std::int64_t k, std::vector<float>& probs,
+                      std::vector<std::int32_t>& order,
+                      std::vector<std::pair<std::int32_t, std::int32_t>>& pairs,
+                      moe::DispatchPlan<float>& plan) {
+  const std::int64_t tokens = logits.extent(0), experts = logits.extent(1);
+  plan.reset(tokens, experts, k);
+  probs.resize(static_cast<std::size_t>(experts));
+  order.resize(static_cast<std::size_t>(experts));
+  pairs.clear();
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    const float* x = logits.data() + t * experts;
+    const float m = *std::max_element(x, x + experts);
+    float sum = 0;
+    for (std::int64_t e = 0; e < experts; ++e) sum += probs[e] = std::exp(x[e] - m);
+    for (auto& p : probs) p /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](std::int32_t a, std::int32_t b) { return probs[a] > probs[b]; });
+    for (std::int64_t s = 0; s < k; ++s) {
+      plan.choice_expert[t * k + s] = order[s];
+      plan.choice_weight[t * k + s] = probs[order[s]];
+      pairs.emplace_back(order[s], static_cast<std::int32_t>(t * k + s));
+    }
+  }
+  std::stable_sort(pairs.begin(), pairs.end(),
+                   [](const auto& a, const auto& b) { return a.first < b.first; });
+  plan.token_index.resize(pairs.size());
+  plan.slot.resize(pairs.size());
+  plan.gate.resize(pairs.size());
+  for (std::size_t i = 0; i < pairs.size(); ++i) {
+    const auto [e, ts] = pairs[i];
+    ++plan.expert_offsets[e + 1];
+    plan.token_index[i] = static_cast<std::int32_t>(ts / k);
+    plan.slot[i] = static_cast<std::int32_t>(ts % k);
+    plan.gate[i] = plan.choice_weight[ts];
+  }
+  for (std::int64_t e = 0; e < experts; ++e) plan.expert_offsets[e + 1] += plan.expert_offsets[e];
+}
+
+void register_shape(std::int64_t T, std::int64_t E, std::int64_t k) {
+  const std::string shape =
+      "/T:" + std::to_string(T) + "/E:" + std::to_string(E) + "/k:" + std::to_string(k);
+  const auto add = [&](const std::string& router, auto fn) {
+    benchmark::RegisterBenchmark(("route/" + router + shape).c_str(), fn)
+        ->Unit(benchmark::kMicrosecond);
+  };
+  add("topk_mixtral", [=](benchmark::State& s) {
+    const moe::TopKRouter<float> r({.num_experts = E, .top_k = k, .renormalize = true});
+    run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+  });
+  add("topk_olmoe", [=](benchmark::State& s) {
+    const moe::TopKRouter<float> r({.num_experts = E, .top_k = k, .renormalize = false});
+    run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+  });
+  add(k == 1 ? "switch_capacity" : "megatron_capacity", [=](benchmark::State& s) {
+    const moe::CapacityRouter<float> r({.num_experts = E, .top_k = k, .capacity_factor = 1.0});
+    run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+  });
+  if (k == 2) {
+    add("gshard_top2", [=](benchmark::State& s) {
+      const moe::GShardTop2Router<float> r({.num_experts = E});
+      run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+    });
+  }
+  add("expert_choice", [=](benchmark::State& s) {
+    const moe::ExpertChoiceRouter<float> r(
+        {.num_experts = E, .capacity_factor = static_cast<double>(k)});
+    run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+  });
+  add("relu", [=](benchmark::State& s) {
+    const moe::ReluRouter<float> r({.num_experts = E, .topk_for_target = k});
+    const Tensor<float> shifted = shifted_for_relu(logits_for(T, E), E, k);
+    run(s, T, [&](auto& plan) { r.route(shifted.view<2>(), plan); });
+  });
+  add("noisy_topk_eval", [=](benchmark::State& s) {
+    const moe::NoisyTopKRouter<float> r({.num_experts = E, .top_k = k});
+    run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+  });
+  add("top_p", [=](benchmark::State& s) {
+    const moe::TopPRouter<float> r({.num_experts = E, .threshold = 0.5, .max_experts = k});
+    run(s, T, [&](auto& plan) { r.route(logits_for(T, E).view<2>(), plan); });
+  });
+  add("hash", [=](benchmark::State& s) {
+    const moe::HashRouter<float> r({.num_experts = E, .top_k = k});
+    std::vector<std::int64_t> ids(static_cast<std::size_t>(T));
+    const switchyard::core::Rng rng(2026, 9);
+    for (std::int64_t t = 0; t < T; ++t) ids[t] = static_cast<std::int64_t>(rng.uint64(t) % 50257);
+    run(s, T, [&](auto& plan) { r.route(ids, plan); });
+  });
+  add("naive_sort", [=](benchmark::State& s) {
+    std::vector<float> probs;
+    std::vector<std::int32_t> order;
+    std::vector<std::pair<std::int32_t, std::int32_t>> pairs;
+    run(s, T, [&](auto& plan) {
+      naive_sort_route(logits_for(T, E).view<2>(), k, probs, order, pairs, plan);
+    });
+  });
+}
+
+const bool registered = [] {
+  for (std::int64_t T : {512, 4096, 16384}) {
+    for (std::int64_t E : {8, 64, 256}) {
+      for (std::int64_t k : {1, 2, 8}) {
+        if (k < E) register_shape(T, E, k);
+      }
+    }
+  }
+  return true;
+}();
+
+}  // namespace
