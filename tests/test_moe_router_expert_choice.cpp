@@ -237,6 +237,54 @@ TEST_CASE("ExpertChoiceRouter matches a naive double reference on random logits"
   check_against_reference(plan, reference(as_double(logits), T, E, 2.0, 0, {}), E, 2e-6);
 }
 
+TEST_CASE("ExpertChoiceRouter: large capacities with many ties match the naive reference",
+          "[moe][router][expert_choice][property][ties]") {
+  // Every row is a copy of one of 6 random rows, so each expert's probabilities
+  // take 6 values and the c-th largest is tied with many tokens; c is set through
+  // min_capacity (cf tiny): T/2, T - 1, T and, with a mask, all routed tokens.
+  const std::int64_t T = 420, E = 70;
+  for (int precision = 0; precision < 2; ++precision) {
+    const auto base = test_support::random_tensor<double>({6, E}, 77, 1.5);
+    Tensor<double> logits({T, E});
+    std::mt19937 gen(5);
+    for (std::int64_t t = 0; t < T; ++t) {
+      const std::int64_t b = gen() % 6;
+      for (std::int64_t e = 0; e < E; ++e) logits(t, e) = base(b, e);
+    }
+    std::vector<std::uint8_t> keep(T);
+    for (auto& v : keep) v = gen() % 4 != 0;
+    const std::int64_t kept = std::count(keep.begin(), keep.end(), std::uint8_t{1});
+    for (const std::int64_t c : {T / 2, T - 1, T, kept}) {
+      const bool masked = c == kept;
+      const std::vector<std::uint8_t> m = masked ? keep : std::vector<std::uint8_t>{};
+      INFO("precision=" << precision << " c=" << c << " masked=" << masked);
+      const auto ref = reference(as_double(logits), T, E, 1e-9, c, m);
+      REQUIRE(ref.capacity == c);
+      if (precision == 0) {
+        const ExpertChoiceRouter<double> router(
+            {.num_experts = E, .capacity_factor = 1e-9, .min_capacity = c});
+        check_against_reference(router.route(logits, TokenMask{m}), ref, E, 1e-12);
+      } else {
+        Tensor<float> lf({T, E});
+        std::copy(logits.begin(), logits.end(), lf.begin());
+        const ExpertChoiceRouter<float> router(
+            {.num_experts = E, .capacity_factor = 1e-9, .min_capacity = c});
+        DispatchPlan<float> one, two;
+        {
+          switchyard::ScopedNumThreads threads(1);
+          router.route(lf, one, TokenMask{m});
+        }
+        {
+          switchyard::ScopedNumThreads threads(2);
+          router.route(lf, two, TokenMask{m});
+        }
+        check_against_reference(one, reference(as_double(lf), T, E, 1e-9, c, m), E, 2e-6);
+        require_identical(one, two);
+      }
+    }
+  }
+}
+
 TEST_CASE("ExpertChoiceRouter: masked tokens are never taken and count nowhere",
           "[moe][router][expert_choice][mask]") {
   const std::int64_t T = 200, E = 6;

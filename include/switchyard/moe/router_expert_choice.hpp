@@ -29,16 +29,25 @@
 // moe_softmax_order = 'softmax_topk' (the 'topk_softmax' variant is not provided).
 //
 // Cost: one vectorised softmax pass (detail::softmax_scores) into a thread-local
-// buffer reused across calls; then, in fixed blocks of 64 experts (parallel over
-// blocks), one scan of the routed tokens in index order keeping per expert a
-// buffer of 2c candidates (a compare against the c-th best so far rejects most
-// tokens; a full buffer is cut back to its c best by nth_element, so the worst
-// case, increasing probabilities, is O(T) per expert); and a
-// serial pass over the E*c entries for the token-side views. Bit-identical for
-// any thread count.
+// buffer reused across calls; then, in one block of experts per thread (at least
+// 16 experts each; parallel over blocks), a threshold select instead of a sort. Probabilities are
+// >= 0, so their bit patterns (sign cleared) order like unsigned integers: pass 1 over the routed
+// rows builds per expert a histogram of the top 11 key bits and finds the bin that
+// holds the c-th largest; pass 2, in token order, keeps every token at or above
+// that bin (c plus the bin's few extra); nth_element on the bin's keys gives the
+// exact c-th value thr; the run is then the tokens with p > thr plus the first
+// (in token order) with p == thr, already sorted by token. O(T) per expert for
+// any c and any ties. A serial pass over the E*c entries builds the token-side
+// views. Each expert's run is computed on its own, so the plan is bit-identical
+// for any thread count and block split.
 #include <algorithm>
+#include <bit>
+#include <cstddef>
 #include <cstdint>
+#include <cstring>
+#include <functional>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "switchyard/core/error.hpp"
@@ -61,6 +70,10 @@ struct ExpertChoiceRouterConfig {
 
 namespace detail {
 
+/// Unsigned integer with the width of T: the selection key of a probability.
+template <class T>
+using ExpertChoiceKey = std::conditional_t<sizeof(T) == 4, std::uint32_t, std::uint64_t>;
+
 /// Per-thread buffers of ExpertChoiceRouter, reused across calls.
 template <class T>
 struct ExpertChoiceScratch {
@@ -68,17 +81,41 @@ struct ExpertChoiceScratch {
   std::vector<double> prob_sum;
   std::vector<std::int32_t> rows;   // [R] token id of each routed row
   std::vector<std::int32_t> taken;  // [T] experts that took each token so far
+  // Selection of one block of experts (per thread: blocks may run in parallel).
+  std::vector<std::uint32_t> hist;           // [w, bins] key histograms (padded rows)
+  std::vector<std::uint32_t> bound;          // [w] boundary bin
+  std::vector<std::int64_t> need;            // [w] tokens still wanted from it
+  std::vector<ExpertChoiceKey<T>> lowest;    // [w] smallest key of the boundary bin
+  std::vector<std::int64_t> begin, end;      // [w + 1], [w] candidate ranges
+  std::vector<std::int32_t> cand_token;      // per expert: tokens at or above the bin
+  std::vector<T> cand_value;                 // ... and their probabilities
+  std::vector<ExpertChoiceKey<T>> bin_keys;  // keys of one expert's boundary bin
 };
 
-/// A candidate of an expert's top-c: its probability and token.
+/// Fewest experts per selection task (each streams twice over its columns of the
+/// probabilities; narrow column slices read whole cache lines for little work).
+inline constexpr std::int64_t expert_choice_min_block = 16;
+/// Histogram bins per expert (top 11 bits of the key): 2048 * 4 B * 64 experts is 512 KiB,
+/// but softmax outputs span few octaves, so the bins in use stay in L1.
+inline constexpr int expert_choice_bin_bits = 11;
+
+/// The order key of a probability p >= 0: its bits with the sign cleared (so -0 == +0),
+/// which order like p itself.
 template <class T>
-struct ScoredToken {
-  T value;
-  std::int32_t token;
-};
+inline ExpertChoiceKey<T> expert_choice_key(T p) noexcept {
+  static_assert(sizeof(T) == 4 || sizeof(T) == 8, "ExpertChoiceRouter: float or double");
+  using Key = ExpertChoiceKey<T>;
+  return std::bit_cast<Key>(p) & (~Key{0} >> 1);
+}
 
-/// Experts per selection task: each task streams once over its columns of the probabilities.
-inline constexpr std::int64_t expert_choice_block = 64;
+/// Histogram bin of a key: skips the sign bit and the top exponent bit (0 for p < 2),
+/// then takes 11 bits; anything larger is clamped into the top bin (never for p <= 1).
+template <class T>
+inline std::uint32_t expert_choice_bin(ExpertChoiceKey<T> key) noexcept {
+  constexpr int shift = 8 * static_cast<int>(sizeof(T)) - 2 - expert_choice_bin_bits;
+  constexpr ExpertChoiceKey<T> top = (ExpertChoiceKey<T>{1} << expert_choice_bin_bits) - 1;
+  return static_cast<std::uint32_t>(std::min(key >> shift, top));
+}
 
 template <class T>
 ExpertChoiceScratch<T>& expert_choice_scratch() {
@@ -130,10 +167,8 @@ class ExpertChoiceRouter {
       if (mask.routed(t)) s.rows[r++] = static_cast<std::int32_t>(t);
     }
 
-    // Each expert's run: its c best tokens, in token order. Experts go in fixed
-    // blocks of 64 (one pass over the probabilities for E <= 64); tokens come
-    // in index order and (value, token) pairs are ranked by value descending, then
-    // token ascending.
+    // Each expert's run: its c best tokens, in token order, (value, token) ranked
+    // by value descending, then token ascending.
     const std::int64_t nnz = experts * c;
     for (std::int64_t e = 0; e <= experts; ++e) plan.expert_offsets[e] = e * c;
     plan.token_index.resize(static_cast<std::size_t>(nnz));
@@ -142,9 +177,14 @@ class ExpertChoiceRouter {
     if (c > 0) {
       const T* probs = s.probs.data();
       const std::int32_t* rows = s.rows.data();
-      parallel_for(num_chunks(experts, detail::expert_choice_block), [&](std::int64_t b) {
-        const std::int64_t e0 = b * detail::expert_choice_block;
-        const std::int64_t w = std::min(experts, e0 + detail::expert_choice_block) - e0;
+      // Each expert's run depends on nothing else, so the split over threads cannot
+      // change the plan; whole rows stream best, so one block per thread.
+      const std::int64_t tasks = std::clamp<std::int64_t>(
+          num_threads(), 1, num_chunks(experts, detail::expert_choice_min_block));
+      const std::int64_t width = num_chunks(experts, tasks);
+      parallel_for(num_chunks(experts, width), [&](std::int64_t b) {
+        const std::int64_t e0 = b * width;
+        const std::int64_t w = std::min(experts, e0 + width) - e0;
         if (c == routed) {  // every routed token
           for (std::int64_t j = 0; j < w; ++j) {
             for (std::int64_t r = 0; r < routed; ++r) {
@@ -154,51 +194,7 @@ class ExpertChoiceRouter {
           }
           return;
         }
-        using Entry = detail::ScoredToken<T>;
-        const auto better = [](const Entry& a, const Entry& b) {
-          return a.value > b.value || (a.value == b.value && a.token < b.token);
-        };
-        // Per expert a buffer of 2c candidates; the first c routed tokens fill it,
-        // `worst` is the value of the c-th best kept so far. When the buffer is
-        // full, nth_element keeps the c best and raises `worst`.
-        const std::int64_t cap2 = 2 * c;
-        std::vector<Entry> buffers(static_cast<std::size_t>(w * cap2));
-        std::int64_t size[detail::expert_choice_block];
-        T worst[detail::expert_choice_block];
-        for (std::int64_t j = 0; j < w; ++j) {
-          size[j] = c;
-          worst[j] = probs[std::int64_t{rows[0]} * experts + e0 + j];
-        }
-        for (std::int64_t r = 0; r < c; ++r) {
-          const T* p = probs + std::int64_t{rows[r]} * experts + e0;
-          for (std::int64_t j = 0; j < w; ++j) {
-            buffers[j * cap2 + r] = {p[j], rows[r]};
-            worst[j] = std::min(worst[j], p[j]);
-          }
-        }
-        for (std::int64_t r = c; r < routed; ++r) {
-          const T* p = probs + std::int64_t{rows[r]} * experts + e0;
-          for (std::int64_t j = 0; j < w; ++j) {
-            // A later token equal to the worst kept value loses (higher index).
-            if (!(p[j] > worst[j])) continue;
-            Entry* buf = buffers.data() + j * cap2;
-            buf[size[j]++] = {p[j], rows[r]};
-            if (size[j] == cap2) {
-              std::nth_element(buf, buf + (c - 1), buf + cap2, better);
-              size[j] = c;
-              worst[j] = buf[c - 1].value;
-            }
-          }
-        }
-        for (std::int64_t j = 0; j < w; ++j) {
-          Entry* buf = buffers.data() + j * cap2;
-          if (size[j] > c) std::nth_element(buf, buf + (c - 1), buf + size[j], better);
-          std::sort(buf, buf + c, [](const Entry& a, const Entry& x) { return a.token < x.token; });
-          for (std::int64_t i = 0; i < c; ++i) {
-            plan.token_index[(e0 + j) * c + i] = buf[i].token;
-            plan.gate[(e0 + j) * c + i] = buf[i].value;
-          }
-        }
+        select_block(probs, rows, routed, e0, w, c, plan);
       });
     }
 
@@ -230,6 +226,115 @@ class ExpertChoiceRouter {
   }
 
  private:
+  /// Runs of experts [e0, e0 + w), 0 < c < routed: the threshold select described
+  /// at the top of this file, into plan.token_index / plan.gate.
+  static void select_block(const T* probs, const std::int32_t* rows, std::int64_t routed,
+                           std::int64_t e0, std::int64_t w, std::int64_t c, DispatchPlan<T>& plan) {
+    using Key = detail::ExpertChoiceKey<T>;
+    constexpr std::int64_t bins = std::int64_t{1} << detail::expert_choice_bin_bits;
+    // One cache line of padding per histogram: at 8 KiB apart the experts' hot bins
+    // would all fall into the same cache sets.
+    constexpr std::int64_t stride = bins + 64 / sizeof(std::uint32_t);
+    const std::int64_t experts = plan.num_experts;
+    auto& ws = detail::expert_choice_scratch<T>();  // this thread's (not the caller's probs)
+
+    // Pass 1: per expert, a histogram of the key bins over the routed tokens.
+    ws.hist.assign(static_cast<std::size_t>(w * stride), 0);
+    std::uint32_t* hist = ws.hist.data();
+    for (std::int64_t r = 0; r < routed; ++r) {
+      const T* p = probs + std::int64_t{rows[r]} * experts + e0;
+      for (std::int64_t j = 0; j < w; ++j) {
+        ++hist[j * stride + detail::expert_choice_bin<T>(detail::expert_choice_key(p[j]))];
+      }
+    }
+
+    // Per expert the boundary bin: the one holding the c-th largest key. Tokens in
+    // higher bins are all taken; `need` more come from the boundary bin.
+    ws.bound.resize(static_cast<std::size_t>(w));
+    ws.need.resize(static_cast<std::size_t>(w));
+    ws.lowest.resize(static_cast<std::size_t>(w));
+    ws.begin.resize(static_cast<std::size_t>(w + 1));
+    ws.end.resize(static_cast<std::size_t>(w));
+    ws.begin[0] = 0;
+    for (std::int64_t j = 0; j < w; ++j) {
+      const std::uint32_t* h = hist + j * stride;
+      std::int64_t above = 0, b = bins - 1;
+      while (above + h[b] < c) above += h[b--];  // ends: the bins sum to routed >= c
+      ws.bound[j] = static_cast<std::uint32_t>(b);
+      ws.lowest[j] = Key(b) << (8 * sizeof(T) - 2 - detail::expert_choice_bin_bits);
+      ws.need[j] = c - above;
+      ws.begin[j + 1] = ws.begin[j] + above + h[b];  // every token at or above the bin
+    }
+
+    // Pass 2, tokens in order: each expert keeps the tokens at or above its
+    // boundary bin; most tokens are below it.
+    ws.cand_token.resize(static_cast<std::size_t>(ws.begin[w]));
+    ws.cand_value.resize(static_cast<std::size_t>(ws.begin[w]));
+    std::int32_t* cand_token = ws.cand_token.data();
+    T* cand_value = ws.cand_value.data();
+    const Key* lowest = ws.lowest.data();
+    std::int64_t* end = ws.end.data();
+    std::copy(ws.begin.begin(), ws.begin.begin() + w, end);
+    for (std::int64_t r = 0; r < routed; ++r) {
+      const std::int32_t token = rows[r];
+      const T* p = probs + std::int64_t{token} * experts + e0;
+      std::int64_t j0 = 0;
+      for (; j0 + 64 <= w; j0 += 64) {
+        // 64 experts at once: a 0/1 byte per expert (a fixed-length loop, which
+        // vectorises), then only the set bytes, 8 at a time, are visited.
+        alignas(64) std::uint8_t above[64];
+        for (int j = 0; j < 64; ++j) {
+          above[j] = detail::expert_choice_key(p[j0 + j]) >= lowest[j0 + j];
+        }
+        for (int q = 0; q < 64; q += 8) {
+          std::uint64_t bytes;
+          std::memcpy(&bytes, above + q, 8);
+          for (; bytes != 0; bytes &= bytes - 1) {  // each set byte holds just bit 0
+            const std::int64_t j = j0 + q + std::countr_zero(bytes) / 8;
+            cand_token[end[j]] = token;
+            cand_value[end[j]] = p[j];
+            ++end[j];
+          }
+        }
+      }
+      for (std::int64_t j = j0; j < w; ++j) {
+        if (detail::expert_choice_key(p[j]) >= lowest[j]) {
+          cand_token[end[j]] = token;
+          cand_value[end[j]] = p[j];
+          ++end[j];
+        }
+      }
+    }
+
+    // Per expert: thr = the need-th largest key of the boundary bin; the run is
+    // every candidate above thr and the first (in token order) equal to it.
+    for (std::int64_t j = 0; j < w; ++j) {
+      auto& keys = ws.bin_keys;
+      keys.clear();
+      for (std::int64_t i = ws.begin[j]; i < end[j]; ++i) {
+        const Key k = detail::expert_choice_key(cand_value[i]);
+        if (detail::expert_choice_bin<T>(k) == ws.bound[j]) keys.push_back(k);
+      }
+      const auto nth = keys.begin() + (ws.need[j] - 1);
+      std::nth_element(keys.begin(), nth, keys.end(), std::greater<Key>());
+      const Key thr = *nth;
+      // Keys before nth are >= thr, after it <= thr: all those above thr are before it.
+      std::int64_t ties =
+          ws.need[j] - std::count_if(keys.begin(), nth, [&](Key k) { return k > thr; });
+      std::int32_t* out_token = plan.token_index.data() + (e0 + j) * c;
+      T* out_gate = plan.gate.data() + (e0 + j) * c;
+      std::int64_t n = 0;
+      for (std::int64_t i = ws.begin[j]; i < end[j]; ++i) {
+        const Key k = detail::expert_choice_key(cand_value[i]);
+        if (k > thr || (k == thr && ties-- > 0)) {
+          out_token[n] = cand_token[i];
+          out_gate[n] = cand_value[i];
+          ++n;
+        }
+      }
+    }
+  }
+
   ExpertChoiceRouterConfig config_;
 };
 
