@@ -47,8 +47,9 @@
 //
 // Cost: one vectorised softmax pass (detail::softmax_scores) into a
 // thread-local buffer reused across calls, one top-k pass per token over fixed
-// token chunks (k <= 8: a branch-free compare-exchange list run on SIMD lanes,
-// one token per lane; larger k: core selection), a counting sort
+// token chunks (k <= 8: kernels::topk_lanes of core/simd/topk_lanes.hpp, a
+// branch-free compare-exchange list run on SIMD lanes, one token per lane;
+// larger k: core selection), a counting sort
 // of the assignments by expert, a threshold selection (nth_element) for each
 // expert over capacity, and the CSR build. Bit-identical for any thread count.
 #include <algorithm>
@@ -64,6 +65,7 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/topk_lanes.hpp"
 #include "switchyard/core/topk.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/moe/losses.hpp"
@@ -108,125 +110,6 @@ template <class T>
 CapacityScratch<T>& capacity_scratch() {
   thread_local CapacityScratch<T> s;
   return s;
-}
-
-/// Top-K of L rows at once (L = lanes of T on Arch), one row per lane. tile:
-/// [n][L] (entry e of the L rows at tile + e*L), no NaN; 1 <= K <= n. Out:
-/// val[j*L + l], idx[j*L + l] = the j-th best of row l, in core::topk's order
-/// (value descending, then index ascending). Each entry, in index order, is
-/// pushed down a sorted register list by compare-exchange; the list starts at
-/// (-inf, index n), below every real entry, -inf included. Branch-free.
-template <int K, class Arch, class T>
-void capacity_topk_lanes(Arch, const T* tile, std::int64_t n, T* val, T* idx) noexcept {
-  using B = xsimd::batch<T, Arch>;
-  constexpr std::int64_t L = B::size;
-  B v[K], vi[K];
-  for (int j = 0; j < K; ++j) {
-    v[j] = B(-std::numeric_limits<T>::infinity());
-    vi[j] = B(static_cast<T>(n));
-  }
-  for (std::int64_t e = 0; e < n; ++e) {
-    B x = B::load_unaligned(tile + e * L);
-    B xi(static_cast<T>(e));
-    for (int j = 0; j < K; ++j) {
-      const auto ahead = (x > v[j]) | ((x == v[j]) & (xi < vi[j]));
-      const B keep_v = xsimd::select(ahead, x, v[j]), pass_v = xsimd::select(ahead, v[j], x);
-      const B keep_i = xsimd::select(ahead, xi, vi[j]), pass_i = xsimd::select(ahead, vi[j], xi);
-      v[j] = keep_v;
-      x = pass_v;
-      vi[j] = keep_i;
-      xi = pass_i;
-    }
-  }
-  for (int j = 0; j < K; ++j) {
-    v[j].store_unaligned(val + j * L);
-    vi[j].store_unaligned(idx + j * L);
-  }
-}
-
-/// For each routed row t in [t0, t1) of src (row t at src + t * row_stride, n
-/// entries, no NaN in routed rows), the k largest entries best first (ties to
-/// the lower index): visit(t, index_of, value_of) with index_of(j), value_of(j)
-/// for j < k. SIMD lanes path for k <= 8 (rows transposed L at a time into a
-/// thread-local tile), else the core row kernels. Same result on every path.
-template <class T, class Arch, class Visit>
-void capacity_topk_rows(const T* src, std::int64_t row_stride, std::int64_t t0, std::int64_t t1,
-                        std::int64_t n, std::int64_t k, const TokenMask& mask, Visit&& visit) {
-  if constexpr (!simd::is_scalar_v<Arch>) {
-    if (k <= 8 && n < (std::int64_t{1} << std::numeric_limits<T>::digits)) {
-      constexpr std::int64_t L = simd::lanes_v<T, Arch>;
-      thread_local std::vector<T> tile_buf;
-      tile_buf.resize(static_cast<std::size_t>(n * L));
-      T* tile = tile_buf.data();
-      alignas(64) T val[8 * L];
-      alignas(64) T idx[8 * L];
-      for (std::int64_t t = t0; t < t1; t += L) {
-        const std::int64_t rows = std::min<std::int64_t>(L, t1 - t);
-        for (std::int64_t l = 0; l < L; ++l) {
-          const bool real = l < rows && mask.routed(t + l);  // masked rows may hold NaN
-          const T* p = src + (t + l) * row_stride;
-          for (std::int64_t e = 0; e < n; ++e) tile[e * L + l] = real ? p[e] : T(0);
-        }
-        switch (k) {
-          case 1:
-            capacity_topk_lanes<1>(Arch{}, tile, n, val, idx);
-            break;
-          case 2:
-            capacity_topk_lanes<2>(Arch{}, tile, n, val, idx);
-            break;
-          case 3:
-            capacity_topk_lanes<3>(Arch{}, tile, n, val, idx);
-            break;
-          case 4:
-            capacity_topk_lanes<4>(Arch{}, tile, n, val, idx);
-            break;
-          case 5:
-            capacity_topk_lanes<5>(Arch{}, tile, n, val, idx);
-            break;
-          case 6:
-            capacity_topk_lanes<6>(Arch{}, tile, n, val, idx);
-            break;
-          case 7:
-            capacity_topk_lanes<7>(Arch{}, tile, n, val, idx);
-            break;
-          default:
-            capacity_topk_lanes<8>(Arch{}, tile, n, val, idx);
-            break;
-        }
-        for (std::int64_t l = 0; l < rows; ++l) {
-          if (!mask.routed(t + l)) continue;
-          visit(
-              t + l, [&](std::int64_t j) { return static_cast<std::int64_t>(idx[j * L + l]); },
-              [&](std::int64_t j) { return val[j * L + l]; });
-        }
-      }
-      return;
-    }
-  }
-  std::int64_t ix_small[8];
-  T vx_small[8];
-  std::vector<std::int64_t> ix_big;
-  std::vector<T> vx_big;
-  std::vector<std::pair<T, std::int64_t>> select_scratch;
-  if (k > 8) {
-    ix_big.resize(static_cast<std::size_t>(k));
-    vx_big.resize(static_cast<std::size_t>(k));
-  }
-  std::int64_t* ix = k > 8 ? ix_big.data() : ix_small;
-  T* vx = k > 8 ? vx_big.data() : vx_small;
-  for (std::int64_t t = t0; t < t1; ++t) {
-    if (!mask.routed(t)) continue;
-    const T* p = src + t * row_stride;
-    if (k == 1) {
-      kernels::argmax_row(p, n, ix, vx);
-    } else if (k <= 8) {
-      kernels::topk_row_insertion(p, n, k, ix, vx);
-    } else {
-      kernels::topk_row_select(p, n, k, ix, vx, select_scratch);
-    }
-    visit(
-        t, [&](std::int64_t j) { return ix[j]; }, [&](std::int64_t j) { return vx[j]; });
-  }
 }
 
 /// Marks keep[entries[j]] = 0 for all but the `cap` entries with the largest
@@ -310,8 +193,10 @@ class CapacityRouter {
     const std::int64_t row_stride = pre ? experts : logits.stride(0);
     parallel_for(num_chunks(tokens, detail::router_chunk), [&](std::int64_t c) {
       const std::int64_t t0 = c * detail::router_chunk;
-      detail::capacity_topk_rows<T, Arch>(
-          src, row_stride, t0, std::min(tokens, t0 + detail::router_chunk), experts, k, mask,
+      // Masked rows read as 0 (their logits may hold NaN) and are not visited.
+      kernels::topk_rows_lanes<T, Arch>(
+          src, row_stride, t0, std::min(tokens, t0 + detail::router_chunk), experts, k,
+          [&](std::int64_t t) { return mask.routed(t); },
           [&](std::int64_t t, auto&& index_of, auto&& value_of) {
             std::int32_t* ce = choice + t * k;
             T* cw = weight + t * k;

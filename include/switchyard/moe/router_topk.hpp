@@ -46,8 +46,9 @@
 // into a thread-local probability buffer that is reused across calls (T*E values
 // per calling thread, kept alive for the thread's lifetime), one top-k pass
 // straight into the plan's [T, K] views, and a counting-sort CSR build. The top-k
-// for k <= 8 on a SIMD arch runs one token per lane (detail::topk_lanes: a
-// branch-free sorted register list, L tokens at once from a transposed tile);
+// for k <= 8 on a SIMD arch runs one token per lane (kernels::topk_lanes in
+// core/simd/topk_lanes.hpp: a branch-free sorted register list, L tokens at once
+// from a transposed tile);
 // k > 8 or the scalar arch use core's row kernels (insertion, selection). Both
 // give core::topk's exact order. Token chunks are fixed (detail::router_chunk), so
 // plans are bit-identical for any thread count. Measured (1 thread, AVX-512,
@@ -63,6 +64,7 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/topk_lanes.hpp"
 #include "switchyard/core/topk.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/moe/losses.hpp"
@@ -107,138 +109,17 @@ TopKRouterScratch<T>& topk_router_scratch() {
   return s;
 }
 
-/// Top-K of L rows at once (L = lanes of T on Arch), one row per lane.
-/// tile: [n][L] (column e of the L rows at tile + e*L), entries >= 0 and finite
-/// (probabilities); 1 <= K <= n. Out: val[j*L + l], idx[j*L + l] = j-th best of
-/// row l. Each new entry e (in index order) is pushed down a sorted register list
-/// of K by compare-exchange on (value descending, index ascending): core::topk's
-/// order, so equal values keep the lower index first. Branch-free: K compare
-/// steps and 4 blends per entry, for L rows at once.
-template <int K, class Arch, class T>
-void topk_lanes(Arch, const T* tile, std::int64_t n, T* val, T* idx) noexcept {
-  using B = xsimd::batch<T, Arch>;
-  constexpr std::int64_t L = B::size;
-  B v[K], vi[K];
-  for (int j = 0; j < K; ++j) {
-    v[j] = B(T(-1));  // below every probability, so all K slots fill with real entries
-    vi[j] = B(T(0));
-  }
-  for (std::int64_t e = 0; e < n; ++e) {
-    B x = B::load_unaligned(tile + e * L);
-    B xi(static_cast<T>(e));
-    for (int j = 0; j < K; ++j) {
-      // x goes ahead if larger, or equal with a lower index (a displaced entry
-      // moving down can meet an equal entry of higher index).
-      const auto gt = (x > v[j]) | ((x == v[j]) & (xi < vi[j]));
-      const B keep_v = xsimd::select(gt, x, v[j]), pass_v = xsimd::select(gt, v[j], x);
-      const B keep_i = xsimd::select(gt, xi, vi[j]), pass_i = xsimd::select(gt, vi[j], xi);
-      v[j] = keep_v;
-      x = pass_v;
-      vi[j] = keep_i;
-      xi = pass_i;
-    }
-  }
-  for (int j = 0; j < K; ++j) {
-    v[j].store_unaligned(val + j * L);
-    vi[j].store_unaligned(idx + j * L);
-  }
-}
-
-template <class Arch, class T>
-void topk_lanes(Arch arch, std::int64_t k, const T* tile, std::int64_t n, T* val, T* idx) noexcept {
-  switch (k) {
-    case 1:
-      topk_lanes<1>(arch, tile, n, val, idx);
-      break;
-    case 2:
-      topk_lanes<2>(arch, tile, n, val, idx);
-      break;
-    case 3:
-      topk_lanes<3>(arch, tile, n, val, idx);
-      break;
-    case 4:
-      topk_lanes<4>(arch, tile, n, val, idx);
-      break;
-    case 5:
-      topk_lanes<5>(arch, tile, n, val, idx);
-      break;
-    case 6:
-      topk_lanes<6>(arch, tile, n, val, idx);
-      break;
-    case 7:
-      topk_lanes<7>(arch, tile, n, val, idx);
-      break;
-    default:
-      topk_lanes<8>(arch, tile, n, val, idx);
-      break;
-  }
-}
-
-/// For each routed row t in [t0, t1) of probs [T, E] (entries >= 0, finite), the
-/// k largest entries best first, ties to the lower index (core::topk's order):
-/// calls visit(t, index_of, value_of) with index_of(j), value_of(j) for j < k.
-/// Lanes path (SIMD Arch, k <= 8): L rows at a time through topk_lanes on a
-/// transposed tile (thread-local, reused); otherwise the core row kernels.
+/// For each routed row t in [t0, t1) of probs [T, E], the k largest entries best
+/// first, ties to the lower index (core::topk's order): calls visit(t, index_of,
+/// value_of) with index_of(j) (std::int32_t), value_of(j) for j < k. The lane
+/// top-k of core/simd/topk_lanes.hpp (kernels::topk_rows_lanes): SIMD Arch and
+/// k <= 8, L rows at a time on a transposed thread-local tile; else core's row kernels.
 template <class T, class Arch, class Visit>
 void for_each_topk_row(const T* probs, std::int64_t t0, std::int64_t t1, std::int64_t experts,
                        std::int64_t k, const TokenMask& mask, Visit&& visit) {
-  constexpr bool lanes_path = !simd::is_scalar_v<Arch>;
-  // Index exactly representable in T for the lanes path (always true in practice).
-  const bool small_index = experts < (std::int64_t{1} << std::numeric_limits<T>::digits);
-  if constexpr (lanes_path) {
-    if (k <= 8 && small_index) {
-      constexpr std::int64_t L = simd::lanes_v<T, Arch>;
-      thread_local std::vector<T> tile_buf;
-      tile_buf.resize(static_cast<std::size_t>(experts * L));
-      T* tile = tile_buf.data();
-      alignas(64) T val[8 * L];
-      alignas(64) T idx[8 * L];
-      for (std::int64_t t = t0; t < t1; t += L) {
-        const std::int64_t rows = std::min<std::int64_t>(L, t1 - t);
-        for (std::int64_t l = 0; l < L; ++l) {
-          const T* p = probs + (t + l) * experts;
-          if (l < rows) {
-            for (std::int64_t e = 0; e < experts; ++e) tile[e * L + l] = p[e];
-          } else {
-            for (std::int64_t e = 0; e < experts; ++e) tile[e * L + l] = T(0);
-          }
-        }
-        topk_lanes(Arch{}, k, tile, experts, val, idx);
-        for (std::int64_t l = 0; l < rows; ++l) {
-          if (!mask.routed(t + l)) continue;
-          visit(
-              t + l, [&](std::int64_t j) { return static_cast<std::int32_t>(idx[j * L + l]); },
-              [&](std::int64_t j) { return val[j * L + l]; });
-        }
-      }
-      return;
-    }
-  }
-  std::int64_t ix[8];
-  T vx[8];
-  std::vector<std::int64_t> big_idx;
-  std::vector<T> big_val;
-  std::vector<std::pair<T, std::int64_t>> select_scratch;
-  if (k > 8) {
-    big_idx.resize(static_cast<std::size_t>(k));
-    big_val.resize(static_cast<std::size_t>(k));
-  }
-  std::int64_t* ip = k > 8 ? big_idx.data() : ix;
-  T* vp = k > 8 ? big_val.data() : vx;
-  for (std::int64_t t = t0; t < t1; ++t) {
-    if (!mask.routed(t)) continue;
-    const T* p = probs + t * experts;
-    if (k == 1) {
-      kernels::argmax_row(p, experts, ip, vp);
-    } else if (k <= 8) {
-      kernels::topk_row_insertion(p, experts, k, ip, vp);
-    } else {
-      kernels::topk_row_select(p, experts, k, ip, vp, select_scratch);
-    }
-    visit(
-        t, [&](std::int64_t j) { return static_cast<std::int32_t>(ip[j]); },
-        [&](std::int64_t j) { return vp[j]; });
-  }
+  kernels::topk_rows_lanes<T, Arch>(
+      probs, experts, t0, t1, experts, k, [&](std::int64_t t) { return mask.routed(t); },
+      std::forward<Visit>(visit));
 }
 
 }  // namespace detail
