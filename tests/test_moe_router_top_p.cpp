@@ -181,6 +181,24 @@ TEST_CASE("TopPRouter: random logits against the naive reference", "[moe][top_p]
   random_case<double>(64, 7, 0.3, 1, 7, false, seed++, false);
 }
 
+TEST_CASE("TopPRouter: many experts (ranked-prefix path) against the naive reference",
+          "[moe][top_p]") {
+  // E > 64: a token past its 8 best ranks only the candidates of a prefix that holds
+  // the needed mass; min/max experts, threshold 1, ties, -inf, masks, double.
+  std::uint32_t seed = 7000;
+  for (int E : {65, 130, 256}) {
+    for (double p_thr : {0.5, 0.9, 1.0}) {
+      for (auto [mn, mx] : {std::pair{1, E}, std::pair{12, E}, std::pair{1, 20}}) {
+        random_case<float>(40, E, p_thr, mn, mx, seed % 2 == 0, seed, seed % 3 == 0);
+        ++seed;
+        random_case<double>(20, E, p_thr, mn, mx, seed % 2 == 0, seed, false, seed % 3 == 0);
+        ++seed;
+      }
+    }
+  }
+  random_case<float, simd::scalar>(20, 130, 0.9, 1, 130, false, seed++, false);
+}
+
 TEST_CASE("TopPRouter: scalar arch, double, and -inf logits", "[moe][top_p]") {
   std::uint32_t seed = 4000;
   for (int E : {1, 5, 16, 64}) {

@@ -13,6 +13,7 @@
 #include <limits>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include "switchyard/core/error.hpp"
@@ -222,6 +223,74 @@ void softmax_scores(std::string_view router, ConstView<T, 2> logits, const Token
     for (std::int64_t e = 0; e < experts; ++e) stats.mean_prob[e] = prob_sum[e] / routed;
     stats.z_loss = lse2 / routed;
     stats.entropy = entropy / routed;
+  }
+}
+
+/// Full ranking of one row p: [n] (no NaN) by (value descending, index ascending):
+/// writes the first `keep` ranked entries to idx / val. Each entry's rank is the
+/// number of entries ranked before it, counted for L entries at a time against
+/// every entry: branch-free, O(n^2 / L) (TopPRouter's full rows, and the candidates
+/// of TopPRouter's and ReluRouter's sorted prefixes). `buf` is scratch.
+template <class Arch, class T>
+void rank_row(Arch, const T* p, std::int64_t n, std::int64_t keep, std::int32_t* idx, T* val,
+              std::vector<T>& buf) {
+  if constexpr (simd::is_scalar_v<Arch>) {
+    std::vector<std::pair<T, std::int32_t>> v(static_cast<std::size_t>(n));
+    for (std::int64_t e = 0; e < n; ++e) v[e] = {p[e], static_cast<std::int32_t>(e)};
+    std::stable_sort(v.begin(), v.end(),
+                     [](const auto& a, const auto& b) { return a.first > b.first; });
+    for (std::int64_t j = 0; j < keep; ++j) {
+      idx[j] = v[j].second;
+      val[j] = v[j].first;
+    }
+  } else {
+    using B = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = B::size;
+    const std::int64_t np = (n + L - 1) / L * L;
+    buf.assign(static_cast<std::size_t>(np), T(-1));  // padding: its lanes' ranks go unused
+    std::copy(p, p + n, buf.begin());
+    alignas(64) T lane[L];
+    for (std::int64_t l = 0; l < L; ++l) lane[l] = static_cast<T>(l);
+    const B iota = B::load_aligned(lane), one(T(1)), zero(T(0));
+    alignas(64) T cnt_out[L];
+    for (std::int64_t a0 = 0; a0 < np; a0 += L) {
+      const B va = B::load_unaligned(buf.data() + a0);
+      const B ia = iota + B(static_cast<T>(a0));
+      // Entry b ranks before entry a if larger, or equal with b < a: entries before
+      // the block count when >=, entries after it when >, and only the block itself
+      // needs the index test.
+      // Four counters: the adds are not one serial dependency chain.
+      B c0(T(0)), c1(T(0)), c2(T(0)), c3(T(0));
+      const std::int64_t b_mid = std::min(n, a0 + L);
+      std::int64_t b = 0;
+      for (; b + 4 <= a0; b += 4) {
+        c0 += xsimd::select(B(buf[b]) >= va, one, zero);
+        c1 += xsimd::select(B(buf[b + 1]) >= va, one, zero);
+        c2 += xsimd::select(B(buf[b + 2]) >= va, one, zero);
+        c3 += xsimd::select(B(buf[b + 3]) >= va, one, zero);
+      }
+      for (; b < a0; ++b) c0 += xsimd::select(B(buf[b]) >= va, one, zero);
+      for (; b < b_mid; ++b) {
+        const B vb(buf[b]), ib(static_cast<T>(b));
+        c1 += xsimd::select((vb > va) | ((vb == va) & (ib < ia)), one, zero);
+      }
+      for (; b + 4 <= n; b += 4) {
+        c0 += xsimd::select(B(buf[b]) > va, one, zero);
+        c1 += xsimd::select(B(buf[b + 1]) > va, one, zero);
+        c2 += xsimd::select(B(buf[b + 2]) > va, one, zero);
+        c3 += xsimd::select(B(buf[b + 3]) > va, one, zero);
+      }
+      for (; b < n; ++b) c0 += xsimd::select(B(buf[b]) > va, one, zero);
+      const B cnt = (c0 + c1) + (c2 + c3);
+      cnt.store_aligned(cnt_out);
+      for (std::int64_t l = 0; l < L && a0 + l < n; ++l) {
+        const auto r = static_cast<std::int64_t>(cnt_out[l]);
+        if (r < keep) {
+          idx[r] = static_cast<std::int32_t>(a0 + l);
+          val[r] = buf[a0 + l];
+        }
+      }
+    }
   }
 }
 
