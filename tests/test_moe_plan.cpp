@@ -8,6 +8,7 @@
 #include <utility>
 #include <vector>
 
+#include "support/moe.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/plan.hpp"
 #include "switchyard/moe/plan_json.hpp"
@@ -170,39 +171,6 @@ TEST_CASE("DispatchPlan::reset empties the plan and keeps its memory", "[moe][pl
   REQUIRE_NOTHROW(p.check());
 }
 
-namespace {
-template <class T>
-void require_same(const moe::DispatchPlan<T>& a, const moe::DispatchPlan<T>& b) {
-  REQUIRE(a.num_tokens == b.num_tokens);
-  REQUIRE(a.num_experts == b.num_experts);
-  REQUIRE(a.top_k == b.top_k);
-  REQUIRE(a.capacity == b.capacity);
-  REQUIRE(a.requested_capacity == b.requested_capacity);
-  REQUIRE(a.capacity_clamped == b.capacity_clamped);
-  REQUIRE(a.expert_offsets == b.expert_offsets);
-  REQUIRE(a.token_index == b.token_index);
-  REQUIRE(a.slot == b.slot);
-  REQUIRE(a.gate == b.gate);
-  REQUIRE(a.choice_expert == b.choice_expert);
-  REQUIRE(a.choice_weight == b.choice_weight);
-  REQUIRE(a.dropped.size() == b.dropped.size());
-  for (std::size_t i = 0; i < a.dropped.size(); ++i) {
-    REQUIRE(a.dropped[i].token == b.dropped[i].token);
-    REQUIRE(a.dropped[i].slot == b.dropped[i].slot);
-    REQUIRE(a.dropped[i].expert == b.dropped[i].expert);
-  }
-  REQUIRE(a.stats.tokens_per_expert == b.stats.tokens_per_expert);
-  REQUIRE(a.stats.kept_per_expert == b.stats.kept_per_expert);
-  REQUIRE(a.stats.mean_prob == b.stats.mean_prob);
-  REQUIRE(a.stats.routed_tokens == b.stats.routed_tokens);
-  REQUIRE(a.stats.dropped == b.stats.dropped);
-  REQUIRE(a.stats.tokens_without_expert == b.stats.tokens_without_expert);
-  REQUIRE(a.stats.aux_loss == b.stats.aux_loss);
-  REQUIRE(a.stats.z_loss == b.stats.z_loss);
-  REQUIRE(a.stats.entropy == b.stats.entropy);
-}
-}  // namespace
-
 TEST_CASE("plan_json: every field, and a bit-exact round trip", "[moe][plan][json]") {
   auto p = small_plan();
   std::vector<std::uint8_t> keep{1, 0, 1, 1, 1, 1, 0, 1};
@@ -246,11 +214,12 @@ TEST_CASE("plan_json: every field, and a bit-exact round trip", "[moe][plan][jso
   REQUIRE(j["stats"]["z_loss"].get<double>() == std::sqrt(2.0));
   REQUIRE(j["stats"]["mean_prob"][2].get<double>() == 0.1 + 0.2);
 
-  require_same(moe::plan_from_json<float>(j), p);
+  test_support::require_same_plan(moe::plan_from_json<float>(j), p);
   // One-line text, the ADL hooks, and double plans.
-  require_same(moe::plan_from_json<float>(nlohmann::json::parse(moe::to_json_string(p, -1))), p);
+  test_support::require_same_plan(
+      moe::plan_from_json<float>(nlohmann::json::parse(moe::to_json_string(p, -1))), p);
   const nlohmann::json via_adl = p;
-  require_same(via_adl.get<moe::DispatchPlan<float>>(), p);
+  test_support::require_same_plan(via_adl.get<moe::DispatchPlan<float>>(), p);
   REQUIRE(moe::to_json_string(p, -1).find('\n') == std::string::npos);
 
   Tensor<std::int32_t> e({1, 1});
@@ -258,7 +227,8 @@ TEST_CASE("plan_json: every field, and a bit-exact round trip", "[moe][plan][jso
   e[0] = 0;
   w[0] = 0.1 + 0.2;
   const auto pd = moe::make_token_choice_plan<double, std::int32_t>(1, e.view<2>(), w.view<2>());
-  require_same(moe::plan_from_json<double>(nlohmann::json::parse(moe::to_json_string(pd))), pd);
+  test_support::require_same_plan(
+      moe::plan_from_json<double>(nlohmann::json::parse(moe::to_json_string(pd))), pd);
 }
 
 TEST_CASE("plan_json: expert-choice plan (no [T, K] views), empty plan, errors",
@@ -277,12 +247,12 @@ TEST_CASE("plan_json: expert-choice plan (no [T, K] views), empty plan, errors",
   const auto j = moe::to_json(p);
   REQUIRE(j["choice_expert"].empty());
   REQUIRE(j["capacity_clamped"] == false);
-  require_same(moe::plan_from_json<float>(nlohmann::json::parse(j.dump())), p);
+  test_support::require_same_plan(moe::plan_from_json<float>(nlohmann::json::parse(j.dump())), p);
 
   moe::DispatchPlan<float> empty;
   empty.reset(0, 4, 2);
-  require_same(moe::plan_from_json<float>(nlohmann::json::parse(moe::to_json_string(empty))),
-               empty);
+  test_support::require_same_plan(
+      moe::plan_from_json<float>(nlohmann::json::parse(moe::to_json_string(empty))), empty);
 
   auto missing = j;
   missing.erase("capacity");

@@ -12,6 +12,7 @@
 
 #include "support/compare.hpp"
 #include "support/fixtures.hpp"
+#include "support/moe.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/router_capacity.hpp"
 
@@ -155,25 +156,6 @@ void check_against_reference(const DispatchPlan<T>& plan, const Ref& r, std::int
   REQUIRE(plan.stats.routed_tokens == r.routed);
   REQUIRE(plan.stats.aux_loss == Approx(r.aux).epsilon(tol).margin(1e-12));
   REQUIRE(plan.stats.z_loss == Approx(r.z).epsilon(tol).margin(1e-12));
-}
-
-template <class T>
-void require_identical(const DispatchPlan<T>& a, const DispatchPlan<T>& b) {
-  REQUIRE(a.num_tokens == b.num_tokens);
-  REQUIRE(a.capacity == b.capacity);
-  REQUIRE(a.expert_offsets == b.expert_offsets);
-  REQUIRE(a.token_index == b.token_index);
-  REQUIRE(a.slot == b.slot);
-  REQUIRE(a.gate == b.gate);
-  REQUIRE(a.choice_expert == b.choice_expert);
-  REQUIRE(a.choice_weight == b.choice_weight);
-  REQUIRE(a.dropped.size() == b.dropped.size());
-  REQUIRE(a.stats.tokens_per_expert == b.stats.tokens_per_expert);
-  REQUIRE(a.stats.kept_per_expert == b.stats.kept_per_expert);
-  REQUIRE(a.stats.mean_prob == b.stats.mean_prob);
-  REQUIRE(a.stats.aux_loss == b.stats.aux_loss);
-  REQUIRE(a.stats.z_loss == b.stats.z_loss);
-  REQUIRE(a.stats.entropy == b.stats.entropy);
 }
 
 template <class T>
@@ -569,10 +551,10 @@ TEST_CASE("CapacityRouter: 1 and 2 threads give bit-identical plans",
       }
       REQUIRE_NOTHROW(one.check());
       REQUIRE(one.stats.dropped > 0);
-      require_identical(one, two);
+      test_support::require_same_plan(one, two);
       // Reusing a plan gives the same result as a fresh one.
       router.route(logits, two);
-      require_identical(one, two);
+      test_support::require_same_plan(one, two);
     }
   }
 }

@@ -11,6 +11,7 @@
 
 #include "support/compare.hpp"
 #include "support/fixtures.hpp"
+#include "support/moe.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/router_gshard.hpp"
 
@@ -137,23 +138,6 @@ void check_against_reference(const DispatchPlan<T>& plan, const Ref& r, std::int
 }
 
 template <class T>
-void require_identical(const DispatchPlan<T>& a, const DispatchPlan<T>& b) {
-  REQUIRE(a.capacity == b.capacity);
-  REQUIRE(a.expert_offsets == b.expert_offsets);
-  REQUIRE(a.token_index == b.token_index);
-  REQUIRE(a.slot == b.slot);
-  REQUIRE(a.gate == b.gate);
-  REQUIRE(a.choice_expert == b.choice_expert);
-  REQUIRE(a.choice_weight == b.choice_weight);
-  REQUIRE(a.dropped.size() == b.dropped.size());
-  REQUIRE(a.stats.tokens_per_expert == b.stats.tokens_per_expert);
-  REQUIRE(a.stats.mean_prob == b.stats.mean_prob);
-  REQUIRE(a.stats.aux_loss == b.stats.aux_loss);
-  REQUIRE(a.stats.z_loss == b.stats.z_loss);
-  REQUIRE(a.stats.entropy == b.stats.entropy);
-}
-
-template <class T>
 std::vector<double> as_double(const Tensor<T>& t) {
   return {t.begin(), t.end()};
 }
@@ -269,7 +253,7 @@ TEST_CASE("GShardTop2Router: sampled Gumbel noise", "[moe][router][gshard][noise
   Tensor<float> noise({T, E});
   GShardTop2Router<float>::gumbel_noise(rng, noise);
   router.route_with_noise(logits, noise, explicit_noise);
-  require_identical(sampled, explicit_noise);
+  test_support::require_same_plan(sampled, explicit_noise);
   // The documented positions: float from 24 bits of uint32(t * E + e), double from 53 of uint64.
   for (const std::int64_t i : {0, 1, 5, 4097, 8191}) {
     const float u = (float(rng.uint32(std::uint64_t(i)) >> 8) + 0.5f) * 0x1p-24f;
@@ -301,7 +285,7 @@ TEST_CASE("GShardTop2Router: sampled Gumbel noise", "[moe][router][gshard][noise
   // Another seed gives other noise; the same seed the same plan.
   DispatchPlan<float> again;
   router.route_sampled(logits, rng, again);
-  require_identical(sampled, again);
+  test_support::require_same_plan(sampled, again);
 }
 
 TEST_CASE("GShardTop2Router: masked tokens are never routed and count nowhere",
@@ -467,6 +451,6 @@ TEST_CASE("GShardTop2Router: 1 and 2 threads give bit-identical plans",
   }
   REQUIRE_NOTHROW(one.check());
   REQUIRE(one.stats.dropped > 0);
-  require_identical(one, two);
-  require_identical(one_s, two_s);
+  test_support::require_same_plan(one, two);
+  test_support::require_same_plan(one_s, two_s);
 }
