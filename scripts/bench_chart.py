@@ -5,8 +5,8 @@
     python3 scripts/bench_chart.py routers.json docs/moe_routers.png
 
 Benchmarks are named route/<router>/T:<tokens>/E:<experts>/k:<k>. The chart has
-one group of bars per shape (T, E, k) and one bar per router, with the height the
-routing rate in million tokens/s (items_per_second), on a log scale because the
+one panel per T, in it one group of bars per (E, k) and one bar per router; the height
+is the routing rate in million tokens/s (items_per_second), on a log scale because the
 routers span orders of magnitude. Aggregates (mean/median) are used when present.
 Needs Debian's python3-matplotlib (scripts/install_deps.sh --dev installs it).
 """
@@ -56,20 +56,29 @@ def main(argv):
         for r in rates[shape]:
             if r not in routers:
                 routers.append(r)
-    width = 0.8 / len(routers)
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(shapes) + 3), 5))
-    for i, r in enumerate(routers):
-        xs = [s for s, shape in enumerate(shapes) if r in rates[shape]]
-        ys = [rates[shapes[s]][r] / 1e6 for s in xs]
-        ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], ys, width, label=r)
-    ax.set_xticks(range(len(shapes)))
-    ax.set_xticklabels([f"T{t}\nE{e} k{k}" for t, e, k in shapes], fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("routing rate, million tokens/s (log)")
-    ax.set_title("switchyard MoE routers: logits to finished DispatchPlan, 1 thread")
-    ax.legend(fontsize=7, ncol=2)
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
+    token_counts = sorted({t for t, _, _ in shapes})
+    # One panel per token count; in each, a group of bars per (E, k), a bar per router.
+    fig, axes = plt.subplots(len(token_counts), 1, figsize=(11, 3.2 * len(token_counts)),
+                             squeeze=False)
+    width = 0.85 / len(routers)
+    colors = plt.get_cmap("tab20").colors
+    for row, tokens in enumerate(token_counts):
+        ax = axes[row][0]
+        panel = [s for s in shapes if s[0] == tokens]
+        for i, r in enumerate(routers):
+            xs = [j for j, shape in enumerate(panel) if r in rates[shape]]
+            ys = [rates[panel[j]][r] / 1e6 for j in xs]
+            ax.bar([x - 0.425 + (i + 0.5) * width for x in xs], ys, width,
+                   color=colors[i % len(colors)], label=r if row == 0 else None)
+        ax.set_xticks(range(len(panel)))
+        ax.set_xticklabels([f"E {e}, k {k}" for _, e, k in panel], fontsize=8)
+        ax.set_yscale("log")
+        ax.set_ylabel("M tokens/s (log)")
+        ax.set_title(f"T = {tokens} tokens", fontsize=10)
+        ax.grid(axis="y", which="both", alpha=0.3)
+    fig.suptitle("switchyard MoE routers: logits to a finished DispatchPlan, 1 thread")
+    fig.legend(loc="lower center", ncol=min(6, len(routers)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(argv[2], dpi=110)
     print(f"bench_chart: wrote {argv[2]} ({len(shapes)} shapes x {len(routers)} routers)")
 
