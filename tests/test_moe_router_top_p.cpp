@@ -25,6 +25,9 @@ static_assert(moe::LogitsRouter<moe::TopPRouter<float>, float>);
 static_assert(moe::LogitsRouter<moe::TopPRouter<double>, double>);
 
 namespace {
+using test_support::as_double;
+using test_support::close;
+using test_support::grid_logits;
 
 struct RefPlan {
   std::vector<std::vector<int>> experts;
@@ -47,21 +50,12 @@ RefPlan ref_top_p(const std::vector<double>& x, int T, int E, double p_thr, int 
   for (int t = 0; t < T; ++t) {
     if (!keep.empty() && !keep[t]) continue;
     ++r.routed;
-    double m = -1e300;
-    for (int e = 0; e < E; ++e) m = std::max(m, x[t * E + e]);
-    double s = 0;
-    for (int e = 0; e < E; ++e) s += std::exp(x[t * E + e] - m);
-    std::vector<double> p(E);
-    for (int e = 0; e < E; ++e) p[e] = std::exp(x[t * E + e] - m) / s;
-    const double lse = m + std::log(s);
-    r.z += lse * lse;
-    for (int e = 0; e < E; ++e) {
-      r.prob_sum[e] += p[e];
-      if (p[e] > 0) r.entropy -= p[e] * std::log(p[e]);
-    }
-    std::vector<int> order(E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+    const auto row = test_support::ref_softmax_ranked(x.data() + t * E, E);
+    const auto& p = row.p;
+    const auto& order = row.order;
+    r.z += row.lse * row.lse;
+    r.entropy += row.entropy;
+    for (int e = 0; e < E; ++e) r.prob_sum[e] += p[e];
     int count = E;
     double c = 0;
     for (int j = 0; j < E; ++j) {
@@ -89,19 +83,6 @@ RefPlan ref_top_p(const std::vector<double>& x, int T, int E, double p_thr, int 
     r.entropy /= double(r.routed);
   }
   return r;
-}
-
-template <class T>
-Tensor<T> grid_logits(int rows, int E, std::uint32_t seed, double sd = 1.5) {
-  Tensor<T> x({rows, E});
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> nd(0.0, sd);
-  for (auto& v : x) v = T(std::round(nd(gen) * 8.0) / 8.0);
-  return x;
-}
-
-bool close(double got, double want, double rel, double abs_floor = 1e-12) {
-  return std::abs(got - want) <= rel * std::max(std::abs(want), abs_floor) + abs_floor;
 }
 
 template <class T, class Arch = simd::default_arch>

@@ -28,6 +28,9 @@ static_assert(moe::LogitsRouter<moe::TopKRouter<float>, float>);
 static_assert(moe::LogitsRouter<moe::TopKRouter<double>, double>);
 
 namespace {
+using test_support::as_double;
+using test_support::close;
+using test_support::grid_logits;
 
 // ---------------------------------------------------------------- reference
 struct RefPlan {
@@ -51,21 +54,12 @@ RefPlan ref_topk(const std::vector<double>& x, int T, int E, int k, bool renorm,
   for (int t = 0; t < T; ++t) {
     if (!keep.empty() && !keep[t]) continue;
     ++r.routed;
-    double m = -1e300;
-    for (int e = 0; e < E; ++e) m = std::max(m, x[t * E + e]);
-    double s = 0;
-    for (int e = 0; e < E; ++e) s += std::exp(x[t * E + e] - m);
-    std::vector<double> p(E);
-    for (int e = 0; e < E; ++e) p[e] = std::exp(x[t * E + e] - m) / s;
-    const double lse = m + std::log(s);
-    r.z += lse * lse;
-    for (int e = 0; e < E; ++e) {
-      r.prob_sum[e] += p[e];
-      if (p[e] > 0) r.entropy -= p[e] * std::log(p[e]);
-    }
-    std::vector<int> order(E);
-    std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return p[a] > p[b]; });
+    const auto row = test_support::ref_softmax_ranked(x.data() + t * E, E);
+    const auto& p = row.p;
+    const auto& order = row.order;
+    r.z += row.lse * row.lse;
+    r.entropy += row.entropy;
+    for (int e = 0; e < E; ++e) r.prob_sum[e] += p[e];
     double ks = 0;
     for (int j = 0; j < k; ++j) ks += p[order[j]];
     for (int j = 0; j < k; ++j) {
@@ -82,25 +76,6 @@ RefPlan ref_topk(const std::vector<double>& x, int T, int E, int k, bool renorm,
     r.entropy /= double(r.routed);
   }
   return r;
-}
-
-// Logits on a grid of 1/8: equal values are exact ties, distinct ones differ by >= 1/8.
-template <class T>
-Tensor<T> grid_logits(int rows, int E, std::uint32_t seed, double sd = 1.5) {
-  Tensor<T> x({rows, E});
-  std::mt19937 gen(seed);
-  std::normal_distribution<double> nd(0.0, sd);
-  for (auto& v : x) v = T(std::round(nd(gen) * 8.0) / 8.0);
-  return x;
-}
-
-template <class T>
-std::vector<double> as_double(const Tensor<T>& t) {
-  return std::vector<double>(t.begin(), t.end());
-}
-
-bool close(double got, double want, double rel, double abs_floor = 1e-12) {
-  return std::abs(got - want) <= rel * std::max(std::abs(want), abs_floor) + abs_floor;
 }
 
 template <class T>
