@@ -30,6 +30,7 @@ if(NOT CMAKE_BUILD_TYPE AND NOT CMAKE_CONFIGURATION_TYPES)
   set(CMAKE_BUILD_TYPE Release CACHE STRING "Build type" FORCE)
 endif()
 
-# Golden vectors from the reference implementations (safetensors), beside the checkout.
-set(SWITCHYARD_FIXTURE_DIR "${PROJECT_SOURCE_DIR}/../shared/fixtures" CACHE PATH
+# Golden vectors from the reference implementations (safetensors), kept in the repository
+# (scripts/sync_fixtures.sh copies new ones in from the shared folder).
+set(SWITCHYARD_FIXTURE_DIR "${PROJECT_SOURCE_DIR}/tests/fixtures" CACHE PATH
     "Folder of the golden fixtures (safetensors)")

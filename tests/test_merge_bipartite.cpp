@@ -439,7 +439,7 @@ TEST_CASE("ToMe rejects bad input", "[tome][error]") {
   REQUIRE_THROWS_WITH(bipartite_soft_matching<float>(metric, 2, false, false, size.view<2>()),
                       Contains("ToMe::bipartite_soft_matching") && Contains("'sizes'") &&
                           Contains("[b=1, n=4]") && Contains("[B=2, N=10]") &&
-                          Contains("every size > 0"));
+                          Contains("every size finite and > 0"));
   size(1, 4) = -2.0f;
   REQUIRE_THROWS_AS(bipartite_soft_matching<float>(metric, 2, false, false, size.view<2>()),
                     switchyard::config_error);

@@ -265,3 +265,231 @@ TEST_CASE("plan_json: expert-choice plan (no [T, K] views), empty plan, errors",
   invalid["capacity"] = 1;
   REQUIRE_THROWS_WITH(moe::plan_from_json<float>(invalid), Contains("over capacity"));
 }
+
+// ---- hostile input: plan_from_json validates every field before using it ---------------------
+
+namespace {
+
+/// The small token-choice plan as a JSON document, to be broken one field at a time.
+nlohmann::json small_plan_json() { return moe::to_json(small_plan()); }
+
+/// plan_from_json(j) throws switchyard::error whose message names plan_from_json and holds
+/// every word in `words`, and never leaks a raw nlohmann message.
+void require_rejected(const nlohmann::json& j, std::initializer_list<std::string> words) {
+  REQUIRE_THROWS_AS(moe::plan_from_json<float>(j), switchyard::error);
+  try {
+    (void)moe::plan_from_json<float>(j);
+  } catch (const switchyard::error& e) {
+    const std::string what = e.what();
+    CAPTURE(what);
+    CHECK(what.rfind("moe::plan_from_json: ", 0) == 0);
+    CHECK(what.find("json.exception") == std::string::npos);
+    for (const auto& w : words) CHECK_THAT(what, Contains(w));
+  }
+}
+
+}  // namespace
+
+TEST_CASE("plan_from_json: integer fields are in-range JSON integers", "[moe][plan][json]") {
+  const auto good = small_plan_json();
+  REQUIRE_NOTHROW(moe::plan_from_json<float>(good));
+  const auto broken = [&](auto&& edit, std::initializer_list<std::string> words) {
+    auto j = good;
+    edit(j);
+    require_rejected(j, words);
+  };
+  // 2^32 + 1 used to read back as token 1.
+  broken([](auto& j) { j["experts"][1]["tokens"][0] = 4294967297ull; },
+         {"field 'experts[1].tokens[0]'", "4294967297", "[0, T=4)"});
+  broken([](auto& j) { j["experts"][0]["tokens"][1] = -1; }, {"'experts[0].tokens[1]'", "-1"});
+  // 6.5 used to become 6; 1e20 was undefined behaviour inside the conversion.
+  broken([](auto& j) { j["num_tokens"] = 6.5; }, {"'num_tokens'", "6.5", "integer"});
+  broken([](auto& j) { j["top_k"] = 1e20; }, {"'top_k'", "integer"});
+  broken([](auto& j) { j["num_experts"] = std::numeric_limits<std::int64_t>::max(); },
+         {"'num_experts'", "9223372036854775807"});
+  broken([](auto& j) { j["num_experts"] = 18446744073709551615ull; }, {"'num_experts'"});
+  broken([](auto& j) { j["capacity"] = -7; }, {"'capacity'", "-7"});
+  broken([](auto& j) { j["requested_capacity"] = -2; }, {"'requested_capacity'", "-2"});
+  broken([](auto& j) { j["experts"][2]["slots"][0] = 2; }, {"'experts[2].slots[0]'", "[0, K=2)"});
+  broken([](auto& j) { j["choice_expert"][3][1] = 3; }, {"'choice_expert[3][1]'", "E=3"});
+  broken(
+      [](auto& j) {
+        j["dropped"] = nlohmann::json::array({{{"token", 0}, {"slot", 1}, {"expert", 7}}});
+      },
+      {"'dropped[0].expert'", "7"});
+  broken([](auto& j) { j["stats"]["routed_tokens"] = -4; }, {"'stats.routed_tokens'"});
+  broken([](auto& j) { j["nnz"] = 6; }, {"'nnz'", "6"});
+  broken([](auto& j) { j["experts"][1]["expert"] = 0; }, {"'experts[1].expert'"});
+}
+
+TEST_CASE("plan_from_json: types, missing fields and lengths", "[moe][plan][json]") {
+  const auto good = small_plan_json();
+  const auto broken = [&](auto&& edit, std::initializer_list<std::string> words) {
+    auto j = good;
+    edit(j);
+    require_rejected(j, words);
+  };
+  // nlohmann's "[json.exception.type_error.302] type must be number, but is string" used to
+  // leak through; now the error names the field.
+  broken([](auto& j) { j["top_k"] = "two"; }, {"'top_k'", "\"two\"", "integer"});
+  broken([](auto& j) { j["experts"][0]["gates"][0] = "x"; }, {"'experts[0].gates[0]'", "number"});
+  broken([](auto& j) { j["choice_weight"][0][0] = nullptr; }, {"'choice_weight[0][0]'", "null"});
+  broken([](auto& j) { j["capacity_clamped"] = 1; }, {"'capacity_clamped'", "boolean"});
+  broken([](auto& j) { j["stats"]["aux_loss"] = true; }, {"'stats.aux_loss'", "number"});
+  broken([](auto& j) { j.erase("capacity"); }, {"'capacity'", "missing"});
+  broken([](auto& j) { j["stats"].erase("entropy"); }, {"'stats.entropy'", "missing"});
+  broken([](auto& j) { j["experts"][2] = 5; }, {"'experts[2]'", "object"});
+  broken([](auto& j) { j = nlohmann::json::array({1, 2}); }, {"document", "object", "array"});
+  // A float gate past float's range would be undefined behaviour to convert.
+  broken([](auto& j) { j["experts"][0]["gates"][0] = 1e300; },
+         {"'experts[0].gates[0]'", "1e+300", "float"});
+  broken([](auto& j) { j["choice_weight"][1][1] = -1e39; }, {"'choice_weight[1][1]'"});
+  // Lengths must agree with the counts: checked before anything is allocated, so a huge
+  // num_tokens with short arrays is an error, never a multi-terabyte allocation.
+  broken([](auto& j) { j["num_tokens"] = 1000000; }, {"'choice_expert'", "T=1000000"});
+  broken([](auto& j) { j["num_tokens"] = std::int64_t(1) << 40; }, {"'num_tokens'"});
+  broken([](auto& j) { j["top_k"] = 1 << 30; }, {"'choice_expert[0]'", "K=1073741824"});
+  broken([](auto& j) { j["expert_offsets"].push_back(7); }, {"'expert_offsets'", "E+1=4"});
+  broken([](auto& j) { j["expert_offsets"][1] = 3; }, {"'experts[0].tokens'", "expert_offsets"});
+  broken([](auto& j) { j["experts"][0]["slots"].push_back(0); }, {"'experts[0].slots'"});
+  broken([](auto& j) { j["experts"].erase(2); }, {"'experts'", "E=3"});
+  broken([](auto& j) { j["choice_weight"][2].erase(0); }, {"'choice_weight[2]'", "K=2"});
+  broken([](auto& j) { j["stats"]["mean_prob"] = {0.5, 0.5}; }, {"'stats.mean_prob'", "E=3"});
+  broken(
+      [](auto& j) {
+        j["stats"]["kept_per_expert"] = {1, 2, 3, 4};
+      },
+      {"'stats.kept_per_expert'"});
+  // Well-formed fields, broken plan: check()'s message, prefixed by plan_from_json.
+  broken([](auto& j) { j["capacity"] = 2; }, {"DispatchPlan::check", "over capacity"});
+
+  // Unknown fields are ignored; empty statistics arrays (absent statistics) are accepted.
+  auto extra = good;
+  extra["comment"] = {{"nested", {1, 2, 3}}};
+  extra["stats"]["mean_prob"] = nlohmann::json::array();
+  REQUIRE_NOTHROW(moe::plan_from_json<float>(extra));
+}
+
+TEST_CASE("plan_from_json from text: parse errors are switchyard errors", "[moe][plan][json]") {
+  const auto p = small_plan();
+  test_support::require_same_plan(moe::plan_from_json<float>(moe::to_json_string(p)), p);
+  for (const std::string text : {"", "{\"num_tokens\":", "[1, 2", "nul", "{} x"}) {
+    CAPTURE(text);
+    REQUIRE_THROWS_AS(moe::plan_from_json<float>(text), switchyard::error);
+    REQUIRE_THROWS_WITH(moe::plan_from_json<float>(text), Contains("moe::plan_from_json") &&
+                                                              Contains("not valid JSON") &&
+                                                              !Contains("json.exception"));
+  }
+  // Deep nesting is parsed without recursion and never printed in full.
+  const std::string deep =
+      "{\"num_tokens\":" + std::string(100000, '[') + std::string(100000, ']') + "}";
+  REQUIRE_THROWS_WITH(moe::plan_from_json<float>(deep),
+                      Contains("'num_tokens'") && Contains("array"));
+}
+
+// ---- hostile values in a plan built by hand: check(), reset(), make_token_choice_plan ----------
+
+TEST_CASE("DispatchPlan::check never overflows on field values", "[moe][plan]") {
+  const auto good = small_plan();
+  const auto broken = [&](auto&& edit, const char* what) {
+    auto p = good;
+    edit(p);
+    REQUIRE_THROWS_AS(p.check(), switchyard::error);
+    REQUIRE_THROWS_WITH(p.check(), Contains("DispatchPlan::check") && Contains(what));
+  };
+  constexpr std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  // num_experts + 1 and num_tokens * top_k used to overflow.
+  broken([](auto& p) { p.num_experts = big; }, "num_experts");
+  broken([](auto& p) { p.num_tokens = big; }, "num_tokens");
+  broken([](auto& p) { p.top_k = big; }, "top_k");
+  broken([](auto& p) { p.num_tokens = std::int64_t(1) << 32; }, "num_tokens");
+  // An offset near INT64_MAX used to walk far past the end of token_index.
+  broken([&](auto& p) { p.expert_offsets[1] = big; }, "expert_offsets");
+  broken([&](auto& p) { p.expert_offsets[1] = std::numeric_limits<std::int64_t>::min(); },
+         "expert_offsets");
+  broken([](auto& p) { p.capacity = -7; }, "capacity");
+  broken([](auto& p) { p.requested_capacity = -2; }, "requested_capacity");
+  broken([](auto& p) { p.stats.mean_prob = {0.5}; }, "mean_prob");
+  broken([](auto& p) { p.stats.tokens_per_expert.push_back(1); }, "tokens_per_expert");
+  broken([](auto& p) { p.stats.kept_per_expert = {1, 2}; }, "kept_per_expert");
+
+  // Absent statistics (empty arrays) are fine.
+  auto no_stats = good;
+  no_stats.stats = {};
+  REQUIRE_NOTHROW(no_stats.check());
+  // check() allocates nothing per token: an expert-choice plan (K = 0) with the largest
+  // token count and no entries is checked in constant memory.
+  moe::DispatchPlan<float> wide;
+  wide.num_tokens = std::numeric_limits<std::int32_t>::max();
+  wide.num_experts = 2;
+  wide.expert_offsets = {0, 0, 0};
+  REQUIRE_NOTHROW(wide.check());
+}
+
+TEST_CASE("DispatchPlan::reset and make_token_choice_plan check sizes first", "[moe][plan]") {
+  constexpr std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  moe::DispatchPlan<float> p;
+  REQUIRE_THROWS_AS(p.reset(4, big, 2), config_error);
+  REQUIRE_THROWS_WITH(p.reset(4, big, 2), Contains("DispatchPlan::reset") && Contains("experts"));
+  REQUIRE_THROWS_AS(p.reset(big, 3, 1), config_error);
+  REQUIRE_THROWS_AS(p.reset(-1, 3, 1), config_error);
+  REQUIRE_THROWS_AS(p.reset(1 << 30, 3, 1 << 30), shape_error);
+  REQUIRE_THROWS_WITH(p.reset(1 << 30, 3, 1 << 30), Contains("DispatchPlan::reset"));
+  REQUIRE_NOTHROW(p.reset(4, 3, 2));
+
+  // INT64_MAX experts used to overflow inside reset.
+  Tensor<std::int32_t> e({1, 1});
+  Tensor<float> w({1, 1});
+  e[0] = 0;
+  w[0] = 1;
+  REQUIRE_THROWS_AS(
+      (moe::make_token_choice_plan<float, std::int32_t>(big, e.view<2>(), w.view<2>())),
+      config_error);
+  REQUIRE_THROWS_WITH(
+      (moe::make_token_choice_plan<float, std::int32_t>(big, e.view<2>(), w.view<2>())),
+      Contains("make_token_choice_plan") && Contains("num_experts"));
+  // [T, K] views whose element count is absurd: an error before any allocation.
+  const ConstView<std::int32_t, 2> huge_e(e.data(), {big, 1}, {0, 0});
+  const ConstView<float, 2> huge_w(w.data(), {big, 1}, {0, 0});
+  REQUIRE_THROWS_AS((moe::make_token_choice_plan<float, std::int32_t>(3, huge_e, huge_w)),
+                    shape_error);
+  REQUIRE_THROWS_WITH((moe::make_token_choice_plan<float, std::int32_t>(3, huge_e, huge_w)),
+                      Contains("make_token_choice_plan") && Contains("experts"));
+  const ConstView<std::int32_t, 2> wide_e(e.data(), {1 << 20, 1 << 20}, {0, 0});
+  const ConstView<float, 2> wide_w(w.data(), {1 << 20, 1 << 20}, {0, 0});
+  REQUIRE_THROWS_AS((moe::make_token_choice_plan<float, std::int32_t>(3, wide_e, wide_w)),
+                    shape_error);
+  // An unsigned id of 2^64 - 1 is out of range, not the "unused" marker -1.
+  Tensor<std::uint64_t> eu({1, 1});
+  eu[0] = ~std::uint64_t(0);
+  REQUIRE_THROWS_AS(
+      (moe::make_token_choice_plan<float, std::uint64_t>(3, eu.view<2>(), w.view<2>())),
+      config_error);
+}
+
+TEST_CASE("make_token_choice_plan rejects non-finite weights", "[moe][plan]") {
+  Tensor<std::int32_t> e({2, 2});
+  Tensor<float> w({2, 2});
+  const std::int32_t ev[4] = {0, 1, 1, -1};
+  for (int i = 0; i < 4; ++i) {
+    e[i] = ev[i];
+    w[i] = 0.5f;
+  }
+  const auto make = [&] {
+    return moe::make_token_choice_plan<float, std::int32_t>(2, e.view<2>(), w.view<2>());
+  };
+  for (const float bad :
+       {std::numeric_limits<float>::quiet_NaN(), std::numeric_limits<float>::infinity(),
+        -std::numeric_limits<float>::infinity()}) {
+    CAPTURE(bad);
+    w[1] = bad;
+    REQUIRE_THROWS_AS(make(), config_error);
+    REQUIRE_THROWS_WITH(
+        make(), Contains("make_token_choice_plan") && Contains("weights") && Contains("finite"));
+    w[1] = 0.5f;
+    w[3] = bad;  // the weight of an unused slot (-1) is ignored
+    REQUIRE_NOTHROW(make());
+    REQUIRE(make().choice_weight[3] == 0.0f);
+    w[3] = 0.5f;
+  }
+}

@@ -1,5 +1,6 @@
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <thread>
 #include <vector>
 
 #include "switchyard/core/parallel_for.hpp"
@@ -36,4 +37,52 @@ TEST_CASE("parallel_for with zero tasks does nothing; num_chunks covers the rang
   REQUIRE(num_chunks(10, 4) == 3);
   REQUIRE(num_chunks(8, 4) == 2);
   REQUIRE(num_chunks(0, 4) == 0);
+}
+
+TEST_CASE("ScopedNumThreads is per calling thread: scopes ending out of order restore each",
+          "[threads]") {
+  set_num_threads(3);
+  // Thread A opens a scope, thread B opens one after it and closes it after A closed its own.
+  // With one process-wide saved value, B's restore would leave A's value behind.
+  std::atomic<int> step{0};
+  int a_inside = 0, b_inside = 0, a_after = 0, b_after = 0;
+  const auto wait_for = [&](int s) {
+    while (step.load() < s) std::this_thread::yield();
+  };
+  std::thread a([&] {
+    {
+      ScopedNumThreads scope(1);
+      a_inside = num_threads();
+      step = 1;
+      wait_for(2);
+    }
+    a_after = num_threads();
+    step = 3;
+  });
+  std::thread b([&] {
+    wait_for(1);
+    {
+      ScopedNumThreads scope(2);
+      b_inside = num_threads();
+      step = 2;
+      wait_for(3);
+    }
+    b_after = num_threads();
+  });
+  a.join();
+  b.join();
+  CHECK(a_inside == 1);
+  CHECK(b_inside == 2);
+  CHECK(a_after == 3);
+  CHECK(b_after == 3);
+  CHECK(num_threads() == 3);
+  {
+    ScopedNumThreads outer(2);
+    {
+      ScopedNumThreads inner(0);  // the default inside the scope, whatever the global says
+      CHECK(num_threads() == std::max(1u, std::thread::hardware_concurrency()));
+    }
+    CHECK(num_threads() == 2);
+  }
+  set_num_threads(0);
 }

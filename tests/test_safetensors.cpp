@@ -441,6 +441,70 @@ TEST_CASE("tensor entry errors", "[safetensors][error]") {
                                    Contains(c.words2));
 }
 
+TEST_CASE("deeply nested headers are rejected without recursion", "[safetensors][error]") {
+  // 100k nested '[' used to overflow the stack in the recursive dump() of the error path.
+  const std::string deep = std::string(100000, '[') + std::string(100000, ']');
+  const std::string in_shape =
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":" + deep + ",\"data_offsets\":[0,4]}}";
+  const std::string in_offsets =
+      "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0," + deep + "]}}";
+  const std::string in_metadata = "{\"__metadata__\":{\"k\":" + deep + "}}";
+  std::string unclosed = "{\"a\":";  // objects this time, and never closed
+  for (int i = 0; i < 100000; ++i) unclosed += "{\"b\":";
+  for (const std::string& header : {in_shape, in_offsets, in_metadata, unclosed, deep}) {
+    const Bytes b = raw_file(header, Bytes(8, 0));
+    REQUIRE_THROWS_AS(load(b), switchyard::error);
+    REQUIRE_THROWS_WITH(load(b), Contains("SafeTensors::from_bytes") &&
+                                     Contains("'bad.safetensors'") && Contains("nest") &&
+                                     Contains("64"));
+  }
+  // Nesting up to the bound is only an ordinary type error.
+  const std::string nested_ok = std::string(60, '[') + std::string(60, ']');
+  const Bytes ok_depth =
+      raw_file("{\"a\":{\"dtype\":\"F32\",\"shape\":[" + nested_ok + "],\"data_offsets\":[0,4]}}",
+               Bytes(8, 0));
+  REQUIRE_THROWS_WITH(load(ok_depth), Contains("non-integer extent") && Contains("array"));
+}
+
+TEST_CASE("values quoted in errors are truncated", "[safetensors][error]") {
+  const std::string long_text(100000, 'x');
+  for (const std::string& header :
+       {"{\"a\":{\"dtype\":\"F32\",\"shape\":[\"" + long_text + "\"],\"data_offsets\":[0,4]}}",
+        "{\"a\":{\"dtype\":\"" + long_text + "\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+        "{\"a\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,\"" + long_text + "\"]}}",
+        "{\"" + long_text + "\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,8]}}",
+        "{\"a\":\"" + long_text + "\x01\"}"}) {
+    try {
+      (void)load(raw_file(header, Bytes(8, 0)));
+      FAIL("no error");
+    } catch (const switchyard::error& e) {
+      CAPTURE(std::string(e.what()).substr(0, 300));
+      CHECK(std::string(e.what()).size() < 1000);
+      CHECK_THAT(e.what(), Contains("'bad.safetensors'") && Contains("..."));
+    }
+  }
+}
+
+TEST_CASE("every partial product of a shape is bounded", "[safetensors][error]") {
+  // [0, 2^62, 2^62] has 0 elements, but its row-major strides overflow int64.
+  struct Case {
+    std::string shape, words;
+  };
+  const Case c = GENERATE(Case{"[0,4611686018427387904,4611686018427387904]",
+                               "[0, 4611686018427387904, 4611686018427387904]"},
+                          Case{"[4611686018427387904,4611686018427387904,0]", "0]"},
+                          Case{"[3037000500,3037000500,0]", "[3037000500, 3037000500, 0]"},
+                          Case{"[0,1099511627777]", "[0, 1099511627777]"});
+  CAPTURE(c.shape);
+  const Bytes b = raw_file("{" + entry("a", "F32", c.shape, 0, 0) + "}", Bytes(8, 0));
+  REQUIRE_THROWS_AS(load(b), switchyard::error);
+  REQUIRE_THROWS_WITH(load(b), Contains("'a'") && Contains(c.words) && Contains("too large"));
+  // Large but sane empty shapes still load, and their views have exact strides.
+  const Bytes fine = raw_file("{" + entry("z", "F32", "[0,65536,65536]", 0, 0) + "}");
+  const auto f = load(fine);
+  CHECK(f.view<float, 3>("z").stride(0) == std::int64_t(1) << 32);
+}
+
 TEST_CASE("gaps, adjacent tensors and shared empty offsets are fine", "[safetensors]") {
   const std::string header = "{" + entry("a", "U8", "[2]", 0, 2) + "," +
                              entry("b", "U8", "[2]", 4, 6) + "," + entry("e", "F32", "[0]", 2, 2) +
@@ -515,6 +579,21 @@ TEST_CASE("writer errors", "[safetensors][error]") {
   REQUIRE_THROWS_WITH(w.add_raw("h", DType::F16, {2}, Bytes{0, 0, 0}),
                       Contains("'h'") && Contains("3 bytes") && Contains("needs 4"));
   REQUIRE_THROWS_AS(w.save("/nonexistent_dir_for_switchyard/x.safetensors"), switchyard::error);
+}
+
+TEST_CASE("writer rejects shapes whose element count overflows", "[safetensors][error]") {
+  SafeTensorsWriter w;
+  const float x = 0;
+  // 2^62 * 2^62 used to wrap to 0 elements and be accepted.
+  REQUIRE_THROWS_AS(w.add<float>("x", &x, {std::int64_t(1) << 62, std::int64_t(1) << 62}),
+                    switchyard::error);
+  REQUIRE_THROWS_WITH(w.add<float>("x", &x, {std::int64_t(1) << 62, std::int64_t(1) << 62}),
+                      Contains("'x'") && Contains("too large"));
+  REQUIRE_THROWS_WITH(
+      w.add_raw("h", DType::F16, {std::numeric_limits<std::int64_t>::max(), 4}, Bytes{}),
+      Contains("'h'") && Contains("too large"));
+  REQUIRE_THROWS_AS(w.add<float>("z", &x, {0, std::int64_t(1) << 62, std::int64_t(1) << 62}),
+                    switchyard::error);
 }
 
 // ---- golden fixtures -------------------------------------------------------------------------

@@ -1,6 +1,8 @@
 #pragma once
-// Golden fixtures (../shared/fixtures/*.safetensors) for the tests: where they
-// are and how to open one. SWITCHYARD_FIXTURE_DIR comes from tests/CMakeLists.txt.
+// Golden fixtures (tests/fixtures/*.safetensors, copied from the shared folder by
+// scripts/sync_fixtures.sh) for the tests: where they are and how to open one.
+// SWITCHYARD_FIXTURE_DIR comes from tests/CMakeLists.txt. A missing fixture fails the
+// test with an error naming the full path it looked at; nothing is skipped.
 #include <string>
 #include <string_view>
 

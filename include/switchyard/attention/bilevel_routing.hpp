@@ -117,6 +117,16 @@ class BiLevelRoutingAttention {
       switchyard::detail::fail_config(name, fn, "num_heads", cfg.num_heads,
                                       "a positive divisor of dim = " + std::to_string(cfg.dim));
     if (cfg.n_win < 1) switchyard::detail::fail_config(name, fn, "n_win", cfg.n_win, "n_win >= 1");
+    // Region logits are [n_win^2, n_win^2] per image, the qkv rows 3C wide, the LePE kernel
+    // k x k: sizes that overflow or exceed core::max_buffer_bytes are config errors.
+    if (core::bounded_product({cfg.n_win, cfg.n_win, cfg.n_win, cfg.n_win}, sizeof(T)) < 0)
+      switchyard::detail::fail_config(name, fn, "n_win", cfg.n_win,
+                                      "n_win^4 logits per image within core::max_buffer_bytes");
+    if (core::bounded_product({cfg.dim, 3}, sizeof(T)) < 0)
+      switchyard::detail::fail_config(name, fn, "dim", cfg.dim, "3 * dim within int64");
+    if (core::bounded_product({cfg.side_dwconv, cfg.side_dwconv}, sizeof(T)) < 0)
+      switchyard::detail::fail_config(name, fn, "side_dwconv", cfg.side_dwconv,
+                                      "a kernel side whose square fits in memory");
     if (cfg.topk < 1 || cfg.topk > cfg.n_win * cfg.n_win)
       switchyard::detail::fail_config(
           name, fn, "topk", cfg.topk,
@@ -171,7 +181,8 @@ class BiLevelRoutingAttention {
     return plan;
   }
 
-  /// plan from route(x, w); x: [N, H, W, C]; out: [N, H, W, C] (must not overlap x). Any
+  /// plan from route(x, w); x: [N, H, W, C]; out: [N, H, W, C], may alias x (x is read
+  /// into the qkv image before out is written). Any
   /// strides. N = 0 is valid (nothing to do). NaN or inf in x or the weights give unspecified
   /// outputs (a NaN routing logit ranks below every number in the top-k). Allocates the qkv
   /// image [N*Hp*Wp, 3C] and the attention image [N*Hp*Wp, C] per call.
@@ -393,6 +404,12 @@ class BiLevelRoutingAttention {
       switchyard::detail::fail_shape(
           name, fn, "x", switchyard::detail::format_shape({"N", "H", "W", "C"}, x.shape()),
           "[N, H, W, C] with H and W multiples of n_win=" + std::to_string(nw), "or set auto_pad");
+    // The padded qkv image [N * Hp * Wp, 3C], the attention image and the routing indices
+    // [N, n_win^2, topk]; a stride-0 x may claim any extents.
+    const std::int64_t Hp = core::pad_extent(H, nw), Wp = core::pad_extent(W, nw);
+    switchyard::detail::checked_size(name, fn, "x", {x.extent(0), Hp, Wp, 5 * cfg_.dim}, sizeof(T));
+    switchyard::detail::checked_size(name, fn, "x", {x.extent(0), nw * nw, cfg_.topk},
+                                     sizeof(std::int64_t));
   }
 
   void check_out(std::string_view fn, ConstView<T, 4> x, View<T, 4> out) const {
@@ -405,17 +422,21 @@ class BiLevelRoutingAttention {
     bool ok = plan.batch == want.batch && plan.height == want.height && plan.width == want.width &&
               plan.padded_height == want.padded_height && plan.padded_width == want.padded_width &&
               plan.n_win == want.n_win && plan.topk == want.topk &&
-              std::int64_t(plan.r_idx.size()) == want.batch * want.regions() * want.topk;
+              std::int64_t(plan.r_idx.size()) ==
+                  core::bounded_product({want.batch, want.regions(), want.topk});
     for (std::size_t i = 0; ok && i < plan.r_idx.size(); ++i)
       ok = plan.r_idx[i] >= 0 && plan.r_idx[i] < want.regions();
     if (ok) return;
-    const std::int64_t got[] = {plan.batch, plan.n_win * plan.n_win, plan.topk};
-    const std::int64_t exp[] = {want.batch, want.regions(), want.topk};
-    switchyard::detail::fail_shape(name, fn, "plan",
-                                   switchyard::detail::format_shape({"N", "R", "K"}, got),
-                                   switchyard::detail::format_shape({"N", "R", "K"}, exp),
-                                   "the plan must come from route() on an x of the same shape, "
-                                   "with region indices in [0, n_win^2)");
+    const std::int64_t got[] = {plan.batch, plan.height, plan.width,
+                                plan.n_win, plan.topk,   std::int64_t(plan.r_idx.size())};
+    const std::int64_t exp[] = {want.batch, want.height, want.width,
+                                want.n_win, want.topk,   want.batch * want.regions() * want.topk};
+    switchyard::detail::fail_shape(
+        name, fn, "plan",
+        switchyard::detail::format_shape({"N", "H", "W", "n_win", "topk", "r_idx"}, got),
+        switchyard::detail::format_shape({"N", "H", "W", "n_win", "topk", "r_idx"}, exp),
+        "the plan must come from route() on an x of the same shape, "
+        "with region indices in [0, n_win^2)");
   }
 
   void check_weights(std::string_view fn, const weights_type& w) const {

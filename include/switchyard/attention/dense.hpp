@@ -28,6 +28,7 @@
 #include <vector>
 
 #include "switchyard/attention/mask.hpp"
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -369,7 +370,8 @@ class DenseAttention {
 
   /// q: [B, T, H, D], k and v: [B, S, H_kv, D] with H % H_kv == 0 (grouped-query
   /// attention: query head h reads K/V head h / (H / H_kv)), out: [B, T, H, D].
-  /// Any strides; out must not overlap q, k or v. Rows that see no key get zeros.
+  /// Any strides; out must not share memory with q, k, v or the bias (shape_error; two heads
+  /// of one buffer do not share memory). Rows that see no key get zeros.
   /// Allocates a packed copy of K and V (about their size) per call. NaN or +inf
   /// inputs give unspecified outputs.
   void forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v, View<T, 4> out,
@@ -377,6 +379,11 @@ class DenseAttention {
     check(q, k, v, mask);
     core::detail::check_shape<T, 4>(name, "forward", "out", out, {"B", "T", "H", "D"}, q.shape(),
                                     "out has the shape of q");
+    core::detail::check_no_alias(name, "forward", "out", out, "q", q);
+    core::detail::check_no_alias(name, "forward", "out", out, "k", k);
+    core::detail::check_no_alias(name, "forward", "out", out, "v", v);
+    if (mask.bias)
+      core::detail::check_no_alias(name, "forward", "out", out, "bias", mask.bias->bias);
     kernels::DenseAttentionArgs<T> a{};
     a.q = q.data();
     a.k = k.data();
@@ -397,8 +404,10 @@ class DenseAttention {
     a.scale = static_cast<T>(cfg_.scale ? *cfg_.scale
                                         : 1.0 / std::sqrt(double(std::max<std::int64_t>(1, a.D))));
     if (mask.causal) {
+      // Offsets past S (every key visible) or below -T (none) act like S and -T; clamping
+      // keeps i + offset from overflowing for offsets near the int64 limits.
       a.causal = true;
-      a.causal_offset = mask.causal->offset;
+      a.causal_offset = std::clamp<std::int64_t>(mask.causal->offset, -a.T_q, a.S);
     }
     if (mask.key_lengths) a.key_lengths = mask.key_lengths->lengths.data();
     if (mask.bias) {
@@ -422,6 +431,8 @@ class DenseAttention {
   void check(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
              const attention::Mask<T>& mask) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
+    core::detail::check_shape<const T, 4>(name, "forward", "q", q, {"B", "T", "H", "D"},
+                                          Shape<4>{-1, -1, -1, -1});
     core::detail::check_shape<const T, 4>(name, "forward", "k", k, {"B", "S", "H_kv", "D"},
                                           Shape<4>{B, -1, -1, D}, "k matches q in B and D");
     core::detail::check_shape<const T, 4>(name, "forward", "v", v, {"B", "S", "H_kv", "D"},
@@ -434,6 +445,12 @@ class DenseAttention {
           "[B, S, H_kv, D] with H_kv dividing H=" + std::to_string(H), "grouped-query attention");
     }
     mask.validate(name, "forward", B, Tq, k.extent(1));
+    // The packed copies of K and V: [B, H_kv, S (padded), D (padded)] each. A stride-0 view can
+    // claim any extents, so the size is checked before it is allocated.
+    switchyard::detail::checked_size(
+        name, "forward", "k", {B, Hkv, core::pad_extent(k.extent(1), 64), core::pad_extent(D, 64)},
+        2 * sizeof(T));
+    switchyard::detail::checked_size(name, "forward", "q", {B, H, Tq, D}, sizeof(T));
   }
 
   config_type cfg_;

@@ -33,7 +33,9 @@
 
 #include "switchyard/attention/linear_feature_maps.hpp"
 #include "switchyard/attention/linear_kernels.hpp"
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/tensor.hpp"
@@ -90,6 +92,11 @@ class LinearAttention {
         switchyard::detail::fail_config(
             name, fn, "head_dim", cfg_.head_dim,
             ">= 1 for feature_map favor_plus (the projection is [m, D])");
+      // omega [m, D] and, when orthogonal, D x D Gaussian blocks, drawn in double.
+      switchyard::detail::checked_size(name, fn, "num_features", {cfg_.num_features, cfg_.head_dim},
+                                       sizeof(double));
+      switchyard::detail::checked_size(name, fn, "head_dim", {cfg_.head_dim, cfg_.head_dim},
+                                       sizeof(double));
       favor_ =
           make_favor_projection<T>(cfg_.head_dim, cfg_.num_features, cfg_.seed, cfg_.orthogonal);
     }
@@ -118,7 +125,8 @@ class LinearAttention {
   /// q [B, T, H, D], k [B, S, H, D], v [B, S, H, Dv] -> out [B, T, H, Dv], non-causal.
   /// key_lengths: empty (all keys valid) or [B] with 0 <= key_lengths[b] <= S; keys at
   /// positions >= key_lengths[b] are zeroed after the feature map (fast-transformers'
-  /// LengthMask), queries are not masked. Any strides; out must not alias the inputs.
+  /// LengthMask), queries are not masked. Any strides; out must not share memory with the
+  /// inputs (shape_error).
   template <class Arch = simd::default_arch>
   void forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v, View<T, 4> out,
                std::span<const std::int64_t> key_lengths = {}) const {
@@ -149,6 +157,7 @@ class LinearAttention {
     constexpr std::string_view fn = "step";
     const std::int64_t nb = q_t.extent(0), nh = q_t.extent(1), hd = q_t.extent(2);
     check_head_dim(hd, fn, "q_t", {"B", "H", "D"}, q_t.shape());
+    core::detail::check_shape(name, fn, "q_t", q_t, {"B", "H", "D"}, {-1, -1, -1});
     core::detail::check_shape(name, fn, "k_t", k_t, {"B", "H", "D"}, {nb, nh, hd},
                               "B, H, D must match q_t");
     const std::int64_t dv = v_t.extent(2);
@@ -157,7 +166,11 @@ class LinearAttention {
     core::detail::check_shape(name, fn, "out_t", out_t, {"B", "H", "Dv"}, {nb, nh, dv},
                               "B, H must match q_t and Dv must match v_t");
     const Dims d{nb, 1, 1, nh, hd, dv, feature_dim(hd)};
+    check_scratch(d, fn, 1);
     check_state(state, d, fn);
+    core::detail::check_no_alias(name, fn, "out_t", out_t, "q_t", q_t);
+    core::detail::check_no_alias(name, fn, "out_t", out_t, "k_t", k_t);
+    core::detail::check_no_alias(name, fn, "out_t", out_t, "v_t", v_t);
     const std::int64_t f = d.f;
     std::vector<T> ws(static_cast<std::size_t>(nb * nh * (2 * f + 2 * dv)));
     parallel_for(nb * nh, [&](std::int64_t task) {
@@ -226,6 +239,10 @@ class LinearAttention {
     const std::int64_t dv = v.extent(3);
     core::detail::check_shape(name, fn, "out", out, {"B", "T", "H", "Dv"}, {nb, nt, nh, dv},
                               "B, T, H must match q and Dv must match v");
+    core::detail::check_shape(name, fn, "q", q, {"B", "T", "H", "D"}, {-1, -1, -1, -1});
+    core::detail::check_no_alias(name, fn, "out", out, "q", q);
+    core::detail::check_no_alias(name, fn, "out", out, "k", k);
+    core::detail::check_no_alias(name, fn, "out", out, "v", v);
     if (!key_lengths.empty()) {
       if (static_cast<std::int64_t>(key_lengths.size()) != nb) {
         const std::int64_t got = static_cast<std::int64_t>(key_lengths.size());
@@ -240,7 +257,24 @@ class LinearAttention {
                                           "0 <= key_lengths[b] <= S=" + std::to_string(ns));
       }
     }
-    return Dims{nb, nt, ns, nh, hd, dv, feature_dim(hd)};
+    const Dims d{nb, nt, ns, nh, hd, dv, feature_dim(hd)};
+    check_scratch(d, fn, causal ? std::min(cfg_.chunk_size, nt) : kBlock);
+    return d;
+  }
+
+  // The per-task scratch of run_heads and step ([B, H] states [D', Dv] and chunk rows
+  // [C, D' + Dv]), checked before it is sized: stride-0 views may claim any extents.
+  void check_scratch(const Dims& d, std::string_view fn, std::int64_t chunk) const {
+    using core::pad_extent;
+    const std::int64_t f = pad_extent(d.f, 16), dv = pad_extent(d.dv, 16);
+    const std::int64_t c = pad_extent(chunk, 16);
+    switchyard::detail::checked_size(name, fn, "q", {d.b, d.h, f, dv}, 2 * sizeof(T));
+    switchyard::detail::checked_size(name, fn, "q", {d.b, d.h, c, pad_extent(f, dv)},
+                                     4 * sizeof(T));
+    switchyard::detail::checked_size(name, fn, "q", {d.b, c, pad_extent(c, f)}, 2 * sizeof(T));
+    switchyard::detail::checked_size(name, fn, "q", {d.b, d.t, d.h, pad_extent(d.d, 1)}, sizeof(T));
+    switchyard::detail::checked_size(name, fn, "k", {d.b, d.s, d.h, pad_extent(d.d, dv)},
+                                     sizeof(T));
   }
 
   void check_state(const state_type& st, const Dims& d, std::string_view fn) const {

@@ -85,6 +85,8 @@ class MixtureOfHeads {
   explicit MixtureOfHeads(config_type cfg) : cfg_(cfg) {
     const std::string_view fn = "MixtureOfHeads";
     if (cfg.dim <= 0) switchyard::detail::fail_config(name, fn, "dim", cfg.dim, "dim > 0");
+    if (core::bounded_product({cfg.dim, 4}, sizeof(T)) < 0)  // qkv rows are 3 * dim wide
+      switchyard::detail::fail_config(name, fn, "dim", cfg.dim, "4 * dim within max_buffer_bytes");
     if (cfg.num_heads <= 0 || cfg.dim % cfg.num_heads != 0)
       switchyard::detail::fail_config(name, fn, "num_heads", cfg.num_heads,
                                       "a positive divisor of dim = " + std::to_string(cfg.dim));
@@ -253,6 +255,7 @@ class MixtureOfHeads {
 
   /// plan from route(x, w); x: [B, N, C]; out: [B, N, C]. Computes attention for the plan's
   /// active (token, head) pairs only, weights each head output by its gate, then projects.
+  /// out may alias x: x is read completely (into the gated head outputs) before out is written.
   void execute(const plan_type& plan, ConstView<T, 3> x, const weights_type& w,
                View<T, 3> out) const {
     check_input("execute", x);
@@ -320,7 +323,7 @@ class MixtureOfHeads {
   }
 
   void check_plan(std::string_view fn, const plan_type& plan, ConstView<T, 3> x) const {
-    const std::int64_t BN = x.extent(0) * x.extent(1);
+    const std::int64_t BN = x.extent(0) * x.extent(1);  // checked by check_input
     bool ok = plan.num_tokens == BN && plan.num_heads == cfg_.num_heads &&
               std::int64_t(plan.gates.size()) == BN * cfg_.num_heads &&
               std::int64_t(plan.head_offsets.size()) == cfg_.num_heads + 1;
@@ -345,6 +348,13 @@ class MixtureOfHeads {
   void check_input(std::string_view fn, ConstView<T, 3> x) const {
     core::detail::check_shape(name, fn, "x", x, {"B", "N", "C"}, {-1, -1, cfg_.dim},
                               "C must equal config dim");
+    // Buffers: qkv [B*N, 3C], gates [B*N, H], per-task scores [N, N]. A stride-0 x may
+    // claim any extents, so the sizes are checked before they are computed.
+    switchyard::detail::checked_size(name, fn, "x", {x.extent(0), x.extent(1), 4 * cfg_.dim},
+                                     sizeof(T));
+    switchyard::detail::checked_size(name, fn, "x", {x.extent(0), x.extent(1), cfg_.num_heads},
+                                     sizeof(T));
+    switchyard::detail::checked_size(name, fn, "x", {x.extent(1), x.extent(1)}, sizeof(T));
   }
 
   void check_weights(std::string_view fn, const weights_type& w) const {

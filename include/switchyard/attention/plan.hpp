@@ -37,6 +37,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -153,7 +154,11 @@ struct AttentionPlan {
     for (const auto j : key_index)
       if (j < 0 || j >= num_keys) bad("key index " + std::to_string(j));
     if (output == PlanOutput::write) {
-      std::vector<unsigned char> seen(std::size_t(batch * heads * num_queries), 0);
+      const std::int64_t cells = core::bounded_product({batch, heads, num_queries});
+      if (cells < 0)
+        bad("sizes B=" + std::to_string(batch) + ", H=" + std::to_string(heads) +
+            ", T=" + std::to_string(num_queries) + " whose product overflows");
+      std::vector<unsigned char> seen(static_cast<std::size_t>(cells), 0);
       for (std::int64_t g = 0; g < G; ++g) {
         const std::int64_t h0 = group_head[g] == all_heads ? 0 : group_head[g];
         const std::int64_t h1 = group_head[g] == all_heads ? heads : group_head[g] + 1;

@@ -385,6 +385,8 @@ class PlanExecutor {
   void execute(const AttentionPlan& plan, ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
                View<T, 4> out, View<T, 3> counts = {}, const PlanExtras<T>& extras = {}) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
+    core::detail::check_shape<const T, 4>(name, "execute", "q", q, {"B", "T", "H", "D"},
+                                          Shape<4>{-1, -1, -1, -1});
     core::detail::check_shape<const T, 4>(name, "execute", "k", k, {"B", "S", "H_kv", "D"},
                                           Shape<4>{B, -1, -1, D}, "k matches q in B and D");
     core::detail::check_shape<const T, 4>(name, "execute", "v", v, {"B", "S", "H_kv", "D"},
@@ -433,15 +435,34 @@ class PlanExecutor {
     }
     const auto check_keep = [&](std::string_view arg, std::span<const std::uint8_t> keep,
                                 std::int64_t n, std::string_view want) {
-      if (!keep.empty() && std::int64_t(keep.size()) != B * n) {
+      if (!keep.empty() && std::int64_t(keep.size()) != core::bounded_product({B, n})) {
         switchyard::detail::fail_shape(
             name, "execute", arg, "[" + std::to_string(keep.size()) + " entries]",
-            std::string(want) + " = " + std::to_string(B * n) + " entries",
+            std::string(want) + " = " + std::to_string(core::bounded_product({B, n})) + " entries",
             "one keep flag per token, row-major");
       }
     };
     check_keep("query_keep", extras.query_keep, Tq, "[B, T]");
     check_keep("key_keep", extras.key_keep, S, "[B, S]");
+    core::detail::check_no_alias(name, "execute", "out", out, "q", q);
+    core::detail::check_no_alias(name, "execute", "out", out, "k", k);
+    core::detail::check_no_alias(name, "execute", "out", out, "v", v);
+    if (counts.data() != nullptr) {
+      core::detail::check_no_alias(name, "execute", "counts", counts, "q", q);
+      core::detail::check_no_alias(name, "execute", "counts", counts, "k", k);
+      core::detail::check_no_alias(name, "execute", "counts", counts, "v", v);
+      core::detail::check_no_alias(name, "execute", "counts", counts, "out", out);
+    }
+    // Per-thread gather of a group's keys and values ([keys + M, D] each, padded), and the
+    // per-(b, h) group lists of accumulate mode. Stride-0 views can claim any D.
+    switchyard::detail::checked_size(
+        name, "execute", "k",
+        {core::pad_extent(plan.max_group_keys(), 64), core::pad_extent(D, 64)}, 2 * sizeof(T));
+    switchyard::detail::checked_size(name, "execute", "memory_k",
+                                     {core::pad_extent(M, 64), core::pad_extent(D, 64)},
+                                     2 * sizeof(T));
+    switchyard::detail::checked_size(name, "execute", "q", {B, H, core::pad_extent(Tq, 64)},
+                                     sizeof(T));
     kernels::PlanAttentionArgs<T> a{};
     if (M > 0) {
       a.mem_k = extras.memory_k.data();

@@ -299,7 +299,23 @@ class RoutingAttention {
     const bool shared = cfg_.shared_qk;
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
     const std::int64_t S = shared ? Tq : k.extent(1);
+    core::detail::check_shape<const T, 4>(name, "route", "q", q, {"B", "T", "H", "D"},
+                                          Shape<4>{-1, -1, -1, -1});
     check_state(q, state, "route");
+    // The routing buffers: normalised q (and k) [B, H, T + S, D] and distances [B, H, C, T + S].
+    // Stride-0 views may claim any extents, so sizes are checked before anything is read.
+    switchyard::detail::checked_size(name, "route", "q", {B, H, Tq, core::pad_extent(D, 1)},
+                                     2 * sizeof(T));
+    if (!shared)
+      switchyard::detail::checked_size(name, "route", "k", {B, H, S, core::pad_extent(D, 1)},
+                                       2 * sizeof(T));
+    switchyard::detail::checked_size(
+        name, "route", "state.means",
+        {B, H, core::pad_extent(state.means.extent(1), 1), core::pad_extent(Tq, 1)}, sizeof(T));
+    if (!shared)
+      switchyard::detail::checked_size(
+          name, "route", "state.means",
+          {B, H, core::pad_extent(state.means.extent(1), 1), core::pad_extent(S, 1)}, sizeof(T));
     if (!shared) {
       core::detail::check_shape<const T, 4>(name, "route", "k", k, {"B", "S", "H", "D"},
                                             Shape<4>{B, -1, H, D}, "k matches q in B, H and D");
@@ -482,9 +498,20 @@ class RoutingAttention {
   KMeansState<T> init_state(ConstView<T, 4> q, ConstView<T, 4> k, std::uint64_t seed,
                             int iterations = 10) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
+    core::detail::check_shape<const T, 4>(name, "init_state", "q", q, {"B", "T", "H", "D"},
+                                          Shape<4>{-1, -1, -1, -1});
     const std::int64_t C = num_clusters(Tq);
     const bool sep = !cfg_.shared_qk && k.data() != nullptr;
+    if (sep) {
+      core::detail::check_shape<const T, 4>(name, "init_state", "k", k, {"B", "S", "H", "D"},
+                                            Shape<4>{B, -1, H, D}, "k matches q in B, H and D");
+    }
     const std::int64_t N = Tq + (sep ? k.extent(1) : 0);
+    // Normalised samples [B, H, N, D] and the per-head permutation [B * N] (each view is
+    // bounded by check_shape, but their sum and products are not).
+    switchyard::detail::checked_size(name, "init_state", "q", {B, H, N, core::pad_extent(D, 1)},
+                                     sizeof(T));
+    switchyard::detail::checked_size(name, "init_state", "num_clusters", {H, C, D}, sizeof(T));
     if (B * N < 1) {
       switchyard::detail::fail_config(name, "init_state", "q", "empty", "at least one token");
     }
@@ -613,6 +640,9 @@ class RoutingAttention {
            View<T, 4> out, const RoutingExtras<T>& ex, std::int64_t C, std::string_view fn) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
     const std::int64_t S = k.extent(1), M = memory_kv();
+    core::detail::check_no_alias(name, fn, "out", out, "q", q);
+    core::detail::check_no_alias(name, fn, "out", out, "k", k);
+    core::detail::check_no_alias(name, fn, "out", out, "v", v);
     PlanExtras<T> pe;
     core::Tensor<T> mk_copy, mv_copy;
     if (M == 0 && (ex.mem_key.data() || ex.mem_value.data())) {
@@ -649,10 +679,11 @@ class RoutingAttention {
     }
     const auto check_mask = [&](std::string_view arg, std::span<const std::uint8_t> m,
                                 std::int64_t n, std::string_view want, std::string_view why) {
-      if (!m.empty() && std::int64_t(m.size()) != B * n) {
+      const std::int64_t expected = core::bounded_product({B, n});
+      if (!m.empty() && std::int64_t(m.size()) != expected) {
         switchyard::detail::fail_shape(
             name, fn, arg, "[" + std::to_string(m.size()) + " entries]",
-            std::string(want) + " = " + std::to_string(B * n) + " entries", why);
+            std::string(want) + " = " + std::to_string(expected) + " entries", why);
       }
     };
     check_mask("query_mask", ex.query_mask, Tq, "[B, T]", "one keep flag per query token");

@@ -12,7 +12,9 @@
 #include <string>
 #include <type_traits>
 
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/gemm_kernel.hpp"
@@ -44,6 +46,8 @@ inline std::string op_shape(std::int64_t r, std::int64_t c, const char* rn, cons
 template <class T>
 std::array<std::int64_t, 3> gemm_check(std::string_view fn, const ConstView<T, 2>& a, Trans ta,
                                        const ConstView<T, 2>& b, Trans tb, const View<T, 2>& c) {
+  check_shape("core", fn, "a", a, {"rows", "cols"}, {-1, -1});
+  check_shape("core", fn, "b", b, {"rows", "cols"}, {-1, -1});
   const std::int64_t m = ta == Trans::no ? a.extent(0) : a.extent(1);
   const std::int64_t k = ta == Trans::no ? a.extent(1) : a.extent(0);
   const std::int64_t kb = tb == Trans::no ? b.extent(0) : b.extent(1);
@@ -59,6 +63,13 @@ std::array<std::int64_t, 3> gemm_check(std::string_view fn, const ConstView<T, 2
         "[M=" + std::to_string(m) + ", N=" + std::to_string(n) + "]",
         "op(a) is " + op_shape(m, k, "M", "K", ta) + ", op(b) is " + op_shape(k, n, "K", "N", tb));
   }
+  // Stride-0 views can claim any extents; the packing workspace and the loops need sizes
+  // that exist.
+  switchyard::detail::checked_size("core", fn, "a", {m, k}, sizeof(T));
+  switchyard::detail::checked_size("core", fn, "b", {k, n}, sizeof(T));
+  switchyard::detail::checked_size("core", fn, "c", {m, n}, sizeof(T));
+  check_no_alias("core", fn, "c", c, "a", a, "C is written while A is still read");
+  check_no_alias("core", fn, "c", c, "b", b, "C is written while B is still read");
   return {m, n, k};
 }
 
@@ -79,7 +90,8 @@ void gemm_run(const ConstView<T, 2>& a, Trans ta, const ConstView<T, 2>& b, Tran
 /// C = alpha * op(A) * op(B) + beta * C with a caller-provided workspace (no allocation).
 /// a: [M, K] (or [K, M] with ta = yes); b: [K, N] (or [N, K] with tb = yes); c: [M, N].
 /// Any strides (transposes and sub-views need no copies). beta = 0 overwrites C even
-/// where it holds NaN; alpha = 0 or K = 0 gives beta * C. C must not overlap A or B.
+/// where it holds NaN; alpha = 0 or K = 0 gives beta * C. C must not share memory with A
+/// or B (shape_error).
 /// workspace: at least gemm_workspace_bytes<T, Arch>(M, N, K) bytes, any alignment.
 /// Throws shape_error (naming gemm, the argument and both shapes) on mismatched
 /// extents or a too-small workspace.

@@ -1,10 +1,12 @@
 #pragma once
 // The one place switchyard runs work on several threads.
 //
-// Thread count: switchyard::set_num_threads(n) (n <= 0 restores the default,
-// the number of hardware threads), read back with switchyard::num_threads(),
-// or scoped with ScopedNumThreads. It is switchyard's own setting: OpenMP's and
-// Eigen's global settings are never changed.
+// Thread count: switchyard::set_num_threads(n) sets the process-wide value (n <= 0
+// restores the default, the number of hardware threads); switchyard::num_threads()
+// reads the value in force for the calling thread. ScopedNumThreads overrides it for
+// the calling thread only, until the scope ends: scopes on different threads do not see
+// each other, and nested scopes on one thread restore in order. It is switchyard's own
+// setting: OpenMP's and Eigen's global settings are never changed.
 //
 // Determinism: the caller splits its work into a fixed number of independent
 // tasks that does not depend on the thread count; each task is computed the
@@ -26,31 +28,43 @@ inline namespace v0 {
 
 namespace detail {
 inline std::atomic<int>& thread_setting() noexcept {
-  static std::atomic<int> setting{0};  // 0 = default
+  static std::atomic<int> setting{0};  // process-wide; 0 = default
   return setting;
+}
+/// The calling thread's ScopedNumThreads override: 0 = none, -1 = the default, n > 0 = n.
+inline int& thread_override() noexcept {
+  thread_local int override_value = 0;
+  return override_value;
+}
+inline int hardware_threads() noexcept {
+  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 }  // namespace detail
 
-/// Threads switchyard may use: the value set, else the hardware thread count.
+/// Threads switchyard may use from the calling thread: its ScopedNumThreads value if one is
+/// active, else the process-wide value set, else the hardware thread count.
 inline int num_threads() noexcept {
+  const int local = detail::thread_override();
+  if (local > 0) return local;
+  if (local < 0) return detail::hardware_threads();
   const int set = detail::thread_setting().load(std::memory_order_relaxed);
-  if (set > 0) return set;
-  return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  return set > 0 ? set : detail::hardware_threads();
 }
 
-/// Sets the threads every switchyard parallel loop may use; n <= 0 restores the default.
+/// Sets the process-wide thread count every switchyard parallel loop may use (threads inside
+/// a ScopedNumThreads keep their scope's value); n <= 0 restores the default.
 inline void set_num_threads(int n) noexcept {
   detail::thread_setting().store(n > 0 ? n : 0, std::memory_order_relaxed);
 }
 
-/// Sets the thread count for a scope and restores the previous setting after it.
+/// Sets the thread count of the calling thread for a scope (n <= 0: the default) and restores
+/// the thread's previous value after it. Other threads are not affected.
 class ScopedNumThreads {
  public:
-  explicit ScopedNumThreads(int n) noexcept
-      : saved_(detail::thread_setting().load(std::memory_order_relaxed)) {
-    set_num_threads(n);
+  explicit ScopedNumThreads(int n) noexcept : saved_(detail::thread_override()) {
+    detail::thread_override() = n > 0 ? n : -1;
   }
-  ~ScopedNumThreads() { detail::thread_setting().store(saved_, std::memory_order_relaxed); }
+  ~ScopedNumThreads() { detail::thread_override() = saved_; }
   ScopedNumThreads(const ScopedNumThreads&) = delete;
   ScopedNumThreads& operator=(const ScopedNumThreads&) = delete;
 

@@ -12,6 +12,7 @@
 #include <string>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/view.hpp"
 
 namespace switchyard {
@@ -104,16 +105,22 @@ class Tensor {
                         " is not supported; expected rank 1 to 4, shape " +
                         switchyard::detail::format_shape(shape));
     }
-    rank_ = static_cast<int>(shape.size());
-    numel_ = 1;
-    for (int i = 0; i < rank_; ++i) {
-      if (shape[i] < 0) {
+    for (std::int64_t e : shape) {
+      if (e < 0) {
         throw shape_error("Tensor: negative extent in shape " +
                           switchyard::detail::format_shape(shape));
       }
-      shape_[i] = shape[i];
-      numel_ *= shape[i];
     }
+    // Every partial product is checked, so [0, 2^62, 2^62] is rejected as well.
+    const std::int64_t n = core::bounded_product(shape, sizeof(T));
+    if (n < 0) {
+      throw shape_error("Tensor: shape " + switchyard::detail::format_shape(shape) +
+                        " overflows or needs more than " + std::to_string(core::max_buffer_bytes) +
+                        " bytes (core::max_buffer_bytes)");
+    }
+    rank_ = static_cast<int>(shape.size());
+    std::copy(shape.begin(), shape.end(), shape_.begin());
+    numel_ = n;
     const std::size_t bytes = std::max<std::size_t>(1, std::size_t(numel_)) * sizeof(T);
     data_.reset(static_cast<T*>(::operator new[](bytes, std::align_val_t{tensor_alignment})));
     std::memset(static_cast<void*>(data_.get()), 0, bytes);

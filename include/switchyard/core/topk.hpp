@@ -17,6 +17,7 @@
 #include <utility>
 #include <vector>
 
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
@@ -113,6 +114,11 @@ void topk(std::type_identity_t<ConstView<T, 2>> x, std::int64_t k, View<std::int
   detail::check_shape("core", "topk", "values", values, {"R", "K"}, {rows, k});
   detail::check_unit_inner_stride("core", "topk", "indices", indices);
   detail::check_unit_inner_stride("core", "topk", "values", values);
+  detail::check_shape("core", "topk", "x", x, {"R", "N"}, {-1, -1});
+  detail::check_no_alias("core", "topk", "values", values, "x", x);
+  detail::check_no_alias("core", "topk", "indices", indices, "x", x);
+  detail::check_no_alias("core", "topk", "values", values, "indices", indices);
+  switchyard::detail::checked_size("core", "topk", "x", {n}, 2 * sizeof(T) + 8);  // row scratch
   // Fixed chunks of rows (about 16k entries each), independent of the thread count.
   const std::int64_t chunk =
       std::max<std::int64_t>(1, (std::int64_t{1} << 14) / std::max<std::int64_t>(1, n));

@@ -8,6 +8,7 @@
 
 #include "switchyard/config.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -16,14 +17,16 @@ namespace core {
 template <int R>
 using Shape = std::array<std::int64_t, R>;
 
-/// Row-major (C-order) strides of a contiguous tensor with the given extents.
+/// Row-major (C-order) strides of a contiguous tensor with the given extents. Extents whose
+/// product overflows give wrapped (meaningless) strides instead of undefined behaviour; every
+/// public call rejects such a view through check_shape before it is used.
 template <int R>
 constexpr Shape<R> row_major_strides(const Shape<R>& shape) noexcept {
   Shape<R> strides{};
-  std::int64_t s = 1;
+  std::uint64_t s = 1;
   for (int i = R - 1; i >= 0; --i) {
-    strides[i] = s;
-    s *= shape[i];
+    strides[i] = static_cast<std::int64_t>(s);
+    s *= static_cast<std::uint64_t>(shape[i]);
   }
   return strides;
 }
@@ -55,12 +58,19 @@ class View {
   constexpr const Shape<R>& strides() const noexcept { return strides_; }
   constexpr std::int64_t extent(int i) const noexcept { return shape_[i]; }
   constexpr std::int64_t stride(int i) const noexcept { return strides_[i]; }
+  /// Product of the extents (wrapped, not undefined, when it overflows: check_shape rejects
+  /// such views at the boundary).
   constexpr std::int64_t numel() const noexcept {
-    std::int64_t n = 1;
-    for (auto e : shape_) n *= e;
-    return n;
+    std::uint64_t n = 1;
+    for (auto e : shape_) n *= static_cast<std::uint64_t>(e);
+    return static_cast<std::int64_t>(n);
   }
-  constexpr bool empty() const noexcept { return numel() == 0; }
+  /// True when some extent is 0.
+  constexpr bool empty() const noexcept {
+    for (auto e : shape_)
+      if (e == 0) return true;
+    return false;
+  }
   /// True when the elements are dense in row-major order.
   constexpr bool is_contiguous() const noexcept {
     std::int64_t s = 1;
@@ -117,9 +127,20 @@ template <class T, int R>
 void check_shape(std::string_view layer, std::string_view fn, std::string_view arg,
                  const View<T, R>& v, std::initializer_list<std::string_view> names,
                  const Shape<R>& expected, std::string_view why = {}) {
+  // A negative extent is never valid, also where the expected extent is "any" (-1).
   bool ok = true;
-  for (int d = 0; d < R; ++d) ok = ok && (expected[d] < 0 || expected[d] == v.extent(d));
-  if (ok) return;
+  for (int d = 0; d < R; ++d) {
+    ok = ok && v.extent(d) >= 0 && (expected[d] < 0 || expected[d] == v.extent(d));
+  }
+  if (ok) {
+    // Every partial product of the extents fits in max_buffer_bytes: a real buffer does, and
+    // a stride-0 view that claims more would make the loops over it run for ever.
+    if (bounded_product(v.shape(), sizeof(T)) >= 0) return;
+    switchyard::detail::fail_shape(layer, fn, arg,
+                                   switchyard::detail::format_shape(names, v.shape()),
+                                   "at most " + std::to_string(max_buffer_bytes) + " bytes",
+                                   "a view this large cannot address memory");
+  }
   std::string exp = "[";
   auto name = names.begin();
   for (int d = 0; d < R; ++d) {
@@ -129,6 +150,13 @@ void check_shape(std::string_view layer, std::string_view fn, std::string_view a
     if (expected[d] >= 0) exp += (n.empty() ? "" : "=") + std::to_string(expected[d]);
   }
   exp += "]";
+  for (int d = 0; d < R; ++d) {
+    if (v.extent(d) < 0) {
+      switchyard::detail::fail_shape(layer, fn, arg,
+                                     switchyard::detail::format_shape(names, v.shape()), exp,
+                                     "extents must be >= 0");
+    }
+  }
   switchyard::detail::fail_shape(layer, fn, arg, switchyard::detail::format_shape(names, v.shape()),
                                  exp, why);
 }

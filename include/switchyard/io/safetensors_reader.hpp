@@ -4,10 +4,14 @@
 // length N, N bytes of JSON, then the raw little-endian row-major data section.
 //
 // The whole header is validated when the file is opened, so later calls only
-// check what the caller asks for (dtype, rank). The file is read, not
-// memory-mapped: the data section is copied into one 64-byte aligned buffer
-// owned by the object, so views are aligned whatever N is, and they stay valid
-// while the SafeTensors object (or the one it was moved into) lives.
+// check what the caller asks for (dtype, rank). The header is untrusted input:
+// nesting deeper than max_header_depth is rejected while parsing (nothing about it
+// recurses), every partial product of a shape is bounded (shape_nbytes), offsets are
+// compared, never added, and values quoted in error messages are summarised or
+// truncated, so a hostile file gives one short switchyard::error, never a crash. The file is read,
+// not memory-mapped: the data section is copied into one 64-byte aligned buffer owned by the
+// object, so views are aligned whatever N is, and they stay valid while the SafeTensors object (or
+// the one it was moved into) lives.
 #include <algorithm>
 #include <array>
 #include <bit>
@@ -31,6 +35,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/io/dtype.hpp"
@@ -49,7 +54,8 @@ struct TensorInfo {
   std::vector<std::int64_t> shape;  // empty for a 0-d scalar
   std::uint64_t begin = 0, end = 0;
 
-  /// Product of the extents (1 for a 0-d scalar); validated not to overflow at open.
+  /// Product of the extents (1 for a 0-d scalar); at open, every partial product was
+  /// checked to stay within core::max_buffer_bytes, so this cannot overflow.
   std::int64_t numel() const noexcept {
     std::int64_t n = 1;
     for (auto e : shape) n *= e;
@@ -70,11 +76,31 @@ inline std::string quote(std::string_view s) {
   return out;
 }
 
-/// a * b into `out`; false on int64 overflow. Both operands are >= 0.
-inline bool checked_mul(std::int64_t a, std::int64_t b, std::int64_t& out) noexcept {
-  if (a != 0 && b > std::numeric_limits<std::int64_t>::max() / a) return false;
-  out = a * b;
-  return true;
+/// Tensor names, keys and values from a header longer than this are cut in messages.
+inline constexpr std::size_t max_quoted_chars = 80;
+
+/// quote() for text read from a header: cut to max_quoted_chars with "...", so a
+/// hostile name cannot make a huge message. (Paths and names the caller gave are not cut.)
+inline std::string quote_header(std::string_view s) {
+  if (s.size() <= max_quoted_chars) return quote(s);
+  std::string out = quote(s.substr(0, max_quoted_chars));
+  out.insert(out.size() - 1, "...");
+  return out;
+}
+
+/// A header value in a message: scalars as (cut) JSON text, arrays and objects by size
+/// only. Never recursive, unlike dump(), so depth cannot overflow the stack here either.
+inline std::string describe(const nlohmann::json& v) {
+  if (v.is_array()) return "[...] (an array of " + std::to_string(v.size()) + ")";
+  if (v.is_object()) return "{...} (an object of " + std::to_string(v.size()) + " keys)";
+  constexpr auto replace = nlohmann::json::error_handler_t::replace;  // invalid UTF-8
+  if (v.is_string() && v.get_ref<const std::string&>().size() > max_quoted_chars) {
+    std::string text = nlohmann::json(v.get_ref<const std::string&>().substr(0, max_quoted_chars))
+                           .dump(-1, ' ', false, replace);
+    text.insert(text.size() - 1, "...");
+    return text;
+  }
+  return v.dump(-1, ' ', false, replace);
 }
 
 struct AlignedBytes {
@@ -107,6 +133,10 @@ struct AlignedBytes {
 /// BF16 and F16 are read only through tensor<float>() / scalar<float>().
 class SafeTensors {
  public:
+  /// Deepest nesting of arrays and objects accepted in a header. A valid header needs 3
+  /// levels (root object, tensor entry, shape array); the bound stops hostile nesting early.
+  static constexpr int max_header_depth = 64;
+
   /// Reads and validates the whole file. Throws switchyard::error naming the
   /// file and the problem (cannot open, truncated, bad header...).
   static SafeTensors open(const std::string& path) {
@@ -183,7 +213,7 @@ class SafeTensors {
     if (it == index_.end()) {
       std::string known;
       for (std::size_t i = 0; i < infos_.size() && i < 20; ++i) {
-        known += (i ? ", " : "") + safetensors_detail::quote(infos_[i].name);
+        known += (i ? ", " : "") + safetensors_detail::quote_header(infos_[i].name);
       }
       if (infos_.size() > 20) known += ", ...";
       fail("info", source_,
@@ -222,7 +252,7 @@ class SafeTensors {
     }
     if (i.begin % alignof(T) != 0) {
       fail("view", source_,
-           "tensor " + safetensors_detail::quote(i.name) + ": data offset " +
+           "tensor " + safetensors_detail::quote_header(i.name) + ": data offset " +
                std::to_string(i.begin) + " is not a multiple of " + std::to_string(alignof(T)) +
                " bytes, so it cannot be viewed in place; use tensor<T>() for a copy");
     }
@@ -313,6 +343,15 @@ class SafeTensors {
     std::vector<std::set<std::string>> open_objects;
     std::string duplicate;
     const json::parser_callback_t on_event = [&](int depth, json::parse_event_t ev, json& parsed) {
+      const bool opens =
+          ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start;
+      // depth counts the containers around this one; stop here, before the parser builds
+      // (and anything later walks) a value deeper than the bound.
+      if (opens && depth >= max_header_depth) {
+        fail(loading_fn_, source_,
+             "header nests arrays/objects more than " + std::to_string(max_header_depth) +
+                 " levels deep");
+      }
       if (ev == json::parse_event_t::object_start) {
         open_objects.emplace_back();
       } else if (ev == json::parse_event_t::object_end) {
@@ -320,7 +359,7 @@ class SafeTensors {
       } else if (ev == json::parse_event_t::key && !open_objects.empty() && parsed.is_string()) {
         if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty()) {
           duplicate = (depth == 1 ? "tensor name " : "key ") +
-                      safetensors_detail::quote(parsed.get<std::string>());
+                      safetensors_detail::quote_header(parsed.get<std::string>());
         }
       }
       return true;
@@ -329,7 +368,14 @@ class SafeTensors {
     try {
       header = json::parse(text.begin(), text.end(), on_event);
     } catch (const json::exception& e) {
-      fail(loading_fn_, source_, std::string("header is not valid JSON: ") + e.what());
+      // Without nlohmann's "[json.exception.parse_error.101] " prefix, and cut: it quotes
+      // the last token read, which can be as long as the header.
+      std::string_view what = e.what();
+      if (what.rfind("[json.exception.", 0) == 0 && what.find("] ") != std::string_view::npos)
+        what.remove_prefix(what.find("] ") + 2);
+      std::string text(what.substr(0, 200));
+      if (what.size() > 200) text += "...";
+      fail(loading_fn_, source_, "header is not valid JSON: " + text);
     }
     if (!duplicate.empty()) fail(loading_fn_, source_, "header has a duplicate " + duplicate);
     if (!header.is_object()) {
@@ -354,9 +400,9 @@ class SafeTensors {
       if (i.begin == i.end) continue;
       if (furthest && i.begin < furthest->end) {
         fail(loading_fn_, source_,
-             "tensors " + safetensors_detail::quote(furthest->name) + " [" +
+             "tensors " + safetensors_detail::quote_header(furthest->name) + " [" +
                  std::to_string(furthest->begin) + ", " + std::to_string(furthest->end) + ") and " +
-                 safetensors_detail::quote(i.name) + " [" + std::to_string(i.begin) + ", " +
+                 safetensors_detail::quote_header(i.name) + " [" + std::to_string(i.begin) + ", " +
                  std::to_string(i.end) + ") have overlapping data_offsets");
       }
       if (!furthest || i.end > furthest->end) furthest = &i;
@@ -372,8 +418,8 @@ class SafeTensors {
     for (const auto& [k, v] : entry.items()) {
       if (!v.is_string()) {
         fail(loading_fn_, source_,
-             "__metadata__ value of " + safetensors_detail::quote(k) + " must be a string, got " +
-                 json_type(v));
+             "__metadata__ value of " + safetensors_detail::quote_header(k) +
+                 " must be a string, got " + json_type(v));
       }
       metadata_.emplace(k, v.get<std::string>());
     }
@@ -382,7 +428,7 @@ class SafeTensors {
   TensorInfo parse_entry(const std::string& name, const nlohmann::json& entry,
                          std::uint64_t data_size) const {
     const auto bad = [&](const std::string& what) {
-      fail(loading_fn_, source_, "tensor " + safetensors_detail::quote(name) + ": " + what);
+      fail(loading_fn_, source_, "tensor " + safetensors_detail::quote_header(name) + ": " + what);
     };
     if (!entry.is_object()) bad("entry must be a JSON object, got " + json_type(entry));
     for (const char* field : {"dtype", "shape", "data_offsets"}) {
@@ -393,42 +439,46 @@ class SafeTensors {
 
     const auto& dt = entry.at("dtype");
     if (!dt.is_string()) bad("\"dtype\" must be a string, got " + json_type(dt));
-    const auto parsed = parse_dtype(dt.get<std::string>());
+    const auto parsed = parse_dtype(dt.get_ref<const std::string&>());
     if (!parsed) {
-      bad("unknown or unsupported dtype \"" + dt.get<std::string>() +
-          "\" (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U64 U32 U16 U8 BOOL)");
+      bad("unknown or unsupported dtype " + safetensors_detail::describe(dt) +
+          " (supported: F64 F32 F16 BF16 I64 I32 I16 I8 U64 U32 U16 U8 BOOL)");
     }
     info.dtype = *parsed;
 
     const auto& shape = entry.at("shape");
     if (!shape.is_array()) bad("\"shape\" must be an array, got " + json_type(shape));
-    std::int64_t numel = 1;
     for (const auto& e : shape) {
-      if (!e.is_number_integer()) bad("\"shape\" has a non-integer extent " + e.dump());
+      if (!e.is_number_integer()) {
+        bad("\"shape\" has a non-integer extent " + safetensors_detail::describe(e));
+      }
       if (e.is_number_unsigned()
               ? e.get<std::uint64_t>() > std::uint64_t(std::numeric_limits<std::int64_t>::max())
               : e.get<std::int64_t>() < 0) {
-        bad("\"shape\" has a negative or too large extent " + e.dump());
+        bad("\"shape\" has a negative or too large extent " + safetensors_detail::describe(e));
       }
       info.shape.push_back(e.get<std::int64_t>());
     }
-    for (auto e : info.shape) {
-      if (!safetensors_detail::checked_mul(numel, e, numel)) {
-        bad("shape " + switchyard::detail::format_shape(info.shape) +
-            " has more elements than fit in int64 (numel overflow)");
-      }
-    }
-    std::int64_t nbytes = 0;
-    if (!safetensors_detail::checked_mul(numel, static_cast<std::int64_t>(dtype_size(info.dtype)),
-                                         nbytes)) {
+    // Every partial product, not only the full one: [0, 2^62, 2^62] holds 0 elements but
+    // its row-major strides would overflow in view().
+    const std::int64_t nbytes = shape_nbytes(info.shape, info.dtype);
+    if (nbytes < 0) {
       bad("shape " + switchyard::detail::format_shape(info.shape) + " of " +
-          std::string(dtype_name(info.dtype)) + " has a byte count that overflows int64");
+          std::string(dtype_name(info.dtype)) +
+          " is too large: a product of its extents (or its byte count) would overflow or "
+          "exceed " +
+          std::to_string(core::max_buffer_bytes) + " bytes");
     }
 
     const auto& off = entry.at("data_offsets");
     if (!off.is_array() || off.size() != 2 || !off[0].is_number_unsigned() ||
         !off[1].is_number_unsigned()) {
-      bad("\"data_offsets\" must be [begin, end] with non-negative integers, got " + off.dump());
+      std::string got = safetensors_detail::describe(off);
+      if (off.is_array() && off.size() == 2) {
+        got = "[" + safetensors_detail::describe(off[0]) + ", " +
+              safetensors_detail::describe(off[1]) + "]";
+      }
+      bad("\"data_offsets\" must be [begin, end] with non-negative integers, got " + got);
     }
     info.begin = off[0].get<std::uint64_t>();
     info.end = off[1].get<std::uint64_t>();
@@ -456,7 +506,7 @@ class SafeTensors {
         const auto v = std::to_integer<unsigned>(data_.ptr[b]);
         if (v > 1) {
           fail(loading_fn_, source_,
-               "tensor " + safetensors_detail::quote(i.name) + ": BOOL element " +
+               "tensor " + safetensors_detail::quote_header(i.name) + ": BOOL element " +
                    std::to_string(b - i.begin) + " has byte value " + std::to_string(v) +
                    " (must be 0 or 1)");
         }
@@ -473,7 +523,7 @@ class SafeTensors {
     std::string hint;
     if (half) hint = "; read BF16/F16 with tensor<float>() or scalar<float>()";
     throw shape_error(
-        "SafeTensors::" + std::string(fn) + ": tensor " + safetensors_detail::quote(i.name) +
+        "SafeTensors::" + std::string(fn) + ": tensor " + safetensors_detail::quote_header(i.name) +
         " in " + safetensors_detail::quote(source_) + " has dtype " +
         std::string(dtype_name(i.dtype)) + "; the requested C++ type reads " + want + hint);
   }

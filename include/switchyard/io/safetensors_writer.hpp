@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/io/dtype.hpp"
@@ -29,11 +30,12 @@ namespace io {
 class SafeTensorsWriter {
  public:
   /// Adds a row-major tensor; `shape` may be empty (a 0-d scalar) or hold zeros.
-  /// Throws switchyard::error on a duplicate or reserved name or a negative extent.
+  /// Throws switchyard::error on a duplicate or reserved name, a negative extent, or a
+  /// shape too large to hold (see shape_nbytes).
   template <class T>
   void add(std::string name, const T* data, std::vector<std::int64_t> shape) {
     static_assert(has_dtype_v<T>, "SafeTensorsWriter::add: T has no safetensors dtype");
-    const std::size_t n = count(name, shape);
+    const std::size_t n = count(name, shape, dtype_of<T>());
     std::vector<std::uint8_t> bytes(n * sizeof(T));
     if (n) std::memcpy(bytes.data(), static_cast<const void*>(data), bytes.size());
     push(std::move(name), dtype_of<T>(), std::move(shape), std::move(bytes));
@@ -45,7 +47,7 @@ class SafeTensorsWriter {
     using U = std::remove_const_t<T>;
     static_assert(has_dtype_v<U>, "SafeTensorsWriter::add: T has no safetensors dtype");
     std::vector<std::int64_t> shape(v.shape().begin(), v.shape().end());
-    const std::size_t n = count(name, shape);
+    const std::size_t n = count(name, shape, dtype_of<U>());
     std::vector<std::uint8_t> bytes;  // not std::vector<U>: vector<bool> has no data()
     bytes.reserve(n * sizeof(U));
     if (n) gather(v, 0, 0, bytes);
@@ -62,7 +64,7 @@ class SafeTensorsWriter {
   /// Throws switchyard::error if the byte count disagrees with shape and dtype.
   void add_raw(std::string name, DType dtype, std::vector<std::int64_t> shape,
                std::span<const std::uint8_t> bytes) {
-    const std::size_t n = count(name, shape);
+    const std::size_t n = count(name, shape, dtype);
     if (bytes.size() != n * dtype_size(dtype)) {
       throw switchyard::error(
           "SafeTensorsWriter::add_raw: tensor '" + name + "': " + std::to_string(bytes.size()) +
@@ -125,18 +127,27 @@ class SafeTensorsWriter {
     std::vector<std::uint8_t> bytes;
   };
 
-  std::size_t count(const std::string& name, const std::vector<std::int64_t>& shape) const {
+  /// Elements of `shape`, after checking the name and that every partial product of the
+  /// extents (times the element size) stays within core::max_buffer_bytes.
+  std::size_t count(const std::string& name, const std::vector<std::int64_t>& shape,
+                    DType dtype) const {
     const auto fail = [&](const std::string& what) {
       throw switchyard::error("SafeTensorsWriter::add: tensor '" + name + "': " + what);
     };
     if (name == "__metadata__") fail("the name __metadata__ is reserved");
     if (names_.count(name)) fail("a tensor of this name was already added");
-    std::size_t n = 1;
     for (auto e : shape) {
       if (e < 0) fail("negative extent in shape " + switchyard::detail::format_shape(shape));
-      n *= static_cast<std::size_t>(e);
     }
-    return n;
+    const std::int64_t bytes = shape_nbytes(shape, dtype);
+    if (bytes < 0) {
+      fail("shape " + switchyard::detail::format_shape(shape) + " of " +
+           std::string(dtype_name(dtype)) +
+           " is too large: a product of its extents (or its byte count) would overflow or "
+           "exceed " +
+           std::to_string(core::max_buffer_bytes) + " bytes");
+    }
+    return static_cast<std::size_t>(bytes) / dtype_size(dtype);
   }
 
   void push(std::string name, DType dtype, std::vector<std::int64_t> shape,

@@ -29,12 +29,14 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <memory>
 #include <span>
 #include <string>
 #include <string_view>
 #include <type_traits>
 
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -278,6 +280,17 @@ class MoELayer {
       switchyard::detail::fail_config(name, fn, "activation", static_cast<int>(cfg.activation),
                                       "swiglu, gelu or relu");
     if (cfg_.shared_d_ff == 0) cfg_.shared_d_ff = cfg_.d_ff;
+    // Plans hold expert ids as int32; per-expert weight panels [d_ff, d_model] are packed
+    // into scratch, so their sizes must be representable.
+    if (cfg.num_experts > std::numeric_limits<std::int32_t>::max())
+      switchyard::detail::fail_config(name, fn, "num_experts", cfg.num_experts, "<= 2^31 - 1");
+    if (core::bounded_product({core::pad_extent(cfg.num_shared_experts, 1), cfg.d_model},
+                              sizeof(T)) < 0)
+      switchyard::detail::fail_config(name, fn, "num_shared_experts", cfg.num_shared_experts,
+                                      "(num_shared_experts + 1) * d_model within max_buffer_bytes");
+    if (core::bounded_product({cfg_.d_model, std::max(cfg_.d_ff, cfg_.shared_d_ff)}, sizeof(T)) < 0)
+      switchyard::detail::fail_config(name, fn, "d_ff", std::max(cfg_.d_ff, cfg_.shared_d_ff),
+                                      "d_model * d_ff within core::max_buffer_bytes");
   }
 
   /// The config, with shared_d_ff resolved (never 0).
@@ -301,7 +314,8 @@ class MoELayer {
   }
 
   /// plan: routing of the T tokens (plan.num_tokens == T, plan.num_experts == E);
-  /// x: [T, d] (any strides); y: [T, d], overwritten (any strides; may be x itself).
+  /// x: [T, d] (any strides); y: [T, d], overwritten (any strides; may be x itself, the same
+  /// view, but must not otherwise share memory with x: shape_error).
   /// workspace: at least workspace_bytes(plan) bytes, any alignment; nothing is allocated.
   /// mask: optional keep-mask over the T tokens; a masked token outputs 0 (no shared expert
   /// either) even if the plan lists it. T = 0 is valid and does nothing.
@@ -315,6 +329,9 @@ class MoELayer {
     const std::int64_t tokens = plan.num_tokens, d = cfg_.d_model;
     core::detail::check_shape(name, fn, "y", y, {"T", "D"}, {tokens, d},
                               "T = plan.num_tokens, D = d_model");
+    // In place (y is exactly x) works: every expert reads x before the combine writes y.
+    const bool in_place = y.data() == x.data() && y.strides() == x.strides();
+    if (!in_place) core::detail::check_no_alias(name, fn, "y", y, "x", x, "or y is x itself");
     if (tokens == 0) return;
     const std::int64_t nnz = plan.nnz();
     const Layout l = layout(tokens, nnz);
@@ -421,6 +438,18 @@ class MoELayer {
     }
     core::detail::check_shape(name, fn, "x", x, {"T", "D"}, {tokens, d},
                               "T = plan.num_tokens, D = d_model");
+    // The workspace holds nnz + S * T output rows of d_model (layout()); a plan or a stride-0
+    // x may claim any number of tokens, so the size is checked before it is computed.
+    std::int64_t rows = 0;
+    if (core::mul_overflows(S, tokens, rows) || core::add_overflows(rows, plan.nnz(), rows) ||
+        core::bounded_product({rows, d}, sizeof(T)) < 0 ||
+        core::bounded_product({tokens, 2}, sizeof(std::int64_t)) < 0) {
+      const std::int64_t got[3] = {tokens, plan.nnz(), S};
+      switchyard::detail::fail_shape(
+          name, fn, "plan", switchyard::detail::format_shape({"T", "nnz", "shared"}, got),
+          "(nnz + shared * T) * d_model * sizeof(T) <= " + std::to_string(core::max_buffer_bytes),
+          "the output rows of every expert live in the workspace");
+    }
     detail::check_expert_weights(name, fn, "", w.experts, E, d, cfg_.d_ff, cfg_.activation);
     if (S > 0) {
       detail::check_expert_weights(name, fn, "shared.", w.shared, S, d, cfg_.shared_d_ff,

@@ -14,9 +14,13 @@
 #include <limits>
 #include <span>
 #include <string>
+#include <string_view>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/view.hpp"
 
 namespace switchyard {
@@ -58,6 +62,10 @@ struct DroppedChoice {
   std::int32_t slot = 0;
   std::int32_t expert = 0;
 };
+
+/// Largest token count, expert count and top_k a plan may have: token ids, expert ids and
+/// slots are stored as int32, so a larger count could not be indexed.
+inline constexpr std::int64_t max_plan_extent = std::numeric_limits<std::int32_t>::max();
 
 template <class T>
 struct DispatchPlan {
@@ -108,7 +116,21 @@ struct DispatchPlan {
   }
 
   /// Empties the plan for a new routing call, keeping the allocated memory.
+  /// Throws config_error for a count outside [0, max_plan_extent] and shape_error when the
+  /// [T, K] views would exceed core::max_buffer_bytes, before allocating anything.
   void reset(std::int64_t tokens, std::int64_t experts, std::int64_t k) {
+    constexpr std::string_view layer = "DispatchPlan";
+    const auto in_range = [&](std::string_view arg, std::int64_t v) {
+      if (v < 0 || v > max_plan_extent) {
+        switchyard::detail::fail_config(layer, "reset", arg, v,
+                                        "a count in [0, 2147483647] (ids are int32)");
+      }
+    };
+    in_range("tokens", tokens);
+    in_range("experts", experts);
+    in_range("k", k);
+    const std::int64_t tk = switchyard::detail::checked_size(
+        layer, "reset", "[tokens, k]", {tokens, k}, sizeof(std::int32_t) + sizeof(T));
     num_tokens = tokens;
     num_experts = experts;
     top_k = k;
@@ -118,8 +140,8 @@ struct DispatchPlan {
     token_index.clear();
     slot.clear();
     gate.clear();
-    choice_expert.assign(static_cast<std::size_t>(tokens * k), -1);
-    choice_weight.assign(static_cast<std::size_t>(tokens * k), T(0));
+    choice_expert.assign(static_cast<std::size_t>(tk), -1);
+    choice_weight.assign(static_cast<std::size_t>(tk), T(0));
     dropped.clear();
     stats.tokens_per_expert.assign(static_cast<std::size_t>(experts), 0);
     stats.kept_per_expert.assign(static_cast<std::size_t>(experts), 0);
@@ -128,31 +150,60 @@ struct DispatchPlan {
     stats.aux_loss = stats.z_loss = stats.entropy = 0;
   }
 
-  /// Throws switchyard::error naming the first broken invariant: offsets
-  /// monotone and sized E+1; token indices in range and strictly ascending inside
-  /// each expert (so no duplicate (token, expert) pair); slots in range; finite
-  /// gates; no expert over capacity; token-side views consistent with the CSR runs.
+  /// Throws switchyard::error naming the first broken invariant: sizes within
+  /// [0, max_plan_extent] (E >= 1); capacity and requested_capacity -1 or >= 0; offsets
+  /// monotone and sized E+1; token indices in range and strictly ascending inside each
+  /// expert (so no duplicate (token, expert) pair); slots in range; finite gates; no expert
+  /// over capacity; token-side views consistent with the CSR runs; statistics arrays empty
+  /// (absent) or of length E. Safe on any field values: the sizes are checked before they
+  /// index or multiply anything, and nothing is allocated.
   void check() const {
     const auto fail = [](const std::string& what) {
       throw switchyard::error("DispatchPlan::check: " + what);
     };
-    if (num_tokens < 0 || num_experts < 1 || top_k < 0) fail("bad sizes");
+    const auto count_in_range = [&](const char* name, std::int64_t v, std::int64_t lo) {
+      if (v < lo || v > max_plan_extent) {
+        fail("bad sizes: " + std::string(name) + " = " + std::to_string(v) + "; expected [" +
+             std::to_string(lo) + ", " + std::to_string(max_plan_extent) + "] (ids are int32)");
+      }
+    };
+    count_in_range("num_tokens", num_tokens, 0);
+    count_in_range("num_experts", num_experts, 1);
+    count_in_range("top_k", top_k, 0);
+    if (capacity < -1 || requested_capacity < -1) {
+      fail("capacity = " + std::to_string(capacity) + ", requested_capacity = " +
+           std::to_string(requested_capacity) + "; each must be -1 (none) or >= 0");
+    }
+    // Monotone from 0 to nnz, so every offset lies in [0, nnz] and every difference
+    // below is a valid, non-overflowing run length.
     if (static_cast<std::int64_t>(expert_offsets.size()) != num_experts + 1 ||
         expert_offsets.front() != 0 || expert_offsets.back() != nnz()) {
       fail("expert_offsets must have E+1 entries from 0 to nnz");
+    }
+    for (std::int64_t e = 0; e < num_experts; ++e) {
+      if (expert_offsets[e + 1] < expert_offsets[e])
+        fail("expert_offsets decrease at expert " + std::to_string(e));
     }
     if (slot.size() != token_index.size() || gate.size() != token_index.size()) {
       fail("token_index, slot and gate differ in length");
     }
     const bool token_choice = top_k > 0;
+    // T and K are at most 2^31 - 1 here, so T * K cannot overflow int64.
     if (token_choice && (static_cast<std::int64_t>(choice_expert.size()) != num_tokens * top_k ||
                          choice_weight.size() != choice_expert.size())) {
       fail("choice views must be [T, K]");
     }
-    std::vector<std::int64_t> kept_per_token(static_cast<std::size_t>(num_tokens), 0);
+    const auto per_expert = [&](const char* name, std::size_t n) {
+      if (n != 0 && static_cast<std::int64_t>(n) != num_experts) {
+        fail("stats." + std::string(name) + " has " + std::to_string(n) +
+             " entries; expected 0 (absent) or E=" + std::to_string(num_experts));
+      }
+    };
+    per_expert("tokens_per_expert", stats.tokens_per_expert.size());
+    per_expert("kept_per_expert", stats.kept_per_expert.size());
+    per_expert("mean_prob", stats.mean_prob.size());
     for (std::int64_t e = 0; e < num_experts; ++e) {
       const std::int64_t b = expert_offsets[e], n = expert_offsets[e + 1] - b;
-      if (n < 0) fail("expert_offsets decrease at expert " + std::to_string(e));
       if (capacity >= 0 && n > capacity) {
         fail("expert " + std::to_string(e) + " holds " + std::to_string(n) +
              " tokens, over capacity " + std::to_string(capacity));
@@ -169,7 +220,6 @@ struct DispatchPlan {
         if (token_choice && choice_expert[t * top_k + slot[i]] != e) {
           fail("choice_expert disagrees with the CSR run of expert " + std::to_string(e));
         }
-        ++kept_per_token[t];
       }
     }
     for (const auto& d : dropped) {
@@ -246,37 +296,60 @@ void build_csr_from_choices(DispatchPlan<T>& plan, std::span<const std::uint8_t>
 
 }  // namespace detail
 
-/// A token-choice plan from explicit choices, for users who route elsewhere and
-/// for tests. experts: [T, K] expert ids (-1 = unused), weights: [T, K] combine
-/// weights. Nothing is dropped. Throws shape_error / config_error on bad input.
+/// A token-choice plan from explicit choices, for users who route elsewhere and for
+/// tests. experts: [T, K] expert ids (-1 = unused), weights: [T, K] combine weights, finite
+/// where the expert is used (the weight of an unused slot is ignored and stored as 0).
+/// Nothing is dropped. Throws config_error for E outside [1, max_plan_extent], an id
+/// outside [-1, E), a repeated expert in a row or a non-finite weight, and shape_error for
+/// mismatched shapes or a [T, K] too large to allocate (checked before allocating).
 template <class T, class Index>
 DispatchPlan<T> make_token_choice_plan(std::int64_t num_experts, ConstView<Index, 2> experts,
                                        ConstView<T, 2> weights) {
-  constexpr std::string_view layer = "DispatchPlan";
-  if (num_experts < 1) {
-    switchyard::detail::fail_config(layer, "make_token_choice_plan", "num_experts", num_experts,
-                                    ">= 1");
+  static_assert(std::is_integral_v<Index> && !std::is_same_v<Index, bool>,
+                "make_token_choice_plan: expert ids must be integers");
+  constexpr std::string_view layer = "DispatchPlan", fn = "make_token_choice_plan";
+  if (num_experts < 1 || num_experts > max_plan_extent) {
+    switchyard::detail::fail_config(layer, fn, "num_experts", num_experts,
+                                    "in [1, 2147483647] (expert ids are int32)");
   }
   const std::int64_t tokens = experts.extent(0), k = experts.extent(1);
-  core::detail::check_shape(layer, "make_token_choice_plan", "weights", weights, {"T", "K"},
-                            {tokens, k}, "must match experts");
+  // Sizes first (the views may be stride-0 and claim any extent): the plan's [T, K] views
+  // must be allocatable and indexable by int32 before anything is read or allocated.
+  switchyard::detail::checked_size(layer, fn, "experts", {tokens, k},
+                                   sizeof(std::int32_t) + sizeof(T));
+  if (tokens > max_plan_extent || k > max_plan_extent) {
+    switchyard::detail::fail_shape(layer, fn, "experts",
+                                   switchyard::detail::format_shape({"T", "K"}, experts.shape()),
+                                   "T, K <= 2147483647", "token ids and slots are int32");
+  }
+  core::detail::check_shape(layer, fn, "weights", weights, {"T", "K"}, {tokens, k},
+                            "must match experts");
   DispatchPlan<T> plan;
   plan.reset(tokens, num_experts, k);
   for (std::int64_t t = 0; t < tokens; ++t) {
     for (std::int64_t s = 0; s < k; ++s) {
-      const auto e = static_cast<std::int64_t>(experts(t, s));
-      if (e < -1 || e >= num_experts) {
-        switchyard::detail::fail_config(layer, "make_token_choice_plan", "experts", e,
+      // std::cmp_* compare across signedness, so an unsigned 2^64 - 1 is out of range
+      // rather than wrapping to the "unused" marker -1.
+      const Index raw = experts(t, s);
+      if (std::cmp_less(raw, -1) || std::cmp_greater_equal(raw, num_experts)) {
+        switchyard::detail::fail_config(layer, fn, "experts", +raw,
                                         "-1 or an expert id below " + std::to_string(num_experts));
       }
+      const auto e = static_cast<std::int64_t>(raw);
       for (std::int64_t r = 0; r < s && e >= 0; ++r) {
         if (experts(t, r) == experts(t, s)) {
-          switchyard::detail::fail_config(layer, "make_token_choice_plan", "experts", e,
+          switchyard::detail::fail_config(layer, fn, "experts", e,
                                           "each expert at most once per token");
         }
       }
+      const T w = weights(t, s);
+      if (e >= 0 && !std::isfinite(static_cast<double>(w))) {
+        switchyard::detail::fail_config(
+            layer, fn, "weights", static_cast<double>(w),
+            "finite weights (token " + std::to_string(t) + ", slot " + std::to_string(s) + ")");
+      }
       plan.choice_expert[t * k + s] = static_cast<std::int32_t>(e);
-      plan.choice_weight[t * k + s] = e >= 0 ? weights(t, s) : T(0);
+      plan.choice_weight[t * k + s] = e >= 0 ? w : T(0);
       if (e >= 0) ++plan.stats.tokens_per_expert[e];
     }
   }

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -56,6 +57,9 @@ void router_logits(ConstView<T, 2> x, ConstView<T, 2> router_weight, View<T, 2> 
                             {-1, d}, "nn.Linear layout [out, in]: d must equal x's columns");
   core::detail::check_shape("moe", "router_logits", "logits", logits, {"T", "E"},
                             {x.extent(0), experts});
+  core::detail::check_no_alias("moe", "router_logits", "logits", logits, "x", x);
+  core::detail::check_no_alias("moe", "router_logits", "logits", logits, "router_weight",
+                               router_weight);
   if (x.extent(0) == 0) return;
   core::gemm<T, Arch>(x, core::Trans::no, router_weight, core::Trans::yes, logits, T(1), T(0));
 }
@@ -88,7 +92,12 @@ inline Capacity compute_capacity(std::int64_t tokens, std::int64_t k, std::int64
   const double r =
       rounding == CapacityRounding::ceil ? std::ceil(raw - 1e-9) : std::floor(raw + 1e-9);
   Capacity c;
-  c.requested = std::max<std::int64_t>(static_cast<std::int64_t>(r), min_capacity);
+  // A formula value past int64 (a capacity_factor like 1e300 gives inf) saturates, so the
+  // clamp below stays visible instead of the cast being undefined.
+  constexpr double int64_limit = 9.2e18;  // < 2^63, exactly representable as a double
+  const std::int64_t formula = r < int64_limit ? static_cast<std::int64_t>(std::max(r, 0.0))
+                                               : std::numeric_limits<std::int64_t>::max();
+  c.requested = std::max<std::int64_t>(formula, min_capacity);
   c.value = std::min(c.requested, tokens);
   c.clamped = c.value != c.requested;
   return c;
@@ -111,6 +120,12 @@ void check_logits(std::string_view router, ConstView<T, 2> logits, std::int64_t 
   core::detail::check_shape(router, "route", "logits", logits, {"T", "E"}, {-1, experts},
                             "E must equal the router's num_experts");
   core::detail::check_unit_inner_stride(router, "route", "logits", logits);
+  // Plans store token ids as int32 (DispatchPlan::token_index).
+  if (logits.extent(0) > std::numeric_limits<std::int32_t>::max()) {
+    switchyard::detail::fail_shape(router, "route", "logits",
+                                   switchyard::detail::format_shape({"T", "E"}, logits.shape()),
+                                   "[T <= 2^31 - 1, E]", "plans index tokens with int32");
+  }
   if (!mask.keep.empty() && static_cast<std::int64_t>(mask.keep.size()) != logits.extent(0)) {
     const std::int64_t got[1] = {static_cast<std::int64_t>(mask.keep.size())};
     switchyard::detail::fail_shape(
@@ -120,8 +135,10 @@ void check_logits(std::string_view router, ConstView<T, 2> logits, std::int64_t 
 }
 
 inline void check_num_experts(std::string_view router, std::int64_t experts) {
-  if (experts < 1)
-    switchyard::detail::fail_config(router, "config", "num_experts", experts, ">= 1");
+  // Plans store expert ids as int32 (DispatchPlan::choice_expert).
+  if (experts < 1 || experts > std::numeric_limits<std::int32_t>::max())
+    switchyard::detail::fail_config(router, "config", "num_experts", experts,
+                                    "1 <= num_experts <= 2^31 - 1");
 }
 
 inline void check_top_k(std::string_view router, std::int64_t k, std::int64_t experts) {

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
@@ -136,7 +137,8 @@ void match_one(ConstView<T, 2> metric, std::int64_t b, const BipartiteMatchingCo
 /// metric: [B, N, C] similarity features (ToMe: keys averaged over heads); sizes: [B, N] token
 /// sizes > 0, or none for all ones. Returns the MergePlan of ToMe's bipartite soft matching with
 /// r clamped to min(r, (N - protected) / 2); r = 0 after clamping gives the identity plan.
-/// Throws config_error for r < 0 or a size <= 0 (or NaN), shape_error for sizes not [B, N].
+/// Throws config_error for r < 0, a size that is <= 0, NaN or inf, or merged sizes that
+/// overflow to inf; shape_error for sizes not [B, N] or a metric too large to index.
 template <class T>
 MergePlan<T> bipartite_soft_matching(ConstView<T, 3> metric, const BipartiteMatchingConfig& cfg,
                                      std::optional<ConstView<T, 2>> sizes = std::nullopt) {
@@ -146,6 +148,12 @@ MergePlan<T> bipartite_soft_matching(ConstView<T, 3> metric, const BipartiteMatc
   if (metric.extent(2) < 1)
     core::detail::check_shape(layer, fn, "metric", metric, {"B", "N", "C"}, {-1, -1, 1},
                               "the metric needs at least one channel");
+  core::detail::check_shape(layer, fn, "metric", metric, {"B", "N", "C"}, {-1, -1, -1});
+  // Buffers sized from the metric (a stride-0 view may claim any extent): the plan's [B, N]
+  // index arrays, the per-thread normalised metric [N, C] and the [N/2, N/2] scores.
+  switchyard::detail::checked_size(layer, fn, "metric", {B, N}, sizeof(std::int64_t) * 3);
+  switchyard::detail::checked_size(layer, fn, "metric", {N, metric.extent(2)}, sizeof(T));
+  switchyard::detail::checked_size(layer, fn, "metric", {(N + 1) / 2, N / 2}, sizeof(T));
   MergePlan<T> plan;
   plan.batch = B;
   plan.num_tokens = N;
@@ -158,13 +166,13 @@ MergePlan<T> bipartite_soft_matching(ConstView<T, 3> metric, const BipartiteMatc
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t i = 0; i < N; ++i) {
         const T v = (*sizes)(b, i);
-        if (!(v > T(0))) {
+        if (!(v > T(0)) || !std::isfinite(v)) {
           switchyard::detail::fail_config(
               layer, fn, "sizes",
               std::to_string(v) + " at [b=" + std::to_string(b) + ", n=" + std::to_string(i) +
                   "] of sizes with shape " +
                   switchyard::detail::format_shape({"B", "N"}, sizes->shape()),
-              "every size > 0");
+              "every size finite and > 0");
         }
         plan.size_in(b, i) = v;
       }
@@ -197,6 +205,13 @@ MergePlan<T> bipartite_soft_matching(ConstView<T, 3> metric, const BipartiteMatc
     std::vector<T> normed, scores;
     detail::match_one<T>(metric[b], b, cfg, plan, normed, scores);
   });
+  // Finite sizes can still sum past the type's range; merge_wavg would then divide by inf.
+  for (std::int64_t i = 0; i < plan.size_out.numel(); ++i) {
+    if (!std::isfinite(plan.size_out[i])) {
+      switchyard::detail::fail_config(layer, fn, "sizes", "a merged size of inf",
+                                      "sizes whose merged sums stay finite");
+    }
+  }
   return plan;
 }
 

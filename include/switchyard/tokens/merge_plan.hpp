@@ -9,6 +9,7 @@
 #include <string>
 #include <vector>
 
+#include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
@@ -60,6 +61,69 @@ struct MergePlan {
     const std::int64_t* off = group_offsets.data() + b * (num_out + 1);
     const std::int64_t* base = group_members.data() + b * num_tokens;
     return {base + off[o], base + off[o + 1]};
+  }
+
+  /// Throws config_error naming the first broken invariant of a plan that was edited or built
+  /// by hand: sizes (B, N >= 0, 0 <= r, num_out = N - r >= 0), array lengths, every dest in
+  /// [0, num_out), and group_offsets/group_members listing exactly the tokens of each dest.
+  /// Every call that applies the plan runs it first (O(B N), small next to the O(B N C) work).
+  void check() const {
+    const auto fail = [](const std::string& what) {
+      throw config_error("MergePlan::check: " + what);
+    };
+    if (batch < 0 || num_tokens < 0 || r < 0 || num_out != num_tokens - r || num_out < 0)
+      fail("sizes B=" + std::to_string(batch) + ", N=" + std::to_string(num_tokens) +
+           ", r=" + std::to_string(r) + ", N_out=" + std::to_string(num_out) +
+           " are inconsistent; expected B, N, r >= 0 and N_out = N - r >= 0");
+    std::int64_t bn = 0, offsets = 0;
+    if (core::mul_overflows(batch, num_tokens, bn) ||
+        core::mul_overflows(batch, num_out + 1, offsets))
+      fail("sizes B=" + std::to_string(batch) + ", N=" + std::to_string(num_tokens) + " overflow");
+    const auto expect_len = [&](std::string_view field, std::size_t got, std::int64_t want) {
+      if (static_cast<std::int64_t>(got) != want)
+        fail("field '" + std::string(field) + "' has " + std::to_string(got) +
+             " entries; expected " + std::to_string(want));
+    };
+    expect_len("dest", dest.size(), bn);
+    expect_len("group_members", group_members.size(), bn);
+    expect_len("group_offsets", group_offsets.size(), offsets);
+    expect_len("size_in", static_cast<std::size_t>(size_in.numel()), bn);
+    expect_len("size_out", static_cast<std::size_t>(size_out.numel()), batch * num_out);
+    if (r > 0) {  // the reference's index arrays, read by UnmergeOrder::reference
+      const std::int64_t num_a = (num_tokens + 1) / 2, num_b = num_tokens / 2;
+      if (r > num_a || r > num_b) fail("r = " + std::to_string(r) + " exceeds the token sets");
+      expect_len("unm_idx", unm_idx.size(), batch * (num_a - r));
+      expect_len("src_idx", src_idx.size(), batch * r);
+      expect_len("dst_idx", dst_idx.size(), batch * r);
+      const auto in_range = [&](std::string_view field, const std::vector<std::int64_t>& v,
+                                std::int64_t n) {
+        for (std::size_t i = 0; i < v.size(); ++i)
+          if (v[i] < 0 || v[i] >= n)
+            fail("field '" + std::string(field) + "[" + std::to_string(i) +
+                 "]' = " + std::to_string(v[i]) + " is outside [0, " + std::to_string(n) + ")");
+      };
+      in_range("unm_idx", unm_idx, num_a);
+      in_range("src_idx", src_idx, num_a);
+      in_range("dst_idx", dst_idx, num_b);
+    }
+    for (std::int64_t b = 0; b < batch; ++b) {
+      const std::int64_t* off = group_offsets.data() + b * (num_out + 1);
+      if (off[0] != 0 || off[num_out] != num_tokens)
+        fail("group_offsets of batch " + std::to_string(b) + " do not span [0, N)");
+      for (std::int64_t o = 0; o < num_out; ++o) {
+        if (off[o + 1] <= off[o])
+          fail("group_offsets of batch " + std::to_string(b) + " are not increasing at row " +
+               std::to_string(o) + " (every output row holds at least one token)");
+      }
+      for (std::int64_t o = 0; o < num_out; ++o) {
+        for (std::int64_t k = off[o]; k < off[o + 1]; ++k) {
+          const std::int64_t i = group_members[b * num_tokens + k];
+          if (i < 0 || i >= num_tokens || dest[b * num_tokens + i] != o)
+            fail("group_members[" + std::to_string(b * num_tokens + k) + "] = " +
+                 std::to_string(i) + " is not a token whose dest is row " + std::to_string(o));
+        }
+      }
+    }
   }
 
   /// x: [B, N, C] -> out: [B, N-r, C]. The reference's merge(x, mode): each output row reduces
@@ -132,12 +196,15 @@ struct MergePlan {
   /// into it (for dense prediction). `order` picks the true inverse or ToMe's literal unmerge.
   void unmerge(ConstView<T, 3> x, View<T, 3> out,
                UnmergeOrder order = UnmergeOrder::inverse) const {
+    check();
     core::detail::check_shape("MergePlan", "unmerge", "x", x, {"B", "N_out", "C"},
                               {batch, num_out, -1}, "rows of the merged tensor");
     core::detail::check_shape("MergePlan", "unmerge", "out", out, {"B", "N", "C"},
                               {batch, num_tokens, x.extent(2)});
     core::detail::check_unit_inner_stride("MergePlan", "unmerge", "x", x);
     core::detail::check_unit_inner_stride("MergePlan", "unmerge", "out", out);
+    core::detail::check_no_alias("MergePlan", "unmerge", "out", out, "x", x,
+                                 "rows of x are read after rows of out are written");
     const std::vector<std::int64_t> rows =
         order == UnmergeOrder::reference ? reference_unmerge_rows() : dest;
     if (x.extent(2) == 0) return;
@@ -161,6 +228,7 @@ struct MergePlan {
   /// Returns the source map [B, N-r, N]: 1 where input token j went into output token i, else 0
   /// (ToMe's merge_source with no previous source: amax-merge of the identity).
   core::Tensor<T> source() const {
+    check();
     core::Tensor<T> out({batch, num_out, num_tokens});
     for (std::int64_t b = 0; b < batch; ++b)
       for (std::int64_t i = 0; i < num_tokens; ++i) out(b, dest[b * num_tokens + i], i) = T(1);
@@ -180,12 +248,15 @@ struct MergePlan {
  private:
   template <class X, class O>
   void check_merge_args(std::string_view fn, const X& x, const O& out) const {
+    check();
     core::detail::check_shape("MergePlan", fn, "x", x, {"B", "N", "C"}, {batch, num_tokens, -1},
                               "tokens must be those the plan was built from");
     core::detail::check_shape("MergePlan", fn, "out", out, {"B", "N_out", "C"},
                               {batch, num_out, x.extent(2)});
     core::detail::check_unit_inner_stride("MergePlan", fn, "x", x);
     core::detail::check_unit_inner_stride("MergePlan", fn, "out", out);
+    core::detail::check_no_alias("MergePlan", fn, "out", out, "x", x,
+                                 "rows of x are read after rows of out are written");
   }
 
   // ToMe's unmerge reads rows [0, unm) as unmerged A tokens and the rest as B tokens in order,

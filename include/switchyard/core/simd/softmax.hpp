@@ -105,6 +105,7 @@ template <class T, class Arch = simd::default_arch>
 void softmax_rows(std::type_identity_t<ConstView<T, 2>> src, View<T, 2> dst) {
   detail::check_unit_inner_stride("core", "softmax_rows", "src", src);
   detail::check_unit_inner_stride("core", "softmax_rows", "dst", dst);
+  detail::check_shape("core", "softmax_rows", "src", src, {"R", "N"}, {-1, -1});
   detail::check_shape("core", "softmax_rows", "dst", dst, {"R", "N"},
                       {src.extent(0), src.extent(1)}, "must match src");
   const std::int64_t rows = src.extent(0), n = src.extent(1);

@@ -1,0 +1,580 @@
+// libFuzzer target: builds a layer, router or kernel from fuzzed sizes, parameters and data
+// and runs one call. Every outcome must be a result or a switchyard exception
+// (std::invalid_argument: shape_error / config_error; switchyard::error); a crash, a
+// sanitizer report, another exception, a huge allocation or a hang is a finding.
+//
+// Sizes are mostly small (0..8) with a few extreme values (negative, 2^31, 2^40, 2^62,
+// INT64_MAX). Inputs whose extents are small are real tensors; others are stride-0 views
+// of one element, which may claim any extents. Outputs sometimes alias an input.
+// SWITCHYARD_MAX_BUFFER_BYTES is 2^28 here (set by CMake), so every size the library
+// accepts is also quick to run.
+#include <fuzzer/FuzzedDataProvider.h>
+
+#include <cmath>
+#include <cstdint>
+#include <deque>
+#include <limits>
+#include <stdexcept>
+#include <switchyard/switchyard.hpp>
+#include <vector>
+
+using namespace switchyard;
+
+namespace {
+
+constexpr std::int64_t kMaxRealElems = 4096;
+
+class Fuzz {
+ public:
+  Fuzz(const std::uint8_t* data, std::size_t size) : in_(data, size) {}
+
+  bool flag() { return in_.ConsumeBool(); }
+  std::uint8_t byte() { return in_.ConsumeIntegral<std::uint8_t>(); }
+  std::int64_t pick(std::int64_t lo, std::int64_t hi) {
+    return in_.ConsumeIntegralInRange<std::int64_t>(lo, hi);
+  }
+
+  /// An extent or count: mostly 0..8, sometimes a value that must be rejected.
+  std::int64_t extent() {
+    const std::uint8_t b = byte();
+    if (b < 224) return b % 9;
+    static constexpr std::int64_t extreme[] = {-1,
+                                               -7,
+                                               16,
+                                               33,
+                                               std::int64_t(1) << 31,
+                                               std::int64_t(1) << 40,
+                                               std::int64_t(1) << 62,
+                                               std::numeric_limits<std::int64_t>::max(),
+                                               std::numeric_limits<std::int64_t>::min(),
+                                               3};
+    return extreme[b % std::size(extreme)];
+  }
+  /// A signed parameter (offsets, seeds of positions): small or extreme.
+  std::int64_t offset() { return flag() ? pick(-10, 10) : extent(); }
+
+  double real() {
+    const std::uint8_t b = byte();
+    static const double table[] = {0.0,
+                                   1.0,
+                                   -1.0,
+                                   0.5,
+                                   2.0,
+                                   1e-300,
+                                   1e300,
+                                   -1e300,
+                                   std::numeric_limits<double>::quiet_NaN(),
+                                   std::numeric_limits<double>::infinity(),
+                                   -std::numeric_limits<double>::infinity(),
+                                   0.125};
+    if (b < 128) return table[b % std::size(table)];
+    return in_.ConsumeFloatingPointInRange<double>(-4.0, 4.0);
+  }
+  float value() {
+    const std::uint8_t b = byte();
+    if (b < 8) return static_cast<float>(real());  // NaN, inf, huge, ...
+    return static_cast<float>(b - 128) / 32.0f;
+  }
+
+  /// A tensor argument: real data when small, a stride-0 view of one element otherwise.
+  template <int R>
+  View<float, R> tensor(Shape<R> shape) {
+    std::int64_t n = 1;
+    bool small = true;
+    for (auto e : shape) {
+      if (e < 0 || e > 64) small = false;
+      if (small) n *= e;
+    }
+    if (small && n <= kMaxRealElems) {
+      auto& t = arena_.emplace_back(std::span<const std::int64_t>(shape.data(), R));
+      for (auto& x : t) x = value();
+      return t.template view<R>();
+    }
+    return View<float, R>(&scalar_, shape, Shape<R>{});
+  }
+  template <int R>
+  Shape<R> shape() {
+    Shape<R> s{};
+    for (auto& e : s) e = extent();
+    return s;
+  }
+  /// An output of the given shape, or (sometimes) one of the inputs.
+  template <int R>
+  View<float, R> output(Shape<R> shape, std::initializer_list<View<float, R>> inputs) {
+    if (inputs.size() > 0 && byte() < 24) return *(inputs.begin() + byte() % inputs.size());
+    return tensor<R>(shape);
+  }
+  /// Usually `want`, sometimes perturbed, to reach the shape checks.
+  std::int64_t near(std::int64_t want) { return byte() < 230 ? want : extent(); }
+  template <std::size_t N>
+  std::array<std::int64_t, N> near(std::array<std::int64_t, N> s) {
+    for (auto& e : s) e = near(e);
+    return s;
+  }
+  std::vector<std::int64_t> int_list(std::int64_t n, std::int64_t lo, std::int64_t hi) {
+    std::vector<std::int64_t> v;
+    for (std::int64_t i = 0; i < std::min<std::int64_t>(n, 64); ++i)
+      v.push_back(byte() < 240 ? pick(lo, hi) : extent());
+    return v;
+  }
+  std::vector<std::uint8_t> keep_list(std::int64_t n) {
+    std::vector<std::uint8_t> v;
+    for (std::int64_t i = 0; i < std::min<std::int64_t>(n, 256); ++i) v.push_back(byte() & 1);
+    return v;
+  }
+
+ private:
+  FuzzedDataProvider in_;
+  std::deque<Tensor<float>> arena_;
+  float scalar_ = 1.0f;
+};
+
+template <int R>
+ConstView<float, R> c(View<float, R> v) {
+  return v;
+}
+
+void fuzz_dense(Fuzz& f) {
+  attention::DenseAttentionConfig cfg;
+  if (f.flag()) cfg.scale = f.real();
+  attention::DenseAttention<float> attn(cfg);
+  const auto qs = f.shape<4>();
+  const Shape<4> ks = f.near(Shape<4>{qs[0], f.extent(), f.flag() ? qs[2] : 1, qs[3]});
+  auto q = f.tensor<4>(qs);
+  auto k = f.tensor<4>(ks);
+  auto v = f.tensor<4>(f.near(ks));
+  auto out = f.output<4>(f.near(qs), {q, k, v});
+  attention::Mask<float> mask;
+  if (f.flag()) mask.causal = attention::CausalMask{f.offset()};
+  std::vector<std::int64_t> lengths =
+      f.int_list(f.near(qs[0]), -1, std::clamp<std::int64_t>(ks[1], 0, 64) + 1);
+  if (f.flag()) mask.key_lengths = attention::KeyLengths{lengths};
+  if (f.flag())
+    mask.bias = attention::AdditiveBias<float>{f.tensor<2>(f.near(Shape<2>{qs[1], ks[1]}))};
+  attn.forward(q, k, v, out, mask);
+}
+
+void fuzz_linear(Fuzz& f) {
+  attention::LinearAttentionConfig cfg;
+  cfg.feature_map = static_cast<attention::FeatureMap>(f.pick(0, 3));
+  cfg.eps = f.flag() ? f.real() : 1e-6;
+  cfg.chunk_size = f.flag() ? f.extent() : 4;
+  cfg.num_features = f.flag() ? f.extent() : 8;
+  cfg.orthogonal = f.flag();
+  cfg.head_dim = f.flag() ? f.extent() : 0;
+  attention::LinearAttention<float> lin(cfg);
+  const auto qs = f.shape<4>();
+  const std::int64_t dv = f.extent();
+  const std::int64_t mode = f.pick(0, 2);
+  if (mode == 2) {
+    auto q = f.tensor<3>({qs[0], qs[2], qs[3]});
+    auto k = f.tensor<3>(f.near(Shape<3>{qs[0], qs[2], qs[3]}));
+    auto v = f.tensor<3>(f.near(Shape<3>{qs[0], qs[2], dv}));
+    auto out = f.output<3>(f.near(Shape<3>{qs[0], qs[2], dv}), {q, k, v});
+    auto state = lin.make_state(f.near(qs[0]), f.near(qs[2]), f.near(qs[3]), f.near(dv));
+    lin.step(q, k, v, state, out);
+    return;
+  }
+  const std::int64_t s = mode == 1 ? qs[1] : f.extent();
+  auto q = f.tensor<4>(qs);
+  auto k = f.tensor<4>(f.near(Shape<4>{qs[0], s, qs[2], qs[3]}));
+  auto v = f.tensor<4>(f.near(Shape<4>{qs[0], s, qs[2], dv}));
+  auto out = f.output<4>(f.near(Shape<4>{qs[0], qs[1], qs[2], dv}), {q, k, v});
+  std::vector<std::int64_t> lengths;
+  if (f.flag()) lengths = f.int_list(f.near(qs[0]), -1, std::clamp<std::int64_t>(s, 0, 64) + 1);
+  if (mode == 0) {
+    lin.forward(q, k, v, out, lengths);
+  } else if (f.flag()) {
+    auto state = lin.make_state(f.near(qs[0]), f.near(qs[2]), f.near(qs[3]), f.near(dv));
+    lin.forward_causal(q, k, v, out, lengths, &state);
+  } else {
+    lin.forward_causal(q, k, v, out, lengths);
+  }
+}
+
+void fuzz_plan_executor(Fuzz& f) {
+  const auto qs = f.shape<4>();
+  const std::int64_t S = f.extent();
+  attention::AttentionPlan plan(f.near(qs[0]), f.near(qs[2]), f.near(qs[1]), f.near(S));
+  const std::int64_t groups = f.pick(0, 6);
+  for (std::int64_t g = 0; g < groups; ++g) {
+    const auto qi = f.int_list(f.pick(0, 6), -1, std::max<std::int64_t>(qs[1], 0));
+    const auto ki = f.int_list(f.pick(0, 6), -1, std::max<std::int64_t>(S, 0));
+    const std::int64_t head = f.flag() ? attention::AttentionPlan::all_heads : f.pick(-1, 3);
+    plan.add_group(f.pick(-1, 2), head, qi, ki, f.flag() ? f.pick(-2, 2) : -1);
+  }
+  plan.rule.causal = f.flag();
+  if (f.flag()) plan.rule.self_value = f.real();
+  plan.rule.finite_mask = f.flag();
+  plan.output = f.flag() ? attention::PlanOutput::accumulate : attention::PlanOutput::write;
+  plan.memory_keys = f.flag() ? f.extent() : 0;
+  if (f.flag()) {  // corrupt the CSR arrays
+    plan.query_offsets.push_back(f.extent());
+  }
+  attention::PlanExecutor<float> exec;
+  const Shape<4> ks{qs[0], S, f.flag() ? qs[2] : 1, qs[3]};
+  auto q = f.tensor<4>(qs);
+  auto k = f.tensor<4>(f.near(ks));
+  auto v = f.tensor<4>(f.near(ks));
+  auto out = f.output<4>(f.near(qs), {q, k, v});
+  attention::PlanExtras<float> ex;
+  if (plan.memory_keys != 0 || f.flag()) {
+    auto m = f.tensor<3>({f.extent(), f.near(plan.memory_keys), f.near(qs[3])});
+    ex.memory_k = m;
+    ex.memory_v = m;
+  }
+  const auto qkeep = f.keep_list(f.near(std::clamp<std::int64_t>(qs[0], 0, 64) * 4));
+  if (f.flag()) ex.query_keep = qkeep;
+  View<float, 3> counts{};
+  if (f.flag()) counts = f.tensor<3>(f.near(Shape<3>{qs[0], qs[2], qs[1]}));
+  exec.execute(plan, q, k, v, out, counts, ex);
+}
+
+void fuzz_routing(Fuzz& f) {
+  attention::RoutingAttentionConfig cfg;
+  cfg.num_clusters = f.extent();
+  cfg.window_size = f.extent();
+  cfg.causal = f.flag();
+  cfg.shared_qk = f.flag();
+  if (f.flag()) cfg.ema_decay = f.real();
+  if (f.flag()) cfg.commitment = f.real();
+  if (f.flag()) cfg.scatter_eps = f.real();
+  cfg.num_mem_kv = f.flag() ? f.extent() : 0;
+  cfg.selection = f.flag() ? attention::RoutingSelection::nearest_centroid
+                           : attention::RoutingSelection::top_window;
+  attention::RoutingAttention<float> attn(cfg);
+  const auto qs = f.shape<4>();
+  auto q = f.tensor<4>(qs);
+  auto k = f.tensor<4>(f.near(qs));
+  auto v = f.tensor<4>(f.near(qs));
+  auto state =
+      attn.init_state(q, cfg.shared_qk ? ConstView<float, 4>{} : c(k),
+                      static_cast<std::uint64_t>(f.pick(0, 9)), static_cast<int>(f.pick(0, 3)));
+  if (f.flag()) state.means.fill(f.value());
+  auto out = f.output<4>(f.near(qs), {q, k, v});
+  attention::RoutingExtras<float> ex;
+  const std::int64_t C = attn.num_clusters(qs[1]), M = attn.memory_kv();
+  if (M > 0 || f.flag()) {
+    auto m = f.tensor<4>(f.near(Shape<4>{qs[2], C, M, qs[3]}));
+    ex.mem_key = m;
+    ex.mem_value = m;
+  }
+  const auto mask = f.keep_list(
+      f.near(std::clamp<std::int64_t>(qs[0], 0, 64) * std::clamp<std::int64_t>(qs[1], 0, 64)));
+  if (f.flag()) ex.query_mask = mask;
+  if (cfg.shared_qk)
+    attn.forward(q, v, state, out, ex);
+  else
+    attn.forward(q, k, v, state, out, ex);
+  if (f.flag()) attn.update_centroids(state, q, cfg.shared_qk ? ConstView<float, 4>{} : c(k));
+}
+
+void fuzz_bilevel(Fuzz& f) {
+  attention::BiLevelRoutingConfig cfg;
+  cfg.dim = f.extent();
+  cfg.num_heads = f.extent();
+  cfg.n_win = f.extent();
+  cfg.topk = f.extent();
+  cfg.side_dwconv = f.pick(-1, 5);
+  cfg.auto_pad = f.flag();
+  if (f.flag()) cfg.qk_scale = f.real();
+  attention::BiLevelRoutingAttention<float> bra(cfg);
+  const std::int64_t C = cfg.dim, k = std::max<std::int64_t>(cfg.side_dwconv, 0);
+  attention::BiLevelRoutingWeights<float> w;
+  w.qkv_weight = f.tensor<2>(f.near(Shape<2>{3 * C, C}));
+  w.wo_weight = f.tensor<2>(f.near(Shape<2>{C, C}));
+  if (f.flag()) w.qkv_bias = f.tensor<1>(f.near(Shape<1>{3 * C}));
+  if (k > 0) w.lepe_weight = f.tensor<4>(f.near(Shape<4>{C, 1, k, k}));
+  auto x = f.tensor<4>(f.near(Shape<4>{f.extent(), f.extent(), f.extent(), C}));
+  auto out = f.output<4>(f.near(x.shape()), {x});
+  if (f.flag()) {
+    bra.forward(x, w, out);
+  } else {
+    auto plan = bra.route(x, w);
+    if (f.flag() && !plan.r_idx.empty()) plan.r_idx[0] = f.offset();
+    bra.execute(plan, x, w, out);
+  }
+}
+
+void fuzz_moh(Fuzz& f) {
+  attention::MixtureOfHeadsConfig cfg;
+  cfg.dim = f.extent();
+  cfg.num_heads = f.extent();
+  cfg.shared_heads = f.extent();
+  cfg.routed_top_k = f.extent();
+  if (f.flag()) cfg.scale = f.real();
+  attention::MixtureOfHeads<float> moh(cfg);
+  const std::int64_t C = cfg.dim, H = cfg.num_heads, S = cfg.shared_heads;
+  attention::MixtureOfHeadsWeights<float> w;
+  w.qkv_weight = f.tensor<2>(f.near(Shape<2>{3 * C, C}));
+  w.proj_weight = f.tensor<2>(f.near(Shape<2>{C, C}));
+  w.wg = f.tensor<2>(f.near(Shape<2>{H - S, C}));
+  w.wg0 = f.tensor<2>(f.near(Shape<2>{2, C}));
+  w.wg1 = f.tensor<2>(f.near(Shape<2>{S, C}));
+  auto x = f.tensor<3>(f.near(Shape<3>{f.extent(), f.extent(), C}));
+  auto out = f.output<3>(f.near(x.shape()), {x});
+  moh.forward(x, w, out);
+}
+
+void fuzz_routers(Fuzz& f) {
+  const std::int64_t E = f.extent(), K = f.extent();
+  auto logits = f.tensor<2>({f.extent(), f.near(E)});
+  const auto keep = f.keep_list(f.near(std::max<std::int64_t>(logits.extent(0), 0)));
+  moe::TokenMask mask;
+  if (f.flag()) mask.keep = keep;
+  moe::DispatchPlan<float> plan;
+  switch (f.pick(0, 8)) {
+    case 0:
+      moe::TopKRouter<float>({.num_experts = E, .top_k = K, .renormalize = f.flag()})
+          .route(logits, plan, mask);
+      break;
+    case 1:
+      moe::CapacityRouter<float>(
+          {.num_experts = E,
+           .top_k = K,
+           .capacity_factor = f.real(),
+           .min_capacity = f.extent(),
+           .pre_softmax = f.flag(),
+           .drop_policy = f.flag() ? moe::DropPolicy::probs : moe::DropPolicy::position})
+          .route(logits, plan, mask);
+      break;
+    case 2: {
+      moe::GShardTop2Router<float> r(
+          {.num_experts = E, .capacity_factor = f.real(), .min_capacity = f.extent()});
+      if (f.flag())
+        r.route_with_noise(logits, f.tensor<2>(f.near(logits.shape())), plan, mask);
+      else
+        r.route(logits, plan, mask);
+      break;
+    }
+    case 3:
+      moe::ExpertChoiceRouter<float>(
+          {.num_experts = E, .capacity_factor = f.real(), .min_capacity = f.extent()})
+          .route(logits, plan, mask);
+      break;
+    case 4:
+      moe::ReluRouter<float>({.num_experts = E, .topk_for_target = K}).route(logits, plan, mask);
+      break;
+    case 5:
+      moe::NoisyTopKRouter<float>({.num_experts = E,
+                                   .top_k = K,
+                                   .noise_epsilon = f.real(),
+                                   .loss_coef = f.real(),
+                                   .noisy_gating = f.flag()})
+          .route(logits, plan, mask);
+      break;
+    case 6:
+      moe::TopPRouter<float>({.num_experts = E,
+                              .threshold = f.real(),
+                              .min_experts = f.extent(),
+                              .max_experts = f.extent(),
+                              .renormalize = f.flag()})
+          .route(logits, plan, mask);
+      break;
+    case 7: {
+      const auto ids = f.int_list(f.extent(), -5, 100);
+      moe::HashRouter<float>({.num_experts = E, .top_k = K, .seed = std::uint64_t(f.pick(0, 9))})
+          .route(ids, plan);
+      break;
+    }
+    default: {
+      const std::int64_t T = f.extent();
+      std::vector<std::int32_t> ids;
+      std::vector<float> weights;
+      const std::int64_t n = std::clamp<std::int64_t>(T, 0, 16) * std::clamp<std::int64_t>(K, 0, 4);
+      for (std::int64_t i = 0; i < n; ++i) {
+        ids.push_back(static_cast<std::int32_t>(f.pick(-2, 9)));
+        weights.push_back(f.value());
+      }
+      const std::int64_t rows = std::clamp<std::int64_t>(T, 0, 16),
+                         cols = std::clamp<std::int64_t>(K, 0, 4);
+      plan = moe::make_token_choice_plan<float, std::int32_t>(
+          E, ConstView<std::int32_t, 2>(ids.data(), {rows, cols}),
+          ConstView<float, 2>(weights.data(), f.near(Shape<2>{rows, cols})));
+      break;
+    }
+  }
+  plan.check();
+}
+
+void fuzz_moe_layer(Fuzz& f) {
+  moe::MoELayerConfig cfg;
+  cfg.d_model = f.extent();
+  cfg.d_ff = f.extent();
+  cfg.num_experts = f.extent();
+  cfg.activation = static_cast<moe::Activation>(f.pick(0, 3));
+  cfg.num_shared_experts = f.flag() ? f.extent() : 0;
+  cfg.shared_d_ff = f.flag() ? f.extent() : 0;
+  moe::MoELayer<float> layer(cfg);
+  const auto& cf = layer.config();
+  const std::int64_t E = cf.num_experts, d = cf.d_model, F = cf.d_ff, S = cf.num_shared_experts;
+  moe::MoELayerWeights<float> w;
+  w.experts.w1 = f.tensor<3>(f.near(Shape<3>{E, F, d}));
+  w.experts.w2 = f.tensor<3>(f.near(Shape<3>{E, d, F}));
+  if (cf.activation == moe::Activation::swiglu)
+    w.experts.w3 = f.tensor<3>(f.near(Shape<3>{E, F, d}));
+  if (f.flag()) w.experts.b1 = f.tensor<2>(f.near(Shape<2>{E, F}));
+  if (S > 0) {
+    const std::int64_t Fs = cf.shared_d_ff;
+    w.shared.w1 = f.tensor<3>(f.near(Shape<3>{S, Fs, d}));
+    w.shared.w2 = f.tensor<3>(f.near(Shape<3>{S, d, Fs}));
+    if (cf.activation == moe::Activation::swiglu)
+      w.shared.w3 = f.tensor<3>(f.near(Shape<3>{S, Fs, d}));
+  }
+  const std::int64_t T = f.extent();
+  auto x = f.tensor<2>(f.near(Shape<2>{T, d}));
+  auto logits = f.tensor<2>(f.near(Shape<2>{T, E}));
+  auto plan = moe::TopKRouter<float>({.num_experts = E, .top_k = std::min<std::int64_t>(2, E)})
+                  .route(logits);
+  switch (f.pick(0, 3)) {  // corrupt the plan
+    case 0:
+      if (!plan.token_index.empty()) plan.token_index[0] = static_cast<std::int32_t>(f.offset());
+      break;
+    case 1:
+      if (!plan.expert_offsets.empty()) plan.expert_offsets.back() = f.offset();
+      break;
+    case 2:
+      plan.num_tokens = f.near(plan.num_tokens);
+      break;
+    default:
+      break;
+  }
+  auto y = f.output<2>(f.near(Shape<2>{T, d}), {x});
+  if (f.flag()) {
+    std::vector<std::byte> ws(static_cast<std::size_t>(f.pick(0, 1 << 16)));
+    layer.execute(plan, x, w, y, ws);
+  } else {
+    layer.execute(plan, x, w, y);
+  }
+}
+
+void fuzz_tokens(Fuzz& f) {
+  auto metric = f.tensor<3>(f.shape<3>());
+  std::optional<ConstView<float, 2>> sizes;
+  if (f.flag()) sizes = c(f.tensor<2>(f.near(Shape<2>{metric.extent(0), metric.extent(1)})));
+  const auto plan =
+      tokens::bipartite_soft_matching<float>(metric, f.offset(), f.flag(), f.flag(), sizes);
+  const std::int64_t C = f.extent();
+  auto x = f.tensor<3>(f.near(Shape<3>{plan.batch, plan.num_tokens, C}));
+  switch (f.pick(0, 4)) {
+    case 0: {
+      auto out = f.output<3>(f.near(Shape<3>{plan.batch, plan.num_out, C}), {x});
+      plan.merge(x, out, static_cast<tokens::MergeMode>(f.pick(0, 2)));
+      break;
+    }
+    case 1: {
+      auto out = f.output<3>(f.near(Shape<3>{plan.batch, plan.num_out, C}), {x});
+      plan.merge_wavg(x, out);
+      break;
+    }
+    case 2: {
+      auto xm = f.tensor<3>(f.near(Shape<3>{plan.batch, plan.num_out, C}));
+      auto out = f.output<3>(f.near(Shape<3>{plan.batch, plan.num_tokens, C}), {xm});
+      plan.unmerge(xm, out,
+                   f.flag() ? tokens::UnmergeOrder::reference : tokens::UnmergeOrder::inverse);
+      break;
+    }
+    case 3:
+      (void)plan.source(f.tensor<3>(f.near(Shape<3>{plan.batch, plan.num_tokens, f.extent()})));
+      break;
+    default: {
+      const auto qs = f.shape<4>();
+      auto q = f.tensor<4>(qs);
+      auto k = f.tensor<4>(f.near(qs));
+      auto out = f.output<4>(f.near(qs), {q, k});
+      tokens::proportional_attention<float>(q, k, k, f.tensor<2>(f.near(Shape<2>{qs[0], qs[1]})),
+                                            out);
+      break;
+    }
+  }
+}
+
+void fuzz_core(Fuzz& f) {
+  switch (f.pick(0, 3)) {
+    case 0: {
+      auto x = f.tensor<2>(f.shape<2>());
+      const std::int64_t k = f.extent();
+      auto idx_owner = std::vector<std::int64_t>(static_cast<std::size_t>(std::clamp<std::int64_t>(
+          std::clamp<std::int64_t>(x.extent(0), 0, 64) * std::clamp<std::int64_t>(k, 0, 64), 0,
+          4096)));
+      const std::int64_t rows = std::clamp<std::int64_t>(x.extent(0), 0, 64);
+      const std::int64_t cols = std::clamp<std::int64_t>(k, 0, 64);
+      if (idx_owner.size() < std::size_t(rows * cols)) return;
+      View<std::int64_t, 2> idx(idx_owner.data(), {rows, cols});
+      auto vals = f.output<2>(f.near(Shape<2>{rows, cols}), {x});
+      core::topk<float>(x, k, idx, vals);
+      break;
+    }
+    case 1: {
+      const std::int64_t m = f.extent(), n = f.extent(), k = f.extent();
+      const auto ta = f.flag() ? core::Trans::yes : core::Trans::no;
+      const auto tb = f.flag() ? core::Trans::yes : core::Trans::no;
+      auto a = f.tensor<2>(ta == core::Trans::no ? Shape<2>{m, k} : Shape<2>{k, m});
+      auto b = f.tensor<2>(f.near(tb == core::Trans::no ? Shape<2>{k, n} : Shape<2>{n, k}));
+      auto cc = f.output<2>(f.near(Shape<2>{m, n}), {a, b});
+      if (f.flag())
+        core::gemm_parallel<float>(a, ta, b, tb, cc, f.value(), f.value());
+      else
+        core::gemm<float>(a, ta, b, tb, cc, f.value(), f.value());
+      break;
+    }
+    case 2: {
+      const int rank = static_cast<int>(f.pick(0, 5));
+      std::vector<std::int64_t> shape;
+      for (int i = 0; i < rank; ++i) shape.push_back(f.extent());
+      // Only shapes the library accepts are allocated; the limit is 2^28 bytes here.
+      Tensor<float> t(shape);
+      (void)t;
+      break;
+    }
+    default: {
+      auto x = f.tensor<2>(f.shape<2>());
+      core::softmax_rows<float>(x);
+      break;
+    }
+  }
+}
+
+}  // namespace
+
+extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
+  Fuzz f(data, size);
+  set_num_threads(1 + static_cast<int>(f.pick(0, 2)));
+  try {
+    switch (f.pick(0, 10)) {
+      case 0:
+        fuzz_dense(f);
+        break;
+      case 1:
+        fuzz_linear(f);
+        break;
+      case 2:
+        fuzz_plan_executor(f);
+        break;
+      case 3:
+        fuzz_routing(f);
+        break;
+      case 4:
+        fuzz_bilevel(f);
+        break;
+      case 5:
+        fuzz_moh(f);
+        break;
+      case 6:
+        fuzz_routers(f);
+        break;
+      case 7:
+        fuzz_moe_layer(f);
+        break;
+      case 8:
+        fuzz_tokens(f);
+        break;
+      default:
+        fuzz_core(f);
+        break;
+    }
+  } catch (const std::invalid_argument&) {  // shape_error, config_error: a clear rejection
+  } catch (const switchyard::error&) {      // malformed plan or document
+  }
+  return 0;
+}
