@@ -290,6 +290,23 @@ TEST_CASE("in place where documented: MoELayer y = x, MoH out = x", "[hardening]
   }
 }
 
+TEST_CASE("in place where documented: BiLevelRoutingAttention out = x", "[hardening][attention]") {
+  const std::int64_t C = 8;
+  attention::BiLevelRoutingAttention<float> bra(
+      {.dim = C, .num_heads = 2, .n_win = 2, .topk = 2, .side_dwconv = 3});
+  const auto qkv = test_support::random_tensor<float>({3 * C, C}, 1, 0.3);
+  const auto wo = test_support::random_tensor<float>({C, C}, 2, 0.3);
+  const auto lepe = test_support::random_tensor<float>({C, 1, 3, 3}, 3, 0.3);
+  attention::BiLevelRoutingWeights<float> w;
+  w.qkv_weight = qkv;
+  w.wo_weight = wo;
+  w.lepe_weight = lepe;
+  auto x = test_support::random_tensor<float>({1, 4, 4, C}, 4);
+  const auto want = bra.forward(x, w);
+  bra.forward(x, w, x.view<4>());
+  for (std::int64_t i = 0; i < x.numel(); ++i) REQUIRE(x[i] == want[i]);
+}
+
 // ---- 7. inconsistent checks --------------------------------------------------------------
 
 TEST_CASE("ToMe sizes of inf are rejected like proportional_attention does",
