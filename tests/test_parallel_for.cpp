@@ -80,7 +80,7 @@ TEST_CASE("ScopedNumThreads is per calling thread: scopes ending out of order re
     ScopedNumThreads outer(2);
     {
       ScopedNumThreads inner(0);  // the default inside the scope, whatever the global says
-      CHECK(num_threads() == std::max(1u, std::thread::hardware_concurrency()));
+      CHECK(num_threads() == static_cast<int>(std::max(1u, std::thread::hardware_concurrency())));
     }
     CHECK(num_threads() == 2);
   }

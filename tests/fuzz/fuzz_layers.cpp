@@ -535,13 +535,99 @@ void fuzz_core(Fuzz& f) {
   }
 }
 
+// Public calls not covered above: size-taking factories, second entry points of the
+// routers and layers, losses and controllers.
+void fuzz_misc(Fuzz& f) {
+  switch (f.pick(0, 9)) {
+    case 0:
+      (void)attention::full_plan(f.extent(), f.extent(), f.extent(), f.extent(), f.flag());
+      break;
+    case 1:
+      (void)attention::make_favor_projection<float>(f.extent(), f.extent(), 1, f.flag());
+      break;
+    case 2: {
+      auto combine = f.tensor<2>(f.shape<2>());
+      moe::make_plan_from_combine_weights<float>(combine).check();
+      break;
+    }
+    case 3:
+      (void)core::topk<float>(f.tensor<2>(f.shape<2>()), f.extent());
+      break;
+    case 4: {
+      moe::NoisyTopKRouter<float> r({.num_experts = f.extent(), .top_k = f.extent()});
+      const std::int64_t E = r.config().num_experts, d = f.extent();
+      moe::NoisyTopKWeights<float> w;
+      w.w_gate = f.tensor<2>(f.near(Shape<2>{d, E}));
+      w.w_noise = f.tensor<2>(f.near(Shape<2>{d, E}));
+      auto x = f.tensor<2>(f.near(Shape<2>{f.extent(), d}));
+      moe::NoisyTopKNoise<float> noise;
+      if (f.flag()) noise.normal = f.tensor<2>(f.near(Shape<2>{x.extent(0), E}));
+      moe::DispatchPlan<float> plan;
+      r.route(x, w, plan, {}, f.flag() ? moe::NoisyMode::train : moe::NoisyMode::eval, noise);
+      plan.check();
+      break;
+    }
+    case 5: {
+      moe::GShardTop2Router<float> r({.num_experts = f.extent(), .capacity_factor = f.real()});
+      moe::DispatchPlan<float> plan;
+      r.route_sampled(f.tensor<2>({f.extent(), f.near(r.config().num_experts)}), core::Rng(3),
+                      plan);
+      plan.check();
+      break;
+    }
+    case 6: {
+      const moe::ReluRouterConfig rc{.num_experts = f.extent(), .topk_for_target = f.extent()};
+      moe::L1Controller ctl(rc, {.initial_coeff = f.real(), .multiplier = f.real()});
+      auto state = ctl.initial_state();
+      ctl.update(state, f.real());
+      break;
+    }
+    case 7: {
+      std::vector<std::int64_t> counts = f.int_list(f.extent(), -3, 9);
+      std::vector<double> probs(counts.size());
+      for (auto& p : probs) p = f.real();
+      (void)moe::switch_load_balancing_loss(counts, probs, f.extent(), f.extent());
+      (void)moe::cv_squared(probs);
+      break;
+    }
+    case 8: {
+      attention::MixtureOfHeads<float> moh(
+          {.dim = 8, .num_heads = 2, .shared_heads = 0, .routed_top_k = 1});
+      attention::MixtureOfHeadsWeights<float> w;
+      w.qkv_weight = f.tensor<2>({24, 8});
+      w.proj_weight = f.tensor<2>({8, 8});
+      w.wg = f.tensor<2>({2, 8});
+      auto x = f.tensor<3>({f.pick(0, 2), f.pick(0, 4), 8});
+      auto plan = moh.route(x, w);
+      if (f.flag() && !plan.token_index.empty()) plan.token_index[0] = f.offset();
+      if (f.flag() && !plan.head_offsets.empty()) plan.head_offsets.back() = f.offset();
+      if (f.flag()) plan.num_tokens = f.offset();
+      auto out = f.output<3>(x.shape(), {x});
+      moh.execute(plan, x, w, out);
+      break;
+    }
+    default: {
+      attention::RoutingAttention<float> attn(
+          {.num_clusters = f.extent(), .window_size = f.extent()});
+      const auto qs = f.shape<4>();
+      auto q = f.tensor<4>(qs);
+      auto state = attn.init_state(q, {}, 1);
+      auto r = attn.route(q, {}, state);
+      if (f.flag() && !r.plan.key_index.empty()) r.plan.key_index[0] = f.offset();
+      auto out = f.output<4>(f.near(qs), {q});
+      attn.execute(r.plan, q, q, q, out);
+      break;
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Fuzz f(data, size);
   set_num_threads(1 + static_cast<int>(f.pick(0, 2)));
   try {
-    switch (f.pick(0, 10)) {
+    switch (f.pick(0, 11)) {
       case 0:
         fuzz_dense(f);
         break;

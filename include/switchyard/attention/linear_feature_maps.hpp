@@ -71,6 +71,14 @@ template <class T>
 FavorProjection<T> make_favor_projection(std::int64_t dim, std::int64_t num_features,
                                          std::uint64_t seed, bool orthogonal) {
   const std::int64_t d = dim, m = num_features;
+  if (d < 1 || m < 1)
+    switchyard::detail::fail_config("attention", "make_favor_projection",
+                                    d < 1 ? "dim" : "num_features", d < 1 ? d : m, ">= 1");
+  // [m, D] directions and, when orthogonal, D x D Gaussian blocks, in double.
+  switchyard::detail::checked_size("attention", "make_favor_projection", "num_features", {m, d},
+                                   sizeof(double));
+  switchyard::detail::checked_size("attention", "make_favor_projection", "dim", {d, d},
+                                   sizeof(double));
   auto normals = [seed](std::vector<double>& dst, std::uint64_t stream, std::uint64_t offset) {
     core::fill_normal(View<double, 1>(dst.data(), {static_cast<std::int64_t>(dst.size())}), seed,
                       stream, offset);

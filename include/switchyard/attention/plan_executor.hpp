@@ -515,6 +515,14 @@ class PlanExecutor {
 /// A plan in which every query of every batch element sees every key (dense attention).
 inline AttentionPlan full_plan(std::int64_t B, std::int64_t H, std::int64_t T, std::int64_t S,
                                bool causal = false) {
+  // One group per batch element holding all T queries and S keys: B * (T + S) indices.
+  if (B < 0 || H < 0 || T < 0 || S < 0 ||
+      core::bounded_product({B, core::pad_extent(T, S)}, 2 * sizeof(std::int64_t)) < 0) {
+    const std::int64_t got[4] = {B, H, T, S};
+    switchyard::detail::fail_config("attention", "full_plan", "extents",
+                                    switchyard::detail::format_shape({"B", "H", "T", "S"}, got),
+                                    "non-negative extents whose index arrays fit in memory");
+  }
   AttentionPlan p(B, H, T, S);
   p.rule.causal = causal;
   std::vector<std::int64_t> qs(static_cast<std::size_t>(T)), ks(static_cast<std::size_t>(S));

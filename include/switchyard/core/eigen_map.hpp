@@ -21,6 +21,7 @@ using EigenMap = Eigen::Map<
 /// Row-major Eigen map of a 2-D view whose inner stride is 1 (throws shape_error otherwise).
 template <class T>
 EigenMap<T> as_eigen(View<T, 2> v) {
+  detail::check_shape("core", "as_eigen", "v", v, {"rows", "cols"}, {-1, -1});
   detail::check_unit_inner_stride("core", "as_eigen", "v", v);
   return EigenMap<T>(v.data(), v.extent(0), v.extent(1), Eigen::OuterStride<>(v.stride(0)));
 }

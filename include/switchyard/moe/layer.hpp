@@ -215,6 +215,8 @@ template <class T>
 DispatchPlan<T> make_plan_from_combine_weights(ConstView<T, 2> combine) {
   constexpr std::string_view layer = "DispatchPlan";
   const std::int64_t tokens = combine.extent(0), experts = combine.extent(1);
+  core::detail::check_shape(layer, "make_plan_from_combine_weights", "combine", combine, {"T", "E"},
+                            {-1, -1});
   if (experts < 1) {
     switchyard::detail::fail_config(layer, "make_plan_from_combine_weights", "E", experts,
                                     ">= 1 experts (columns of combine)");

@@ -2,7 +2,8 @@
 // Auxiliary losses and routing statistics, each with its formula and where it
 // comes from. All take per-expert sums over the routed (unmasked) tokens, so a
 // padding mask is applied once, where the sums are formed, and every loss here
-// excludes padding the same way. Coefficients are 1: scale them yourself.
+// excludes padding the same way. Coefficients are 1: scale them yourself. Per-expert
+// arrays of different lengths are a shape_error.
 //
 // Notation: T routed tokens, E experts, k choices per token, p[t,e] router
 // probability, n_e assignments of expert e counted before capacity,
@@ -12,8 +13,12 @@
 #include <cstdint>
 #include <limits>
 #include <span>
+#include <string>
+#include <string_view>
 #include <vector>
 
+#include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/moe/plan.hpp"
 
@@ -21,12 +26,27 @@ namespace switchyard {
 inline namespace v0 {
 namespace moe {
 
+namespace detail {
+/// Throws shape_error "moe::fn: argument 'b' has shape [E=n]; expected [E=m]" unless the two
+/// per-expert arrays have one entry per expert each.
+inline void check_per_expert(std::string_view fn, std::string_view a, std::size_t na,
+                             std::string_view b, std::size_t nb) {
+  if (na == nb) return;
+  const std::int64_t got[1] = {static_cast<std::int64_t>(nb)};
+  switchyard::detail::fail_shape("moe", fn, b, switchyard::detail::format_shape({"E"}, got),
+                                 "[E=" + std::to_string(na) + "]",
+                                 "one entry per expert, like '" + std::string(a) + "'");
+}
+}  // namespace detail
+
 /// Switch / Megatron-LM load-balancing loss (`switch_load_balancing_loss_func`):
 /// E / (T^2 k) * sum_e n_e * P_e. Equals 1 for perfectly uniform routing.
 /// HF `load_balancing_loss_func` gives k times this value (it does not divide by k).
 inline double switch_load_balancing_loss(std::span<const std::int64_t> tokens_per_expert,
                                          std::span<const double> prob_sum, std::int64_t tokens,
-                                         std::int64_t k) noexcept {
+                                         std::int64_t k) {
+  detail::check_per_expert("switch_load_balancing_loss", "tokens_per_expert",
+                           tokens_per_expert.size(), "prob_sum", prob_sum.size());
   if (tokens == 0 || k == 0) return 0.0;
   double s = 0;
   for (std::size_t e = 0; e < tokens_per_expert.size(); ++e) {
@@ -41,7 +61,7 @@ inline double switch_load_balancing_loss(std::span<const std::int64_t> tokens_pe
 /// its router_aux_loss_coef: E / T^2 * sum_e n_e P_e, i.e. k times the Megatron value.
 inline double hf_load_balancing_loss(std::span<const std::int64_t> tokens_per_expert,
                                      std::span<const double> prob_sum, std::int64_t tokens,
-                                     std::int64_t k) noexcept {
+                                     std::int64_t k) {
   return static_cast<double>(k) *
          switch_load_balancing_loss(tokens_per_expert, prob_sum, tokens, k);
 }
@@ -49,8 +69,9 @@ inline double hf_load_balancing_loss(std::span<const std::int64_t> tokens_per_ex
 /// GShard / fairscale `l_aux`: mean_e (P_e / T) * (f_e / T) with f_e the tokens whose
 /// FIRST choice is e (before capacity). No E factor: uniform routing gives 1/E^2.
 inline double gshard_load_balancing_loss(std::span<const std::int64_t> first_choice_count,
-                                         std::span<const double> prob_sum,
-                                         std::int64_t tokens) noexcept {
+                                         std::span<const double> prob_sum, std::int64_t tokens) {
+  detail::check_per_expert("gshard_load_balancing_loss", "prob_sum", prob_sum.size(),
+                           "first_choice_count", first_choice_count.size());
   if (tokens == 0) return 0.0;
   const auto t = static_cast<double>(tokens);
   double s = 0;
@@ -63,8 +84,9 @@ inline double gshard_load_balancing_loss(std::span<const std::int64_t> first_cho
 /// llm-baselines `load_balancing_loss`: sum_e f_e * (P_e / T), f_e the fraction of
 /// tokens with e among their choices. 1/E of the Switch (k = 1) value.
 inline double fraction_load_balancing_loss(std::span<const std::int64_t> tokens_with_expert,
-                                           std::span<const double> prob_sum,
-                                           std::int64_t tokens) noexcept {
+                                           std::span<const double> prob_sum, std::int64_t tokens) {
+  detail::check_per_expert("fraction_load_balancing_loss", "prob_sum", prob_sum.size(),
+                           "tokens_with_expert", tokens_with_expert.size());
   if (tokens == 0) return 0.0;
   const auto t = static_cast<double>(tokens);
   double s = 0;
@@ -115,6 +137,16 @@ inline double mean_distribution_neg_entropy(std::span<const double> prob_sum,
 template <class T>
 std::vector<double> log_space_mean_prob(ConstView<T, 2> logits, const TokenMask& mask = {}) {
   const std::int64_t tokens = logits.extent(0), experts = logits.extent(1);
+  core::detail::check_shape("moe", "log_space_mean_prob", "logits", logits, {"T", "E"}, {-1, -1});
+  core::detail::check_unit_inner_stride("moe", "log_space_mean_prob", "logits", logits);
+  if (!mask.keep.empty() && static_cast<std::int64_t>(mask.keep.size()) != tokens) {
+    const std::int64_t got[1] = {static_cast<std::int64_t>(mask.keep.size())};
+    switchyard::detail::fail_shape("moe", "log_space_mean_prob", "mask",
+                                   switchyard::detail::format_shape({"T"}, got),
+                                   "[T=" + std::to_string(tokens) + "]", "one flag per token");
+  }
+  switchyard::detail::checked_size("moe", "log_space_mean_prob", "logits", {tokens, experts},
+                                   sizeof(double));
   const double neg_inf = -std::numeric_limits<double>::infinity();
   std::vector<double> max_l(static_cast<std::size_t>(experts), neg_inf);
   std::vector<double> lsm(static_cast<std::size_t>(tokens * experts), neg_inf);

@@ -183,6 +183,7 @@ class NoisyTopKRouter {
              const NoisyTopKNoise<T>& noise = {}, NoisyTopKDetails<T>* details = nullptr) const {
     const std::int64_t tokens = x.extent(0), dim = x.extent(1), E = cfg_.num_experts;
     const bool noisy = mode == NoisyMode::train && cfg_.noisy_gating;
+    core::detail::check_shape(name, "route", "x", x, {"T", "d"}, {-1, -1});
     core::detail::check_shape(name, "route", "w_gate", w.w_gate, {"d", "E"}, {dim, E},
                               "[in, out] layout: clean_logits = x @ w_gate, d = x's columns");
     if (noisy) {

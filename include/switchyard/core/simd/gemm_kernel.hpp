@@ -58,10 +58,11 @@ constexpr std::size_t gemm_workspace_elems(Arch, std::int64_t m, std::int64_t n,
                                            std::int64_t k) noexcept {
   using G = GemmTile<Arch, T>;
   const std::int64_t kc = std::min<std::int64_t>(std::max<std::int64_t>(k, 1), G::kc);
-  const std::int64_t mc =
-      std::min<std::int64_t>(((std::max<std::int64_t>(m, 1) + G::mr - 1) / G::mr) * G::mr, G::mc);
-  const std::int64_t nc =
-      std::min<std::int64_t>(((std::max<std::int64_t>(n, 1) + G::nr - 1) / G::nr) * G::nr, G::nc);
+  // Clamped before rounding up, so sizes near the int64 limit cannot overflow.
+  const std::int64_t mc = std::min<std::int64_t>(
+      ((std::clamp<std::int64_t>(m, 1, G::mc) + G::mr - 1) / G::mr) * G::mr, G::mc);
+  const std::int64_t nc = std::min<std::int64_t>(
+      ((std::clamp<std::int64_t>(n, 1, G::nc) + G::nr - 1) / G::nr) * G::nr, G::nc);
   return std::size_t(mc * kc + nc * kc) + 2 * (64 / sizeof(T));
 }
 

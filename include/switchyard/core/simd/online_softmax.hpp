@@ -16,6 +16,7 @@
 // Fully masked rows: while every score seen is -inf, m stays -inf, l stays 0,
 // p = 0 and alpha = 1 (2^(-inf - -inf) is never evaluated), and finish() gives
 // exact zeros. Once m is finite, -inf scores give p = 0.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -63,7 +64,10 @@ inline xsimd::batch<double, A> exp2_nonpositive(const xsimd::batch<double, A>& x
 }
 /// Scalar twin of exp2_nonpositive.
 inline float exp2_nonpositive(float x) noexcept {
-  const float xc = std::max(x, -127.0f);
+  // NaN stays NaN; the clamp keeps the int conversion below defined for any input (+inf
+  // from a NaN-free but overflowing score gives a large finite value, not UB).
+  if (std::isnan(x)) return x;
+  const float xc = std::clamp(x, -127.0f, 127.0f);
   const float n = std::nearbyint(xc);
   if (n <= -127.0f) return 0.0f;
   return std::ldexp(detail::exp2_poly_f(xc - n), static_cast<int>(n));
