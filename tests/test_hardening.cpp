@@ -363,3 +363,62 @@ TEST_CASE("routers reject num_experts past int32 (plans store int32 expert ids)"
   REQUIRE_THROWS_AS(moe::TopKRouter<float>({.num_experts = std::int64_t(1) << 33, .top_k = 2}),
                     config_error);
 }
+
+// ---- found by fuzz_layers ------------------------------------------------------------------
+
+TEST_CASE("views with huge extents construct without overflow and are rejected at the boundary",
+          "[hardening][core]") {
+  const float one = 1.0f;
+  const ConstView<float, 2> huge(&one, {std::int64_t(1) << 40, std::int64_t(1) << 40});
+  CHECK_FALSE(huge.empty());
+  float sink = 0;
+  View<float, 2> huge_out(&sink, {big, 1}, {0, 0});
+  REQUIRE_THROWS_AS(core::softmax_rows<float>(huge_out), shape_error);
+  REQUIRE_THROWS_AS(moe::route<float>(moe::TopKRouter<float>({.num_experts = 2, .top_k = 1}),
+                                      stride0<2>(&one, {big, 2})),
+                    shape_error);
+  moe::NoisyTopKRouter<float> noisy({.num_experts = 2, .top_k = 1});
+  const auto w = test_support::random_tensor<float>({3, 2}, 1);
+  moe::DispatchPlan<float> plan;
+  REQUIRE_THROWS_AS(noisy.route(stride0<2>(&one, {big, 3}), {w, w}, plan), shape_error);
+}
+
+TEST_CASE("routing attention init_state rejects sizes whose product overflows",
+          "[hardening][attention]") {
+  attention::RoutingAttention<float> attn({.num_clusters = 2});
+  const float one = 1.0f;
+  REQUIRE_THROWS_AS(attn.init_state(stride0<4>(&one, {big, 2, 1, 32}), {}, 1), shape_error);
+  REQUIRE_THROWS_AS(
+      attn.init_state(stride0<4>(&one, {std::int64_t(1) << 30, 4, 1, 1 << 12}), {}, 1),
+      shape_error);
+}
+
+TEST_CASE("size-taking factories check their sizes", "[hardening][core]") {
+  REQUIRE_THROWS_AS(attention::full_plan(big, 1, big, big), config_error);
+  REQUIRE_THROWS_AS(attention::full_plan(1, 1, -1, 4), config_error);
+  CHECK(attention::full_plan(2, 1, 3, 4).num_groups() == 2);
+  REQUIRE_THROWS_AS(attention::make_favor_projection<float>(big, 4, 1, true), shape_error);
+  REQUIRE_THROWS_AS(attention::make_favor_projection<float>(0, 4, 1, true), config_error);
+  // Clamped before rounding: no overflow, and the same size as for the largest block.
+  CHECK(core::gemm_workspace_bytes<float>(int64_max, int64_max, int64_max) ==
+        core::gemm_workspace_bytes<float>(1 << 20, 1 << 20, 1 << 20));
+}
+
+TEST_CASE("loss functions reject per-expert arrays of different lengths", "[hardening][moe]") {
+  const std::vector<std::int64_t> n{3, 1};
+  const std::vector<double> p{1.5};
+  REQUIRE_THROWS_AS(moe::switch_load_balancing_loss(n, p, 4, 1), shape_error);
+  REQUIRE_THROWS_AS(moe::hf_load_balancing_loss(n, p, 4, 1), shape_error);
+  REQUIRE_THROWS_AS(moe::gshard_load_balancing_loss(n, p, 4), shape_error);
+  REQUIRE_THROWS_AS(moe::fraction_load_balancing_loss(n, p, 4), shape_error);
+  // E / (T^2 k) sum n_e P_e = 2 / 16 * (3 * 3 + 1 * 1) = 1.25 by hand.
+  CHECK(moe::switch_load_balancing_loss(n, std::vector<double>{3.0, 1.0}, 4, 1) == 1.25);
+}
+
+TEST_CASE("the scalar base-2 exponential of the online softmax is defined for NaN and inf",
+          "[hardening][core]") {
+  CHECK(std::isnan(simd::exp2_nonpositive(std::numeric_limits<float>::quiet_NaN())));
+  CHECK(simd::exp2_nonpositive(-std::numeric_limits<float>::infinity()) == 0.0f);
+  CHECK(std::isfinite(simd::exp2_nonpositive(std::numeric_limits<float>::infinity())));
+  CHECK(simd::exp2_nonpositive(-1.0f) == 0.5f);
+}
