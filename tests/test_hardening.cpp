@@ -422,3 +422,16 @@ TEST_CASE("the scalar base-2 exponential of the online softmax is defined for Na
   CHECK(std::isfinite(simd::exp2_nonpositive(std::numeric_limits<float>::infinity())));
   CHECK(simd::exp2_nonpositive(-1.0f) == 0.5f);
 }
+
+TEST_CASE("infinite epsilons that would zero every output are config errors",
+          "[hardening][attention]") {
+  REQUIRE_THROWS_AS(
+      attention::LinearAttention<float>({.eps = std::numeric_limits<double>::infinity()}),
+      config_error);
+  REQUIRE_THROWS_AS(
+      attention::RoutingAttention<float>({.scatter_eps = std::numeric_limits<double>::infinity()}),
+      config_error);
+  REQUIRE_THROWS_AS(
+      attention::RoutingAttention<float>({.commitment = std::numeric_limits<double>::infinity()}),
+      config_error);
+}

@@ -48,7 +48,7 @@ namespace attention {
 /// Configuration of LinearAttention; keep the field order (designated initialisers).
 struct LinearAttentionConfig {
   FeatureMap feature_map = FeatureMap::elu_plus_one;
-  double eps = 1e-6;             // added to the denominator; >= 0, not NaN
+  double eps = 1e-6;             // added to the denominator; finite, >= 0
   std::int64_t chunk_size = 64;  // C, tokens per chunk of forward_causal; >= 1
   // FAVOR+ only:
   std::int64_t num_features = 256;  // m = D', random features; >= 1
@@ -78,8 +78,8 @@ class LinearAttention {
   /// favor_plus, draws the projection.
   explicit LinearAttention(config_type cfg = {}) : cfg_(cfg) {
     constexpr std::string_view fn = "LinearAttention";
-    if (std::isnan(cfg_.eps) || cfg_.eps < 0)
-      switchyard::detail::fail_config(name, fn, "eps", cfg_.eps, ">= 0 and not NaN");
+    if (!std::isfinite(cfg_.eps) || cfg_.eps < 0)
+      switchyard::detail::fail_config(name, fn, "eps", cfg_.eps, "finite and >= 0");
     if (cfg_.chunk_size < 1)
       switchyard::detail::fail_config(name, fn, "chunk_size", cfg_.chunk_size, ">= 1");
     if (cfg_.head_dim < 0)

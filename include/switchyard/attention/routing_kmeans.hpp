@@ -266,7 +266,7 @@ class RoutingAttention {
   static constexpr std::string_view name = "RoutingAttention";
 
   /// Throws config_error for window_size < 1, num_clusters < 0, ema_decay outside
-  /// [0, 1], commitment or scatter_eps negative or NaN, self_value NaN, a scale not
+  /// [0, 1], commitment or scatter_eps negative, NaN or inf, self_value NaN, a scale not
   /// finite and > 0, num_mem_kv < 0, an unknown selection.
   explicit RoutingAttention(config_type cfg = {}) : cfg_(cfg) {
     const auto fail = [](std::string_view arg, auto v, std::string_view want) {
@@ -275,8 +275,10 @@ class RoutingAttention {
     if (cfg_.window_size < 1) fail("window_size", cfg_.window_size, ">= 1");
     if (cfg_.num_clusters < 0) fail("num_clusters", cfg_.num_clusters, ">= 0 (0 = sqrt(T))");
     if (!(cfg_.ema_decay >= 0 && cfg_.ema_decay <= 1)) fail("ema_decay", cfg_.ema_decay, "[0, 1]");
-    if (!(cfg_.commitment >= 0)) fail("commitment", cfg_.commitment, ">= 0");
-    if (!(cfg_.scatter_eps >= 0)) fail("scatter_eps", cfg_.scatter_eps, ">= 0");
+    if (!(cfg_.commitment >= 0 && std::isfinite(cfg_.commitment)))
+      fail("commitment", cfg_.commitment, "finite and >= 0");
+    if (!(cfg_.scatter_eps >= 0 && std::isfinite(cfg_.scatter_eps)))
+      fail("scatter_eps", cfg_.scatter_eps, "finite and >= 0");
     if (std::isnan(cfg_.self_value)) fail("self_value", cfg_.self_value, "not NaN");
     if (cfg_.scale && !(std::isfinite(*cfg_.scale) && *cfg_.scale > 0))
       fail("scale", *cfg_.scale, "a finite value > 0");
