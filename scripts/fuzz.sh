@@ -42,13 +42,19 @@ for target in safetensors plan_json layers; do
   # asks for gigabytes is reported rather than attempted.
   dict=()
   [[ -f $root/tests/fuzz/$target.dict ]] && dict=(-dict="$root/tests/fuzz/$target.dict")
+  # libFuzzer prints a line per new input; the whole log goes to a file, and only its end
+  # (the statistics, or the report and stack of a finding) is shown.
+  log=$build/logs/fuzz_$target.log
+  mkdir -p "$build/logs"
   if ! "$build/tests/fuzz/fuzz_$target" "$corpus" -max_total_time="$seconds" \
     "${dict[@]}" -timeout=10 -rss_limit_mb=2048 \
-    -artifact_prefix="$findings/" -print_final_stats=1; then
-    echo "== fuzz_$target: FINDING, see $findings/" >&2
+    -artifact_prefix="$findings/" -print_final_stats=1 >"$log" 2>&1; then
+    tail -n 80 "$log"
+    echo "== fuzz_$target: FINDING, see $findings/ and $log" >&2
     status=1
   else
-    echo "== fuzz_$target: no findings"
+    grep -E '^(Done|stat::number_of_executed_units|stat::peak_rss_mb)' "$log" || true
+    echo "== fuzz_$target: no findings (log: $log)"
   fi
 done
 exit $status
