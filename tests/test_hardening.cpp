@@ -342,6 +342,16 @@ TEST_CASE("a hand-edited MergePlan is checked before it is applied", "[hardening
   broken = plan;
   broken.num_out = 1;
   REQUIRE_THROWS_AS(broken.source(), config_error);
+  // A token listed twice in one group hides a missing one, whose dest unmerge still reads.
+  broken = plan;
+  std::int64_t o = 0;
+  while (broken.group_offsets[o + 1] - broken.group_offsets[o] < 2) ++o;
+  const std::int64_t first = broken.group_offsets[o];
+  const std::int64_t hidden = broken.group_members[first + 1];
+  broken.group_members[first + 1] = broken.group_members[first];
+  broken.dest[hidden] = 100;
+  const auto merged = plan.merge_wavg(x);
+  REQUIRE_THROWS_WITH(broken.unmerge(merged), Contains("dest"));
 }
 
 TEST_CASE("negative view extents are shape errors even where any extent is accepted",

@@ -77,7 +77,7 @@ struct MergePlan {
            " are inconsistent; expected B, N, r >= 0 and N_out = N - r >= 0");
     std::int64_t bn = 0, offsets = 0;
     if (core::mul_overflows(batch, num_tokens, bn) ||
-        core::mul_overflows(batch, num_out + 1, offsets))
+        core::mul_overflows(batch, core::pad_extent(num_out, 1), offsets))
       fail("sizes B=" + std::to_string(batch) + ", N=" + std::to_string(num_tokens) + " overflow");
     const auto expect_len = [&](std::string_view field, std::size_t got, std::int64_t want) {
       if (static_cast<std::int64_t>(got) != want)
@@ -105,6 +105,11 @@ struct MergePlan {
       in_range("unm_idx", unm_idx, num_a);
       in_range("src_idx", src_idx, num_a);
       in_range("dst_idx", dst_idx, num_b);
+    }
+    for (std::size_t i = 0; i < dest.size(); ++i) {  // unmerge and source index by dest
+      if (dest[i] < 0 || dest[i] >= num_out)
+        fail("field 'dest[" + std::to_string(i) + "]' = " + std::to_string(dest[i]) +
+             " is outside [0, N_out=" + std::to_string(num_out) + ")");
     }
     for (std::int64_t b = 0; b < batch; ++b) {
       const std::int64_t* off = group_offsets.data() + b * (num_out + 1);
