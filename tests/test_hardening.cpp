@@ -265,6 +265,12 @@ TEST_CASE("in place where documented: MoELayer y = x, MoH out = x", "[hardening]
     const auto want = layer.execute(plan, x, w);
     layer.execute(plan, x, w, x.view<2>());
     for (std::int64_t i = 0; i < x.numel(); ++i) REQUIRE(x[i] == want[i]);
+    // A workspace inside x would be written while x is read.
+    std::vector<std::byte> ws(layer.workspace_bytes(plan) + x.numel() * sizeof(float));
+    float* inside = reinterpret_cast<float*>(ws.data());
+    const View<float, 2> x_in_ws(inside, {10, 8});
+    Tensor<float> y2({10, 8});
+    REQUIRE_THROWS_WITH(layer.execute(plan, x_in_ws, w, y2.view<2>(), ws), Contains("'workspace'"));
     // Partial overlap is not in place: an error.
     Tensor<float> buf({11, 8});
     const View<float, 2> bv = buf.view<2>();

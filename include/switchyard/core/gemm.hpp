@@ -92,7 +92,8 @@ void gemm_run(const ConstView<T, 2>& a, Trans ta, const ConstView<T, 2>& b, Tran
 /// Any strides (transposes and sub-views need no copies). beta = 0 overwrites C even
 /// where it holds NaN; alpha = 0 or K = 0 gives beta * C. C must not share memory with A
 /// or B (shape_error).
-/// workspace: at least gemm_workspace_bytes<T, Arch>(M, N, K) bytes, any alignment.
+/// workspace: at least gemm_workspace_bytes<T, Arch>(M, N, K) bytes, any alignment, separate
+/// from A, B and C.
 /// Throws shape_error (naming gemm, the argument and both shapes) on mismatched
 /// extents or a too-small workspace.
 template <class T, class Arch = simd::default_arch>
@@ -107,6 +108,10 @@ void gemm(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
         "core", "gemm", "workspace", "[bytes=" + std::to_string(workspace.size()) + "]",
         "[bytes>=" + std::to_string(need) + "]", "gemm_workspace_bytes(M, N, K)");
   }
+  const View<std::byte, 1> ws(workspace.data(), {static_cast<std::int64_t>(workspace.size())});
+  detail::check_no_alias("core", "gemm", "workspace", ws, "a", a);
+  detail::check_no_alias("core", "gemm", "workspace", ws, "b", b);
+  detail::check_no_alias("core", "gemm", "workspace", ws, "c", c);
   detail::gemm_run<T, Arch>(a, ta, b, tb, c, alpha, beta, m, n, k,
                             reinterpret_cast<T*>(workspace.data()));
 }

@@ -318,7 +318,8 @@ class MoELayer {
   /// plan: routing of the T tokens (plan.num_tokens == T, plan.num_experts == E);
   /// x: [T, d] (any strides); y: [T, d], overwritten (any strides; may be x itself, the same
   /// view, but must not otherwise share memory with x: shape_error).
-  /// workspace: at least workspace_bytes(plan) bytes, any alignment; nothing is allocated.
+  /// workspace: at least workspace_bytes(plan) bytes, any alignment, not sharing memory with x
+  /// or y (shape_error); nothing is allocated.
   /// mask: optional keep-mask over the T tokens; a masked token outputs 0 (no shared expert
   /// either) even if the plan lists it. T = 0 is valid and does nothing.
   /// Throws shape_error naming the argument (x, y, w1 / shared.w1 / ..., plan, mask,
@@ -344,6 +345,10 @@ class MoELayer {
           "[bytes>=" + std::to_string(workspace_bytes(plan)) + "]",
           "workspace_bytes(plan); at least " + std::to_string(need) + " for one thread");
     }
+    // The workspace is written while x is read and before y is: it must be separate memory.
+    const View<std::byte, 1> ws(workspace.data(), {static_cast<std::int64_t>(workspace.size())});
+    core::detail::check_no_alias(name, fn, "workspace", ws, "x", x);
+    core::detail::check_no_alias(name, fn, "workspace", ws, "y", y);
     const std::int64_t slots_fit =
         std::int64_t((workspace.size() - 64 - l.fixed) / std::max<std::size_t>(1, l.slot_bytes));
     run(plan, x, w, y, l, align64(workspace.data()), slots_fit, mask);
