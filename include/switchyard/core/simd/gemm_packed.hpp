@@ -1,0 +1,153 @@
+#pragma once
+// Packing for the packed GEMM when the whole of k is packed at once (the MoE layer packs a
+// tile of gathered tokens and an expert's weight chunk once and reuses them): nn.Linear
+// [out, in] weights packed by register transposes (AVX-512 16x16, AVX 8x8, float), all-k
+// A packing, and the loop nest over both packed operands. The micro-kernel and the A
+// packing itself are gemm_kernel.hpp's, so this is the same GEMM path, not a second one.
+#include <algorithm>
+#include <cstdint>
+#include <type_traits>
+
+#include "switchyard/core/int_math.hpp"
+#include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/gemm_kernel.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace kernels {
+
+#if defined(__AVX512F__)
+/// dst[q * ldd + r] = src[r * lds + q] for a 16 x 16 float block.
+template <class Arch>
+void transpose16x16(Arch, const float* src, std::int64_t lds, float* dst,
+                    std::int64_t ldd) noexcept {
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i + 0] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // r[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j.
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
+    const __m512 b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
+    const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
+    const __m512 d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
+    _mm512_storeu_ps(dst + (0 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0x88));
+    _mm512_storeu_ps(dst + (8 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0xDD));
+    _mm512_storeu_ps(dst + (4 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0x88));
+    _mm512_storeu_ps(dst + (12 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0xDD));
+  }
+}
+#endif
+
+#if defined(__AVX__)
+/// dst[q * ldd + r] = src[r * lds + q] for an 8 x 8 float block.
+template <class Arch>
+void transpose8x8(Arch, const float* src, std::int64_t lds, float* dst, std::int64_t ldd) noexcept {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * lds);
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    r[4 * i + 0] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm256_shuffle_ps(t[4 * i + 0], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  // r[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j.
+  for (int j = 0; j < 4; ++j) {
+    _mm256_storeu_ps(dst + j * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x20));
+    _mm256_storeu_ps(dst + (4 + j) * ldd, _mm256_permute2f128_ps(r[j], r[4 + j], 0x31));
+  }
+}
+#endif
+
+/// Packs op(B)(p, j) = w[j * ldj + p * ldp] (p < k, j < n) for the packed GEMM micro-kernel,
+/// all of k at once: dst[j / NR][p][j % NR], the last panel zero-padded. This is nn.Linear's
+/// [out, in] weight read as [in, out]: each panel is a transpose of NR weight rows. Rows are
+/// read sequentially (ldp == 1 takes L x L register transposes on AVX and AVX-512 for float).
+template <class Arch, int NR, class T>
+void pack_b_rows(Arch, const T* w, std::int64_t ldj, std::int64_t ldp, std::int64_t n,
+                 std::int64_t k, T* dst) noexcept {
+  for (std::int64_t jb = 0; jb < n; jb += NR, dst += NR * k) {
+    const int nr = static_cast<int>(std::min<std::int64_t>(NR, n - jb));
+    const T* src = w + jb * ldj;
+    std::int64_t p = 0;
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx512f, Arch> &&
+                  NR % 16 == 0) {
+      if (ldp == 1 && nr == NR) {
+        for (; p + 16 <= k; p += 16)
+          for (int cb = 0; cb < NR; cb += 16)
+            transpose16x16(Arch{}, src + cb * ldj + p, ldj, dst + p * NR + cb, NR);
+      }
+    }
+#endif
+#if defined(__AVX__)
+    if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx, Arch> && NR % 8 == 0) {
+      if (ldp == 1 && nr == NR) {
+        for (; p + 8 <= k; p += 8)
+          for (int cb = 0; cb < NR; cb += 8)
+            transpose8x8(Arch{}, src + cb * ldj + p, ldj, dst + p * NR + cb, NR);
+      }
+    }
+#endif
+    if (p < k) {
+      for (int c = 0; c < nr; ++c) {
+        const T* s = src + c * ldj;
+        for (std::int64_t q = p; q < k; ++q) dst[q * NR + c] = s[q * ldp];
+      }
+      for (int c = nr; c < NR; ++c)
+        for (std::int64_t q = p; q < k; ++q) dst[q * NR + c] = T(0);
+    }
+  }
+}
+
+/// C [m, n] = A B + beta C with both operands packed for all of k: A as pack_a leaves it
+/// block after block (block p0 at ap + p0 * round_up(m, MR)), B as pack_b_rows leaves it.
+/// The loop nest of kernels::gemm: k blocks of kc, MR-row panels of A, NR-column panels of B.
+template <class Arch, class T>
+void gemm_packed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
+                 const T* bp, T beta, T* c, std::int64_t rsc) noexcept {
+  using G = kernels::GemmTile<Arch, T>;
+  const std::int64_t m_pad = core::round_up(m, G::mr);
+  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
+    const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+    const T beta_eff = p0 == 0 ? beta : T(1);
+    const T* ab = ap + p0 * m_pad;
+    for (std::int64_t ib = 0; ib < m; ib += G::mr) {
+      const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
+      for (std::int64_t jb = 0; jb < n; jb += G::nr) {
+        const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
+        detail::micro_kernel(arch, kc, ab + ib * kc, bp + jb * k + p0 * G::nr, mr, nr, T(1),
+                             beta_eff, c + ib * rsc + jb, rsc, 1);
+      }
+    }
+  }
+}
+
+/// Packs all of op(A) [m, k] (row r = a[rows[r] * rsa ...] when rows is non-null) for
+/// gemm_packed: block p0 of kc columns at dst + p0 * round_up(m, MR).
+template <class Arch, class T>
+void pack_a_all(Arch arch, const T* a, std::int64_t rsa, std::int64_t csa, const std::int32_t* rows,
+                std::int64_t m, std::int64_t k, T* dst) noexcept {
+  using G = kernels::GemmTile<Arch, T>;
+  const std::int64_t m_pad = core::round_up(m, G::mr);
+  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
+    const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+    detail::pack_a<Arch, G::mr>(arch, a, rsa, csa, rows, 0, m, p0, kc, dst + p0 * m_pad);
+  }
+}
+
+}  // namespace kernels
+}  // namespace v0
+}  // namespace switchyard
