@@ -92,11 +92,6 @@ class LinearAttention {
         switchyard::detail::fail_config(
             name, fn, "head_dim", cfg_.head_dim,
             ">= 1 for feature_map favor_plus (the projection is [m, D])");
-      // omega [m, D] and, when orthogonal, D x D Gaussian blocks, drawn in double.
-      switchyard::detail::checked_size(name, fn, "num_features", {cfg_.num_features, cfg_.head_dim},
-                                       sizeof(double));
-      switchyard::detail::checked_size(name, fn, "head_dim", {cfg_.head_dim, cfg_.head_dim},
-                                       sizeof(double));
       favor_ =
           make_favor_projection<T>(cfg_.head_dim, cfg_.num_features, cfg_.seed, cfg_.orthogonal);
     }

@@ -52,16 +52,19 @@ constexpr bool add_overflows(std::int64_t a, std::int64_t b, std::int64_t& out) 
 /// is checked, so [0, 2^62, 2^62] is rejected although its full product is 0.
 constexpr std::int64_t bounded_product(std::span<const std::int64_t> factors,
                                        std::int64_t element_bytes = 1) noexcept {
-  std::int64_t p = 1;
   std::int64_t partial = 1;  // product of the non-zero factors, so a 0 cannot hide an overflow
+  bool empty = false;
   for (std::int64_t f : factors) {
     if (f < 0) return -1;
-    if (f != 0 && (mul_overflows(partial, f, partial) || partial > max_buffer_bytes)) return -1;
-    p *= f == 0 ? 0 : 1;
+    if (f == 0) {
+      empty = true;
+    } else if (mul_overflows(partial, f, partial) || partial > max_buffer_bytes) {
+      return -1;
+    }
   }
   std::int64_t bytes = 0;
   if (mul_overflows(partial, element_bytes, bytes) || bytes > max_buffer_bytes) return -1;
-  return p == 0 ? 0 : partial;
+  return empty ? 0 : partial;
 }
 constexpr std::int64_t bounded_product(std::initializer_list<std::int64_t> factors,
                                        std::int64_t element_bytes = 1) noexcept {

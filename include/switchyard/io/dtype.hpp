@@ -91,26 +91,13 @@ constexpr std::optional<DType> parse_dtype(std::string_view s) noexcept {
 
 /// Bytes of a row-major tensor of `shape` and dtype `d`, or -1 when an extent is negative,
 /// or the product of the non-zero extents times dtype_size(d) overflows or exceeds
-/// core::max_buffer_bytes (core::bounded_product over a runtime-length shape). Zero
+/// core::max_buffer_bytes (the check of core::bounded_product). Zero
 /// extents are skipped while checking, so [0, 2^62, 2^62] (0 bytes) is -1 too: every
 /// partial product, row-major strides included, then fits comfortably in int64.
 constexpr std::int64_t shape_nbytes(std::span<const std::int64_t> shape, DType d) noexcept {
-  std::int64_t nonzero = 1;  // product of the non-zero extents
-  bool empty = false;
-  for (std::int64_t e : shape) {
-    if (e < 0) return -1;
-    if (e == 0) {
-      empty = true;
-    } else if (core::mul_overflows(nonzero, e, nonzero) || nonzero > core::max_buffer_bytes) {
-      return -1;
-    }
-  }
-  std::int64_t bytes = 0;
-  if (core::mul_overflows(nonzero, static_cast<std::int64_t>(dtype_size(d)), bytes) ||
-      bytes > core::max_buffer_bytes) {
-    return -1;
-  }
-  return empty ? 0 : bytes;
+  const auto size = static_cast<std::int64_t>(dtype_size(d));
+  const std::int64_t n = core::bounded_product(shape, size);  // every partial product checked
+  return n < 0 ? -1 : n * size;
 }
 
 /// The dtype a C++ element type reads and writes as. bool <-> BOOL and
