@@ -147,3 +147,30 @@ TEMPLATE_TEST_CASE("kernels::row_sum matches a double loop", "[simd][vector_ops]
     REQUIRE(kernels::row_sum(arch, static_cast<const T*>(nullptr), 0) == T(0));
   });
 }
+
+TEMPLATE_TEST_CASE("simd::hsum_rows puts the sum of row i in lane i", "[simd][vector_ops]", float,
+                   double) {
+  using T = TestType;
+  simd::for_each_arch([&](auto arch) {
+    using Arch = decltype(arch);
+    if constexpr (!simd::is_scalar_v<Arch>) {
+      using V = xsimd::batch<T, Arch>;
+      constexpr std::size_t L = V::size;
+      INFO(Arch::name());
+      // Distinct sums per row, from values small enough to add exactly.
+      alignas(64) T in[L][L];
+      V rows[L];
+      for (std::size_t u = 0; u < L; ++u) {
+        for (std::size_t i = 0; i < L; ++i) in[u][i] = T(double(u * 3 + 1) + 0.25 * double(i % 5));
+        rows[u] = V::load_aligned(in[u]);
+      }
+      alignas(64) T out[L];
+      simd::hsum_rows(rows).store_aligned(out);
+      for (std::size_t u = 0; u < L; ++u) {
+        double want = 0;
+        for (std::size_t i = 0; i < L; ++i) want += double(in[u][i]);
+        CHECK(double(out[u]) == want);
+      }
+    }
+  });
+}

@@ -24,9 +24,13 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <span>
 #include <string_view>
 #include <vector>
 
+#include "switchyard/attention/attention_tiles.hpp"
+#include "switchyard/attention/decode_kernels.hpp"
+#include "switchyard/attention/kv_cache.hpp"
 #include "switchyard/attention/mask.hpp"
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
@@ -63,28 +67,6 @@ struct DenseAttentionArgs {
 };
 
 namespace detail {
-
-// Register-level operations, so one micro-kernel serves every Arch (scalar: T).
-template <class T, class Arch, bool = simd::is_scalar_v<Arch>>
-struct Reg {
-  using V = xsimd::batch<T, Arch>;
-  static constexpr std::int64_t lanes = V::size;
-  static V zero() noexcept { return V(T(0)); }
-  static V load(const T* p) noexcept { return V::load_aligned(p); }
-  static void store(T* p, const V& x) noexcept { x.store_aligned(p); }
-  static V splat(T x) noexcept { return V(x); }
-  static V fma(const V& a, const V& b, const V& c) noexcept { return xsimd::fma(a, b, c); }
-};
-template <class T, class Arch>
-struct Reg<T, Arch, true> {
-  using V = T;
-  static constexpr std::int64_t lanes = 1;
-  static V zero() noexcept { return T(0); }
-  static V load(const T* p) noexcept { return *p; }
-  static void store(T* p, V x) noexcept { *p = x; }
-  static V splat(T x) noexcept { return x; }
-  static V fma(V a, V b, V c) noexcept { return a * b + c; }
-};
 
 // Tile sizes per (T, Arch): MR query rows x NV registers, so MR * NV
 // accumulators plus NV loads and one broadcast fit the register file
@@ -123,32 +105,6 @@ inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s,
   for (int r = 0; r < MR; ++r)
     for (int n = 0; n < NV; ++n) R::store(s + r * s_stride + n * L, acc[r][n]);
 }
-
-// o[r][0 .. NV*L) = o[r] * alpha[r] + sum_{j < nk} p[r][j] * vp[j][0 .. NV*L).
-template <class Arch, class T, int MR, int NV>
-inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::int64_t nk,
-                       const T* vp, std::int64_t v_stride, T* o, std::int64_t o_stride) noexcept {
-  using R = Reg<T, Arch>;
-  constexpr std::int64_t L = R::lanes;
-  typename R::V acc[MR][NV];
-  for (int r = 0; r < MR; ++r) {
-    const auto a = R::splat(alpha[r]);
-    for (int n = 0; n < NV; ++n) acc[r][n] = R::load(o + r * o_stride + n * L) * a;
-  }
-  for (std::int64_t j = 0; j < nk; ++j) {
-    typename R::V vv[NV];
-    for (int n = 0; n < NV; ++n) vv[n] = R::load(vp + j * v_stride + n * L);
-    for (int r = 0; r < MR; ++r) {
-      const auto pb = R::splat(p[r * p_stride + j]);
-      for (int n = 0; n < NV; ++n) acc[r][n] = R::fma(pb, vv[n], acc[r][n]);
-    }
-  }
-  for (int r = 0; r < MR; ++r)
-    for (int n = 0; n < NV; ++n) R::store(o + r * o_stride + n * L, acc[r][n]);
-}
-
-template <class T>
-using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
 
 // Per-thread buffers of one query tile (a few KiB), reused across calls.
 template <class T>
@@ -351,6 +307,26 @@ struct DenseAttentionConfig {
   std::optional<double> scale;
 };
 
+/// Optional parts of DenseAttention::decode.
+template <class T>
+struct DecodeOptions {
+  /// [H, T_new, capacity] or empty: added to the scaled scores of head h, new query t, cached
+  /// key j (ALiBi-style; a stride-0 dimension broadcasts). -inf masks.
+  ConstView<T, 3> bias;
+  /// [B, H_kv, capacity] or empty: receives, for every cached key j < length(b, h), the
+  /// attention probability it got summed over the query heads of KV head h and the T_new
+  /// queries (eviction scores, attention/kv_cache.hpp keep()). Entries past the length are not
+  /// touched.
+  View<T, 3> key_mass;
+  bool accumulate_key_mass = false;  ///< add to key_mass instead of overwriting it
+  /// [B * T_new * H] (row-major [B, T_new, H]) or empty: 0 = head not computed (zeros out).
+  std::span<const std::uint8_t> active_heads;
+};
+
+/// Most new queries per sequence DenseAttention::decode takes; longer blocks are prefill
+/// (DenseAttention::forward over KVCache::keys_as_sequence).
+inline constexpr std::int64_t max_decode_queries = 64;
+
 /// Dense multi-head attention with grouped-query attention and typed masks
 /// (mask.hpp), computed by the fused kernel on Arch (default: the compile-time arch).
 template <class T = float, class Arch = simd::default_arch>
@@ -416,6 +392,109 @@ class DenseAttention {
       a.bias_stride[1] = mask.bias->bias.stride(1);
     }
     kernels::dense_attention(Arch{}, a);
+  }
+
+  /// Decoding against a KV cache: q [B, T_new, H, D] are the queries of the last T_new positions
+  /// of each (sequence, KV head) of `cache` (append their keys and values first), 1 <= T_new
+  /// <= max_decode_queries; query t sees cached keys j < length - T_new + t + 1 (causal inside
+  /// the new block). out: [B, T_new, H, D], any strides, not sharing memory with q, the cache,
+  /// the bias or the key mass. Split-KV (decode_kernels.hpp): K and V are read once, by all
+  /// threads; bit-identical for any thread count. Rows that see no key get zeros.
+  void decode(ConstView<T, 4> q, const KVCache<T>& cache, View<T, 4> out,
+              const DecodeOptions<T>& opts = {}) const {
+    const std::string_view fn = "decode";
+    const std::int64_t B = cache.batch(), Hkv = cache.kv_heads(), D = cache.head_dim();
+    const std::int64_t cap = cache.capacity();
+    core::detail::check_shape<const T, 4>(name, fn, "q", q, {"B", "T_new", "H", "D"},
+                                          Shape<4>{B, -1, -1, D},
+                                          "the cache's batch and head_dim");
+    const std::int64_t Tn = q.extent(1), H = q.extent(2);
+    if (Tn < 1 || Tn > max_decode_queries)
+      switchyard::detail::fail_shape(
+          name, fn, "q", switchyard::detail::format_shape({"B", "T_new", "H", "D"}, q.shape()),
+          "1 <= T_new <= " + std::to_string(max_decode_queries),
+          "longer blocks are prefill: forward over KVCache::keys_as_sequence");
+    if (H < 1 || H % Hkv != 0)
+      switchyard::detail::fail_shape(
+          name, fn, "q", switchyard::detail::format_shape({"B", "T_new", "H", "D"}, q.shape()),
+          "H a multiple of the cache's H_kv=" + std::to_string(Hkv), "grouped-query attention");
+    core::detail::check_shape<T, 4>(name, fn, "out", out, {"B", "T_new", "H", "D"}, q.shape(),
+                              "out has the shape of q");
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < Hkv; ++h)
+        if (cache.length(b, h) < Tn)
+          throw config_error(std::string(name) + "::decode: sequence " + std::to_string(b) +
+                             " (KV head " + std::to_string(h) + ") holds " +
+                             std::to_string(cache.length(b, h)) + " positions, fewer than the " +
+                             std::to_string(Tn) + " new queries (append their keys first)");
+    if (!opts.bias.empty() || opts.bias.data())
+      core::detail::check_shape(name, fn, "bias", opts.bias, {"H", "T_new", "S"},
+                                {H, Tn, cap}, "[H, T_new, capacity]");
+    const bool mass = !opts.key_mass.empty() || opts.key_mass.data();
+    if (mass)
+      core::detail::check_shape(name, fn, "key_mass", opts.key_mass, {"B", "H_kv", "S"},
+                                {B, Hkv, cap}, "[B, H_kv, capacity]");
+    if (!opts.active_heads.empty() && std::int64_t(opts.active_heads.size()) != B * Tn * H) {
+      const std::int64_t got = std::int64_t(opts.active_heads.size());
+      switchyard::detail::fail_shape(name, fn, "active_heads",
+                                     switchyard::detail::format_shape({"n"}, std::span(&got, 1)),
+                                     "[B * T_new * H=" + std::to_string(B * Tn * H) + "]",
+                                     "one flag per (sequence, new query, head), or empty");
+    }
+    const ConstView<T, 4> ks = cache.keys(), vs = cache.values();
+    core::detail::check_no_alias(name, fn, "out", out, "q", q);
+    core::detail::check_no_alias(name, fn, "out", out, "cache keys", ks);
+    core::detail::check_no_alias(name, fn, "out", out, "cache values", vs);
+    if (opts.bias.data()) core::detail::check_no_alias(name, fn, "out", out, "bias", opts.bias);
+    if (mass) {
+      core::detail::check_no_alias(name, fn, "key_mass", opts.key_mass, "out", out);
+      core::detail::check_no_alias(name, fn, "key_mass", opts.key_mass, "q", q);
+      core::detail::check_no_alias(name, fn, "key_mass", opts.key_mass, "cache keys", ks);
+      core::detail::check_no_alias(name, fn, "key_mass", opts.key_mass, "cache values", vs);
+      if (opts.bias.data())
+        core::detail::check_no_alias(name, fn, "key_mass", opts.key_mass, "bias", opts.bias);
+    }
+    // Scratch: one partial of Dp + 2 values per (chunk, row) and, with the key mass, one score
+    // per (row, cached key).
+    const std::int64_t rows = Tn * (H / Hkv);
+    std::int64_t chunks = 0, keys = 0;
+    for (std::int64_t len : cache.lengths()) {
+      chunks += num_chunks(len, kernels::decode_chunk_keys(len, rows));
+      keys += len;
+    }
+    switchyard::detail::checked_size(name, fn, "q", {chunks, rows, cache.row_stride() + 2},
+                                     sizeof(T));
+    if (mass) switchyard::detail::checked_size(name, fn, "key_mass", {rows, keys}, sizeof(T));
+
+    kernels::DecodeAttentionArgs<T> a{};
+    a.q = q.data();
+    a.k = ks.data();
+    a.v = vs.data();
+    a.capacity = cap;
+    a.Dp = cache.row_stride();
+    a.lengths = cache.lengths().data();
+    a.out = out.data();
+    for (int i = 0; i < 4; ++i) {
+      a.q_stride[i] = q.stride(i);
+      a.out_stride[i] = out.stride(i);
+    }
+    a.B = B;
+    a.T_new = Tn;
+    a.H = H;
+    a.Hkv = Hkv;
+    a.D = D;
+    a.scale = static_cast<T>(cfg_.scale ? *cfg_.scale : 1.0 / std::sqrt(double(D)));
+    if (opts.bias.data()) {
+      a.bias = opts.bias.data();
+      for (int i = 0; i < 3; ++i) a.bias_stride[i] = opts.bias.stride(i);
+    }
+    if (mass) {
+      a.key_mass = opts.key_mass.data();
+      for (int i = 0; i < 3; ++i) a.key_mass_stride[i] = opts.key_mass.stride(i);
+      a.accumulate_key_mass = opts.accumulate_key_mass;
+    }
+    if (!opts.active_heads.empty()) a.active = opts.active_heads.data();
+    kernels::decode_attention(Arch{}, a);
   }
 
   /// As above, returning a new [B, T, H, D] tensor.

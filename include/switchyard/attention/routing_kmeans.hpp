@@ -76,6 +76,7 @@
 // (cross-attention with a separate key window size) and dropout (eval mode only).
 // NaN in q, k or the centroids is an error (it would silently reorder the windows).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -87,6 +88,7 @@
 #include <vector>
 
 #include "switchyard/attention/plan_executor.hpp"
+#include "switchyard/attention/routing_decode.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -173,16 +175,8 @@ void normalize_rows(ConstView<T, 4> x, T* xn, std::int64_t n_total, std::int64_t
   const std::int64_t B = x.extent(0), N = x.extent(1), H = x.extent(2), D = x.extent(3);
   parallel_for(B * H, [&](std::int64_t task) {
     const std::int64_t b = task / H, h = task % H;
-    for (std::int64_t t = 0; t < N; ++t) {
-      T* dst = xn + ((b * H + h) * n_total + n_off + t) * D;
-      double ss = 0;
-      for (std::int64_t d = 0; d < D; ++d) {
-        const double v = double(x(b, t, h, d));
-        ss += v * v;
-      }
-      const T inv = T(1) / std::max(T(std::sqrt(ss)), T(1e-12));
-      for (std::int64_t d = 0; d < D; ++d) dst[d] = x(b, t, h, d) * inv;
-    }
+    for (std::int64_t t = 0; t < N; ++t)
+      normalize_row(&x(b, t, h, 0), x.stride(3), D, xn + ((b * H + h) * n_total + n_off + t) * D);
   });
 }
 
@@ -606,7 +600,218 @@ class RoutingAttention {
     }
   }
 
+  /// Incremental decoding (routing_decode.hpp holds the state). Whatever config.selection and
+  /// config.causal say, decoding is the nearest-centroid form, which is causal by construction:
+  /// each token's key joins the cluster of its nearest centroid (argmax of means[h] .
+  /// normalize(key), dots in double, ties toward the lower cluster) when it is cached, and a
+  /// query attends to the cached keys of its own nearest centroid's cluster (itself included
+  /// when its key is a member), after that cluster's memory keys/values (extras, required iff
+  /// memory_kv() > 0, as forward). Logits are q . key * scale; with shared QK the keys are
+  /// normalize(q) and a query's own key gets self_value, as forward. Softmax and weighted sum in
+  /// double; a query with no key and no memory in its cluster (separate QK) outputs zeros. This
+  /// is what forward computes with selection = nearest_centroid and causal = true, up to
+  /// rounding. The layer has no local-window attention, so there is none here either. Masks are
+  /// not supported (extras.query_mask / key_mask must be empty): feed each sequence only its
+  /// real tokens (prefill(b, ...) takes one sequence). Every check runs before anything is
+  /// written, so a call that throws leaves the state unchanged. Work is split by (sequence,
+  /// head), so results are bit-identical for any thread count, and prefilling equals stepping
+  /// token by token bit for bit.
+
+  /// A decode state for `batch` sequences of up to `capacity` positions each, with the heads,
+  /// clusters and head dim of centroids.means [H, C, D].
+  RoutingDecodeState<T> make_decode_state(const KMeansState<T>& centroids, std::int64_t batch,
+                                          std::int64_t capacity) const {
+    check_decode_centroids(centroids, -1, -1, -1, "make_decode_state");
+    const auto& m = centroids.means;
+    return RoutingDecodeState<T>(batch, m.extent(0), m.extent(2), m.extent(1), capacity);
+  }
+
+  /// One token for every sequence: q_t, v_t, out_t [B, H, D] (any strides); k_t [B, H, D] with
+  /// separate QK, an empty view with shared QK. Appends at position state.length(b) of each
+  /// sequence b; out_t gets the new token's attention output. Throws config_error when a
+  /// sequence is full (naming it, its length and the capacity).
+  void step(ConstView<T, 3> q_t, ConstView<T, 3> k_t, ConstView<T, 3> v_t,
+            const KMeansState<T>& centroids, RoutingDecodeState<T>& state, View<T, 3> out_t,
+            const RoutingExtras<T>& extras = {}) const {
+    constexpr std::string_view fn = "step";
+    const Shape<3> want{state.batch(), state.heads(), state.head_dim()};
+    constexpr std::string_view why = "the decode state's batch, heads and head_dim";
+    check_decode_k(k_t.data() != nullptr, "k_t", fn);
+    core::detail::check_shape<const T, 3>(name, fn, "q_t", q_t, {"B", "H", "D"}, want, why);
+    if (k_t.data()) core::detail::check_shape<const T, 3>(name, fn, "k_t", k_t, {"B", "H", "D"}, want, why);
+    core::detail::check_shape<const T, 3>(name, fn, "v_t", v_t, {"B", "H", "D"}, want, why);
+    core::detail::check_shape<T, 3>(name, fn, "out_t", out_t, {"B", "H", "D"}, want, why);
+    check_decode_alias<3>(fn, {"q_t", "k_t", "v_t", "out_t"}, q_t, k_t, v_t, out_t, extras, state);
+    // [B, H, D] as [B, 1, H, D]
+    const auto as4 = [](auto x) {
+      return View<typename decltype(x)::element_type, 4>(
+          x.data(), {x.extent(0), 1, x.extent(1), x.extent(2)},
+          {x.stride(0), 0, x.stride(1), x.stride(2)});
+    };
+    decode(fn, {"q_t", "k_t", "v_t", "out_t"}, 0, as4(q_t), as4(k_t), as4(v_t), centroids, state,
+           as4(out_t), extras);
+  }
+
+  /// A chunk of T tokens for every sequence: q, v, out [B, T, H, D] (any strides); k
+  /// [B, T, H, D] with separate QK, an empty view with shared QK. Equals T calls of step.
+  void prefill(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+               const KMeansState<T>& centroids, RoutingDecodeState<T>& state, View<T, 4> out,
+               const RoutingExtras<T>& extras = {}) const {
+    constexpr std::string_view fn = "prefill";
+    check_decode_k(k.data() != nullptr, "k", fn);
+    core::detail::check_shape<const T, 4>(name, fn, "q", q, {"B", "T", "H", "D"},
+                              Shape<4>{state.batch(), -1, state.heads(), state.head_dim()},
+                              "the decode state's batch, heads and head_dim");
+    constexpr std::string_view why = "the shape of q";
+    if (k.data()) core::detail::check_shape<const T, 4>(name, fn, "k", k, {"B", "T", "H", "D"}, q.shape(), why);
+    core::detail::check_shape<const T, 4>(name, fn, "v", v, {"B", "T", "H", "D"}, q.shape(), why);
+    core::detail::check_shape<T, 4>(name, fn, "out", out, {"B", "T", "H", "D"}, q.shape(), why);
+    check_decode_alias<4>(fn, {"q", "k", "v", "out"}, q, k, v, out, extras, state);
+    decode(fn, {"q", "k", "v", "out"}, 0, q, k, v, centroids, state, out, extras);
+  }
+
+  /// A chunk of T tokens for sequence b only (ragged prompts): q, v, out [T, H, D]; k [T, H, D]
+  /// with separate QK, an empty view with shared QK. Other sequences are untouched.
+  void prefill(std::int64_t b, ConstView<T, 3> q, ConstView<T, 3> k, ConstView<T, 3> v,
+               const KMeansState<T>& centroids, RoutingDecodeState<T>& state, View<T, 3> out,
+               const RoutingExtras<T>& extras = {}) const {
+    constexpr std::string_view fn = "prefill";
+    if (b < 0 || b >= state.batch()) {
+      switchyard::detail::fail_config(
+          name, fn, "b", b,
+          "a sequence of the decode state, in [0, B=" + std::to_string(state.batch()) + ")");
+    }
+    check_decode_k(k.data() != nullptr, "k", fn);
+    core::detail::check_shape<const T, 3>(name, fn, "q", q, {"T", "H", "D"},
+                              Shape<3>{-1, state.heads(), state.head_dim()},
+                              "the decode state's heads and head_dim");
+    constexpr std::string_view why = "the shape of q";
+    if (k.data()) core::detail::check_shape<const T, 3>(name, fn, "k", k, {"T", "H", "D"}, q.shape(), why);
+    core::detail::check_shape<const T, 3>(name, fn, "v", v, {"T", "H", "D"}, q.shape(), why);
+    core::detail::check_shape<T, 3>(name, fn, "out", out, {"T", "H", "D"}, q.shape(), why);
+    check_decode_alias<3>(fn, {"q", "k", "v", "out"}, q, k, v, out, extras, state);
+    // [T, H, D] as [1, T, H, D]
+    const auto as4 = [](auto x) {
+      return View<typename decltype(x)::element_type, 4>(
+          x.data(), {1, x.extent(0), x.extent(1), x.extent(2)},
+          {0, x.stride(0), x.stride(1), x.stride(2)});
+    };
+    decode(fn, {"q", "k", "v", "out"}, b, as4(q), as4(k), as4(v), centroids, state, as4(out),
+           extras);
+  }
+
  private:
+  // Decoding with shared QK takes no k; separate QK needs one.
+  void check_decode_k(bool given, std::string_view arg, std::string_view fn) const {
+    if (cfg_.shared_qk && given) {
+      switchyard::detail::fail_config(name, fn, arg, "given",
+                                      "an empty view when shared_qk is true (keys = normalize(q))");
+    }
+    if (!cfg_.shared_qk && !given) {
+      switchyard::detail::fail_config(name, fn, arg, "missing", "keys when shared_qk is false");
+    }
+  }
+
+  // Centroids for decoding: initialised, means [H, C, D] (-1: any), C = config num_clusters
+  // when set, no NaN.
+  void check_decode_centroids(const KMeansState<T>& centroids, std::int64_t H, std::int64_t C,
+                              std::int64_t D, std::string_view fn) const {
+    if (!centroids.initialised) {
+      switchyard::detail::fail_config(
+          name, fn, "centroids", "uninitialised",
+          "initialised centroids (init_state, or set means and initialised = true)");
+    }
+    const auto& m = centroids.means;
+    const std::int64_t want[3] = {H, cfg_.num_clusters > 0 ? cfg_.num_clusters : C, D};
+    bool ok = m.rank() == 3;
+    for (int d = 0; ok && d < 3; ++d) ok = m.extent(d) >= 1 && (want[d] < 0 || m.extent(d) == want[d]);
+    if (!ok) {
+      std::string exp = "[";
+      const char* letters[3] = {"H", "C", "D"};
+      for (int d = 0; d < 3; ++d)
+        exp += std::string(d ? ", " : "") + letters[d] +
+               (want[d] >= 0 ? "=" + std::to_string(want[d]) : std::string());
+      switchyard::detail::fail_shape(
+          name, fn, "centroids.means",
+          m.rank() == 3 ? switchyard::detail::format_shape({"H", "C", "D"},
+                                                           std::span<const std::int64_t>(m.shape()))
+                        : "rank " + std::to_string(m.rank()),
+          exp + "]",
+          "one centroid per head and cluster of the decode state (C = config num_clusters when "
+          "set)");
+    }
+    for (const T x : m)
+      if (std::isnan(x)) nan_error(fn, "centroids.means");
+  }
+
+  // Outputs must not overlap inputs; nothing the call reads or writes may live in the state.
+  template <int R>
+  void check_decode_alias(std::string_view fn, const std::array<std::string_view, 4>& names,
+                          ConstView<T, R> q, ConstView<T, R> k, ConstView<T, R> v, View<T, R> out,
+                          const RoutingExtras<T>& ex, const RoutingDecodeState<T>& st) const {
+    core::detail::check_no_alias(name, fn, names[3], out, names[0], q);
+    core::detail::check_no_alias(name, fn, names[3], out, names[1], k);
+    core::detail::check_no_alias(name, fn, names[3], out, names[2], v);
+    core::detail::check_no_alias(name, fn, names[3], out, "mem_key", ex.mem_key);
+    core::detail::check_no_alias(name, fn, names[3], out, "mem_value", ex.mem_value);
+    const auto outside = [&](std::string_view arg, const auto& x) {
+      constexpr std::string_view why = "the decode state is written while inputs are read";
+      core::detail::check_no_alias(name, fn, arg, x, "state keys", st.key_storage(), why);
+      core::detail::check_no_alias(name, fn, arg, x, "state values", st.value_storage(), why);
+    };
+    outside(names[0], q);
+    outside(names[1], k);
+    outside(names[2], v);
+    outside(names[3], out);
+    outside("mem_key", ex.mem_key);
+    outside("mem_value", ex.mem_value);
+  }
+
+  // Decodes q, k, v [nb, T, H, D] (k: empty with shared QK) into out, for sequences
+  // b0 .. b0 + nb of the state (shapes and aliasing checked by the caller). Checks the rest,
+  // then runs each (sequence, head) through its T tokens in order.
+  void decode(std::string_view fn, const std::array<std::string_view, 4>& names, std::int64_t b0,
+              ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+              const KMeansState<T>& centroids, RoutingDecodeState<T>& st, View<T, 4> out,
+              const RoutingExtras<T>& ex) const {
+    const std::int64_t nb = q.extent(0), n = q.extent(1), H = st.heads(), D = st.head_dim();
+    const std::int64_t C = st.num_clusters();
+    if (!ex.query_mask.empty() || !ex.key_mask.empty()) {
+      switchyard::detail::fail_config(
+          name, fn, ex.query_mask.empty() ? "key_mask" : "query_mask", "given",
+          "no masks when decoding (feed each sequence only its real tokens)");
+    }
+    check_decode_centroids(centroids, H, C, D, fn);
+    check_memory(ex, H, C, D, fn);
+    for (std::int64_t b = b0; b < b0 + nb; ++b) {
+      const std::int64_t len = st.len_[std::size_t(b)];
+      if (n > st.capacity() - len) {
+        throw config_error(std::string(name) + "::" + std::string(fn) + ": sequence " +
+                           std::to_string(b) + " holds " + std::to_string(len) +
+                           " positions; appending " + std::to_string(n) +
+                           " would pass the decode state's capacity " +
+                           std::to_string(st.capacity()));
+      }
+    }
+    if (detail::has_nan(q)) nan_error(fn, names[0]);
+    if (k.data() && detail::has_nan(k)) nan_error(fn, names[1]);
+    const typename RoutingDecodeState<T>::TokenArgs base{
+        nullptr, ex.mem_key, ex.mem_value,
+        cfg_.scale ? *cfg_.scale : 1.0 / std::sqrt(double(D)),
+        cfg_.shared_qk ? std::optional<double>(cfg_.self_value) : std::nullopt};
+    parallel_for(nb * H, [&](std::int64_t task) {
+      const std::int64_t i = task / H, h = task % H, b = b0 + i;
+      auto a = base;
+      a.means = centroids.means.data() + h * C * D;
+      const std::int64_t len = st.len_[std::size_t(b)];
+      for (std::int64_t t = 0; t < n; ++t)
+        st.decode_token(b, h, len + t, &q(i, t, h, 0), q.stride(3),
+                        k.data() ? &k(i, t, h, 0) : nullptr, k.data() ? k.stride(3) : 0,
+                        &v(i, t, h, 0), v.stride(3), a, &out(i, t, h, 0), out.stride(3));
+    });
+    for (std::int64_t b = b0; b < b0 + nb; ++b) st.len_[std::size_t(b)] += n;
+  }
+
   // Throws for an uninitialised state, wrong means shape, C > T, NaN in the means.
   void check_state(ConstView<T, 4> q, const KMeansState<T>& state, std::string_view fn) const {
     const std::int64_t Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
@@ -647,24 +852,8 @@ class RoutingAttention {
     core::detail::check_no_alias(name, fn, "out", out, "v", v);
     PlanExtras<T> pe;
     core::Tensor<T> mk_copy, mv_copy;
-    if (M == 0 && (ex.mem_key.data() || ex.mem_value.data())) {
-      switchyard::detail::fail_config(name, fn, ex.mem_key.data() ? "mem_key" : "mem_value",
-                                      "given", "no memory when memory_kv() = 0 (num_mem_kv = 0)");
-    }
+    check_memory(ex, H, C, D, fn);
     if (M > 0) {
-      if (!ex.mem_key.data() || !ex.mem_value.data()) {
-        switchyard::detail::fail_config(
-            name, fn, ex.mem_key.data() ? "mem_value" : "mem_key", "missing",
-            "[H, C, M=" + std::to_string(M) +
-                ", D] memory keys and values (num_mem_kv; at least 1 when causal and "
-                "shared_qk is false, as in the reference)");
-      }
-      core::detail::check_shape<const T, 4>(name, fn, "mem_key", ex.mem_key, {"H", "C", "M", "D"},
-                                            Shape<4>{H, C, M, D},
-                                            "one memory block per head and cluster");
-      core::detail::check_shape<const T, 4>(name, fn, "mem_value", ex.mem_value,
-                                            {"H", "C", "M", "D"}, ex.mem_key.shape(),
-                                            "mem_value has the shape of mem_key");
       const auto table = [&](ConstView<T, 4> m, core::Tensor<T>& copy) {
         const std::int64_t Cm = m.extent(1);
         if (m.stride(0) == Cm * m.stride(1) || H <= 1)
@@ -709,6 +898,30 @@ class RoutingAttention {
         for (std::int64_t d = 0; d < D; ++d) out(b, t, h, d) = out(b, t, h, d) / den;
       }
     });
+  }
+
+  // Memory keys/values: given iff memory_kv() > 0, then [H, C, M, D] each (C < 0: any).
+  void check_memory(const RoutingExtras<T>& ex, std::int64_t H, std::int64_t C, std::int64_t D,
+                    std::string_view fn) const {
+    const std::int64_t M = memory_kv();
+    if (M == 0 && (ex.mem_key.data() || ex.mem_value.data())) {
+      switchyard::detail::fail_config(name, fn, ex.mem_key.data() ? "mem_key" : "mem_value",
+                                      "given", "no memory when memory_kv() = 0 (num_mem_kv = 0)");
+    }
+    if (M == 0) return;
+    if (!ex.mem_key.data() || !ex.mem_value.data()) {
+      switchyard::detail::fail_config(
+          name, fn, ex.mem_key.data() ? "mem_value" : "mem_key", "missing",
+          "[H, C, M=" + std::to_string(M) +
+              ", D] memory keys and values (num_mem_kv; at least 1 when causal and "
+              "shared_qk is false, as in the reference)");
+    }
+    core::detail::check_shape<const T, 4>(name, fn, "mem_key", ex.mem_key, {"H", "C", "M", "D"},
+                                          Shape<4>{H, C, M, D},
+                                          "one memory block per head and cluster");
+    core::detail::check_shape<const T, 4>(name, fn, "mem_value", ex.mem_value,
+                                          {"H", "C", "M", "D"}, ex.mem_key.shape(),
+                                          "mem_value has the shape of mem_key");
   }
 
   [[noreturn]] static void nan_error(std::string_view fn, std::string_view arg) {

@@ -95,6 +95,37 @@ inline T hmax(const xsimd::batch<T, A>& b) noexcept {
   return m;
 }
 
+/// Lane i of the result is the sum of the lanes of rows[i], for size() rows: the transpose-add
+/// that turns one accumulator per output into a vector of outputs. xsimd 8.1's haddp returns
+/// the float AVX-512 sums in a permuted lane order (rows 0 1 4 5 2 3 6 7 ...), so that case is
+/// done here: fold each pair of rows to 8 lanes, gather rows k, 4 + k, 8 + k, 12 + k into the
+/// four 128-bit chunks of one vector, then a 4 x 4 transpose-add inside the chunks.
+template <class T, class A>
+inline xsimd::batch<T, A> hsum_rows(const xsimd::batch<T, A>* rows) noexcept {
+#if defined(__AVX512F__) && XSIMD_VERSION_MAJOR < 9
+  if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx512f, A>) {
+    // [a lo 8 + a hi 8, b lo 8 + b hi 8] as 128-bit chunks [a0+a2, a1+a3, b0+b2, b1+b3]
+    const auto fold = [](__m512 a, __m512 b) {
+      return _mm512_add_ps(_mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(1, 0, 1, 0)),
+                           _mm512_shuffle_f32x4(a, b, _MM_SHUFFLE(3, 2, 3, 2)));
+    };
+    __m512 u[4];  // chunk j of u[k]: 4 partial sums of row 4j + k
+    for (int k = 0; k < 4; ++k) {
+      const __m512 ab = fold(rows[k], rows[4 + k]), cd = fold(rows[8 + k], rows[12 + k]);
+      u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(2, 0, 2, 0)),
+                           _mm512_shuffle_f32x4(ab, cd, _MM_SHUFFLE(3, 1, 3, 1)));
+    }
+    const __m512 w01 = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 w23 = _mm512_add_ps(_mm512_shuffle_ps(u[2], u[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_ps(u[2], u[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    return _mm512_add_ps(_mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(2, 0, 2, 0)),
+                         _mm512_shuffle_ps(w01, w23, _MM_SHUFFLE(3, 1, 3, 1)));
+  }
+#endif
+  return xsimd::haddp(rows);
+}
+
 namespace detail {
 // Walks the arch list ourselves: xsimd 8.1's arch_list::for_each is noexcept, so
 // an exception from f (a failed Catch2 REQUIRE) would std::terminate the run.

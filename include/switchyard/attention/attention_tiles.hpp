@@ -1,0 +1,66 @@
+#pragma once
+// Register-level building blocks shared by the fused attention kernels (dense.hpp and the
+// split-KV decode kernel, decode_kernels.hpp): one register type per Arch (scalar: T) and the
+// P . V tile update of the online softmax.
+#include <cstdint>
+#include <vector>
+
+#include "switchyard/core/simd/arch.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace kernels {
+namespace detail {
+
+// Register-level operations, so one micro-kernel serves every Arch (scalar: T).
+template <class T, class Arch, bool = simd::is_scalar_v<Arch>>
+struct Reg {
+  using V = xsimd::batch<T, Arch>;
+  static constexpr std::int64_t lanes = V::size;
+  static V zero() noexcept { return V(T(0)); }
+  static V load(const T* p) noexcept { return V::load_aligned(p); }
+  static void store(T* p, const V& x) noexcept { x.store_aligned(p); }
+  static V splat(T x) noexcept { return V(x); }
+  static V fma(const V& a, const V& b, const V& c) noexcept { return xsimd::fma(a, b, c); }
+};
+template <class T, class Arch>
+struct Reg<T, Arch, true> {
+  using V = T;
+  static constexpr std::int64_t lanes = 1;
+  static V zero() noexcept { return T(0); }
+  static V load(const T* p) noexcept { return *p; }
+  static void store(T* p, V x) noexcept { *p = x; }
+  static V splat(T x) noexcept { return x; }
+  static V fma(V a, V b, V c) noexcept { return a * b + c; }
+};
+
+// o[r][0 .. NV*L) = o[r] * alpha[r] + sum_{j < nk} p[r][j] * vp[j][0 .. NV*L).
+template <class Arch, class T, int MR, int NV>
+inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::int64_t nk,
+                       const T* vp, std::int64_t v_stride, T* o, std::int64_t o_stride) noexcept {
+  using R = Reg<T, Arch>;
+  constexpr std::int64_t L = R::lanes;
+  typename R::V acc[MR][NV];
+  for (int r = 0; r < MR; ++r) {
+    const auto a = R::splat(alpha[r]);
+    for (int n = 0; n < NV; ++n) acc[r][n] = R::load(o + r * o_stride + n * L) * a;
+  }
+  for (std::int64_t j = 0; j < nk; ++j) {
+    typename R::V vv[NV];
+    for (int n = 0; n < NV; ++n) vv[n] = R::load(vp + j * v_stride + n * L);
+    for (int r = 0; r < MR; ++r) {
+      const auto pb = R::splat(p[r * p_stride + j]);
+      for (int n = 0; n < NV; ++n) acc[r][n] = R::fma(pb, vv[n], acc[r][n]);
+    }
+  }
+  for (int r = 0; r < MR; ++r)
+    for (int n = 0; n < NV; ++n) R::store(o + r * o_stride + n * L, acc[r][n]);
+}
+
+template <class T>
+using aligned_vector = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+
+}  // namespace detail
+}  // namespace kernels
+}  // namespace v0
+}  // namespace switchyard

@@ -1,0 +1,385 @@
+// Decoding: KVCache (append, views, keep, errors), split-KV DenseAttention::decode against a
+// naive long-double reference (GQA, ragged lengths, several chunks, T_new > 1, bias, key mass,
+// inactive heads), thread-count determinism, prefill-in-chunks-then-decode equal to one
+// forward; the MoE layer's decode path against the prefill path and batch invariance; linear
+// attention's chunked prefill followed by steps against one causal forward.
+#include <catch2/catch.hpp>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <random>
+#include <switchyard/attention/dense.hpp>
+#include <switchyard/attention/kv_cache.hpp>
+#include <switchyard/attention/linear.hpp>
+#include <switchyard/core/parallel_for.hpp>
+#include <switchyard/moe/layer.hpp>
+#include <vector>
+
+#include "support/compare.hpp"
+
+using namespace switchyard;
+using namespace switchyard::attention;
+using Catch::Contains;
+using test_support::random_tensor;
+
+namespace {
+
+// Fills a cache with per-sequence lengths lens[b] (every head), from k, v: [B, S, H_kv, D].
+template <class T>
+void fill_cache(KVCache<T>& cache, const Tensor<T>& k, const Tensor<T>& v,
+                const std::vector<std::int64_t>& lens) {
+  const auto kv = k.template view<4>();
+  const auto vv = v.template view<4>();
+  for (std::int64_t b = 0; b < cache.batch(); ++b) {
+    ConstView<T, 3> kb = kv[b], vb = vv[b];
+    cache.append(b, kb.slice(0, 0, lens[std::size_t(b)]), vb.slice(0, 0, lens[std::size_t(b)]));
+  }
+}
+
+struct DecodeRef {
+  std::vector<long double> out;   // [B, Tn, H, D]
+  std::vector<long double> mass;  // [B, Hkv, S]
+};
+
+// Naive decode: query t of sequence b sees keys j < len_b - Tn + t + 1 of k, v [B, S, Hkv, D];
+// bias [H, Tn, S] or null; active [B*Tn*H] or empty.
+template <class T>
+DecodeRef decode_reference(const Tensor<T>& q, const Tensor<T>& k, const Tensor<T>& v,
+                           const std::vector<std::int64_t>& lens, double scale,
+                           const Tensor<T>* bias, const std::vector<std::uint8_t>& active) {
+  const auto qv = q.template view<4>();
+  const auto kv = k.template view<4>();
+  const auto vv = v.template view<4>();
+  const std::int64_t B = qv.extent(0), Tn = qv.extent(1), H = qv.extent(2), D = qv.extent(3);
+  const std::int64_t S = kv.extent(1), Hkv = kv.extent(2), group = H / Hkv;
+  DecodeRef r;
+  r.out.assign(std::size_t(B * Tn * H * D), 0.0L);
+  r.mass.assign(std::size_t(B * Hkv * S), 0.0L);
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t < Tn; ++t)
+      for (std::int64_t h = 0; h < H; ++h) {
+        if (!active.empty() && !active[std::size_t((b * Tn + t) * H + h)]) continue;
+        const std::int64_t hk = h / group, n = lens[std::size_t(b)] - Tn + t + 1;
+        std::vector<long double> s(static_cast<std::size_t>(n));
+        long double mx = -std::numeric_limits<long double>::infinity();
+        for (std::int64_t j = 0; j < n; ++j) {
+          long double dot = 0;
+          for (std::int64_t d = 0; d < D; ++d) dot += (long double)qv(b, t, h, d) * kv(b, j, hk, d);
+          s[std::size_t(j)] = dot * scale;
+          if (bias) s[std::size_t(j)] += (long double)bias->template view<3>()(h, t, j);
+          mx = std::max(mx, s[std::size_t(j)]);
+        }
+        if (mx == -std::numeric_limits<long double>::infinity()) continue;
+        long double sum = 0;
+        for (auto& x : s) sum += (x = std::exp(x - mx));
+        for (std::int64_t j = 0; j < n; ++j) {
+          const long double p = s[std::size_t(j)] / sum;
+          r.mass[std::size_t((b * Hkv + hk) * S + j)] += p;
+          for (std::int64_t d = 0; d < D; ++d)
+            r.out[std::size_t(((b * Tn + t) * H + h) * D + d)] += p * vv(b, j, hk, d);
+        }
+      }
+  return r;
+}
+
+template <class T>
+double max_err(const Tensor<T>& got, const std::vector<long double>& want) {
+  double e = 0;
+  std::size_t i = 0;
+  for (auto x : got) e = std::max(e, double(std::abs((long double)x - want[i++])));
+  return e;
+}
+
+struct DecodeCase {
+  std::int64_t B, H, Hkv, D, Tn;
+  std::vector<std::int64_t> lens;
+  bool bias, mass, active;
+};
+
+}  // namespace
+
+TEST_CASE("KVCache: append, lengths, views, reset", "[kv_cache]") {
+  KVCache<float> cache(2, 3, 5, 8);
+  CHECK(cache.row_stride() == 16);
+  const auto k = random_tensor<float>({2, 4, 3, 5}, 1), v = random_tensor<float>({2, 4, 3, 5}, 2);
+  cache.append(k.view<4>().slice(1, 0, 3), v.view<4>().slice(1, 0, 3));
+  CHECK(cache.length(0) == 3);
+  CHECK(cache.length(1, 2) == 3);
+  cache.append(1, k.view<4>()[1].slice(0, 3, 4), v.view<4>()[1].slice(0, 3, 4));
+  CHECK(cache.length(0) == 3);
+  CHECK(cache.length(1) == 4);
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t h = 0; h < 3; ++h) {
+      const auto ks = cache.keys(b, h), vs = cache.values(b, h);
+      REQUIRE(ks.extent(0) == cache.length(b, h));
+      for (std::int64_t j = 0; j < ks.extent(0); ++j)
+        for (std::int64_t d = 0; d < 5; ++d) {
+          CHECK(ks(j, d) == k.view<4>()(b, j, h, d));
+          CHECK(vs(j, d) == v.view<4>()(b, j, h, d));
+          CHECK(cache.keys_as_sequence(4)(b, j, h, d) == k.view<4>()(b, j, h, d));
+        }
+    }
+  cache.reset(0);
+  CHECK(cache.length(0) == 0);
+  CHECK(cache.length(1) == 4);
+  cache.reset();
+  CHECK(cache.length(1) == 0);
+}
+
+TEST_CASE("KVCache: errors leave the cache unchanged", "[kv_cache][errors]") {
+  CHECK_THROWS_AS(KVCache<float>(0, 1, 1, 1), config_error);
+  CHECK_THROWS_AS(KVCache<float>(1, 1, 1, 0), config_error);
+  CHECK_THROWS_AS(KVCache<float>(1 << 20, 1 << 20, 128, 1 << 20), shape_error);
+  KVCache<float> cache(2, 2, 4, 5);
+  const auto k = random_tensor<float>({2, 3, 2, 4}, 3);
+  cache.append(k.view<4>(), k.view<4>());
+  cache.append(1, k.view<4>()[0].slice(0, 0, 2), k.view<4>()[0].slice(0, 0, 2));
+  // Sequence 1 holds 5; appending 1 more to every sequence passes its capacity.
+  try {
+    cache.append(k.view<4>().slice(1, 0, 1), k.view<4>().slice(1, 0, 1));
+    FAIL("no throw");
+  } catch (const config_error& e) {
+    CHECK_THAT(e.what(), Contains("sequence 1") && Contains("holds 5") && Contains("capacity 5"));
+  }
+  CHECK(cache.length(0) == 3);  // nothing written to sequence 0 either
+  CHECK(cache.length(1) == 5);
+  const auto bad = random_tensor<float>({2, 1, 3, 4}, 4);
+  CHECK_THROWS_AS(cache.append(bad.view<4>(), bad.view<4>()), shape_error);
+  CHECK_THROWS_AS(cache.append(k.view<4>(), bad.view<4>()), shape_error);
+  CHECK_THROWS_AS(cache.append(2, k.view<4>()[0], k.view<4>()[0]), config_error);
+  CHECK_THROWS_AS(cache.length(0, 2), config_error);
+  CHECK_THROWS_AS(cache.keys_as_sequence(6), config_error);
+  // Appending a view of the cache itself.
+  const auto own = cache.keys_as_sequence(1);
+  CHECK_THROWS_AS(cache.append(0, own[0], own[0]), shape_error);
+  CHECK(cache.length(0) == 3);
+}
+
+TEST_CASE("KVCache::keep compacts each head in place", "[kv_cache]") {
+  KVCache<float> cache(2, 2, 3, 6);
+  const auto k = random_tensor<float>({2, 6, 2, 3}, 5), v = random_tensor<float>({2, 6, 2, 3}, 6);
+  cache.append(k.view<4>(), v.view<4>());
+  KVKeepPlan plan;
+  plan.offsets = {0, 3, 3, 5, 11};
+  plan.positions = {0, 2, 5, /* (0,1) keeps none */ 4, 5, 0, 1, 2, 3, 4, 5};
+  cache.keep(plan);
+  CHECK(cache.length(0, 0) == 3);
+  CHECK(cache.length(0, 1) == 0);
+  CHECK(cache.length(1, 0) == 2);
+  CHECK(cache.length(1, 1) == 6);
+  CHECK_THROWS_AS(cache.length(0), config_error);  // heads differ now
+  const std::int64_t kept00[] = {0, 2, 5}, kept10[] = {4, 5};
+  for (int j = 0; j < 3; ++j)
+    for (int d = 0; d < 3; ++d) {
+      CHECK(cache.keys(0, 0)(j, d) == k.view<4>()(0, kept00[j], 0, d));
+      CHECK(cache.values(0, 0)(j, d) == v.view<4>()(0, kept00[j], 0, d));
+    }
+  for (int j = 0; j < 2; ++j)
+    for (int d = 0; d < 3; ++d) CHECK(cache.values(1, 0)(j, d) == v.view<4>()(1, kept10[j], 0, d));
+  for (int j = 0; j < 6; ++j)
+    for (int d = 0; d < 3; ++d) CHECK(cache.keys(1, 1)(j, d) == k.view<4>()(1, j, 1, d));
+
+  // Malformed plans: nothing changes.
+  KVKeepPlan bad = plan;
+  bad.offsets = {0, 1, 1, 1};
+  CHECK_THROWS_WITH(cache.keep(bad), Contains("offsets"));
+  bad = {{0, 2, 2, 2, 2}, {1, 1}};
+  CHECK_THROWS_WITH(cache.keep(bad), Contains("strictly ascending"));
+  bad = {{0, 1, 1, 1, 1}, {3}};  // (0, 0) holds 3
+  CHECK_THROWS_WITH(cache.keep(bad), Contains("out of range [0, 3)"));
+  bad = {{0, 1, 1, 1, 1}, {-1}};
+  CHECK_THROWS_WITH(cache.keep(bad), Contains("out of range"));
+  CHECK(cache.length(0, 0) == 3);
+  CHECK(cache.length(1, 1) == 6);
+}
+
+TEST_CASE("DenseAttention::decode matches a naive reference", "[decode]") {
+  const std::vector<DecodeCase> cases = {
+      {1, 4, 4, 16, 1, {7}, false, false, false},
+      {2, 8, 2, 40, 1, {300, 1}, false, true, false},
+      {2, 6, 3, 33, 3, {5, 700}, true, true, false},
+      {1, 32, 8, 128, 1, {1100}, false, true, false},
+      {3, 4, 1, 24, 4, {4, 9, 260}, true, true, true},
+      {1, 2, 2, 8, 64, {600}, false, true, false},
+  };
+  for (const auto& c : cases) {
+    const std::int64_t S = *std::max_element(c.lens.begin(), c.lens.end());
+    DYNAMIC_SECTION("B=" << c.B << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D
+                         << " Tn=" << c.Tn << " S=" << S) {
+      const auto q = random_tensor<float>({c.B, c.Tn, c.H, c.D}, 11);
+      const auto k = random_tensor<float>({c.B, S, c.Hkv, c.D}, 12);
+      const auto v = random_tensor<float>({c.B, S, c.Hkv, c.D}, 13);
+      const std::int64_t cap = S + 3;
+      KVCache<float> cache(c.B, c.Hkv, c.D, cap);
+      fill_cache(cache, k, v, c.lens);
+      Tensor<float> bias({c.H, c.Tn, cap});
+      std::mt19937 gen(14);
+      std::uniform_real_distribution<double> u(-2.0, 2.0);
+      for (auto& x : bias) x = gen() % 7 == 0 ? -std::numeric_limits<float>::infinity() : float(u(gen));
+      std::vector<std::uint8_t> active;
+      if (c.active)
+        for (std::int64_t i = 0; i < c.B * c.Tn * c.H; ++i) active.push_back(i % 3 != 1);
+      Tensor<float> mass({c.B, c.Hkv, cap});
+      for (auto& x : mass) x = -7.0f;  // untouched past the lengths
+      DecodeOptions<float> opts;
+      if (c.bias) opts.bias = bias.view<3>();
+      if (c.mass) opts.key_mass = mass.view<3>();
+      opts.active_heads = active;
+      const double scale = 1.0 / std::sqrt(double(c.D));
+      const auto want = decode_reference(q, k, v, c.lens, scale, c.bias ? &bias : nullptr, active);
+      Tensor<float> out({c.B, c.Tn, c.H, c.D});
+      DenseAttention<float> attn;
+      attn.decode(q.view<4>(), cache, out.view<4>(), opts);
+      CHECK(max_err(out, want.out) < 2e-5);
+      if (c.mass) {
+        double e = 0;
+        for (std::int64_t b = 0; b < c.B; ++b)
+          for (std::int64_t h = 0; h < c.Hkv; ++h)
+            for (std::int64_t j = 0; j < cap; ++j) {
+              const float got = mass.view<3>()(b, h, j);
+              if (j >= c.lens[std::size_t(b)]) {
+                CHECK(got == -7.0f);
+              } else {
+                e = std::max(e, double(std::abs(got - want.mass[std::size_t((b * c.Hkv + h) * S + j)])));
+              }
+            }
+        CHECK(e < 1e-5);
+        // accumulate adds a second, equal contribution.
+        Tensor<float> mass2 = mass;
+        opts.key_mass = mass2.view<3>();
+        opts.accumulate_key_mass = true;
+        attn.decode(q.view<4>(), cache, out.view<4>(), opts);
+        for (std::int64_t b = 0; b < c.B; ++b)
+          for (std::int64_t j = 0; j < c.lens[std::size_t(b)]; ++j)
+            CHECK(mass2.view<3>()(b, 0, j) == Approx(2 * mass.view<3>()(b, 0, j)).margin(1e-6));
+      }
+    }
+  }
+}
+
+TEST_CASE("DenseAttention::decode: hand-computed values", "[decode]") {
+  // One head, D = 1, keys 0 and ln 3, values 1 and 5, q = 1, scale 1: the weights are 1/4 and
+  // 3/4, so the output is 1/4 + 15/4 = 4 and the key mass (1/4, 3/4).
+  KVCache<double> cache(1, 1, 1, 4);
+  const double kd[] = {0.0, std::log(3.0)}, vd[] = {1.0, 5.0}, qd[] = {1.0};
+  cache.append(ConstView<double, 4>(kd, {1, 2, 1, 1}), ConstView<double, 4>(vd, {1, 2, 1, 1}));
+  DenseAttention<double> attn({.scale = 1.0});
+  double out[1], mass[4] = {9, 9, 9, 9};
+  DecodeOptions<double> opts;
+  opts.key_mass = View<double, 3>(mass, {1, 1, 4});
+  attn.decode(ConstView<double, 4>(qd, {1, 1, 1, 1}), cache, View<double, 4>(out, {1, 1, 1, 1}),
+              opts);
+  CHECK(out[0] == Approx(4.0).epsilon(1e-12));
+  CHECK(mass[0] == Approx(0.25).epsilon(1e-12));
+  CHECK(mass[1] == Approx(0.75).epsilon(1e-12));
+  CHECK(mass[2] == 9);
+  // A bias of -inf on every key: the row sees nothing and gives zeros.
+  const double ninf = -std::numeric_limits<double>::infinity();
+  const double bias[4] = {ninf, ninf, ninf, ninf};
+  opts.bias = ConstView<double, 3>(bias, {1, 1, 4});
+  opts.key_mass = {};
+  attn.decode(ConstView<double, 4>(qd, {1, 1, 1, 1}), cache, View<double, 4>(out, {1, 1, 1, 1}),
+              opts);
+  CHECK(out[0] == 0.0);
+}
+
+TEST_CASE("DenseAttention::decode is bit-identical for 1 and 2 threads", "[decode]") {
+  const std::int64_t B = 2, H = 8, Hkv = 2, D = 64, S = 3000, Tn = 2;
+  const auto q = random_tensor<float>({B, Tn, H, D}, 21);
+  const auto k = random_tensor<float>({B, S, Hkv, D}, 22);
+  const auto v = random_tensor<float>({B, S, Hkv, D}, 23);
+  KVCache<float> cache(B, Hkv, D, S);
+  fill_cache(cache, k, v, {S, 2001});
+  DenseAttention<float> attn;
+  Tensor<float> o1({B, Tn, H, D}), o2({B, Tn, H, D}), m1({B, Hkv, S}), m2({B, Hkv, S});
+  DecodeOptions<float> opts;
+  {
+    ScopedNumThreads one(1);
+    opts.key_mass = m1.view<3>();
+    attn.decode(q.view<4>(), cache, o1.view<4>(), opts);
+  }
+  {
+    ScopedNumThreads two(2);
+    opts.key_mass = m2.view<3>();
+    attn.decode(q.view<4>(), cache, o2.view<4>(), opts);
+  }
+  CHECK(std::equal(o1.begin(), o1.end(), o2.begin()));
+  CHECK(std::equal(m1.begin(), m1.end(), m2.begin()));
+}
+
+TEST_CASE("Prefill in chunks, then decode, equals one causal forward", "[decode]") {
+  const std::int64_t B = 2, H = 4, Hkv = 2, D = 32, T = 150;
+  const auto q = random_tensor<float>({B, T, H, D}, 31);
+  const auto k = random_tensor<float>({B, T, Hkv, D}, 32);
+  const auto v = random_tensor<float>({B, T, Hkv, D}, 33);
+  DenseAttention<float> attn;
+  Tensor<float> full({B, T, H, D}), inc({B, T, H, D});
+  attn.forward(q.view<4>(), k.view<4>(), v.view<4>(), full.view<4>(), CausalMask{});
+  KVCache<float> cache(B, Hkv, D, T);
+  // Chunks of 70 and 60 through forward over the cache, then 20 steps of 1 through decode.
+  std::int64_t t0 = 0;
+  for (std::int64_t n : {70, 60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}) {
+    cache.append(k.view<4>().slice(1, t0, t0 + n), v.view<4>().slice(1, t0, t0 + n));
+    const auto qc = q.view<4>().slice(1, t0, t0 + n);
+    const auto oc = inc.view<4>().slice(1, t0, t0 + n);
+    if (n > 1) {
+      attn.forward(qc, cache.keys_as_sequence(t0 + n), cache.values_as_sequence(t0 + n), oc,
+                   CausalMask{t0});
+    } else {
+      attn.decode(qc, cache, oc);
+    }
+    t0 += n;
+  }
+  REQUIRE(t0 == T);
+  double e = 0;
+  for (std::int64_t i = 0; i < full.numel(); ++i)
+    e = std::max(e, double(std::abs(full.data()[i] - inc.data()[i])));
+  CHECK(e < 1e-5);
+}
+
+TEST_CASE("DenseAttention::decode errors", "[decode][errors]") {
+  DenseAttention<float> attn;
+  KVCache<float> cache(2, 2, 8, 16);
+  const auto kv = random_tensor<float>({2, 3, 2, 8}, 41);
+  cache.append(kv.view<4>(), kv.view<4>());
+  const auto q = random_tensor<float>({2, 1, 4, 8}, 42);
+  Tensor<float> out({2, 1, 4, 8});
+  const auto bad_q = random_tensor<float>({2, 1, 3, 8}, 43);  // H not a multiple of H_kv
+  CHECK_THROWS_WITH(attn.decode(bad_q.view<4>(), cache, out.view<4>()),
+                    Contains("DenseAttention::decode") && Contains("'q'"));
+  const auto q_d = random_tensor<float>({2, 1, 4, 9}, 44);
+  CHECK_THROWS_AS(attn.decode(q_d.view<4>(), cache, out.view<4>()), shape_error);
+  const auto q_many = random_tensor<float>({2, 65, 4, 8}, 45);
+  Tensor<float> out_many({2, 65, 4, 8});
+  CHECK_THROWS_WITH(attn.decode(q_many.view<4>(), cache, out_many.view<4>()),
+                    Contains("T_new <= 64"));
+  const auto q_four = random_tensor<float>({2, 4, 4, 8}, 46);  // the cache holds 3
+  Tensor<float> out_four({2, 4, 4, 8});
+  CHECK_THROWS_WITH(attn.decode(q_four.view<4>(), cache, out_four.view<4>()),
+                    Contains("holds 3 positions"));
+  Tensor<float> out_bad({2, 1, 4, 7});
+  CHECK_THROWS_AS(attn.decode(q.view<4>(), cache, out_bad.view<4>()), shape_error);
+  // Output sharing memory with q.
+  Tensor<float> qq = q;
+  CHECK_THROWS_WITH(attn.decode(qq.view<4>(), cache, qq.view<4>()), Contains("'out'"));
+  // Bias and key mass of the wrong shape; active_heads of the wrong length.
+  Tensor<float> bias({4, 1, 15}), mass({2, 2, 17});
+  DecodeOptions<float> opts;
+  opts.bias = bias.view<3>();
+  CHECK_THROWS_WITH(attn.decode(q.view<4>(), cache, out.view<4>(), opts), Contains("'bias'"));
+  opts = {};
+  opts.key_mass = mass.view<3>();
+  CHECK_THROWS_WITH(attn.decode(q.view<4>(), cache, out.view<4>(), opts), Contains("'key_mass'"));
+  opts = {};
+  const std::vector<std::uint8_t> flags(7, 1);
+  opts.active_heads = flags;
+  CHECK_THROWS_WITH(attn.decode(q.view<4>(), cache, out.view<4>(), opts),
+                    Contains("'active_heads'"));
+  // Key mass sharing memory with out.
+  Tensor<float> both({2 * 2 * 16 + 64});
+  opts = {};
+  opts.key_mass = View<float, 3>(both.data(), {2, 2, 16});
+  CHECK_THROWS_WITH(attn.decode(q.view<4>(), cache, View<float, 4>(both.data() + 10, {2, 1, 4, 8}),
+                                opts),
+                    Contains("'key_mass'"));
+}
