@@ -383,3 +383,46 @@ TEST_CASE("DenseAttention::decode errors", "[decode][errors]") {
                                 opts),
                     Contains("'key_mass'"));
 }
+
+// [B, T, H, D] at time t: [B, H, D].
+template <class T>
+View<T, 3> at_time(View<T, 4> x, std::int64_t t) {
+  return {x.data() + t * x.stride(1), {x.extent(0), x.extent(2), x.extent(3)},
+          {x.stride(0), x.stride(2), x.stride(3)}};
+}
+
+TEST_CASE("LinearAttention: prefill in chunks, then steps, equals one causal forward", "[decode]") {
+  const std::int64_t B = 2, T = 90, H = 3, D = 16, Dv = 12;
+  for (FeatureMap fm : {FeatureMap::elu_plus_one, FeatureMap::favor_plus}) {
+    const LinearAttention<float> layer(
+        {.feature_map = fm, .chunk_size = 16, .num_features = 32, .seed = 5, .head_dim = D});
+    const auto q = random_tensor<float>({B, T, H, D}, 51, 0.5);
+    const auto k = random_tensor<float>({B, T, H, D}, 52, 0.5);
+    const auto v = random_tensor<float>({B, T, H, Dv}, 53);
+    Tensor<float> full({B, T, H, Dv}), inc({B, T, H, Dv});
+    layer.forward_causal(q.view<4>(), k.view<4>(), v.view<4>(), full.view<4>());
+    auto state = layer.make_state(B, H, D, Dv);
+    // A prompt of 70 in chunks of 30, 25 and 15 (not multiples of chunk_size), then 20 steps.
+    std::int64_t t0 = 0;
+    for (std::int64_t n : {30, 25, 15}) {
+      layer.forward_causal(q.view<4>().slice(1, t0, t0 + n), k.view<4>().slice(1, t0, t0 + n),
+                           v.view<4>().slice(1, t0, t0 + n), inc.view<4>().slice(1, t0, t0 + n),
+                           {}, &state);
+      t0 += n;
+    }
+    for (; t0 < T; ++t0) {
+      layer.step(ConstView<float, 3>(at_time(q.view<4>(), t0)),
+                 ConstView<float, 3>(at_time(k.view<4>(), t0)),
+                 ConstView<float, 3>(at_time(v.view<4>(), t0)), state,
+                 at_time(inc.view<4>(), t0));
+    }
+    double e = 0, scale = 0;
+    for (std::int64_t i = 0; i < full.numel(); ++i) {
+      e = std::max(e, double(std::abs(full.data()[i] - inc.data()[i])));
+      scale = std::max(scale, double(std::abs(full.data()[i])));
+    }
+    CAPTURE(int(fm));
+    REQUIRE(scale > 0);
+    CHECK(e <= 1e-5 * scale);
+  }
+}

@@ -250,8 +250,9 @@ moe::DispatchPlan<T> plan_from_routing(const RandomRouting& r, std::int64_t expe
 
 template <class T, class Arch = simd::default_arch>
 void check_against_reference(Activation act, bool biases, bool out_softmax, std::int64_t shared,
-                             std::int64_t f, std::uint32_t seed) {
-  const std::int64_t tokens = 37, d = 24, experts = 5, k = act == Activation::relu ? 3 : 2;
+                             std::int64_t f, std::uint32_t seed, std::int64_t tokens = 37,
+                             std::int64_t d = 24) {
+  const std::int64_t experts = 5, k = act == Activation::relu ? 3 : 2;
   const Tensor<T> x = random_tensor<T>({tokens, d}, seed);
   const auto routed = random_experts<T>(experts, d, f, act, biases, seed + 10);
   const auto sh =
@@ -308,7 +309,56 @@ TEST_CASE("MoELayer matches a naive double reference for every activation", "[mo
     // the plain C++ path (SWITCHYARD_FORCE_SCALAR builds use it as the default)
     check_against_reference<float, simd::scalar>(c.act, c.biases, c.out_softmax, c.shared, c.f,
                                                  seed);
+    // 37 tokens run the decode path (T <= decode_max_tokens); 101 the prefill path; d = 200
+    // gives the decode path two w2 column chunks.
+    check_against_reference<float>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed, 101);
+    check_against_reference<double>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed, 101);
+    check_against_reference<float>(c.act, c.biases, c.out_softmax, c.shared, c.f, seed, 5, 200);
     seed += 100;
+  }
+}
+
+TEST_CASE("MoELayer: a token's output does not depend on its batch (decode and prefill paths)",
+          "[moe][layer][decode]") {
+  // One token with fixed routing, alone (decode path), among 7 random tokens (decode path) and
+  // among 300 (prefill path): its output row is the same, bit for bit, also across threads.
+  const std::int64_t d = 40, f = 600, experts = 6, k = 2;
+  using Layer = moe::MoELayer<float>;
+  static_assert(Layer::decode_max_tokens >= 8 && Layer::decode_max_tokens < 300);
+  for (Activation act : {Activation::swiglu, Activation::gelu}) {
+    CAPTURE(moe::activation_name(act));
+    const auto routed = random_experts<float>(experts, d, f, act, true, 41);
+    const auto sh = random_experts<float>(1, d, f, act, true, 42);
+    Layer layer({.d_model = d, .d_ff = f, .num_experts = experts, .activation = act,
+                 .num_shared_experts = 1});
+    moe::MoELayerWeights<float> w{routed.view(), sh.view()};
+    const Tensor<float> token = random_tensor<float>({1, d}, 43);
+    std::vector<float> first;
+    for (std::int64_t batch : {1, 7, 300}) {
+      for (int threads : {1, 2}) {
+        CAPTURE(batch, threads);
+        ScopedNumThreads scope(threads);
+        const std::int64_t at = batch / 2;  // the token's row
+        Tensor<float> x = random_tensor<float>({batch, d}, 44 + std::uint32_t(batch));
+        Tensor<float> combine({batch, experts});
+        std::mt19937 gen(45);
+        for (std::int64_t t = 0; t < batch; ++t) {
+          for (std::int64_t j = 0; j < k; ++j) combine(t, (t + 2 * j + gen() % 2) % experts) = 0.3f;
+        }
+        for (std::int64_t e = 0; e < experts; ++e) combine(at, e) = 0.0f;
+        combine(at, 1) = 0.7f;
+        combine(at, 4) = 0.3f;
+        for (std::int64_t j = 0; j < d; ++j) x(at, j) = token(0, j);
+        const auto plan = moe::make_plan_from_combine_weights<float>(combine.view<2>());
+        const Tensor<float> y = layer.execute(plan, x.view<2>(), w);
+        const std::vector<float> row(y.data() + at * d, y.data() + (at + 1) * d);
+        if (first.empty()) {
+          first = row;
+        } else {
+          REQUIRE(row == first);
+        }
+      }
+    }
   }
 }
 

@@ -20,10 +20,20 @@
 //    weights, the cost that grows with E rather than with tokens, is paid once per tile.
 //    On one thread this runs at 0.8-0.93x the GFLOP/s of dense GEMMs doing the same work
 //    (bench/bench_moe_layer.cpp).
+//    Decode-shaped plans (T <= decode_max_tokens) split the weights instead of the tokens, so
+//    that a single token keeps every thread streaming weights: per active expert (and shared
+//    expert) its gathered rows of x are packed once; then tasks of (expert, decode_ff_chunk
+//    hidden columns) compute the hidden chunk from w1 (and w3) rows, and tasks of (expert,
+//    decode_d_chunk output columns) multiply the whole hidden row by those rows of w2. Weights
+//    are packed kc x NR blocks at a time just before use (gemm_packed_streamed), never whole.
+//    Every element is summed in the order the prefill path sums it, so both paths give the
+//    same bits.
 // 2. Per chunk of tokens, y[t] is summed from that buffer in the fixed order above.
 // Tasks go to threads dynamically, but each task and each token is computed the same way
 // whichever thread runs it, and the tiling depends only on the plan: the output is
-// bit-identical for any thread count.
+// bit-identical for any thread count. Batch invariance: a token's output row depends only on
+// its own x row, its plan entries and the weights (GEMM rows are summed independently, in an
+// order fixed by kc alone, on either path), never on which other tokens share the batch.
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -128,6 +138,12 @@ class MoELayer {
   static constexpr std::int64_t row_tile = 512;
   /// Hidden columns computed per step of a task (a multiple of the GEMM's k block).
   static constexpr std::int64_t ff_chunk = 512;
+  /// Plans of at most this many tokens run the decode path (weights split across tasks).
+  static constexpr std::int64_t decode_max_tokens = 64;
+  /// Decode path: hidden columns per task (a multiple of the GEMM's k block, so the hidden
+  /// row is packed in the blocks the prefill path uses) and output columns per w2 task.
+  static constexpr std::int64_t decode_ff_chunk = 256;
+  static constexpr std::int64_t decode_d_chunk = 128;
 
   /// Throws config_error: d_model, d_ff or num_experts < 1, num_shared_experts < 0,
   /// shared_d_ff < 0.
@@ -248,11 +264,21 @@ class MoELayer {
     std::int64_t rows;
   };
 
+  // Decode path: one expert's (or shared expert's) rows, packed for the GEMM.
+  struct Group {
+    std::int64_t expert;  // as Task::expert
+    std::int64_t begin;   // first CSR position (routed) or 0 (shared)
+    std::int64_t rows;
+    std::int64_t ax, h;   // element offsets of its packed x rows and packed hidden rows
+  };
+
   // Workspace layout: byte offsets from a 64-aligned base.
   struct Layout {
+    bool decode = false;
     std::size_t out = 0, tok_off = 0, tok_pos = 0, tasks = 0, fixed = 0;
+    std::size_t groups = 0, dax = 0, dh = 0;  // decode path: groups, packed x, packed hidden
     std::size_t g = 0, u = 0, ax = 0, ah = 0, bp = 0, slot_bytes = 0;
-    std::int64_t max_tasks = 0, rows_cap = 0, fc_cap = 0;
+    std::int64_t max_tasks = 0, rows_cap = 0, fc_cap = 0, max_groups = 0;
   };
 
   static constexpr std::size_t round64(std::size_t b) noexcept {
@@ -273,16 +299,43 @@ class MoELayer {
     off += round64(std::size_t(tokens + 1) * sizeof(std::int64_t));
     l.tok_pos = off;
     off += round64(std::size_t(nnz) * sizeof(std::int64_t));
+    const std::int64_t f_max = std::max(cfg_.d_ff, S > 0 ? cfg_.shared_d_ff : 0);
+    using G = kernels::GemmTile<Arch, T>;
+    const auto bytes = [](std::int64_t elems) { return round64(std::size_t(elems) * sizeof(T)); };
+    l.decode = tokens <= decode_max_tokens;
+    if (l.decode) {
+      // Groups: the active experts (at most nnz of them) and the shared experts; each packs
+      // its rows padded to whole panels of mr.
+      l.max_groups = std::min(E, nnz) + S;
+      const std::int64_t packed_rows = nnz + S * tokens + l.max_groups * (G::mr - 1);
+      l.max_tasks = l.max_groups * std::max(num_chunks(f_max, decode_ff_chunk),
+                                            num_chunks(d, decode_d_chunk));
+      l.groups = off;
+      off += round64(std::size_t(l.max_groups) * sizeof(Group));
+      l.dax = off;
+      off += bytes(packed_rows * d);
+      l.dh = off;
+      off += bytes(packed_rows * f_max);
+      l.fixed = off;
+      l.rows_cap = tokens;
+      l.fc_cap = std::min(decode_ff_chunk, f_max);
+      std::size_t s = 0;
+      l.g = s;
+      s += bytes(l.rows_cap * l.fc_cap);
+      l.u = s;
+      if (cfg_.activation == Activation::swiglu) s += bytes(l.rows_cap * l.fc_cap);
+      l.bp = s;
+      s += bytes(G::kc * G::nr);
+      l.slot_bytes = s;
+      return l;
+    }
     l.max_tasks = E + num_chunks(nnz, row_tile) + S * num_chunks(tokens, row_tile);
     l.tasks = off;
     off += round64(std::size_t(l.max_tasks) * sizeof(Task));
     l.fixed = off;
-    const std::int64_t f_max = std::max(cfg_.d_ff, S > 0 ? cfg_.shared_d_ff : 0);
     l.rows_cap = std::min(row_tile, tokens);
     l.fc_cap = std::min(ff_chunk, f_max);
-    using G = kernels::GemmTile<Arch, T>;
     const std::int64_t m_pad = core::round_up(l.rows_cap, G::mr);
-    const auto bytes = [](std::int64_t elems) { return round64(std::size_t(elems) * sizeof(T)); };
     std::size_t s = 0;
     l.g = s;
     s += bytes(l.rows_cap * l.fc_cap);
@@ -361,7 +414,6 @@ class MoELayer {
            const View<T, 2>& y, const Layout& l, std::byte* base, std::int64_t slots_fit,
            const TokenMask& mask) const {
     const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
-    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
     T* out = reinterpret_cast<T*>(base + l.out);
     auto* tok_off = reinterpret_cast<std::int64_t*>(base + l.tok_off);
     auto* tok_pos = reinterpret_cast<std::int64_t*>(base + l.tok_pos);
@@ -386,6 +438,19 @@ class MoELayer {
       }
     }
 
+    if (l.decode) {
+      run_decode(plan, x, w, l, base, slot_base, slots_fit);
+    } else {
+      run_prefill(plan, x, w, l, out, tasks, slot_base, slots_fit);
+    }
+    combine(plan, y, out, tok_off, tok_pos, mask);
+  }
+
+  void run_prefill(const plan_type& plan, const ConstView<T, 2>& x, const weights_type& w,
+                   const Layout& l, T* out, Task* tasks, std::byte* slot_base,
+                   std::int64_t slots_fit) const {
+    const std::int64_t tokens = plan.num_tokens, E = cfg_.num_experts;
+    const std::int64_t S = cfg_.num_shared_experts;
     // The fixed task list: near-equal row tiles of at most row_tile rows.
     std::int64_t num_tasks = 0;
     const auto add_tiles = [&](std::int64_t expert, std::int64_t begin, std::int64_t n) {
@@ -408,7 +473,138 @@ class MoELayer {
       for (std::int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1))
         run_task(tasks[i], plan, x, w, out, sc);
     });
+  }
 
+  // Decode path (see the file comment): pack each group's rows of x, then hidden-chunk tasks,
+  // then output-chunk tasks, then b2 / softmax per row.
+  void run_decode(const plan_type& plan, const ConstView<T, 2>& x, const weights_type& w,
+                  const Layout& l, std::byte* base, std::byte* slot_base,
+                  std::int64_t slots_fit) const {
+    using G = kernels::GemmTile<Arch, T>;
+    const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
+    T* const out = reinterpret_cast<T*>(base + l.out);
+    Group* const groups = reinterpret_cast<Group*>(base + l.groups);
+    T* const ax = reinterpret_cast<T*>(base + l.dax);
+    T* const hid = reinterpret_cast<T*>(base + l.dh);
+    std::int64_t n_groups = 0, ax_off = 0, h_off = 0;
+    const auto add_group = [&](std::int64_t expert, std::int64_t begin, std::int64_t rows) {
+      if (rows <= 0) return;
+      const std::int64_t f = expert < E ? cfg_.d_ff : cfg_.shared_d_ff;
+      const std::int64_t m_pad = core::round_up(rows, G::mr);
+      groups[n_groups++] = {expert, begin, rows, ax_off, h_off};
+      ax_off += m_pad * d;
+      h_off += m_pad * f;
+    };
+    for (std::int64_t e = 0; e < E; ++e) add_group(e, plan.expert_offsets[e], plan.expert_size(e));
+    for (std::int64_t s = 0; s < S; ++s) add_group(E + s, 0, tokens);
+
+    struct Ref {  // a group's weights, hidden width, input rows and output rows
+      const ExpertWeights<T>* ew;
+      std::int64_t e, F;
+      const std::int32_t* rows;
+      const T* xa;
+      T* o;
+    };
+    const auto ref = [&](const Group& gr) {
+      const bool shared = gr.expert >= E;
+      Ref r{shared ? &w.shared : &w.experts, shared ? gr.expert - E : gr.expert,
+            shared ? cfg_.shared_d_ff : cfg_.d_ff, nullptr, x.data(), nullptr};
+      if (shared) {
+        r.o = out + (nnz + r.e * tokens) * d;
+      } else {
+        r.rows = plan.token_index.data() + gr.begin;
+        r.o = out + gr.begin * d;
+      }
+      return r;
+    };
+
+    parallel_for(n_groups, [&](std::int64_t i) {
+      const Ref r = ref(groups[i]);
+      kernels::pack_a_all(Arch{}, r.xa, x.stride(0), x.stride(1), r.rows, groups[i].rows, d,
+                          ax + groups[i].ax);
+    });
+
+    // Fixed task lists: (group, chunk) in group order; the chunk counts depend on the shapes.
+    const auto for_chunks = [&](std::int64_t chunk, bool hidden, auto&& body) {
+      std::int64_t num_tasks = 0;
+      for (std::int64_t i = 0; i < n_groups; ++i)
+        num_tasks += num_chunks(hidden ? ref(groups[i]).F : d, chunk);
+      const std::int64_t slots = std::max<std::int64_t>(
+          1, std::min<std::int64_t>({std::int64_t(num_threads()), num_tasks, slots_fit}));
+      std::atomic<std::int64_t> next{0};
+      parallel_for(slots, [&](std::int64_t slot) {
+        std::byte* sb = slot_base + std::size_t(slot) * l.slot_bytes;
+        // Walk the (group, chunk) list in order; tasks are claimed in that order.
+        std::int64_t gi = 0, before = 0;
+        for (std::int64_t t = next.fetch_add(1); t < num_tasks; t = next.fetch_add(1)) {
+          for (;;) {
+            const std::int64_t n = num_chunks(hidden ? ref(groups[gi]).F : d, chunk);
+            if (t < before + n) break;
+            before += n;
+            ++gi;
+          }
+          body(groups[gi], (t - before) * chunk, sb);
+        }
+      });
+    };
+
+    // Hidden chunk [f0, f0 + fc) of every row: act(x w1^T (+ b1)) (* (x w3^T + b3)), packed into
+    // the group's hidden rows in the GEMM's k blocks.
+    for_chunks(decode_ff_chunk, true, [&](const Group& gr, std::int64_t f0, std::byte* sb) {
+      const Ref r = ref(gr);
+      const std::int64_t fc = std::min(decode_ff_chunk, r.F - f0), R = gr.rows;
+      T* const g = reinterpret_cast<T*>(sb + l.g);
+      T* const u = reinterpret_cast<T*>(sb + l.u);
+      T* const bb = reinterpret_cast<T*>(sb + l.bp);
+      const auto& w1 = r.ew->w1;
+      const auto& w3 = r.ew->w3;
+      const Activation act = cfg_.activation;
+      kernels::gemm_packed_streamed(Arch{}, R, fc, d, ax + gr.ax,
+                                    w1.data() + r.e * w1.stride(0) + f0 * w1.stride(1),
+                                    w1.stride(1), w1.stride(2), T(0), g, fc, bb);
+      if (act == Activation::swiglu)
+        kernels::gemm_packed_streamed(Arch{}, R, fc, d, ax + gr.ax,
+                                      w3.data() + r.e * w3.stride(0) + f0 * w3.stride(1),
+                                      w3.stride(1), w3.stride(2), T(0), u, fc, bb);
+      const T* b1 = r.ew->b1.empty() ? nullptr : r.ew->b1.data() + r.e * r.ew->b1.stride(0) + f0;
+      const T* b3 = r.ew->b3.empty() ? nullptr : r.ew->b3.data() + r.e * r.ew->b3.stride(0) + f0;
+      for (std::int64_t row = 0; row < R; ++row)
+        kernels::expert_activation(Arch{}, act, g + row * fc,
+                                   act == Activation::swiglu ? u + row * fc : nullptr, b1, b3, fc);
+      const std::int64_t m_pad = core::round_up(R, G::mr);
+      kernels::pack_a_all(Arch{}, g, fc, std::int64_t(1), nullptr, R, fc, hid + gr.h + f0 * m_pad);
+    });
+
+    // Output columns [j0, j0 + dc) of every row: hidden w2[j0 : j0 + dc]^T over all F.
+    for_chunks(decode_d_chunk, false, [&](const Group& gr, std::int64_t j0, std::byte* sb) {
+      const Ref r = ref(gr);
+      const std::int64_t dc = std::min(decode_d_chunk, d - j0);
+      const auto& w2 = r.ew->w2;
+      kernels::gemm_packed_streamed(Arch{}, gr.rows, dc, r.F, hid + gr.h,
+                                    w2.data() + r.e * w2.stride(0) + j0 * w2.stride(1),
+                                    w2.stride(1), w2.stride(2), T(0), r.o + j0, d,
+                                    reinterpret_cast<T*>(sb + l.bp));
+    });
+
+    parallel_for(n_groups, [&](std::int64_t i) {
+      const Ref r = ref(groups[i]);
+      const T* b2 = r.ew->b2.empty() ? nullptr : r.ew->b2.data() + r.e * r.ew->b2.stride(0);
+      if (!b2 && !cfg_.output_softmax) return;
+      for (std::int64_t row = 0; row < groups[i].rows; ++row) {
+        T* orow = r.o + row * d;
+        if (b2) kernels::axpy(Arch{}, T(1), b2, orow, d);
+        if (cfg_.output_softmax) kernels::softmax_row(Arch{}, orow, orow, d);
+      }
+    });
+  }
+
+  // y[t] = sum over shared experts, then the token's slots, of gate * expert output row.
+  void combine(const plan_type& plan, const View<T, 2>& y, const T* out,
+               const std::int64_t* tok_off, const std::int64_t* tok_pos,
+               const TokenMask& mask) const {
+    const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
+    const std::int64_t d = cfg_.d_model, S = cfg_.num_shared_experts;
     // Combine, per chunk of tokens, in the fixed order: shared experts, then slots.
     constexpr std::int64_t chunk = 64;
     parallel_for(num_chunks(tokens, chunk), [&](std::int64_t c) {

@@ -130,18 +130,22 @@ void store_tile_scalar(Arch, const T* acc, int m, int n, T alpha, T beta, T* c, 
   }
 }
 
-/// Micro-kernel: acc[MR][NR] = Ap (kc x MR) ^T * Bp (kc x NR), then written to the
-/// [m, n] corner of C with alpha/beta. Full tiles with unit column stride store
-/// vectors straight into C; edges go through a small buffer.
-template <class Arch, class T>
+/// Micro-kernel: acc[MU][NR] = Ap (kc x MR, first MU rows) ^T * Bp (kc x NR), then written to
+/// the [m, n] corner of C (m <= MU) with alpha/beta. Full tiles with unit column stride store
+/// vectors straight into C; edges go through a small buffer. MU < MR computes only the first
+/// MU rows of the panel (skinny m: decoding); every element is summed the same way whatever
+/// MU, and with alpha = 1 and beta 0 or 1 both stores round alike, so results do not depend on
+/// the tile a row fell in.
+template <class Arch, class T, int MU = GemmTile<Arch, T>::mr>
 void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n, T alpha, T beta,
                   T* c, std::int64_t rsc, std::int64_t csc) noexcept {
   using G = GemmTile<Arch, T>;
   constexpr int MR = G::mr, NV = G::nv, NR = G::nr;
+  static_assert(MU >= 1 && MU <= MR);
   if constexpr (simd::is_scalar_v<Arch>) {
     T acc[MR * NR] = {};
     for (std::int64_t p = 0; p < kc; ++p) {
-      for (int i = 0; i < MR; ++i) {
+      for (int i = 0; i < MU; ++i) {
         const T av = ap[i];
         for (int j = 0; j < NR; ++j) acc[i * NR + j] += av * bp[j];
       }
@@ -152,9 +156,9 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
   } else {
     using B = xsimd::batch<T, Arch>;
     constexpr int L = static_cast<int>(B::size);
-    B acc[MR][NV];
+    B acc[MU][NV];
 #pragma GCC unroll 16
-    for (int i = 0; i < MR; ++i)
+    for (int i = 0; i < MU; ++i)
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) acc[i][v] = B(T(0));
     // C rows are far apart (one page each for large N): start fetching the tile now
@@ -169,7 +173,7 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
 #pragma GCC unroll 4
       for (int v = 0; v < NV; ++v) bv[v] = B::load_aligned(bp + v * L);
 #pragma GCC unroll 16
-      for (int i = 0; i < MR; ++i) {
+      for (int i = 0; i < MU; ++i) {
         const B av(ap[i]);
 #pragma GCC unroll 4
         for (int v = 0; v < NV; ++v) acc[i][v] = xsimd::fma(av, bv[v], acc[i][v]);
@@ -177,17 +181,17 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
       ap += MR;
       bp += NR;
     }
-    if (m == MR && n == NR && csc == 1) {
+    if (m == MU && n == NR && csc == 1) {
       const B va(alpha);
       if (beta == T(0)) {
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
+        for (int i = 0; i < MU; ++i)
 #pragma GCC unroll 4
           for (int v = 0; v < NV; ++v) (va * acc[i][v]).store_unaligned(c + i * rsc + v * L);
       } else {
         const B vb(beta);
 #pragma GCC unroll 16
-        for (int i = 0; i < MR; ++i)
+        for (int i = 0; i < MU; ++i)
 #pragma GCC unroll 4
           for (int v = 0; v < NV; ++v) {
             T* cp = c + i * rsc + v * L;
@@ -196,7 +200,7 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
       }
     } else {
       alignas(64) T buf[MR * NR];
-      for (int i = 0; i < MR; ++i)
+      for (int i = 0; i < MU; ++i)
         for (int v = 0; v < NV; ++v) acc[i][v].store_aligned(buf + i * NR + v * L);
       store_tile_scalar<Arch, MR, NR>(Arch{}, buf, m, n, alpha, beta, c, rsc, csc);
     }

@@ -135,6 +135,54 @@ void gemm_packed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, cons
   }
 }
 
+/// The micro-kernel for the first `rows` rows of a panel (rows <= MR): the smallest row count
+/// that covers them, so a one-token panel does not pay for MR rows of FMAs.
+template <class Arch, class T>
+void micro_kernel_rows(Arch arch, int rows, std::int64_t kc, const T* ap, const T* bp, int n,
+                       T beta, T* c, std::int64_t rsc) noexcept {
+  constexpr int MR = GemmTile<Arch, T>::mr;
+  if (rows <= 1) {
+    detail::micro_kernel<Arch, T, 1>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
+  } else if (rows <= 2) {
+    detail::micro_kernel<Arch, T, 2>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
+  } else if (rows <= 4 || MR < 8) {
+    detail::micro_kernel<Arch, T, std::min(4, MR)>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc,
+                                                   1);
+  } else if (rows <= 8) {
+    detail::micro_kernel<Arch, T, std::min(8, MR)>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc,
+                                                   1);
+  } else {
+    detail::micro_kernel<Arch, T, MR>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
+  }
+}
+
+/// C [m, n] = A B + beta C for skinny m (decoding), with A packed for all of k (pack_a_all) and
+/// B read straight from nn.Linear-layout weights, op(B)(p, j) = w[j * ldj + p * ldp]: each
+/// kc x NR block of B is packed into `bblock` (kc * NR elements, stays in L1) just before the
+/// micro-kernel uses it, so the weights stream from memory once and nothing of their size is
+/// written. Every element is summed as gemm_packed sums it (kc blocks in ascending k, beta on
+/// the first), so both give the same bits.
+template <class Arch, class T>
+void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
+                          const T* w, std::int64_t ldj, std::int64_t ldp, T beta, T* c,
+                          std::int64_t rsc, T* bblock) noexcept {
+  using G = kernels::GemmTile<Arch, T>;
+  const std::int64_t m_pad = core::round_up(m, G::mr);
+  for (std::int64_t jb = 0; jb < n; jb += G::nr) {
+    const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
+    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
+      const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+      pack_b_rows<Arch, G::nr>(arch, w + jb * ldj + p0 * ldp, ldj, ldp, nr, kc, bblock);
+      const T beta_eff = p0 == 0 ? beta : T(1);
+      for (std::int64_t ib = 0; ib < m; ib += G::mr) {
+        const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
+        micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bblock, nr, beta_eff,
+                          c + ib * rsc + jb, rsc);
+      }
+    }
+  }
+}
+
 /// Packs all of op(A) [m, k] (row r = a[rows[r] * rsa ...] when rows is non-null) for
 /// gemm_packed: block p0 of kc columns at dst + p0 * round_up(m, MR).
 template <class Arch, class T>
