@@ -324,7 +324,7 @@ TEST_CASE("MoELayer: a token's output does not depend on its batch (decode and p
   // among 300 (prefill path): its output row is the same, bit for bit, also across threads.
   const std::int64_t d = 40, f = 600, experts = 6, k = 2;
   using Layer = moe::MoELayer<float>;
-  static_assert(Layer::decode_max_tokens >= 8 && Layer::decode_max_tokens < 300);
+  REQUIRE(moe::MoELayerConfig{}.decode_max_tokens == 64);
   for (Activation act : {Activation::swiglu, Activation::gelu}) {
     CAPTURE(moe::activation_name(act));
     const auto routed = random_experts<float>(experts, d, f, act, true, 41);
@@ -352,6 +352,11 @@ TEST_CASE("MoELayer: a token's output does not depend on its batch (decode and p
         const auto plan = moe::make_plan_from_combine_weights<float>(combine.view<2>());
         const Tensor<float> y = layer.execute(plan, x.view<2>(), w);
         const std::vector<float> row(y.data() + at * d, y.data() + (at + 1) * d);
+        // The whole batch through the other path: the same bits.
+        Layer other({.d_model = d, .d_ff = f, .num_experts = experts, .activation = act,
+                     .num_shared_experts = 1, .decode_max_tokens = batch <= 64 ? 0 : 300});
+        const Tensor<float> y_other = other.execute(plan, x.view<2>(), w);
+        REQUIRE(std::equal(y.begin(), y.end(), y_other.begin()));
         if (first.empty()) {
           first = row;
         } else {
@@ -609,6 +614,11 @@ TEST_CASE("MoELayer errors name the argument and both shapes", "[moe][layer][err
     REQUIRE_THROWS_AS(
         moe::MoELayer<float>({.d_model = d, .d_ff = f, .num_experts = 4, .shared_d_ff = -2}),
         config_error);
+    REQUIRE_THROWS_WITH(moe::MoELayer<float>({.d_model = d,
+                                              .d_ff = f,
+                                              .num_experts = 4,
+                                              .decode_max_tokens = -1}),
+                        Contains("decode_max_tokens"));
   }
   SECTION("w1 in the wrong layout") {
     const Tensor<float> w1t({experts, d, f});  // [E, d, F] instead of [E, F, d]

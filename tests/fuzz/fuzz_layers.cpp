@@ -405,6 +405,7 @@ void fuzz_moe_layer(Fuzz& f) {
   cfg.activation = static_cast<moe::Activation>(f.pick(0, 3));
   cfg.num_shared_experts = f.flag() ? f.extent() : 0;
   cfg.shared_d_ff = f.flag() ? f.extent() : 0;
+  cfg.decode_max_tokens = f.flag() ? f.extent() : 64;
   moe::MoELayer<float> layer(cfg);
   const auto& cf = layer.config();
   const std::int64_t E = cf.num_experts, d = cf.d_model, F = cf.d_ff, S = cf.num_shared_experts;

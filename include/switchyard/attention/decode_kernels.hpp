@@ -68,15 +68,19 @@ namespace detail {
 // s[i * s_stride + j] = q_i . k_j for i < n_rows, j < nk; q rows and k rows are Dp apart,
 // 64-byte aligned and zero padded past D. L keys at a time: L accumulators, one per key, then
 // one transpose-add (simd::hsum_rows) gives the L scores of a row.
+// `ahead`: the rows (Dp apart) the caller reads next, the values of these keys: fetched into
+// the cache while the scores are computed, so K and V stream together rather than in turn.
 template <class Arch, class T>
 void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk,
-                   std::int64_t Dp, T* s, std::int64_t s_stride) noexcept {
+                   std::int64_t Dp, T* s, std::int64_t s_stride, const T* ahead) noexcept {
+  constexpr std::int64_t line = 64 / sizeof(T);
   std::int64_t j = 0;
   if constexpr (!simd::is_scalar_v<Arch>) {
     using V = xsimd::batch<T, Arch>;
     constexpr std::int64_t L = V::size;
     for (; j + L <= nk; j += L) {
       const T* kb = k + j * Dp;
+      for (std::int64_t p = 0; p < L * Dp; p += line) __builtin_prefetch(ahead + j * Dp + p, 0, 3);
       for (std::int64_t i = 0; i < n_rows; ++i) {
         const T* qi = qp + i * Dp;
         V acc[L];
@@ -176,7 +180,7 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
 
   for (std::int64_t jb = j0; jb < vis_end; jb += KB) {
     const std::int64_t nk = std::min(KB, vis_end - jb);
-    decode_scores<Arch>(ws.qp.data(), na, kh + jb * Dp, nk, Dp, ws.s.data(), KB);
+    decode_scores<Arch>(ws.qp.data(), na, kh + jb * Dp, nk, Dp, ws.s.data(), KB, vh + jb * Dp);
     for (std::int64_t i = 0; i < na; ++i) {
       const std::int64_t r = ws.rows[std::size_t(i)], t = r / group, h = hk * group + r % group;
       T* srow = ws.s.data() + i * KB;

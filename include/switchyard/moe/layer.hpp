@@ -20,8 +20,8 @@
 //    weights, the cost that grows with E rather than with tokens, is paid once per tile.
 //    On one thread this runs at 0.8-0.93x the GFLOP/s of dense GEMMs doing the same work
 //    (bench/bench_moe_layer.cpp).
-//    Decode-shaped plans (T <= decode_max_tokens) split the weights instead of the tokens, so
-//    that a single token keeps every thread streaming weights: per active expert (and shared
+//    Decode-shaped plans (T <= config().decode_max_tokens) split the weights instead of the
+//    tokens, so that one token keeps every thread streaming weights: per active expert (and shared
 //    expert) its gathered rows of x are packed once; then tasks of (expert, decode_ff_chunk
 //    hidden columns) compute the hidden chunk from w1 (and w3) rows, and tasks of (expert,
 //    decode_d_chunk output columns) multiply the whole hidden row by those rows of w2. Weights
@@ -72,6 +72,10 @@ struct MoELayerConfig {
   std::int64_t num_shared_experts = 0;  ///< S always-on experts, weight 1, ungated (DeepSeekMoE)
   bool output_softmax = false;   ///< softmax over each expert's d outputs (noisy top-k experts)
   std::int64_t shared_d_ff = 0;  ///< hidden width of the shared experts; 0 = d_ff
+  /// Plans of at most this many tokens run the decode path (weights split across tasks so a
+  /// few tokens keep every thread streaming weights); larger ones the prefill path (tokens split
+  /// across tasks). Both give the same bits; 0 always runs the prefill path.
+  std::int64_t decode_max_tokens = 64;
 };
 
 /// Routed experts [E, ...] and shared experts [S, ...], of the layer's activation.
@@ -138,8 +142,6 @@ class MoELayer {
   static constexpr std::int64_t row_tile = 512;
   /// Hidden columns computed per step of a task (a multiple of the GEMM's k block).
   static constexpr std::int64_t ff_chunk = 512;
-  /// Plans of at most this many tokens run the decode path (weights split across tasks).
-  static constexpr std::int64_t decode_max_tokens = 64;
   /// Decode path: hidden columns per task (a multiple of the GEMM's k block, so the hidden
   /// row is packed in the blocks the prefill path uses) and output columns per w2 task.
   static constexpr std::int64_t decode_ff_chunk = 256;
@@ -158,6 +160,9 @@ class MoELayer {
                                       ">= 0");
     if (cfg.shared_d_ff < 0)
       switchyard::detail::fail_config(name, fn, "shared_d_ff", cfg.shared_d_ff, ">= 0 (0 = d_ff)");
+    if (cfg.decode_max_tokens < 0)
+      switchyard::detail::fail_config(name, fn, "decode_max_tokens", cfg.decode_max_tokens,
+                                      ">= 0 (0 = never the decode path)");
     if (cfg.activation != Activation::swiglu && cfg.activation != Activation::gelu &&
         cfg.activation != Activation::relu)
       switchyard::detail::fail_config(name, fn, "activation", static_cast<int>(cfg.activation),
@@ -302,7 +307,7 @@ class MoELayer {
     const std::int64_t f_max = std::max(cfg_.d_ff, S > 0 ? cfg_.shared_d_ff : 0);
     using G = kernels::GemmTile<Arch, T>;
     const auto bytes = [](std::int64_t elems) { return round64(std::size_t(elems) * sizeof(T)); };
-    l.decode = tokens <= decode_max_tokens;
+    l.decode = tokens <= cfg_.decode_max_tokens;
     if (l.decode) {
       // Groups: the active experts (at most nnz of them) and the shared experts; each packs
       // its rows padded to whole panels of mr.
