@@ -6,6 +6,7 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -81,9 +82,10 @@ std::vector<double> ref_gates(const std::vector<double>& x, const RefWeights& w,
 struct RefOut {
   std::vector<double> out, out_mag, gated, gated_mag;
 };
+// causal: token i attends to tokens j <= i only.
 RefOut ref_gated_mha(const std::vector<double>& x, const RefWeights& w,
                      const std::vector<double>& gates, std::int64_t B, std::int64_t N,
-                     std::int64_t C, std::int64_t H) {
+                     std::int64_t C, std::int64_t H, bool causal = false) {
   const std::int64_t D = C / H;
   const double scale = 1.0 / std::sqrt(double(D));
   std::vector<double> qkv(B * N * 3 * C, 0);
@@ -103,7 +105,7 @@ RefOut ref_gated_mha(const std::vector<double>& x, const RefWeights& w,
           for (std::int64_t d = 0; d < D; ++d)
             s += qkv[(b * N + i) * 3 * C + h * D + d] * scale *
                  qkv[(b * N + j) * 3 * C + C + h * D + d];
-          logit[j] = s;
+          logit[j] = causal && j > i ? -std::numeric_limits<double>::infinity() : s;
         }
         const auto p = softmax(logit);
         for (std::int64_t d = 0; d < D; ++d) {
@@ -267,6 +269,66 @@ TEST_CASE("MoH matches the naive double reference", "[moh][reference]") {
   const auto wantf = ref_gated_mha(xd, mf.ref, ref_gates(xd, mf.ref, c.B * c.N, c.C, c.H, c.S, c.K),
                                    c.B, c.N, c.C, c.H);
   CHECK(max_err_vs_mag(to_double(mohf.forward(xf, mf.views)), wantf.out, wantf.out_mag) <= 1e-5);
+}
+
+TEST_CASE("MoH causal forward, and decode in chunks then steps, match the causal reference",
+          "[moh][reference][decode]") {
+  struct Case {
+    std::int64_t B, N, C, H, S, K;
+  };
+  const Case c = GENERATE(Case{2, 21, 16, 4, 1, 2}, Case{1, 90, 24, 6, 0, 2},
+                          Case{2, 9, 12, 3, 3, 0});
+  CAPTURE(c.B, c.N, c.C, c.H, c.S, c.K);
+  const RandomModel<float> m(c.C, c.H, c.S, 300 + std::uint32_t(c.C));
+  const auto x = random_tensor<float>({c.B, c.N, c.C}, 31 + std::uint32_t(c.N));
+  const MixtureOfHeads<float> moh({.dim = c.C,
+                                   .num_heads = c.H,
+                                   .shared_heads = c.S,
+                                   .routed_top_k = c.K,
+                                   .causal = true});
+  const auto xd = to_double(x);
+  const auto want = ref_gated_mha(xd, m.ref, ref_gates(xd, m.ref, c.B * c.N, c.C, c.H, c.S, c.K),
+                                  c.B, c.N, c.C, c.H, /*causal=*/true);
+  CHECK(max_err_vs_mag(to_double(moh.forward(x, m.views)), want.out, want.out_mag) <= 1e-5);
+
+  // A prompt in two chunks (the second over max_decode_queries when N = 90), then one token
+  // at a time, through the KV cache.
+  KVCache<float> cache(c.B, c.H, c.C / c.H, c.N);
+  Tensor<float> out({c.B, c.N, c.C});
+  const std::int64_t p1 = c.N / 4, p2 = c.N - 3 - p1;
+  std::int64_t t0 = 0;
+  for (std::int64_t n : {p1, p2, std::int64_t(1), std::int64_t(1), std::int64_t(1)}) {
+    moh.decode(x.view<3>().slice(1, t0, t0 + n), m.views, cache, out.view<3>().slice(1, t0, t0 + n));
+    t0 += n;
+  }
+  REQUIRE(t0 == c.N);
+  CHECK(cache.length(0) == c.N);
+  CHECK(max_err_vs_mag(to_double(out), want.out, want.out_mag) <= 1e-5);
+}
+
+TEST_CASE("MoH decode errors", "[moh][decode][error]") {
+  const RandomModel<float> m(16, 4, 1, 5);
+  const auto x = random_tensor<float>({2, 3, 16}, 6);
+  Tensor<float> out({2, 3, 16});
+  KVCache<float> cache(2, 4, 4, 4);
+  const MixtureOfHeads<float> plain({.dim = 16, .num_heads = 4, .shared_heads = 1});
+  CHECK_THROWS_WITH(plain.decode(x, m.views, cache, out.view<3>()), Contains("causal"));
+  const MixtureOfHeads<float> moh(
+      {.dim = 16, .num_heads = 4, .shared_heads = 1, .routed_top_k = 1, .causal = true});
+  KVCache<float> wrong(2, 2, 8, 4);
+  CHECK_THROWS_WITH(moh.decode(x, m.views, wrong, out.view<3>()), Contains("'cache'"));
+  Tensor<float> bad_out({2, 3, 15});
+  CHECK_THROWS_AS(moh.decode(x, m.views, cache, bad_out.view<3>()), switchyard::shape_error);
+  moh.decode(x, m.views, cache, out.view<3>());
+  // 3 stored, capacity 4: two more pass it, and nothing is appended.
+  const auto x2 = random_tensor<float>({2, 2, 16}, 7);
+  Tensor<float> out2({2, 2, 16});
+  CHECK_THROWS_WITH(moh.decode(x2, m.views, cache, out2.view<3>()), Contains("capacity 4"));
+  CHECK(cache.length(0) == 3);
+  // In place (out is x) is allowed; out overlapping x otherwise is not.
+  Tensor<float> xi = random_tensor<float>({2, 1, 16}, 8);
+  CHECK_NOTHROW(moh.decode(xi, m.views, cache, xi.view<3>()));
+  CHECK(cache.length(1) == 4);
 }
 
 TEST_CASE("MoH hand-computed single-token case", "[moh][hand]") {

@@ -15,6 +15,11 @@
 // element, and writes gate * output into the head's channels; inactive pairs stay zero. Keys and
 // values are projected for every token (any token may be attended to).
 // Ties in the top-k break toward the lower head index (torch.topk leaves them unspecified).
+//
+// Decoding (causal layers): decode() takes the new tokens of every sequence, appends their keys
+// and values to the layer's KVCache (H_kv = H) and runs split-KV decode attention
+// (DenseAttention::decode) for the active heads only: inactive heads' queries are never
+// projected and their attention never computed.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -23,6 +28,8 @@
 #include <string>
 #include <vector>
 
+#include "switchyard/attention/dense.hpp"
+#include "switchyard/attention/kv_cache.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -41,6 +48,7 @@ struct MixtureOfHeadsConfig {
   std::int64_t shared_heads = 0;  // S, heads [0, S) always on (MoH: shared_head)
   std::int64_t routed_top_k = 1;  // k routed heads per token out of H - S (MoH: routed_head)
   std::optional<double> scale = std::nullopt;  // logit scale; default head_dim^-0.5
+  bool causal = false;  // token n attends to tokens <= n only (autoregressive; needed by decode)
 };
 
 /// Weights in PyTorch layout ([out, in]). Biases may be empty views (no bias).
@@ -241,6 +249,10 @@ class MixtureOfHeads {
       const ConstView<T, 2> k(kv.data() + b * N * 2 * C + h * D, {N, D}, {2 * C, 1});
       const ConstView<T, 2> v(kv.data() + b * N * 2 * C + C + h * D, {N, D}, {2 * C, 1});
       core::gemm<T, Arch>(q, core::Trans::no, k, core::Trans::yes, s);
+      if (cfg_.causal)  // token lo[i] - b * N sees keys up to itself
+        for (std::int64_t i = 0; i < n; ++i)
+          std::fill(s.data() + i * N + (lo[i] - b * N) + 1, s.data() + (i + 1) * N,
+                    -std::numeric_limits<T>::infinity());
       for (std::int64_t i = 0; i < n; ++i)
         switchyard::kernels::softmax_row(Arch{}, s.data() + i * N, s.data() + i * N, N);
       core::gemm<T, Arch>(s, core::Trans::no, v, core::Trans::no, o);
@@ -292,6 +304,51 @@ class MixtureOfHeads {
     return out;
   }
 
+  /// Decoding (config causal = true): x [B, T, C] are the next T tokens of every sequence
+  /// (T >= 1: a prompt chunk or one step), cache the layer's KVCache(B, H, head_dim, capacity)
+  /// holding the earlier tokens; out [B, T, C] (may be x itself). Appends the tokens' keys and
+  /// values, then per block of up to max_decode_queries tokens: route, project the queries of
+  /// the active heads only, attend to the cache (causal), gate and project. Prefill in chunks
+  /// then steps equals one causal forward, to rounding. Throws (writing nothing to the cache)
+  /// for a non-causal layer, shapes that do not match, or a sequence that would pass the
+  /// capacity.
+  void decode(ConstView<T, 3> x, const weights_type& w, KVCache<T>& cache, View<T, 3> out) const {
+    const std::string_view fn = "decode";
+    if (!cfg_.causal)
+      switchyard::detail::fail_config(name, fn, "causal", "false",
+                                      "a causal layer (config causal = true): decoding is causal");
+    check_input(fn, x);
+    check_weights(fn, w);
+    const std::int64_t B = x.extent(0), T_new = x.extent(1), C = cfg_.dim;
+    const std::int64_t H = cfg_.num_heads, D = head_dim_;
+    if (cache.batch() != B || cache.kv_heads() != H || cache.head_dim() != D) {
+      const std::int64_t got[] = {cache.batch(), cache.kv_heads(), cache.head_dim()};
+      const std::int64_t want[] = {B, H, D};
+      switchyard::detail::fail_shape(name, fn, "cache",
+                                     switchyard::detail::format_shape({"B", "H_kv", "D"}, got),
+                                     switchyard::detail::format_shape({"B", "H_kv", "D"}, want),
+                                     "one KV head per attention head, of head_dim");
+    }
+    core::detail::check_shape(name, fn, "out", out, {"B", "T", "C"}, {B, T_new, C},
+                              "out has the shape of x");
+    const bool in_place = out.data() == x.data() && out.strides() == x.strides();
+    if (!in_place) core::detail::check_no_alias(name, fn, "out", out, "x", x, "or out is x itself");
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < H; ++h)
+        if (T_new > cache.capacity() - cache.length(b, h))
+          throw config_error(std::string(name) + "::decode: sequence " + std::to_string(b) +
+                             " (head " + std::to_string(h) + ") holds " +
+                             std::to_string(cache.length(b, h)) + " positions; appending " +
+                             std::to_string(T_new) + " would pass the capacity " +
+                             std::to_string(cache.capacity()));
+    if (B == 0 || T_new == 0) return;
+    const DenseAttention<T, Arch> attn({.scale = double(scale_)});
+    for (std::int64_t t0 = 0; t0 < T_new; t0 += max_decode_queries) {
+      const std::int64_t n = std::min(max_decode_queries, T_new - t0);
+      decode_block(x.slice(1, t0, t0 + n), w, cache, out.slice(1, t0, t0 + n), attn);
+    }
+  }
+
  private:
   // Softmax of a few router logits, the reference's order (max-subtracted, divide by the sum).
   static void softmax_small(const T* logits, std::int64_t n, T* p) noexcept {
@@ -299,6 +356,60 @@ class MixtureOfHeads {
     for (std::int64_t e = 1; e < n; ++e) m = std::max(m, logits[e]);
     for (std::int64_t e = 0; e < n; ++e) s += (p[e] = std::exp(logits[e] - m));
     for (std::int64_t e = 0; e < n; ++e) p[e] /= s;
+  }
+
+  // One block of n <= max_decode_queries new tokens (checked by decode).
+  void decode_block(ConstView<T, 3> x, const weights_type& w, KVCache<T>& cache,
+                    View<T, 3> out, const DenseAttention<T, Arch>& attn) const {
+    const std::int64_t B = x.extent(0), n = x.extent(1), Bn = B * n, C = cfg_.dim;
+    const std::int64_t H = cfg_.num_heads, D = head_dim_;
+    const plan_type plan = route(x, w);
+    const Rows xc = contiguous(x);
+    const ConstView<T, 2> xr(xc.data(), {Bn, C});
+    const ConstView<T, 2> wqkv = w.qkv_weight;
+    // Keys and values of the new tokens, [Bn, 2C], appended as [B, n, H, D].
+    core::Tensor<T> kv({Bn, 2 * C});
+    core::gemm_parallel<T, Arch>(xr, core::Trans::no, wqkv.slice(0, C, 3 * C), core::Trans::yes,
+                                 kv);
+    if (!w.qkv_bias.empty())
+      for (std::int64_t t = 0; t < Bn; ++t)
+        for (std::int64_t o = 0; o < 2 * C; ++o) kv(t, o) += w.qkv_bias(C + o);
+    cache.append(ConstView<T, 4>(kv.data(), {B, n, H, D}, {n * 2 * C, 2 * C, D, 1}),
+                 ConstView<T, 4>(kv.data() + C, {B, n, H, D}, {n * 2 * C, 2 * C, D, 1}));
+    // Queries of the active (token, head) pairs only: per head, its tokens gathered.
+    core::Tensor<T> q({B, n, H, D});
+    parallel_for(H, [&](std::int64_t h) {
+      const std::int64_t lo = plan.head_offsets[h], cnt = plan.head_offsets[h + 1] - lo;
+      if (cnt == 0) return;
+      core::Tensor<T> xg({cnt, C}), qh({cnt, D});
+      for (std::int64_t i = 0; i < cnt; ++i)
+        std::copy_n(xc.data() + plan.token_index[lo + i] * C, C, xg.data() + i * C);
+      core::gemm<T, Arch>(xg, core::Trans::no, wqkv.slice(0, h * D, (h + 1) * D),
+                          core::Trans::yes, qh);
+      for (std::int64_t i = 0; i < cnt; ++i) {
+        T* dst = q.data() + (plan.token_index[lo + i] * H + h) * D;
+        for (std::int64_t j = 0; j < D; ++j)
+          dst[j] = qh(i, j) + (w.qkv_bias.empty() ? T(0) : w.qkv_bias(h * D + j));
+      }
+    });
+    core::Tensor<T> o({B, n, H, D});
+    DecodeOptions<T> opts;
+    opts.active_heads = plan.active;
+    attn.decode(q.template view<4>(), cache, o.template view<4>(), opts);
+    // Gate each head's output, then out = proj_bias + gated proj^T.
+    for (std::int64_t t = 0; t < Bn; ++t)
+      for (std::int64_t h = 0; h < H; ++h) {
+        const T g = plan.gates[t * H + h];
+        T* oh = o.data() + (t * H + h) * D;
+        for (std::int64_t j = 0; j < D; ++j) oh[j] *= g;
+      }
+    core::Tensor<T> y({Bn, C});
+    for (std::int64_t t = 0; t < Bn; ++t)
+      for (std::int64_t c = 0; c < C; ++c) y(t, c) = w.proj_bias.empty() ? T(0) : w.proj_bias(c);
+    core::gemm_parallel<T, Arch>(ConstView<T, 2>(o.data(), {Bn, C}), core::Trans::no,
+                                 w.proj_weight, core::Trans::yes, y.template view<2>(), T(1), T(1));
+    for (std::int64_t t = 0; t < Bn; ++t)
+      for (std::int64_t c = 0; c < C; ++c) out(t / n, t % n, c) = y(t, c);
   }
 
   // x as dense [B*N, C] rows: the view's own memory when contiguous, else a copy.
