@@ -35,17 +35,25 @@ struct Reg<T, Arch, true> {
 };
 
 // o[r][0 .. NV*L) = o[r] * alpha[r] + sum_{j < nk} p[r][j] * vp[j][0 .. NV*L).
+// ahead (optional): n_ahead rows of ahead_stride elements the caller reads next; row j is
+// fetched into the cache while key j is accumulated (the decode kernel's next keys).
 template <class Arch, class T, int MR, int NV>
 inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::int64_t nk,
-                       const T* vp, std::int64_t v_stride, T* o, std::int64_t o_stride) noexcept {
+                       const T* vp, std::int64_t v_stride, T* o, std::int64_t o_stride,
+                       const T* ahead = nullptr, std::int64_t ahead_stride = 0,
+                       std::int64_t n_ahead = 0) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
+  constexpr std::int64_t line = 64 / sizeof(T);
   typename R::V acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
     const auto a = R::splat(alpha[r]);
     for (int n = 0; n < NV; ++n) acc[r][n] = R::load(o + r * o_stride + n * L) * a;
   }
   for (std::int64_t j = 0; j < nk; ++j) {
+    if (j < n_ahead)
+      for (std::int64_t q = 0; q < ahead_stride; q += line)
+        __builtin_prefetch(ahead + j * ahead_stride + q, 0, 3);
     typename R::V vv[NV];
     for (int n = 0; n < NV; ++n) vv[n] = R::load(vp + j * v_stride + n * L);
     for (int r = 0; r < MR; ++r) {

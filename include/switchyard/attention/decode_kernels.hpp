@@ -194,13 +194,18 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
       ws.alpha[std::size_t(i)] =
           online_softmax_update(Arch{}, srow, nk, ws.m[std::size_t(i)], ws.l[std::size_t(i)]);
     }
+    // While the first tile accumulates values, the keys of the next block are fetched.
+    const std::int64_t next = std::min(KB, vis_end - jb - nk);
     std::int64_t i0 = 0;
     const auto tile = [&]<int M>(std::int64_t i) {
       const T* p = ws.s.data() + i * KB;
       std::int64_t c = 0;
-      for (; c + NV * L <= Dp; c += NV * L)
+      for (; c + NV * L <= Dp; c += NV * L) {
+        const bool fetch = i == 0 && c == 0;
         value_tile<Arch, T, M, NV>(p, KB, ws.alpha.data() + i, nk, vh + jb * Dp + c, Dp,
-                                   ws.o.data() + i * Dp + c, Dp);
+                                   ws.o.data() + i * Dp + c, Dp, kh + (jb + nk) * Dp, Dp,
+                                   fetch ? std::min(nk, next) : 0);
+      }
       for (; c < Dp; c += L)
         value_tile<Arch, T, M, 1>(p, KB, ws.alpha.data() + i, nk, vh + jb * Dp + c, Dp,
                                   ws.o.data() + i * Dp + c, Dp);
