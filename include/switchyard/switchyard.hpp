@@ -26,6 +26,7 @@
 #include "switchyard/attention/bilevel_routing_ref.hpp"
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/attention/dense_ref.hpp"
+#include "switchyard/attention/kv_cache.hpp"
 #include "switchyard/attention/linear.hpp"
 #include "switchyard/attention/linear_ref.hpp"
 #include "switchyard/attention/mask.hpp"

@@ -230,6 +230,41 @@ void fuzz_plan_executor(Fuzz& f) {
   exec.execute(plan, q, k, v, out, counts, ex);
 }
 
+void fuzz_decode(Fuzz& f) {
+  attention::KVCache<float> cache(f.extent(), f.extent(), f.extent(), f.extent());
+  const std::int64_t B = cache.batch(), Hkv = cache.kv_heads(), D = cache.head_dim();
+  for (int i = 0, n = int(f.pick(0, 3)); i < n; ++i) {
+    if (f.flag()) {
+      const Shape<4> s = f.near(Shape<4>{B, f.extent(), Hkv, D});
+      cache.append(f.tensor<4>(s), f.tensor<4>(f.near(s)));
+    } else {
+      const Shape<3> s = f.near(Shape<3>{f.extent(), Hkv, D});
+      cache.append(f.offset(), f.tensor<3>(s), f.tensor<3>(f.near(s)));
+    }
+  }
+  if (f.flag()) {
+    attention::KVKeepPlan plan;
+    plan.offsets = f.int_list(f.near(B * Hkv + 1), -2, 6);
+    plan.positions = f.int_list(f.extent(), -2, 9);
+    cache.keep(plan);
+  }
+  attention::DenseAttentionConfig cfg;
+  if (f.flag()) cfg.scale = f.real();
+  attention::DenseAttention<float> attn(cfg);
+  const Shape<4> qs = f.near(Shape<4>{B, f.extent(), Hkv * f.pick(1, 3), D});
+  auto q = f.tensor<4>(qs);
+  auto out = f.output<4>(f.near(qs), {q});
+  attention::DecodeOptions<float> opts;
+  if (f.flag()) opts.bias = f.tensor<3>(f.near(Shape<3>{qs[2], qs[1], cache.capacity()}));
+  if (f.flag()) opts.key_mass = f.tensor<3>(f.near(Shape<3>{B, Hkv, cache.capacity()}));
+  opts.accumulate_key_mass = f.flag();
+  std::int64_t flags = 1;  // B * T_new * H, each clamped so the product cannot overflow
+  for (int i = 0; i < 3; ++i) flags *= std::clamp<std::int64_t>(qs[i], 0, 64);
+  const std::vector<std::uint8_t> active = f.keep_list(f.near(flags));
+  if (f.flag()) opts.active_heads = active;
+  attn.decode(q, cache, out, opts);
+}
+
 void fuzz_routing(Fuzz& f) {
   attention::RoutingAttentionConfig cfg;
   cfg.num_clusters = f.extent();
@@ -655,6 +690,12 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         break;
       case 8:
         fuzz_tokens(f);
+        break;
+      case 9:
+        fuzz_decode(f);
+        break;
+      case 10:
+        fuzz_misc(f);
         break;
       default:
         fuzz_core(f);
