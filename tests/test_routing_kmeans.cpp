@@ -6,6 +6,10 @@
 // values, query / key keep masks and the nearest_centroid selection against a naive
 // double-precision port of the reference (ref_forward below, no fixture exists for
 // them), a hand-computed case, and causality by construction of nearest_centroid.
+// Incremental decoding (prefill / step) against a naive double reference of the
+// nearest-centroid decode rule, with ties, empty clusters, ragged prompts and full
+// capacities; prefill against stepping and against forward; threads; its errors.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstring>
@@ -13,6 +17,7 @@
 #include <set>
 #include <switchyard/attention/dense.hpp>
 #include <switchyard/attention/routing_kmeans.hpp>
+#include <tuple>
 
 #include "support/fixtures.hpp"
 
@@ -777,4 +782,655 @@ TEST_CASE("window selection equals core::topk, ties toward the lower index", "[r
       CAPTURE(n, k);
       for (std::int64_t i = 0; i < k; ++i) REQUIRE(got[std::size_t(i)] == want.indices(0, i));
     }
+}
+
+// ---------------------------------------------------------------------------
+// Incremental decoding (prefill / step, routing_decode.hpp) against a naive double-precision
+// reference written from the rules alone: per sequence, token t's key joins
+// argmax_c means[h, c] . normalize(key_t) (explicit argmax, ties toward the lower c), its
+// query picks argmax_c means[h, c] . normalize(q_t) (shared QK: the same), and it attends
+// with a two-pass softmax to that cluster's memory and to the keys of positions <= t in that
+// cluster (shared QK: keys normalize(q), its own key at self_value). No key and no memory:
+// zeros.
+namespace {
+
+struct DecodeRefConfig {
+  bool shared = true;
+  std::int64_t M = 0;  // memory keys per cluster
+  double scale = 0;    // 0: D^-0.5
+  double self_value = -5e4;
+};
+
+struct DecodeRef {
+  std::vector<double> out;                 // [T, H, D]
+  std::vector<std::int64_t> key_clusters;  // [H, T]
+  std::int64_t empty_rows = 0;             // queries whose cluster had nothing to attend to
+};
+
+// Sequence b of q, k, v [B, *, H, D] (any T), its first T tokens; means [H, C, D];
+// mem_k / mem_v [H, C, M, D].
+template <class V, class W>
+DecodeRef ref_decode(const DecodeRefConfig& rc, const V& q, const V& k, const V& v, std::int64_t b,
+                     std::int64_t T, const W& means, const W* mem_k, const W* mem_v) {
+  const std::int64_t H = q.extent(2), D = q.extent(3), C = means.extent(1);
+  const double scale = rc.scale > 0 ? rc.scale : 1.0 / std::sqrt(double(D));
+  DecodeRef r;
+  r.out.assign(std::size_t(T * H * D), 0.0);
+  r.key_clusters.assign(std::size_t(H * T), 0);
+  const auto normalized = [&](const V& x, std::int64_t t, std::int64_t h) {
+    std::vector<double> n(static_cast<std::size_t>(D));
+    double ss = 0;
+    for (std::int64_t d = 0; d < D; ++d) ss += double(x(b, t, h, d)) * double(x(b, t, h, d));
+    const double inv = 1.0 / std::max(std::sqrt(ss), 1e-12);
+    for (std::int64_t d = 0; d < D; ++d) n[std::size_t(d)] = double(x(b, t, h, d)) * inv;
+    return n;
+  };
+  const auto nearest = [&](const std::vector<double>& x, std::int64_t h) {
+    std::vector<double> dots(static_cast<std::size_t>(C), 0.0);
+    for (std::int64_t c = 0; c < C; ++c)
+      for (std::int64_t d = 0; d < D; ++d)
+        dots[std::size_t(c)] += x[std::size_t(d)] * double(means(h, c, d));
+    std::int64_t best = 0;
+    for (std::int64_t c = 1; c < C; ++c)
+      if (dots[std::size_t(c)] > dots[std::size_t(best)]) best = c;
+    return best;
+  };
+  for (std::int64_t h = 0; h < H; ++h) {
+    std::vector<std::vector<double>> keys;
+    std::vector<std::int64_t> kc;
+    for (std::int64_t t = 0; t < T; ++t) {
+      const auto qn = normalized(q, t, h);
+      if (rc.shared) {
+        keys.push_back(qn);
+        kc.push_back(nearest(qn, h));
+      } else {
+        std::vector<double> kr(static_cast<std::size_t>(D));
+        for (std::int64_t d = 0; d < D; ++d) kr[std::size_t(d)] = double(k(b, t, h, d));
+        keys.push_back(kr);
+        kc.push_back(nearest(normalized(k, t, h), h));
+      }
+      r.key_clusters[std::size_t(h * T + t)] = kc.back();
+      const std::int64_t cq = rc.shared ? kc.back() : nearest(qn, h);
+      const auto qdot = [&](const auto& key) {
+        double s = 0;
+        for (std::int64_t d = 0; d < D; ++d) s += double(q(b, t, h, d)) * double(key(d));
+        return s;
+      };
+      std::vector<double> logit;
+      std::vector<std::vector<double>> vals;
+      for (std::int64_t m = 0; m < rc.M; ++m) {
+        logit.push_back(qdot([&](std::int64_t d) { return (*mem_k)(h, cq, m, d); }) * scale);
+        std::vector<double> vr(static_cast<std::size_t>(D));
+        for (std::int64_t d = 0; d < D; ++d) vr[std::size_t(d)] = double((*mem_v)(h, cq, m, d));
+        vals.push_back(vr);
+      }
+      for (std::int64_t j = 0; j <= t; ++j) {
+        if (kc[std::size_t(j)] != cq) continue;
+        const auto& kj = keys[std::size_t(j)];
+        logit.push_back(rc.shared && j == t ? rc.self_value : qdot([&](std::int64_t d) {
+                                                                return kj[std::size_t(d)];
+                                                              }) * scale);
+        std::vector<double> vr(static_cast<std::size_t>(D));
+        for (std::int64_t d = 0; d < D; ++d) vr[std::size_t(d)] = double(v(b, j, h, d));
+        vals.push_back(vr);
+      }
+      if (logit.empty()) {
+        ++r.empty_rows;
+        continue;
+      }
+      const double mx = *std::max_element(logit.begin(), logit.end());
+      double z = 0;
+      for (const double l : logit) z += std::exp(l - mx);
+      for (std::size_t i = 0; i < logit.size(); ++i) {
+        const double p = std::exp(logit[i] - mx) / z;
+        for (std::int64_t d = 0; d < D; ++d)
+          r.out[std::size_t((t * H + h) * D + d)] += p * vals[i][std::size_t(d)];
+      }
+    }
+  }
+  return r;
+}
+
+template <class T>
+core::Tensor<T> tensor_as(const core::Tensor<float>& x) {
+  core::Tensor<T> r(x.template view<4>().shape());
+  std::copy(x.begin(), x.end(), r.begin());
+  return r;
+}
+
+// Random unit centroids [H, C, D]; dup: centroid 2j + 1 repeats 2j (exact ties).
+template <class T>
+KMeansState<T> unit_centroids(std::int64_t H, std::int64_t C, std::int64_t D, std::uint32_t seed,
+                              bool dup = false) {
+  KMeansState<T> st(H, C, D);
+  std::mt19937 rng(seed);
+  std::normal_distribution<double> n(0.0, 1.0);
+  for (std::int64_t h = 0; h < H; ++h)
+    for (std::int64_t c = 0; c < C; ++c) {
+      if (dup && c % 2 == 1) {
+        for (std::int64_t d = 0; d < D; ++d) st.means(h, c, d) = st.means(h, c - 1, d);
+        continue;
+      }
+      double ss = 0;
+      std::vector<double> x(static_cast<std::size_t>(D));
+      for (auto& e : x) e = n(rng), ss += e * e;
+      for (std::int64_t d = 0; d < D; ++d) st.means(h, c, d) = T(x[std::size_t(d)] / std::sqrt(ss));
+    }
+  st.initialised = true;
+  return st;
+}
+
+struct DecodeCase {
+  std::int64_t B = 2, H = 2, D = 8, C = 4;
+  bool shared = true, causal = true;
+  std::int64_t num_mem_kv = 0;
+  std::vector<std::int64_t> prompt;  // per sequence; 0 = no prefill
+  std::int64_t steps = 5;
+  std::int64_t extra_capacity = 0;  // capacity = max(prompt) + steps + extra
+  std::uint32_t seed = 1;
+  bool dup_centroids = false;
+};
+
+// Everything a decode run leaves behind, for bit-for-bit comparisons.
+template <class T>
+struct DecodeSnapshot {
+  std::vector<T> keys, values;
+  std::vector<std::int64_t> lengths, clusters;
+  std::vector<std::vector<std::int64_t>> members;
+  bool operator==(const DecodeSnapshot&) const = default;
+};
+
+template <class T>
+DecodeSnapshot<T> snapshot(const RoutingDecodeState<T>& st) {
+  DecodeSnapshot<T> s;
+  const auto ks = st.key_storage(), vs = st.value_storage();
+  s.keys.assign(ks.data(), ks.data() + ks.numel());
+  s.values.assign(vs.data(), vs.data() + vs.numel());
+  s.lengths.assign(st.lengths().begin(), st.lengths().end());
+  for (std::int64_t b = 0; b < st.batch(); ++b)
+    for (std::int64_t h = 0; h < st.heads(); ++h) {
+      const auto c = st.clusters(b, h);
+      s.clusters.insert(s.clusters.end(), c.begin(), c.end());
+      for (std::int64_t j = 0; j < st.num_clusters(); ++j) s.members.push_back(st.members(b, h, j));
+    }
+  return s;
+}
+
+// Runs a case through RoutingAttention<T>: each sequence's prompt by prefill(b, ...) (or
+// steps only, step_only), then `steps` steps over all sequences. Returns the outputs
+// [B, Tmax, H, D] (NaN where no token was fed) and leaves the state in *state_out.
+template <class T>
+core::Tensor<T> run_decode(const DecodeCase& dc, const core::Tensor<T>& q, const core::Tensor<T>& k,
+                           const core::Tensor<T>& v, const KMeansState<T>& cent,
+                           const RoutingExtras<T>& ex, bool step_only,
+                           RoutingDecodeState<T>* state_out = nullptr) {
+  const std::int64_t B = dc.B, H = dc.H, D = dc.D, Tmax = q.extent(1);
+  const RoutingAttention<T> attn({.num_clusters = dc.C,
+                                  .causal = dc.causal,
+                                  .shared_qk = dc.shared,
+                                  .num_mem_kv = dc.num_mem_kv});
+  const std::int64_t cap =
+      *std::max_element(dc.prompt.begin(), dc.prompt.end()) + dc.steps + dc.extra_capacity;
+  auto st = attn.make_decode_state(cent, B, cap);
+  core::Tensor<T> out({B, Tmax, H, D});
+  for (auto& x : out) x = std::numeric_limits<T>::quiet_NaN();
+  const auto tok3 = [&](const core::Tensor<T>& x, std::int64_t b, std::int64_t t0, std::int64_t n) {
+    return ConstView<T, 3>(x.data() + (b * Tmax + t0) * H * D, {n, H, D}, {H * D, D, 1});
+  };
+  core::Tensor<T> qt({B, H, D}), kt({B, H, D}), vt({B, H, D}), ot({B, H, D});
+  const auto one_step = [&](const std::vector<std::int64_t>& pos) {
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t d = 0; d < D; ++d) {
+          qt(b, h, d) = q(b, pos[std::size_t(b)], h, d);
+          kt(b, h, d) = k(b, pos[std::size_t(b)], h, d);
+          vt(b, h, d) = v(b, pos[std::size_t(b)], h, d);
+        }
+    attn.step(qt, dc.shared ? ConstView<T, 3>{} : ConstView<T, 3>(kt), vt, cent, st, ot, ex);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t d = 0; d < D; ++d) out(b, pos[std::size_t(b)], h, d) = ot(b, h, d);
+  };
+  if (step_only) {
+    // sequences with shorter prompts wait: feed prompt tokens one step at a time by
+    // prefilling the others one token at a time too (prefill(b) of a single token = step)
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t t = 0; t < dc.prompt[std::size_t(b)]; ++t) {
+        View<T, 3> o(&out(b, t, 0, 0), {1, H, D}, {H * D, D, 1});
+        attn.prefill(b, tok3(q, b, t, 1), dc.shared ? ConstView<T, 3>{} : tok3(k, b, t, 1),
+                     tok3(v, b, t, 1), cent, st, o, ex);
+      }
+  } else {
+    for (std::int64_t b = 0; b < B; ++b) {
+      const std::int64_t n = dc.prompt[std::size_t(b)];
+      View<T, 3> o(&out(b, 0, 0, 0), {n, H, D}, {H * D, D, 1});
+      attn.prefill(b, tok3(q, b, 0, n), dc.shared ? ConstView<T, 3>{} : tok3(k, b, 0, n),
+                   tok3(v, b, 0, n), cent, st, o, ex);
+    }
+  }
+  for (std::int64_t s = 0; s < dc.steps; ++s) {
+    std::vector<std::int64_t> pos(static_cast<std::size_t>(B));
+    for (std::int64_t b = 0; b < B; ++b) pos[std::size_t(b)] = st.length(b);
+    one_step(pos);
+  }
+  if (state_out) *state_out = st;
+  return out;
+}
+
+// Compares a case's decode outputs and cluster lists with ref_decode; returns the relative
+// error max |ours - ref| / max(1, max |ref|) and adds the reference's empty rows to *empty.
+template <class T>
+double check_decode_case(const DecodeCase& dc, std::int64_t* empty = nullptr) {
+  const std::int64_t B = dc.B, H = dc.H, D = dc.D, C = dc.C;
+  const std::int64_t Tmax = *std::max_element(dc.prompt.begin(), dc.prompt.end()) + dc.steps;
+  const auto q = tensor_as<T>(random_tensor({B, Tmax, H, D}, dc.seed));
+  const auto k = tensor_as<T>(random_tensor({B, Tmax, H, D}, dc.seed + 1));
+  const auto v = tensor_as<T>(random_tensor({B, Tmax, H, D}, dc.seed + 2));
+  const auto cent = unit_centroids<T>(H, C, D, dc.seed + 3, dc.dup_centroids);
+  const RoutingAttention<T> attn({.num_clusters = C,
+                                  .causal = dc.causal,
+                                  .shared_qk = dc.shared,
+                                  .num_mem_kv = dc.num_mem_kv});
+  const std::int64_t M = attn.memory_kv();
+  const auto mk = tensor_as<T>(random_tensor({H, C, std::max<std::int64_t>(M, 1), D}, dc.seed + 4));
+  const auto mv = tensor_as<T>(random_tensor({H, C, std::max<std::int64_t>(M, 1), D}, dc.seed + 5));
+  RoutingExtras<T> ex;
+  if (M > 0) ex.mem_key = mk, ex.mem_value = mv;
+  RoutingDecodeState<T> st(1, 1, 1, 1, 1);
+  const auto out = run_decode<T>(dc, q, k, v, cent, ex, false, &st);
+  const DecodeRefConfig rc{.shared = dc.shared, .M = M};
+  double err = 0, mx = 0;
+  for (std::int64_t b = 0; b < B; ++b) {
+    const std::int64_t L = dc.prompt[std::size_t(b)] + dc.steps;
+    REQUIRE(st.length(b) == L);
+    const auto ref = ref_decode(rc, q, k, v, b, L, cent.means, &mk, &mv);
+    if (empty) *empty += ref.empty_rows;
+    for (std::int64_t t = 0; t < L; ++t)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t d = 0; d < D; ++d) {
+          const double r = ref.out[std::size_t((t * H + h) * D + d)];
+          err = std::max(err, std::abs(double(out(b, t, h, d)) - r));
+          mx = std::max(mx, std::abs(r));
+        }
+    // cluster membership: each key's cluster, and per cluster its positions ascending
+    for (std::int64_t h = 0; h < H; ++h) {
+      const auto got = st.clusters(b, h);
+      REQUIRE(std::int64_t(got.size()) == L);
+      std::int64_t total = 0;
+      for (std::int64_t c = 0; c < C; ++c) {
+        std::vector<std::int64_t> want;
+        for (std::int64_t t = 0; t < L; ++t) {
+          CAPTURE(b, h, t);
+          REQUIRE(got[std::size_t(t)] == ref.key_clusters[std::size_t(h * L + t)]);
+          if (got[std::size_t(t)] == c) want.push_back(t);
+        }
+        CHECK(st.members(b, h, c) == want);
+        CHECK(st.cluster_size(b, h, c) == std::int64_t(want.size()));
+        total += st.cluster_size(b, h, c);
+      }
+      CHECK(total == L);
+    }
+  }
+  return err / std::max(1.0, mx);
+}
+
+}  // namespace
+
+TEST_CASE("routing decode matches the naive reference", "[routing][decode]") {
+  // (shared QK?, config causal?, num_mem_kv, clusters, prompts, steps, extra capacity, D)
+  std::int64_t empty = 0;
+  std::uint32_t seed = 100;
+  double max_ef = 0, max_ed = 0;
+  for (const bool shared : {true, false})
+    for (const bool causal : {true, false})
+      for (const std::int64_t mem : {0, 2})
+        for (const auto& [C, prompt, steps, extra, D] :
+             {std::tuple{std::int64_t(1), std::vector<std::int64_t>{3, 0}, std::int64_t(4),
+                         std::int64_t(0), std::int64_t(4)},
+              std::tuple{std::int64_t(4), std::vector<std::int64_t>{9, 2}, std::int64_t(6),
+                         std::int64_t(3), std::int64_t(8)},
+              std::tuple{std::int64_t(7), std::vector<std::int64_t>{1, 13}, std::int64_t(2),
+                         std::int64_t(0), std::int64_t(16)}}) {
+          const DecodeCase dc{.B = 2,
+                              .H = 3,
+                              .D = D,
+                              .C = C,
+                              .shared = shared,
+                              .causal = causal,
+                              .num_mem_kv = mem,
+                              .prompt = prompt,
+                              .steps = steps,
+                              .extra_capacity = extra,
+                              .seed = seed += 10};
+          CAPTURE(shared, causal, mem, C, D, seed);
+          const double ef = check_decode_case<float>(dc, &empty);
+          const double ed = check_decode_case<double>(dc);
+          // float: inputs and outputs rounded to float, keys normalised in float (~1e-7);
+          // double: the same arithmetic as the reference up to summation order.
+          CHECK(ef <= 1e-6);
+          CHECK(ed <= 1e-12);
+          max_ef = std::max(max_ef, ef), max_ed = std::max(max_ed, ed);
+        }
+  WARN("decode vs naive reference: max rel err float "
+       << max_ef << ", double " << max_ed << "; queries with nothing to attend " << empty);
+  // Separate QK without memory (non-causal config, num_mem_kv 0) leaves some queries alone
+  // in their cluster: the reference gives zeros there and so must the decode step.
+  CHECK(empty > 0);
+}
+
+TEST_CASE("routing decode: ties go to the lower cluster, duplicate centroids stay empty",
+          "[routing][decode]") {
+  for (const bool shared : {true, false}) {
+    CAPTURE(shared);
+    // Centroids 2j + 1 repeat 2j: every vector ties between them and takes 2j.
+    const DecodeCase dc{.B = 2,
+                        .H = 2,
+                        .D = 8,
+                        .C = 6,
+                        .shared = shared,
+                        .num_mem_kv = 1,
+                        .prompt = {5, 3},
+                        .steps = 4,
+                        .seed = 7,
+                        .dup_centroids = true};
+    CHECK(check_decode_case<float>(dc) <= 1e-6);
+    CHECK(check_decode_case<double>(dc) <= 1e-12);
+  }
+  // Hand-made exact ties: means e0, e1 (D = 2); a key (1, 1) ties and joins cluster 0, a key
+  // (-1, 2) joins cluster 1; separate QK, no memory.
+  const RoutingAttention<double> attn({.num_clusters = 2, .shared_qk = false});
+  KMeansState<double> cent(1, 2, 2);
+  cent.means(0, 0, 0) = 1, cent.means(0, 1, 1) = 1;
+  cent.initialised = true;
+  auto st = attn.make_decode_state(cent, 1, 3);
+  core::Tensor<double> q({1, 1, 2}), k({1, 1, 2}), v({1, 1, 2}), o({1, 1, 2});
+  const auto put = [](core::Tensor<double>& x, double a, double b) {
+    x(0, 0, 0) = a, x(0, 0, 1) = b;
+  };
+  // token 0: key (1, 1) -> cluster 0; query (0, 1) -> cluster 1, which is empty: zeros
+  put(q, 0, 1), put(k, 1, 1), put(v, 3, 4);
+  attn.step(q, k, v, cent, st, o);
+  CHECK(st.clusters(0, 0)[0] == 0);
+  CHECK(o(0, 0, 0) == 0.0);
+  CHECK(o(0, 0, 1) == 0.0);
+  // token 1: key (-1, 2) -> cluster 1; query (2, 2) ties -> cluster 0: sees token 0 only
+  put(q, 2, 2), put(k, -1, 2), put(v, 5, 6);
+  attn.step(q, k, v, cent, st, o);
+  CHECK(st.clusters(0, 0)[1] == 1);
+  CHECK(o(0, 0, 0) == 3.0);
+  CHECK(o(0, 0, 1) == 4.0);
+  // token 2: key (0, 1) -> cluster 1; query (0, 1) -> cluster 1: tokens 1 and 2 with logits
+  // 2 / sqrt(2) and 1 / sqrt(2)
+  put(q, 0, 1), put(k, 0, 1), put(v, 7, 8);
+  attn.step(q, k, v, cent, st, o);
+  const double p1 = 1.0 / (1.0 + std::exp(-1.0 / std::sqrt(2.0)));
+  CHECK(o(0, 0, 0) == Approx(p1 * 5 + (1 - p1) * 7).epsilon(1e-14));
+  CHECK(o(0, 0, 1) == Approx(p1 * 6 + (1 - p1) * 8).epsilon(1e-14));
+  CHECK(st.members(0, 0, 0) == std::vector<std::int64_t>{0});
+  CHECK(st.members(0, 0, 1) == std::vector<std::int64_t>{1, 2});
+}
+
+TEST_CASE("routing decode: prefill equals step by step, bit for bit", "[routing][decode]") {
+  for (const bool shared : {true, false}) {
+    CAPTURE(shared);
+    const DecodeCase dc{.B = 3,
+                        .H = 2,
+                        .D = 16,
+                        .C = 5,
+                        .shared = shared,
+                        .num_mem_kv = 1,
+                        .prompt = {11, 4, 0},
+                        .steps = 6,
+                        .seed = 21};
+    const std::int64_t Tmax = 17;
+    const auto q = random_tensor({3, Tmax, 2, 16}, 1);
+    const auto k = random_tensor({3, Tmax, 2, 16}, 2);
+    const auto v = random_tensor({3, Tmax, 2, 16}, 3);
+    const auto cent = unit_centroids<float>(2, 5, 16, 4);
+    const auto mk = random_tensor({2, 5, 1, 16}, 5);
+    const RoutingExtras<float> ex{.mem_key = mk, .mem_value = mk};
+    RoutingDecodeState<float> s1(1, 1, 1, 1, 1), s2 = s1;
+    const auto o1 = run_decode<float>(dc, q, k, v, cent, ex, false, &s1);
+    const auto o2 = run_decode<float>(dc, q, k, v, cent, ex, true, &s2);
+    CHECK(std::memcmp(o1.data(), o2.data(), sizeof(float) * std::size_t(o1.numel())) == 0);
+    CHECK(snapshot(s1) == snapshot(s2));
+    // the batched prefill of equal-length prompts, in two chunks, equals it too
+    const RoutingAttention<float> attn({.num_clusters = 5, .shared_qk = shared, .num_mem_kv = 1});
+    auto s3 = attn.make_decode_state(cent, 3, 20);
+    core::Tensor<float> o3({3, Tmax, 2, 16});
+    const auto chunk = [&](const core::Tensor<float>& x, std::int64_t t0, std::int64_t n) {
+      return ConstView<float, 4>(&x(0, t0, 0, 0), {3, n, 2, 16}, x.template view<4>().strides());
+    };
+    for (const auto& [t0, n] : {std::pair<std::int64_t, std::int64_t>{0, 6}, {6, 11}}) {
+      View<float, 4> o(&o3(0, t0, 0, 0), {3, n, 2, 16}, o3.template view<4>().strides());
+      attn.prefill(chunk(q, t0, n), shared ? ConstView<float, 4>{} : chunk(k, t0, n),
+                   chunk(v, t0, n), cent, s3, o, ex);
+    }
+    DecodeCase all = dc;
+    all.prompt = {0, 0, 0}, all.steps = Tmax;
+    RoutingDecodeState<float> s4(1, 1, 1, 1, 1);
+    const auto o4 = run_decode<float>(all, q, k, v, cent, ex, false, &s4);
+    CHECK(std::memcmp(o3.data(), o4.data(), sizeof(float) * std::size_t(o3.numel())) == 0);
+    for (std::int64_t b = 0; b < 3; ++b)
+      for (std::int64_t h = 0; h < 2; ++h) {
+        CHECK(std::equal(s3.clusters(b, h).begin(), s3.clusters(b, h).end(),
+                         s4.clusters(b, h).begin(), s4.clusters(b, h).end()));
+        const auto k3 = s3.keys(b, h), k4 = s4.keys(b, h);
+        CHECK(std::memcmp(k3.data(), k4.data(), sizeof(float) * std::size_t(k3.numel())) == 0);
+      }
+  }
+}
+
+TEST_CASE("routing decode equals forward with nearest_centroid and causal",
+          "[routing][decode][nearest]") {
+  // An independent path (route + PlanExecutor) that computes the same thing for a whole
+  // sequence; routing there uses float GEMM dots, so a near-tie could route differently
+  // (none in these seeds: the buckets are compared first).
+  const std::int64_t B = 2, T = 40, H = 2, D = 16;
+  for (const bool shared : {true, false}) {
+    CAPTURE(shared);
+    const auto q = random_tensor({B, T, H, D}, 51);
+    const auto k = random_tensor({B, T, H, D}, 52);
+    const auto v = random_tensor({B, T, H, D}, 53);
+    const RoutingAttention<float> attn({.num_clusters = 4,
+                                        .causal = true,
+                                        .shared_qk = shared,
+                                        .num_mem_kv = 1,
+                                        .selection = RoutingSelection::nearest_centroid});
+    const ConstView<float, 4> kk = shared ? ConstView<float, 4>{} : ConstView<float, 4>(k);
+    const auto cent = attn.init_state(q, kk, 3);
+    const auto mk = random_tensor({H, 4, 1, D}, 54), mv = random_tensor({H, 4, 1, D}, 55);
+    const RoutingExtras<float> ex{.mem_key = mk, .mem_value = mv};
+    core::Tensor<float> want({B, T, H, D}), got({B, T, H, D});
+    if (shared) {
+      attn.forward(q, v, cent, want, ex);
+    } else {
+      attn.forward(q, k, v, cent, want, ex);
+    }
+    auto st = attn.make_decode_state(cent, B, T);
+    attn.prefill(q, kk, v, cent, st, got, ex);
+    const auto r = attn.route(q, kk, cent);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t t = 0; t < T; ++t)
+          REQUIRE(st.clusters(b, h)[std::size_t(t)] == r.buckets(b, h, shared ? t : T + t));
+    double err = 0;
+    for (std::int64_t i = 0; i < want.numel(); ++i)
+      err = std::max(err, std::abs(double(want.data()[i]) - double(got.data()[i])));
+    CHECK(err <= 1e-5);
+  }
+}
+
+TEST_CASE("routing decode: 1 and 2 threads are bit-identical", "[routing][decode][threads]") {
+  for (const bool shared : {true, false}) {
+    CAPTURE(shared);
+    const DecodeCase dc{.B = 3,
+                        .H = 4,
+                        .D = 32,
+                        .C = 6,
+                        .shared = shared,
+                        .num_mem_kv = 1,
+                        .prompt = {60, 17, 33},
+                        .steps = 20,
+                        .seed = 61};
+    const std::int64_t Tmax = 80;
+    const auto q = random_tensor({3, Tmax, 4, 32}, 1);
+    const auto k = random_tensor({3, Tmax, 4, 32}, 2);
+    const auto v = random_tensor({3, Tmax, 4, 32}, 3);
+    const auto cent = unit_centroids<float>(4, 6, 32, 4);
+    const auto mk = random_tensor({4, 6, 1, 32}, 5);
+    const RoutingExtras<float> ex{.mem_key = mk, .mem_value = mk};
+    RoutingDecodeState<float> s1(1, 1, 1, 1, 1), s2 = s1;
+    core::Tensor<float> o1, o2;
+    {
+      ScopedNumThreads t(1);
+      o1 = run_decode<float>(dc, q, k, v, cent, ex, false, &s1);
+    }
+    {
+      ScopedNumThreads t(2);
+      o2 = run_decode<float>(dc, q, k, v, cent, ex, false, &s2);
+    }
+    CHECK(std::memcmp(o1.data(), o2.data(), sizeof(float) * std::size_t(o1.numel())) == 0);
+    CHECK(snapshot(s1) == snapshot(s2));
+  }
+}
+
+TEST_CASE(
+    "routing decode errors name the layer, argument and shapes; a failed call changes "
+    "nothing",
+    "[routing][decode][errors]") {
+  const std::int64_t B = 2, H = 2, D = 4, C = 3;
+  const RoutingAttention<float> attn({.num_clusters = C});
+  const auto cent = unit_centroids<float>(H, C, D, 1);
+  auto st = attn.make_decode_state(cent, B, 4);
+  const auto q = random_tensor({B, 3, H, D}, 2);
+  core::Tensor<float> out({B, 3, H, D});
+  // sequence 0 holds 3 positions, sequence 1 holds 1
+  {
+    const ConstView<float, 4> q1(q.data(), {B, 1, H, D}, q.template view<4>().strides());
+    attn.prefill(q1, {}, q1, cent, st,
+                 View<float, 4>(out.data(), {B, 1, H, D}, out.template view<4>().strides()));
+    attn.prefill(0, ConstView<float, 3>(&q(0, 1, 0, 0), {2, H, D}), {},
+                 ConstView<float, 3>(&q(0, 1, 0, 0), {2, H, D}), cent, st,
+                 View<float, 3>(&out(0, 1, 0, 0), {2, H, D}));
+    REQUIRE(st.length(0) == 3);
+    REQUIRE(st.length(1) == 1);
+  }
+  const auto before = snapshot(st);
+  const auto qt = random_tensor({1, B, H, D}, 3);
+  const ConstView<float, 3> q_t(qt.data(), {B, H, D});
+  core::Tensor<float> ot({B, H, D});
+  const auto unchanged = [&] { CHECK(snapshot(st) == before); };
+  {
+    core::Tensor<float> bad({B, H, D + 1});
+    REQUIRE_THROWS_WITH(attn.step(bad, {}, q_t, cent, st, ot),
+                        Contains("RoutingAttention::step") && Contains("'q_t'") &&
+                            Contains("[B=2, H=2, D=5]") && Contains("[B=2, H=2, D=4]"));
+    REQUIRE_THROWS_AS(attn.step(q_t, {}, bad, cent, st, ot), shape_error);
+    REQUIRE_THROWS_WITH(attn.step(q_t, {}, q_t, cent, st, bad),
+                        Contains("'out_t'") && Contains("D=5"));
+    core::Tensor<float> b3({3, H, D});
+    REQUIRE_THROWS_WITH(attn.step(b3, {}, b3, cent, st, ot),
+                        Contains("'q_t'") && Contains("[B=3, H=2, D=4]"));
+    unchanged();
+  }
+  // k given with shared QK; missing with separate QK
+  REQUIRE_THROWS_WITH(attn.step(q_t, q_t, q_t, cent, st, ot),
+                      Contains("RoutingAttention::step") && Contains("'k_t' = given"));
+  REQUIRE_THROWS_AS(attn.step(q_t, q_t, q_t, cent, st, ot), config_error);
+  {
+    const RoutingAttention<float> sep({.num_clusters = C, .shared_qk = false});
+    REQUIRE_THROWS_WITH(sep.step(q_t, {}, q_t, cent, st, ot), Contains("'k_t' = missing"));
+    // causal separate QK needs memory (M = 1)
+    const RoutingAttention<float> sepc({.num_clusters = C, .causal = true, .shared_qk = false});
+    REQUIRE_THROWS_WITH(sepc.step(q_t, q_t, q_t, cent, st, ot),
+                        Contains("RoutingAttention::step") && Contains("'mem_key' = missing"));
+    const auto mk = random_tensor({H, C + 1, 1, D}, 4);
+    REQUIRE_THROWS_WITH(sepc.step(q_t, q_t, q_t, cent, st, ot, {.mem_key = mk, .mem_value = mk}),
+                        Contains("'mem_key'") && Contains("[H=2, C=3, M=1, D=4]"));
+    REQUIRE_THROWS_AS(sepc.step(q_t, q_t, q_t, cent, st, ot, {.mem_key = mk, .mem_value = mk}),
+                      shape_error);
+  }
+  unchanged();
+  // capacity: sequence 0 holds 3 of 4, so a step fits but a 2-token prefill does not; the
+  // batched prefill fails for sequence 0 before anything is written to sequence 1
+  {
+    const ConstView<float, 4> q2(q.data(), {B, 2, H, D}, q.template view<4>().strides());
+    View<float, 4> o2(out.data(), {B, 2, H, D}, out.template view<4>().strides());
+    REQUIRE_THROWS_WITH(attn.prefill(q2, {}, q2, cent, st, o2),
+                        Contains("RoutingAttention::prefill") && Contains("sequence 0 holds 3") &&
+                            Contains("appending 2") && Contains("capacity 4"));
+    REQUIRE_THROWS_AS(attn.prefill(q2, {}, q2, cent, st, o2), config_error);
+    unchanged();
+    auto full = st;
+    attn.step(q_t, {}, q_t, cent, full, ot);
+    const auto full_before = snapshot(full);
+    REQUIRE_THROWS_WITH(attn.step(q_t, {}, q_t, cent, full, ot),
+                        Contains("RoutingAttention::step") && Contains("sequence 0 holds 4") &&
+                            Contains("appending 1") && Contains("capacity 4"));
+    CHECK(snapshot(full) == full_before);
+    // sequence 1 still has room for 2
+    CHECK_NOTHROW(attn.prefill(1, ConstView<float, 3>(q.data(), {2, H, D}), {},
+                               ConstView<float, 3>(q.data(), {2, H, D}), cent, full,
+                               View<float, 3>(out.data(), {2, H, D})));
+    CHECK(full.length(1) == 4);
+  }
+  // aliasing: the output over an input
+  {
+    core::Tensor<float> buf({B, H, D});
+    REQUIRE_THROWS_WITH(attn.step(buf, {}, q_t, cent, st, buf),
+                        Contains("RoutingAttention::step") && Contains("'out_t'") &&
+                            Contains("memory shared with argument 'q_t'"));
+    REQUIRE_THROWS_AS(attn.step(q_t, {}, buf, cent, st, buf), shape_error);
+    unchanged();
+  }
+  // bad sequence index
+  {
+    const ConstView<float, 3> q1(q.data(), {1, H, D});
+    View<float, 3> o1(out.data(), {1, H, D});
+    REQUIRE_THROWS_WITH(
+        attn.prefill(2, q1, {}, q1, cent, st, o1),
+        Contains("RoutingAttention::prefill") && Contains("'b' = 2") && Contains("[0, B=2)"));
+    REQUIRE_THROWS_AS(attn.prefill(-1, q1, {}, q1, cent, st, o1), config_error);
+    REQUIRE_THROWS_WITH(st.keys(2, 0), Contains("RoutingDecodeState::keys") && Contains("'b' = 2"));
+    REQUIRE_THROWS_WITH(st.members(0, 0, 3), Contains("'c' = 3") && Contains("[0, C=3)"));
+    unchanged();
+  }
+  // centroids: uninitialised, wrong shape, NaN; NaN in q_t; masks
+  {
+    auto c2 = cent;
+    c2.initialised = false;
+    REQUIRE_THROWS_WITH(attn.step(q_t, {}, q_t, c2, st, ot),
+                        Contains("'centroids' = uninitialised"));
+    const auto c4 = unit_centroids<float>(H, C + 1, D, 1);
+    REQUIRE_THROWS_WITH(attn.step(q_t, {}, q_t, c4, st, ot),
+                        Contains("RoutingAttention::step") && Contains("'centroids.means'") &&
+                            Contains("[H=2, C=4, D=4]") && Contains("[H=2, C=3, D=4]"));
+    REQUIRE_THROWS_AS(attn.step(q_t, {}, q_t, c4, st, ot), shape_error);
+    REQUIRE_THROWS_WITH(attn.make_decode_state(c4, 1, 4), Contains("make_decode_state"));
+    c2 = cent;
+    c2.means(1, 2, 3) = std::numeric_limits<float>::quiet_NaN();
+    REQUIRE_THROWS_WITH(attn.step(q_t, {}, q_t, c2, st, ot), Contains("'centroids.means' = NaN"));
+    auto qn = qt;
+    qn(0, 1, 1, 2) = std::numeric_limits<float>::quiet_NaN();
+    REQUIRE_THROWS_WITH(attn.step(ConstView<float, 3>(qn.data(), {B, H, D}), {}, q_t, cent, st, ot),
+                        Contains("'q_t' = NaN"));
+    const std::vector<std::uint8_t> m(2, 1);
+    REQUIRE_THROWS_WITH(attn.step(q_t, {}, q_t, cent, st, ot, {.query_mask = m}),
+                        Contains("'query_mask' = given") && Contains("no masks"));
+    unchanged();
+  }
+  REQUIRE_THROWS_WITH(
+      RoutingDecodeState<float>(1, 1, 4, 2, 0),
+      Contains("RoutingDecodeState::RoutingDecodeState") && Contains("'capacity' = 0"));
+  REQUIRE_THROWS_AS(RoutingDecodeState<float>(1, 1, 4, 0, 8), config_error);
+  // reset: one sequence, then all
+  st.reset(0);
+  CHECK(st.length(0) == 0);
+  CHECK(st.length(1) == 1);
+  CHECK(st.cluster_size(0, 1, st.clusters(1, 1)[0]) == 0);
+  CHECK(st.members(1, 1, st.clusters(1, 1)[0]) == std::vector<std::int64_t>{0});
+  st.reset();
+  CHECK(st.length(1) == 0);
+  for (std::int64_t c = 0; c < C; ++c) CHECK(st.members(1, 0, c).empty());
 }

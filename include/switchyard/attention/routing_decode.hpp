@@ -50,8 +50,7 @@ void normalize_row(const T* x, std::int64_t stride, std::int64_t D, T* dst) noex
 
 // argmax_c means[c] . x for means [C, D] contiguous (dots in double), ties toward the lower c.
 template <class T>
-std::int64_t nearest_centroid(const T* x, const T* means, std::int64_t C,
-                              std::int64_t D) noexcept {
+std::int64_t nearest_centroid(const T* x, const T* means, std::int64_t C, std::int64_t D) noexcept {
   std::int64_t arg = 0;
   double best = -std::numeric_limits<double>::infinity();
   for (std::int64_t c = 0; c < C; ++c) {
@@ -85,14 +84,14 @@ class RoutingDecodeState {
     if (num_clusters < 1)
       switchyard::detail::fail_config(name, fn, "num_clusters", num_clusters, ">= 1");
     if (capacity < 1) switchyard::detail::fail_config(name, fn, "capacity", capacity, ">= 1");
-    const std::int64_t kv =
+    // checked_size returns the element count; the byte bound covers keys and values together.
+    const std::int64_t n =
         switchyard::detail::checked_size(name, fn, "capacity", {B_, H_, cap_, D_}, 2 * sizeof(T));
     switchyard::detail::checked_size(name, fn, "capacity", {B_, H_, cap_}, 16);
     switchyard::detail::checked_size(name, fn, "num_clusters", {B_, H_, C_}, 24);
     switchyard::detail::checked_size(name, fn, "head_dim", {B_, H_, D_}, 16 + sizeof(T));
-    const auto n = std::size_t(kv / std::int64_t(2 * sizeof(T)));
-    k_.assign(n, T(0));
-    v_.assign(n, T(0));
+    k_.assign(std::size_t(n), T(0));
+    v_.assign(std::size_t(n), T(0));
     bucket_.assign(std::size_t(B_ * H_ * cap_), 0);
     next_.assign(bucket_.size(), -1);
     head_.assign(std::size_t(B_ * H_ * C_), -1);
@@ -201,8 +200,8 @@ class RoutingDecodeState {
   // k == nullptr means shared QK (key = normalize(q), routed with the query). No cluster key
   // and no memory gives zeros. Touches only (b, h)'s rows, lists and scratch.
   void decode_token(std::int64_t b, std::int64_t h, std::int64_t pos, const T* q, std::int64_t qs,
-                    const T* k, std::int64_t ks, const T* v, std::int64_t vs,
-                    const TokenArgs& a, T* out, std::int64_t os) noexcept {
+                    const T* k, std::int64_t ks, const T* v, std::int64_t vs, const TokenArgs& a,
+                    T* out, std::int64_t os) noexcept {
     const std::int64_t bh = b * H_ + h, D = D_;
     T* const krow = k_.data() + (bh * cap_ + pos) * D;
     T* const vrow = v_.data() + (bh * cap_ + pos) * D;

@@ -608,10 +608,10 @@ class RoutingAttention {
   /// when its key is a member), after that cluster's memory keys/values (extras, required iff
   /// memory_kv() > 0, as forward). Logits are q . key * scale; with shared QK the keys are
   /// normalize(q) and a query's own key gets self_value, as forward. Softmax and weighted sum in
-  /// double; a query with no key and no memory in its cluster (separate QK) outputs zeros. This
-  /// is what forward computes with selection = nearest_centroid and causal = true, up to
-  /// rounding. The layer has no local-window attention, so there is none here either. Masks are
-  /// not supported (extras.query_mask / key_mask must be empty): feed each sequence only its
+  /// double; a query with no key and no memory in its cluster (separate QK) outputs zeros. For a
+  /// layer with selection = nearest_centroid and causal = true this is what forward computes,
+  /// up to rounding. The layer has no local-window attention, so there is none here either. Masks
+  /// are not supported (extras.query_mask / key_mask must be empty): feed each sequence only its
   /// real tokens (prefill(b, ...) takes one sequence). Every check runs before anything is
   /// written, so a call that throws leaves the state unchanged. Work is split by (sequence,
   /// head), so results are bit-identical for any thread count, and prefilling equals stepping
@@ -638,7 +638,8 @@ class RoutingAttention {
     constexpr std::string_view why = "the decode state's batch, heads and head_dim";
     check_decode_k(k_t.data() != nullptr, "k_t", fn);
     core::detail::check_shape<const T, 3>(name, fn, "q_t", q_t, {"B", "H", "D"}, want, why);
-    if (k_t.data()) core::detail::check_shape<const T, 3>(name, fn, "k_t", k_t, {"B", "H", "D"}, want, why);
+    if (k_t.data())
+      core::detail::check_shape<const T, 3>(name, fn, "k_t", k_t, {"B", "H", "D"}, want, why);
     core::detail::check_shape<const T, 3>(name, fn, "v_t", v_t, {"B", "H", "D"}, want, why);
     core::detail::check_shape<T, 3>(name, fn, "out_t", out_t, {"B", "H", "D"}, want, why);
     check_decode_alias<3>(fn, {"q_t", "k_t", "v_t", "out_t"}, q_t, k_t, v_t, out_t, extras, state);
@@ -659,11 +660,13 @@ class RoutingAttention {
                const RoutingExtras<T>& extras = {}) const {
     constexpr std::string_view fn = "prefill";
     check_decode_k(k.data() != nullptr, "k", fn);
-    core::detail::check_shape<const T, 4>(name, fn, "q", q, {"B", "T", "H", "D"},
-                              Shape<4>{state.batch(), -1, state.heads(), state.head_dim()},
-                              "the decode state's batch, heads and head_dim");
+    core::detail::check_shape<const T, 4>(
+        name, fn, "q", q, {"B", "T", "H", "D"},
+        Shape<4>{state.batch(), -1, state.heads(), state.head_dim()},
+        "the decode state's batch, heads and head_dim");
     constexpr std::string_view why = "the shape of q";
-    if (k.data()) core::detail::check_shape<const T, 4>(name, fn, "k", k, {"B", "T", "H", "D"}, q.shape(), why);
+    if (k.data())
+      core::detail::check_shape<const T, 4>(name, fn, "k", k, {"B", "T", "H", "D"}, q.shape(), why);
     core::detail::check_shape<const T, 4>(name, fn, "v", v, {"B", "T", "H", "D"}, q.shape(), why);
     core::detail::check_shape<T, 4>(name, fn, "out", out, {"B", "T", "H", "D"}, q.shape(), why);
     check_decode_alias<4>(fn, {"q", "k", "v", "out"}, q, k, v, out, extras, state);
@@ -683,10 +686,11 @@ class RoutingAttention {
     }
     check_decode_k(k.data() != nullptr, "k", fn);
     core::detail::check_shape<const T, 3>(name, fn, "q", q, {"T", "H", "D"},
-                              Shape<3>{-1, state.heads(), state.head_dim()},
-                              "the decode state's heads and head_dim");
+                                          Shape<3>{-1, state.heads(), state.head_dim()},
+                                          "the decode state's heads and head_dim");
     constexpr std::string_view why = "the shape of q";
-    if (k.data()) core::detail::check_shape<const T, 3>(name, fn, "k", k, {"T", "H", "D"}, q.shape(), why);
+    if (k.data())
+      core::detail::check_shape<const T, 3>(name, fn, "k", k, {"T", "H", "D"}, q.shape(), why);
     core::detail::check_shape<const T, 3>(name, fn, "v", v, {"T", "H", "D"}, q.shape(), why);
     core::detail::check_shape<T, 3>(name, fn, "out", out, {"T", "H", "D"}, q.shape(), why);
     check_decode_alias<3>(fn, {"q", "k", "v", "out"}, q, k, v, out, extras, state);
@@ -724,7 +728,8 @@ class RoutingAttention {
     const auto& m = centroids.means;
     const std::int64_t want[3] = {H, cfg_.num_clusters > 0 ? cfg_.num_clusters : C, D};
     bool ok = m.rank() == 3;
-    for (int d = 0; ok && d < 3; ++d) ok = m.extent(d) >= 1 && (want[d] < 0 || m.extent(d) == want[d]);
+    for (int d = 0; ok && d < 3; ++d)
+      ok = m.extent(d) >= 1 && (want[d] < 0 || m.extent(d) == want[d]);
     if (!ok) {
       std::string exp = "[";
       const char* letters[3] = {"H", "C", "D"};
@@ -786,18 +791,16 @@ class RoutingAttention {
     for (std::int64_t b = b0; b < b0 + nb; ++b) {
       const std::int64_t len = st.len_[std::size_t(b)];
       if (n > st.capacity() - len) {
-        throw config_error(std::string(name) + "::" + std::string(fn) + ": sequence " +
-                           std::to_string(b) + " holds " + std::to_string(len) +
-                           " positions; appending " + std::to_string(n) +
-                           " would pass the decode state's capacity " +
-                           std::to_string(st.capacity()));
+        throw config_error(
+            std::string(name) + "::" + std::string(fn) + ": sequence " + std::to_string(b) +
+            " holds " + std::to_string(len) + " positions; appending " + std::to_string(n) +
+            " would pass the decode state's capacity " + std::to_string(st.capacity()));
       }
     }
     if (detail::has_nan(q)) nan_error(fn, names[0]);
     if (k.data() && detail::has_nan(k)) nan_error(fn, names[1]);
     const typename RoutingDecodeState<T>::TokenArgs base{
-        nullptr, ex.mem_key, ex.mem_value,
-        cfg_.scale ? *cfg_.scale : 1.0 / std::sqrt(double(D)),
+        nullptr, ex.mem_key, ex.mem_value, cfg_.scale ? *cfg_.scale : 1.0 / std::sqrt(double(D)),
         cfg_.shared_qk ? std::optional<double>(cfg_.self_value) : std::nullopt};
     parallel_for(nb * H, [&](std::int64_t task) {
       const std::int64_t i = task / H, h = task % H, b = b0 + i;
@@ -919,9 +922,8 @@ class RoutingAttention {
     core::detail::check_shape<const T, 4>(name, fn, "mem_key", ex.mem_key, {"H", "C", "M", "D"},
                                           Shape<4>{H, C, M, D},
                                           "one memory block per head and cluster");
-    core::detail::check_shape<const T, 4>(name, fn, "mem_value", ex.mem_value,
-                                          {"H", "C", "M", "D"}, ex.mem_key.shape(),
-                                          "mem_value has the shape of mem_key");
+    core::detail::check_shape<const T, 4>(name, fn, "mem_value", ex.mem_value, {"H", "C", "M", "D"},
+                                          ex.mem_key.shape(), "mem_value has the shape of mem_key");
   }
 
   [[noreturn]] static void nan_error(std::string_view fn, std::string_view arg) {
