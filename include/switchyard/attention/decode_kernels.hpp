@@ -6,7 +6,7 @@
 // rows of that KV group together (T_new x H / H_kv rows, r = t * group + g), so every K/V byte is
 // read once per step, and computes for each row a partial (max m, sum l, unnormalised weighted
 // sum of V) over its chunk with the online softmax (online_softmax.hpp), in blocks of KB keys:
-//   scores  s[r][j] = q_r . k_j          L keys at a time, one horizontal add per L scores
+//   scores  s[r][j] = q_r . k_j          a register of (key, row) accumulators at a time
 //   mask    causal inside the new block: row t sees keys j < length - T_new + t + 1; bias
 //   values  o[r] = o[r] * alpha[r] + sum_j p[r][j] v_j     (attention_tiles.hpp value_tile)
 // Then per (b, hk) the partials merge in chunk order: M = max_c m_c, l = sum_c l_c 2^(m_c - M),
@@ -65,9 +65,17 @@ inline std::int64_t decode_chunk_keys(std::int64_t length, std::int64_t rows) no
 
 namespace detail {
 
-// s[i * s_stride + j] = q_i . k_j for i < n_rows, j < nk; q rows and k rows are Dp apart,
-// 64-byte aligned and zero padded past D. L keys at a time: L accumulators, one per key, then
-// one transpose-add (simd::hsum_rows) gives the L scores of a row.
+// Query rows per group of the score kernel: a group of rows and a group of keys together fill
+// one register of accumulators (one per (key, row) pair), so each key vector loaded serves
+// every row of the group.
+template <class T, class Arch>
+inline constexpr std::int64_t decode_row_group =
+    simd::is_scalar_v<Arch> ? 1 : (simd::lanes_v<T, Arch> >= 16 ? 4 : 2);
+
+// s[i * s_stride + j] = q_i . k_j for i < n_rows (a multiple of decode_row_group; padding rows
+// are zeros), j < nk; q rows and k rows are Dp apart, 64-byte aligned and zero padded past D.
+// Per group of RG rows and KG = L / RG keys: L accumulators, acc[u * RG + r] for key u and row
+// r, then one transpose-add (simd::hsum_rows) gives those L scores.
 // `ahead`: the rows (Dp apart) the caller reads next, the values of these keys: fetched into
 // the cache while the scores are computed, so K and V stream together rather than in turn.
 template <class Arch, class T>
@@ -77,20 +85,27 @@ void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk
   std::int64_t j = 0;
   if constexpr (!simd::is_scalar_v<Arch>) {
     using V = xsimd::batch<T, Arch>;
-    constexpr std::int64_t L = V::size;
-    for (; j + L <= nk; j += L) {
+    constexpr std::int64_t L = V::size, RG = decode_row_group<T, Arch>, KG = L / RG;
+    static_assert(RG * KG == L);
+    alignas(64) T lanes[L];
+    for (; j + KG <= nk; j += KG) {
       const T* kb = k + j * Dp;
-      for (std::int64_t p = 0; p < L * Dp; p += line) __builtin_prefetch(ahead + j * Dp + p, 0, 3);
-      for (std::int64_t i = 0; i < n_rows; ++i) {
+      for (std::int64_t p = 0; p < KG * Dp; p += line) __builtin_prefetch(ahead + j * Dp + p, 0, 3);
+      for (std::int64_t i = 0; i < n_rows; i += RG) {
         const T* qi = qp + i * Dp;
         V acc[L];
         for (std::int64_t u = 0; u < L; ++u) acc[u] = V(T(0));
         for (std::int64_t d = 0; d < Dp; d += L) {
-          const V qv = V::load_aligned(qi + d);
-          for (std::int64_t u = 0; u < L; ++u)
-            acc[u] = xsimd::fma(V::load_aligned(kb + u * Dp + d), qv, acc[u]);
+          V qv[RG];
+          for (std::int64_t r = 0; r < RG; ++r) qv[r] = V::load_aligned(qi + r * Dp + d);
+          for (std::int64_t u = 0; u < KG; ++u) {
+            const V kv = V::load_aligned(kb + u * Dp + d);
+            for (std::int64_t r = 0; r < RG; ++r) acc[u * RG + r] = xsimd::fma(kv, qv[r], acc[u * RG + r]);
+          }
         }
-        simd::hsum_rows(acc).store_unaligned(s + i * s_stride + j);
+        simd::hsum_rows(acc).store_aligned(lanes);
+        for (std::int64_t u = 0; u < KG; ++u)
+          for (std::int64_t r = 0; r < RG; ++r) s[(i + r) * s_stride + j + u] = lanes[u * RG + r];
       }
     }
   }
@@ -157,9 +172,11 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
       if (decode_row_active(a, b, t, hk * group + g)) ws.rows.push_back(t * group + g);
   const std::int64_t na = std::int64_t(ws.rows.size());
   if (na == 0) return;
-  ws.qp.resize(std::size_t(na * Dp));
+  // Scores run on whole row groups: padding rows of zeros, their scores never used.
+  const std::int64_t na_pad = core::round_up(na, decode_row_group<T, Arch>);
+  ws.qp.assign(std::size_t(na_pad * Dp), T(0));
   ws.o.assign(std::size_t(na * Dp), T(0));
-  ws.s.resize(std::size_t(na * KB));
+  ws.s.resize(std::size_t(na_pad * KB));
   ws.m.assign(std::size_t(na), neg_inf);
   ws.l.assign(std::size_t(na), T(0));
   ws.alpha.resize(std::size_t(na));
@@ -180,7 +197,8 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
 
   for (std::int64_t jb = j0; jb < vis_end; jb += KB) {
     const std::int64_t nk = std::min(KB, vis_end - jb);
-    decode_scores<Arch>(ws.qp.data(), na, kh + jb * Dp, nk, Dp, ws.s.data(), KB, vh + jb * Dp);
+    decode_scores<Arch>(ws.qp.data(), na_pad, kh + jb * Dp, nk, Dp, ws.s.data(), KB,
+                        vh + jb * Dp);
     for (std::int64_t i = 0; i < na; ++i) {
       const std::int64_t r = ws.rows[std::size_t(i)], t = r / group, h = hk * group + r % group;
       T* srow = ws.s.data() + i * KB;
