@@ -64,7 +64,8 @@ double triad_gbps() {
       const auto t0 = std::chrono::steady_clock::now();
       parallel_for(num_chunks(n, chunk), [&](std::int64_t i) {
         const std::int64_t e = std::min(n, (i + 1) * chunk);
-        for (std::int64_t j = i * chunk; j < e; ++j) a[std::size_t(j)] = b[std::size_t(j)] + 3.0f * c[std::size_t(j)];
+        for (std::int64_t j = i * chunk; j < e; ++j)
+          a[std::size_t(j)] = b[std::size_t(j)] + 3.0f * c[std::size_t(j)];
       });
       const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
       best = std::max(best, 3.0 * 4.0 * double(n) / s * 1e-9);
@@ -208,7 +209,8 @@ MoESetup make_moe(const MoEShape& sh, std::int64_t T) {
       std::vector<std::pair<float, std::int64_t>> l;
       for (std::int64_t e = 0; e < sh.E; ++e) l.push_back({nd(gen), e});
       std::partial_sort(l.begin(), l.begin() + sh.k, l.end(), std::greater<>());
-      for (std::int64_t j = 0; j < sh.k; ++j) combine(t, l[std::size_t(j)].second) = 1.0f / float(sh.k);
+      for (std::int64_t j = 0; j < sh.k; ++j)
+        combine(t, l[std::size_t(j)].second) = 1.0f / float(sh.k);
     }
     m.plans.push_back(moe::make_plan_from_combine_weights<float>(combine.view<2>()));
     std::int64_t active = 0;
@@ -223,10 +225,8 @@ void run_moe(benchmark::State& state, std::int64_t decode_max_tokens) {
   const std::int64_t T = state.range(1);
   triad_gbps();
   MoESetup m = make_moe(sh, T);
-  moe::MoELayer<float> layer({.d_model = sh.d,
-                              .d_ff = sh.F,
-                              .num_experts = sh.E,
-                              .decode_max_tokens = decode_max_tokens});
+  moe::MoELayer<float> layer(
+      {.d_model = sh.d, .d_ff = sh.F, .num_experts = sh.E, .decode_max_tokens = decode_max_tokens});
   std::size_t max_ws = 0;
   for (const auto& p : m.plans) max_ws = std::max(max_ws, layer.workspace_bytes(p));
   std::vector<std::byte> ws(max_ws);

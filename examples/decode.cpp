@@ -36,7 +36,7 @@ Tensor<float> random(std::initializer_list<std::int64_t> shape, std::uint64_t se
 struct DecoderBlock {
   const float s = 1.0f / std::sqrt(float(d));
   Tensor<float> wq = random({H * D, d}, 1, s), wk = random({Hkv * D, d}, 2, s),
-                wv = random({Hkv * D, d}, 3, s), wo = random({d, H * D}, 4, s),
+                wv = random({Hkv * D, d}, 3, s), wo = random({d, H*D}, 4, s),
                 router_w = random({E, d}, 5, s), w1 = random({E, F, d}, 6, s),
                 w3 = random({E, F, d}, 7, s), w2 = random({E, d, F}, 8, 1.0f / std::sqrt(float(F)));
   attention::DenseAttention<float> attn;
@@ -112,7 +112,8 @@ int main() {
   const auto start = std::chrono::steady_clock::now();
   for (std::int64_t t = prompt; t < total; ++t)
     last = block.step(x.view<2>().slice(0, t, t + 1), cache);
-  const double sec = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double sec =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
 
   const Tensor<float> full = block.full_forward(x);
   double err = 0, scale = 0;

@@ -215,7 +215,8 @@ TEST_CASE("DenseAttention::decode matches a naive reference", "[decode]") {
       Tensor<float> bias({c.H, c.Tn, cap});
       std::mt19937 gen(14);
       std::uniform_real_distribution<double> u(-2.0, 2.0);
-      for (auto& x : bias) x = gen() % 7 == 0 ? -std::numeric_limits<float>::infinity() : float(u(gen));
+      for (auto& x : bias)
+        x = gen() % 7 == 0 ? -std::numeric_limits<float>::infinity() : float(u(gen));
       std::vector<std::uint8_t> active;
       if (c.active)
         for (std::int64_t i = 0; i < c.B * c.Tn * c.H; ++i) active.push_back(i % 3 != 1);
@@ -240,7 +241,8 @@ TEST_CASE("DenseAttention::decode matches a naive reference", "[decode]") {
               if (j >= c.lens[std::size_t(b)]) {
                 CHECK(got == -7.0f);
               } else {
-                e = std::max(e, double(std::abs(got - want.mass[std::size_t((b * c.Hkv + h) * S + j)])));
+                e = std::max(
+                    e, double(std::abs(got - want.mass[std::size_t((b * c.Hkv + h) * S + j)])));
               }
             }
         CHECK(e < 1e-5);
@@ -379,15 +381,16 @@ TEST_CASE("DenseAttention::decode errors", "[decode][errors]") {
   Tensor<float> both({2 * 2 * 16 + 64});
   opts = {};
   opts.key_mass = View<float, 3>(both.data(), {2, 2, 16});
-  CHECK_THROWS_WITH(attn.decode(q.view<4>(), cache, View<float, 4>(both.data() + 10, {2, 1, 4, 8}),
-                                opts),
-                    Contains("'key_mass'"));
+  CHECK_THROWS_WITH(
+      attn.decode(q.view<4>(), cache, View<float, 4>(both.data() + 10, {2, 1, 4, 8}), opts),
+      Contains("'key_mass'"));
 }
 
 // [B, T, H, D] at time t: [B, H, D].
 template <class T>
 View<T, 3> at_time(View<T, 4> x, std::int64_t t) {
-  return {x.data() + t * x.stride(1), {x.extent(0), x.extent(2), x.extent(3)},
+  return {x.data() + t * x.stride(1),
+          {x.extent(0), x.extent(2), x.extent(3)},
           {x.stride(0), x.stride(2), x.stride(3)}};
 }
 
@@ -406,15 +409,14 @@ TEST_CASE("LinearAttention: prefill in chunks, then steps, equals one causal for
     std::int64_t t0 = 0;
     for (std::int64_t n : {30, 25, 15}) {
       layer.forward_causal(q.view<4>().slice(1, t0, t0 + n), k.view<4>().slice(1, t0, t0 + n),
-                           v.view<4>().slice(1, t0, t0 + n), inc.view<4>().slice(1, t0, t0 + n),
-                           {}, &state);
+                           v.view<4>().slice(1, t0, t0 + n), inc.view<4>().slice(1, t0, t0 + n), {},
+                           &state);
       t0 += n;
     }
     for (; t0 < T; ++t0) {
       layer.step(ConstView<float, 3>(at_time(q.view<4>(), t0)),
                  ConstView<float, 3>(at_time(k.view<4>(), t0)),
-                 ConstView<float, 3>(at_time(v.view<4>(), t0)), state,
-                 at_time(inc.view<4>(), t0));
+                 ConstView<float, 3>(at_time(v.view<4>(), t0)), state, at_time(inc.view<4>(), t0));
     }
     double e = 0, scale = 0;
     for (std::int64_t i = 0; i < full.numel(); ++i) {

@@ -276,16 +276,13 @@ TEST_CASE("MoH causal forward, and decode in chunks then steps, match the causal
   struct Case {
     std::int64_t B, N, C, H, S, K;
   };
-  const Case c = GENERATE(Case{2, 21, 16, 4, 1, 2}, Case{1, 90, 24, 6, 0, 2},
-                          Case{2, 9, 12, 3, 3, 0});
+  const Case c =
+      GENERATE(Case{2, 21, 16, 4, 1, 2}, Case{1, 90, 24, 6, 0, 2}, Case{2, 9, 12, 3, 3, 0});
   CAPTURE(c.B, c.N, c.C, c.H, c.S, c.K);
   const RandomModel<float> m(c.C, c.H, c.S, 300 + std::uint32_t(c.C));
   const auto x = random_tensor<float>({c.B, c.N, c.C}, 31 + std::uint32_t(c.N));
-  const MixtureOfHeads<float> moh({.dim = c.C,
-                                   .num_heads = c.H,
-                                   .shared_heads = c.S,
-                                   .routed_top_k = c.K,
-                                   .causal = true});
+  const MixtureOfHeads<float> moh(
+      {.dim = c.C, .num_heads = c.H, .shared_heads = c.S, .routed_top_k = c.K, .causal = true});
   const auto xd = to_double(x);
   const auto want = ref_gated_mha(xd, m.ref, ref_gates(xd, m.ref, c.B * c.N, c.C, c.H, c.S, c.K),
                                   c.B, c.N, c.C, c.H, /*causal=*/true);
@@ -298,7 +295,8 @@ TEST_CASE("MoH causal forward, and decode in chunks then steps, match the causal
   const std::int64_t p1 = c.N / 4, p2 = c.N - 3 - p1;
   std::int64_t t0 = 0;
   for (std::int64_t n : {p1, p2, std::int64_t(1), std::int64_t(1), std::int64_t(1)}) {
-    moh.decode(x.view<3>().slice(1, t0, t0 + n), m.views, cache, out.view<3>().slice(1, t0, t0 + n));
+    moh.decode(x.view<3>().slice(1, t0, t0 + n), m.views, cache,
+               out.view<3>().slice(1, t0, t0 + n));
     t0 += n;
   }
   REQUIRE(t0 == c.N);

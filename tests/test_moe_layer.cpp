@@ -329,7 +329,10 @@ TEST_CASE("MoELayer: a token's output does not depend on its batch (decode and p
     CAPTURE(moe::activation_name(act));
     const auto routed = random_experts<float>(experts, d, f, act, true, 41);
     const auto sh = random_experts<float>(1, d, f, act, true, 42);
-    Layer layer({.d_model = d, .d_ff = f, .num_experts = experts, .activation = act,
+    Layer layer({.d_model = d,
+                 .d_ff = f,
+                 .num_experts = experts,
+                 .activation = act,
                  .num_shared_experts = 1});
     moe::MoELayerWeights<float> w{routed.view(), sh.view()};
     const Tensor<float> token = random_tensor<float>({1, d}, 43);
@@ -353,8 +356,12 @@ TEST_CASE("MoELayer: a token's output does not depend on its batch (decode and p
         const Tensor<float> y = layer.execute(plan, x.view<2>(), w);
         const std::vector<float> row(y.data() + at * d, y.data() + (at + 1) * d);
         // The whole batch through the other path: the same bits.
-        Layer other({.d_model = d, .d_ff = f, .num_experts = experts, .activation = act,
-                     .num_shared_experts = 1, .decode_max_tokens = batch <= 64 ? 0 : 300});
+        Layer other({.d_model = d,
+                     .d_ff = f,
+                     .num_experts = experts,
+                     .activation = act,
+                     .num_shared_experts = 1,
+                     .decode_max_tokens = batch <= 64 ? 0 : 300});
         const Tensor<float> y_other = other.execute(plan, x.view<2>(), w);
         REQUIRE(std::equal(y.begin(), y.end(), y_other.begin()));
         if (first.empty()) {
@@ -614,11 +621,9 @@ TEST_CASE("MoELayer errors name the argument and both shapes", "[moe][layer][err
     REQUIRE_THROWS_AS(
         moe::MoELayer<float>({.d_model = d, .d_ff = f, .num_experts = 4, .shared_d_ff = -2}),
         config_error);
-    REQUIRE_THROWS_WITH(moe::MoELayer<float>({.d_model = d,
-                                              .d_ff = f,
-                                              .num_experts = 4,
-                                              .decode_max_tokens = -1}),
-                        Contains("decode_max_tokens"));
+    REQUIRE_THROWS_WITH(
+        moe::MoELayer<float>({.d_model = d, .d_ff = f, .num_experts = 4, .decode_max_tokens = -1}),
+        Contains("decode_max_tokens"));
   }
   SECTION("w1 in the wrong layout") {
     const Tensor<float> w1t({experts, d, f});  // [E, d, F] instead of [E, F, d]

@@ -45,10 +45,10 @@ struct DecodeAttentionArgs {
   T* out;                       ///< [B, T_new, H, D]
   std::int64_t out_stride[4];
   std::int64_t B, T_new, H, Hkv, D;
-  T scale;                   ///< multiplies q . k
-  const T* bias = nullptr;   ///< [H, T_new, capacity] or null, added to scale * q . k
+  T scale;                  ///< multiplies q . k
+  const T* bias = nullptr;  ///< [H, T_new, capacity] or null, added to scale * q . k
   std::int64_t bias_stride[3] = {0, 0, 0};
-  T* key_mass = nullptr;     ///< [B, H_kv, capacity] or null
+  T* key_mass = nullptr;  ///< [B, H_kv, capacity] or null
   std::int64_t key_mass_stride[3] = {0, 0, 0};
   bool accumulate_key_mass = false;
   const std::uint8_t* active = nullptr;  ///< [B, T_new, H] row-major or null; 0: not computed
@@ -69,8 +69,9 @@ namespace detail {
 // one register of accumulators (one per (key, row) pair), so each key vector loaded serves
 // every row of the group.
 template <class T, class Arch>
-inline constexpr std::int64_t decode_row_group =
-    simd::is_scalar_v<Arch> ? 1 : (simd::lanes_v<T, Arch> >= 16 ? 4 : 2);
+inline constexpr std::int64_t decode_row_group = simd::is_scalar_v<Arch>
+                                                     ? 1
+                                                     : (simd::lanes_v<T, Arch> >= 16 ? 4 : 2);
 
 // s[i * s_stride + j] = q_i . k_j for i < n_rows (a multiple of decode_row_group; padding rows
 // are zeros), j < nk; q rows and k rows are Dp apart, 64-byte aligned and zero padded past D.
@@ -79,8 +80,8 @@ inline constexpr std::int64_t decode_row_group =
 // `ahead`: the rows (Dp apart) the caller reads next, the values of these keys: fetched into
 // the cache while the scores are computed, so K and V stream together rather than in turn.
 template <class Arch, class T>
-void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk,
-                   std::int64_t Dp, T* s, std::int64_t s_stride, const T* ahead) noexcept {
+void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk, std::int64_t Dp,
+                   T* s, std::int64_t s_stride, const T* ahead) noexcept {
   constexpr std::int64_t line = 64 / sizeof(T);
   std::int64_t j = 0;
   if constexpr (!simd::is_scalar_v<Arch>) {
@@ -100,7 +101,8 @@ void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk
           for (std::int64_t r = 0; r < RG; ++r) qv[r] = V::load_aligned(qi + r * Dp + d);
           for (std::int64_t u = 0; u < KG; ++u) {
             const V kv = V::load_aligned(kb + u * Dp + d);
-            for (std::int64_t r = 0; r < RG; ++r) acc[u * RG + r] = xsimd::fma(kv, qv[r], acc[u * RG + r]);
+            for (std::int64_t r = 0; r < RG; ++r)
+              acc[u * RG + r] = xsimd::fma(kv, qv[r], acc[u * RG + r]);
           }
         }
         simd::hsum_rows(acc).store_aligned(lanes);
@@ -132,10 +134,10 @@ DecodeTaskWorkspace<T>& decode_task_workspace() {
 template <class T>
 struct DecodeCallWorkspace {
   std::vector<std::int64_t> task_off, chunk_keys, score_off;
-  aligned_vector<T> part_o;   // [task][row][Dp]
-  std::vector<T> part_ml;     // [task][row][2]
-  std::vector<T> final_ml;    // [b * H_kv + hk][row][2]: the merged max and 1 / sum
-  std::vector<T> scores;      // [b * H_kv + hk][row][length] (key mass only)
+  aligned_vector<T> part_o;  // [task][row][Dp]
+  std::vector<T> part_ml;    // [task][row][2]
+  std::vector<T> final_ml;   // [b * H_kv + hk][row][2]: the merged max and 1 / sum
+  std::vector<T> scores;     // [b * H_kv + hk][row][length] (key mass only)
 };
 
 template <class T, class Arch>
@@ -197,8 +199,7 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
 
   for (std::int64_t jb = j0; jb < vis_end; jb += KB) {
     const std::int64_t nk = std::min(KB, vis_end - jb);
-    decode_scores<Arch>(ws.qp.data(), na_pad, kh + jb * Dp, nk, Dp, ws.s.data(), KB,
-                        vh + jb * Dp);
+    decode_scores<Arch>(ws.qp.data(), na_pad, kh + jb * Dp, nk, Dp, ws.s.data(), KB, vh + jb * Dp);
     for (std::int64_t i = 0; i < na; ++i) {
       const std::int64_t r = ws.rows[std::size_t(i)], t = r / group, h = hk * group + r % group;
       T* srow = ws.s.data() + i * KB;
@@ -271,11 +272,10 @@ void decode_attention(Arch, const DecodeAttentionArgs<T>& a) {
         std::upper_bound(cw.task_off.begin(), cw.task_off.end(), task) - cw.task_off.begin() - 1;
     const std::int64_t c = task - cw.task_off[std::size_t(i)], C = cw.chunk_keys[std::size_t(i)];
     const std::int64_t j0 = c * C, j1 = std::min(a.lengths[i], j0 + C);
-    detail::decode_chunk_task<Arch>(a, i / a.Hkv, i % a.Hkv, j0, j1,
-                                    cw.part_o.data() + task * n_rows * Dp,
-                                    cw.part_ml.data() + task * n_rows * 2,
-                                    a.key_mass ? cw.scores.data() + cw.score_off[std::size_t(i)]
-                                               : nullptr);
+    detail::decode_chunk_task<Arch>(
+        a, i / a.Hkv, i % a.Hkv, j0, j1, cw.part_o.data() + task * n_rows * Dp,
+        cw.part_ml.data() + task * n_rows * 2,
+        a.key_mass ? cw.scores.data() + cw.score_off[std::size_t(i)] : nullptr);
   });
 
   // Merge the chunks of each (b, hk, row) in chunk order.

@@ -406,8 +406,7 @@ class DenseAttention {
     const std::int64_t B = cache.batch(), Hkv = cache.kv_heads(), D = cache.head_dim();
     const std::int64_t cap = cache.capacity();
     core::detail::check_shape<const T, 4>(name, fn, "q", q, {"B", "T_new", "H", "D"},
-                                          Shape<4>{B, -1, -1, D},
-                                          "the cache's batch and head_dim");
+                                          Shape<4>{B, -1, -1, D}, "the cache's batch and head_dim");
     const std::int64_t Tn = q.extent(1), H = q.extent(2);
     if (Tn < 1 || Tn > max_decode_queries)
       switchyard::detail::fail_shape(
@@ -419,7 +418,7 @@ class DenseAttention {
           name, fn, "q", switchyard::detail::format_shape({"B", "T_new", "H", "D"}, q.shape()),
           "H a multiple of the cache's H_kv=" + std::to_string(Hkv), "grouped-query attention");
     core::detail::check_shape<T, 4>(name, fn, "out", out, {"B", "T_new", "H", "D"}, q.shape(),
-                              "out has the shape of q");
+                                    "out has the shape of q");
     for (std::int64_t b = 0; b < B; ++b)
       for (std::int64_t h = 0; h < Hkv; ++h)
         if (cache.length(b, h) < Tn)
@@ -428,8 +427,8 @@ class DenseAttention {
                              std::to_string(cache.length(b, h)) + " positions, fewer than the " +
                              std::to_string(Tn) + " new queries (append their keys first)");
     if (!opts.bias.empty() || opts.bias.data())
-      core::detail::check_shape(name, fn, "bias", opts.bias, {"H", "T_new", "S"},
-                                {H, Tn, cap}, "[H, T_new, capacity]");
+      core::detail::check_shape(name, fn, "bias", opts.bias, {"H", "T_new", "S"}, {H, Tn, cap},
+                                "[H, T_new, capacity]");
     const bool mass = !opts.key_mass.empty() || opts.key_mass.data();
     if (mass)
       core::detail::check_shape(name, fn, "key_mass", opts.key_mass, {"B", "H_kv", "S"},

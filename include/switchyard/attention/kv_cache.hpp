@@ -16,7 +16,6 @@
 #include <string>
 #include <string_view>
 #include <vector>
-
 #include <xsimd/xsimd.hpp>
 
 #include "switchyard/core/alias.hpp"
@@ -53,8 +52,8 @@ class KVCache {
     if (capacity < 1) switchyard::detail::fail_config(name, fn, "capacity", capacity, ">= 1");
     Dp_ = core::pad_extent(D_, row_align - 1) / row_align * row_align;
     // Elements of K (V the same); K and V together must fit core::max_buffer_bytes.
-    const std::int64_t n =
-        switchyard::detail::checked_size(name, fn, "capacity", {B_, Hkv_, cap_, Dp_}, 2 * sizeof(T));
+    const std::int64_t n = switchyard::detail::checked_size(name, fn, "capacity",
+                                                            {B_, Hkv_, cap_, Dp_}, 2 * sizeof(T));
     k_.assign(std::size_t(n), T(0));
     v_.assign(k_.size(), T(0));
     len_.assign(std::size_t(B_ * Hkv_), 0);
@@ -79,8 +78,8 @@ class KVCache {
     const std::int64_t n = len_[std::size_t(b * Hkv_)];
     for (std::int64_t h = 1; h < Hkv_; ++h) {
       if (len_[std::size_t(b * Hkv_ + h)] != n)
-        switchyard::detail::fail_config(name, "length", "b", b,
-                                        "a sequence whose heads have one length (use length(b, h))");
+        switchyard::detail::fail_config(
+            name, "length", "b", b, "a sequence whose heads have one length (use length(b, h))");
     }
     return n;
   }
@@ -118,7 +117,7 @@ class KVCache {
     core::detail::check_shape(name, fn, "k_new", k_new, {"B", "T_new", "H_kv", "D"},
                               {B_, -1, Hkv_, D_}, "the cache's batch, KV heads and head_dim");
     core::detail::check_shape<const T, 4>(name, fn, "v_new", v_new, {"B", "T_new", "H_kv", "D"},
-                              k_new.shape(), "v_new has the shape of k_new");
+                                          k_new.shape(), "v_new has the shape of k_new");
     const std::int64_t n = k_new.extent(1);
     for (std::int64_t b = 0; b < B_; ++b) check_room(fn, b, n);
     check_sources(fn, k_new, v_new);
@@ -131,8 +130,8 @@ class KVCache {
     check_index(fn, b, 0);
     core::detail::check_shape(name, fn, "k_new", k_new, {"T_new", "H_kv", "D"}, {-1, Hkv_, D_},
                               "the cache's KV heads and head_dim");
-    core::detail::check_shape<const T, 3>(name, fn, "v_new", v_new, {"T_new", "H_kv", "D"}, k_new.shape(),
-                              "v_new has the shape of k_new");
+    core::detail::check_shape<const T, 3>(name, fn, "v_new", v_new, {"T_new", "H_kv", "D"},
+                                          k_new.shape(), "v_new has the shape of k_new");
     check_room(fn, b, k_new.extent(0));
     check_sources(fn, k_new, v_new);
     write(b, k_new, v_new);

@@ -359,8 +359,8 @@ class MixtureOfHeads {
   }
 
   // One block of n <= max_decode_queries new tokens (checked by decode).
-  void decode_block(ConstView<T, 3> x, const weights_type& w, KVCache<T>& cache,
-                    View<T, 3> out, const DenseAttention<T, Arch>& attn) const {
+  void decode_block(ConstView<T, 3> x, const weights_type& w, KVCache<T>& cache, View<T, 3> out,
+                    const DenseAttention<T, Arch>& attn) const {
     const std::int64_t B = x.extent(0), n = x.extent(1), Bn = B * n, C = cfg_.dim;
     const std::int64_t H = cfg_.num_heads, D = head_dim_;
     const plan_type plan = route(x, w);
@@ -384,8 +384,8 @@ class MixtureOfHeads {
       core::Tensor<T> xg({cnt, C}), qh({cnt, D});
       for (std::int64_t i = 0; i < cnt; ++i)
         std::copy_n(xc.data() + plan.token_index[lo + i] * C, C, xg.data() + i * C);
-      core::gemm<T, Arch>(xg, core::Trans::no, wqkv.slice(0, h * D, (h + 1) * D),
-                          core::Trans::yes, qh);
+      core::gemm<T, Arch>(xg, core::Trans::no, wqkv.slice(0, h * D, (h + 1) * D), core::Trans::yes,
+                          qh);
       for (std::int64_t i = 0; i < cnt; ++i) {
         T* dst = q.data() + (plan.token_index[lo + i] * H + h) * D;
         for (std::int64_t j = 0; j < D; ++j)
@@ -406,8 +406,8 @@ class MixtureOfHeads {
     core::Tensor<T> y({Bn, C});
     for (std::int64_t t = 0; t < Bn; ++t)
       for (std::int64_t c = 0; c < C; ++c) y(t, c) = w.proj_bias.empty() ? T(0) : w.proj_bias(c);
-    core::gemm_parallel<T, Arch>(ConstView<T, 2>(o.data(), {Bn, C}), core::Trans::no,
-                                 w.proj_weight, core::Trans::yes, y.template view<2>(), T(1), T(1));
+    core::gemm_parallel<T, Arch>(ConstView<T, 2>(o.data(), {Bn, C}), core::Trans::no, w.proj_weight,
+                                 core::Trans::yes, y.template view<2>(), T(1), T(1));
     for (std::int64_t t = 0; t < Bn; ++t)
       for (std::int64_t c = 0; c < C; ++c) out(t / n, t % n, c) = y(t, c);
   }

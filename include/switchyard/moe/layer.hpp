@@ -274,7 +274,7 @@ class MoELayer {
     std::int64_t expert;  // as Task::expert
     std::int64_t begin;   // first CSR position (routed) or 0 (shared)
     std::int64_t rows;
-    std::int64_t ax, h;   // element offsets of its packed x rows and packed hidden rows
+    std::int64_t ax, h;  // element offsets of its packed x rows and packed hidden rows
   };
 
   // Workspace layout: byte offsets from a 64-aligned base.
@@ -313,8 +313,8 @@ class MoELayer {
       // its rows padded to whole panels of mr.
       l.max_groups = std::min(E, nnz) + S;
       const std::int64_t packed_rows = nnz + S * tokens + l.max_groups * (G::mr - 1);
-      l.max_tasks = l.max_groups * std::max(num_chunks(f_max, decode_ff_chunk),
-                                            num_chunks(d, decode_d_chunk));
+      l.max_tasks = l.max_groups *
+                    std::max(num_chunks(f_max, decode_ff_chunk), num_chunks(d, decode_d_chunk));
       l.groups = off;
       off += round64(std::size_t(l.max_groups) * sizeof(Group));
       l.dax = off;
@@ -513,8 +513,12 @@ class MoELayer {
     };
     const auto ref = [&](const Group& gr) {
       const bool shared = gr.expert >= E;
-      Ref r{shared ? &w.shared : &w.experts, shared ? gr.expert - E : gr.expert,
-            shared ? cfg_.shared_d_ff : cfg_.d_ff, nullptr, x.data(), nullptr};
+      Ref r{shared ? &w.shared : &w.experts,
+            shared ? gr.expert - E : gr.expert,
+            shared ? cfg_.shared_d_ff : cfg_.d_ff,
+            nullptr,
+            x.data(),
+            nullptr};
       if (shared) {
         r.o = out + (nnz + r.e * tokens) * d;
       } else {
@@ -586,10 +590,9 @@ class MoELayer {
       const Ref r = ref(gr);
       const std::int64_t dc = std::min(decode_d_chunk, d - j0);
       const auto& w2 = r.ew->w2;
-      kernels::gemm_packed_streamed(Arch{}, gr.rows, dc, r.F, hid + gr.h,
-                                    w2.data() + r.e * w2.stride(0) + j0 * w2.stride(1),
-                                    w2.stride(1), w2.stride(2), T(0), r.o + j0, d,
-                                    reinterpret_cast<T*>(sb + l.bp));
+      kernels::gemm_packed_streamed(
+          Arch{}, gr.rows, dc, r.F, hid + gr.h, w2.data() + r.e * w2.stride(0) + j0 * w2.stride(1),
+          w2.stride(1), w2.stride(2), T(0), r.o + j0, d, reinterpret_cast<T*>(sb + l.bp));
     });
 
     parallel_for(n_groups, [&](std::int64_t i) {
