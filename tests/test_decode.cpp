@@ -7,15 +7,18 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <numeric>
 #include <random>
 #include <switchyard/attention/dense.hpp>
 #include <switchyard/attention/kv_cache.hpp>
+#include <switchyard/attention/kv_eviction.hpp>
 #include <switchyard/attention/linear.hpp>
 #include <switchyard/core/parallel_for.hpp>
 #include <switchyard/moe/layer.hpp>
 #include <vector>
 
 #include "support/compare.hpp"
+#include "support/fixtures.hpp"
 
 using namespace switchyard;
 using namespace switchyard::attention;
@@ -427,4 +430,230 @@ TEST_CASE("LinearAttention: prefill in chunks, then steps, equals one causal for
     REQUIRE(scale > 0);
     CHECK(e <= 1e-5 * scale);
   }
+}
+
+// ---- KV-cache eviction against the reference fixtures ------------------------------------------
+
+namespace {
+
+enum class Policy { streaming, h2o, tova };
+
+// Replays a fixture's 40 decode steps: append token t, decode (recording the key mass the
+// policy needs), compare the output, evict, compare the positions left (and H2O's scores).
+void replay_eviction_fixture(const char* file, Policy policy) {
+  const auto f = open_fixture(file);
+  const auto q = f.template tensor<float>("q"), k = f.template tensor<float>("k"),
+             v = f.template tensor<float>("v");
+  const auto want_out = f.tensor<float>("out");
+  const auto kept = f.tensor<std::int64_t>("kept_pos");
+  const std::int64_t steps = q.shape()[0], H = q.shape()[1], D = q.shape()[2];
+  const std::int64_t budget = kept.shape()[2];
+  KVCache<float> cache(1, H, D, budget + 1);
+  std::vector<std::int64_t> pos_store(std::size_t(H * (budget + 1)), -1);
+  const View<std::int64_t, 3> pos(pos_store.data(), {1, H, budget + 1});
+  const StreamingLLMPolicy streaming({.sinks = 4, .recent = 12});
+  const H2OPolicy h2o({.heavy = 8, .recent = 8});
+  const TOVAPolicy tova({.budget = budget});
+  H2OState<float> h2o_state(cache);
+  Tensor<float> mass({1, H, budget + 1}), out({1, 1, H, D});
+  const DenseAttention<float> attn;
+  double out_err = 0, score_err = 0;
+  for (std::int64_t t = 0; t < steps; ++t) {
+    const auto at = [&](const Tensor<float>& x) {
+      return ConstView<float, 4>(x.data() + t * H * D, {1, 1, H, D});
+    };
+    cache.append(at(k), at(v));
+    for (std::int64_t h = 0; h < H; ++h) pos(0, h, cache.length(0, h) - 1) = t;
+    DecodeOptions<float> opts;
+    if (policy == Policy::h2o) {
+      opts.key_mass = h2o_state.scores();
+      opts.accumulate_key_mass = true;
+    } else if (policy == Policy::tova) {
+      opts.key_mass = mass.view<3>();
+    }
+    attn.decode(at(q), cache, out.view<4>(), opts);
+    for (std::int64_t i = 0; i < H * D; ++i)
+      out_err = std::max(out_err, double(std::abs(out.data()[i] - want_out.data()[t * H * D + i])));
+    KVKeepPlan plan;
+    if (policy == Policy::streaming) plan = streaming.plan(cache);
+    if (policy == Policy::h2o) plan = h2o.plan(cache, h2o_state);
+    if (policy == Policy::tova) plan = tova.plan(cache, mass.view<3>());
+    cache.keep(plan);
+    plan.apply(pos, std::int64_t(-1));
+    if (policy == Policy::h2o) plan.apply(h2o_state.scores());
+    for (std::int64_t h = 0; h < H; ++h) {
+      CAPTURE(file, t, h);
+      std::vector<std::int64_t> got, want;
+      for (std::int64_t j = 0; j < cache.length(0, h); ++j) got.push_back(pos(0, h, j));
+      for (std::int64_t j = 0; j < budget; ++j) {
+        const std::int64_t p = kept.data()[(t * H + h) * budget + j];
+        if (p >= 0) want.push_back(p);
+      }
+      REQUIRE(got == want);
+    }
+    if (policy == Policy::h2o) {
+      const auto hh = f.tensor<float>("hh_score");
+      for (std::int64_t h = 0; h < H; ++h)
+        for (std::int64_t j = 0; j < cache.length(0, h); ++j)
+          score_err = std::max(score_err, double(std::abs(h2o_state.scores()(0, h, j) -
+                                                          hh.data()[(t * H + h) * budget + j])));
+    }
+  }
+  CHECK(out_err < 1e-5);
+  CHECK(score_err < 1e-5);
+}
+
+}  // namespace
+
+TEST_CASE("KV eviction reproduces the StreamingLLM, H2O and TOVA fixtures", "[kv_eviction]") {
+  replay_eviction_fixture("kv_eviction_streamingllm_tiny.safetensors", Policy::streaming);
+  replay_eviction_fixture("kv_eviction_h2o_tiny.safetensors", Policy::h2o);
+  replay_eviction_fixture("kv_eviction_tova_tiny.safetensors", Policy::tova);
+}
+
+TEST_CASE("SnapKV keeps the window and the best pooled earlier positions per KV head",
+          "[kv_eviction]") {
+  const std::int64_t B = 2, H = 4, Hkv = 2, D = 16, S = 150, W = 8, budget = 40;
+  const auto q = random_tensor<float>({B, W, H, D}, 61);
+  const auto k = random_tensor<float>({B, S, Hkv, D}, 62);
+  const auto v = random_tensor<float>({B, S, Hkv, D}, 63);
+  for (SnapKVPooling pooling : {SnapKVPooling::avg, SnapKVPooling::max}) {
+    for (std::int64_t kernel : {1, 5, 7}) {
+      CAPTURE(int(pooling), kernel);
+      KVCache<float> cache(B, Hkv, D, S);
+      fill_cache(cache, k, v, {S, S - 31});
+      Tensor<float> mass({B, Hkv, S}), out({B, W, H, D});
+      DecodeOptions<float> opts;
+      opts.key_mass = mass.view<3>();
+      DenseAttention<float>().decode(q.view<4>(), cache, out.view<4>(), opts);
+      const SnapKVPolicy snap(
+          {.budget = budget, .window = W, .kernel = kernel, .pooling = pooling});
+      const KVKeepPlan plan = snap.plan(cache, mass.view<3>());
+      // Reference: the window's attention from decode_reference, pooled in double.
+      const std::vector<std::int64_t> lens = {S, S - 31};
+      const auto ref =
+          decode_reference(q, k, v, lens, 1.0 / std::sqrt(double(D)),
+                           static_cast<const Tensor<float>*>(nullptr), std::vector<std::uint8_t>{});
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t h = 0; h < Hkv; ++h) {
+          const std::int64_t len = cache.length(b, h), n = len - W;
+          std::vector<double> pooled(static_cast<std::size_t>(n));
+          for (std::int64_t p = 0; p < n; ++p) {
+            double acc = pooling == SnapKVPooling::avg ? 0.0 : -1.0;
+            for (std::int64_t d = -kernel / 2; d <= kernel / 2; ++d) {
+              const std::int64_t j = p + d;
+              if (j < 0 || j >= n) continue;
+              const double m = double(ref.mass[std::size_t((b * Hkv + h) * S + j)]);
+              acc = pooling == SnapKVPooling::avg ? acc + m : std::max(acc, m);
+            }
+            pooled[std::size_t(p)] = pooling == SnapKVPooling::avg ? acc / double(kernel) : acc;
+          }
+          std::vector<std::int64_t> idx(static_cast<std::size_t>(n));
+          std::iota(idx.begin(), idx.end(), 0);
+          std::stable_sort(idx.begin(), idx.end(), [&](auto a, auto c) {
+            return pooled[std::size_t(a)] > pooled[std::size_t(c)];
+          });
+          std::vector<std::int64_t> want(idx.begin(), idx.begin() + (budget - W));
+          std::sort(want.begin(), want.end());
+          for (std::int64_t p = n; p < len; ++p) want.push_back(p);
+          const std::int64_t i = b * Hkv + h;
+          const std::vector<std::int64_t> got(
+              plan.positions.begin() + plan.offsets[std::size_t(i)],
+              plan.positions.begin() + plan.offsets[std::size_t(i + 1)]);
+          CHECK(got == want);
+        }
+      cache.keep(plan);
+      CHECK(cache.length(0, 0) == budget);
+      CHECK(cache.length(1, 1) == budget);
+    }
+  }
+}
+
+TEST_CASE("Eviction policies keep their budgets over a ragged decode", "[kv_eviction]") {
+  const std::int64_t B = 2, H = 4, Hkv = 2, D = 8, steps = 90;
+  const auto q = random_tensor<float>({steps, B, H, D}, 71);
+  const auto kv = random_tensor<float>({steps, B, Hkv, D}, 72);
+  const StreamingLLMPolicy streaming({.sinks = 3, .recent = 10});
+  const H2OPolicy h2o({.heavy = 6, .recent = 7});
+  const TOVAPolicy tova({.budget = 13});
+  for (Policy policy : {Policy::streaming, Policy::h2o, Policy::tova}) {
+    KVCache<float> cache(B, Hkv, D, 14);
+    H2OState<float> state(cache);
+    Tensor<float> mass({B, Hkv, 14}), out({B, 1, H, D});
+    std::vector<std::int64_t> pos_store(std::size_t(B * Hkv * 14), -1);
+    const View<std::int64_t, 3> pos(pos_store.data(), {B, Hkv, 14});
+    for (std::int64_t t = 0; t < steps; ++t) {
+      cache.append(ConstView<float, 4>(kv.data() + t * B * Hkv * D, {B, 1, Hkv, D}),
+                   ConstView<float, 4>(kv.data() + t * B * Hkv * D, {B, 1, Hkv, D}));
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t h = 0; h < Hkv; ++h) pos(b, h, cache.length(b, h) - 1) = t;
+      DecodeOptions<float> opts;
+      opts.key_mass = policy == Policy::h2o ? state.scores() : mass.view<3>();
+      opts.accumulate_key_mass = policy == Policy::h2o;
+      DenseAttention<float>().decode(ConstView<float, 4>(q.data() + t * B * H * D, {B, 1, H, D}),
+                                     cache, out.view<4>(), opts);
+      KVKeepPlan plan = policy == Policy::streaming ? streaming.plan(cache)
+                        : policy == Policy::h2o     ? h2o.plan(cache, state)
+                                                    : tova.plan(cache, mass.view<3>());
+      cache.keep(plan);
+      plan.apply(pos, std::int64_t(-1));
+      if (policy == Policy::h2o) plan.apply(state.scores());
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t h = 0; h < Hkv; ++h) {
+          const std::int64_t len = cache.length(b, h);
+          REQUIRE(len == std::min<std::int64_t>(t + 1, 13));
+          for (std::int64_t j = 1; j < len; ++j) REQUIRE(pos(b, h, j - 1) < pos(b, h, j));
+          if (policy != Policy::tova) REQUIRE(pos(b, h, len - 1) == t);  // TOVA may evict it
+          if (policy == Policy::streaming && t >= 13) {
+            for (std::int64_t j = 0; j < 3; ++j) REQUIRE(pos(b, h, j) == j);
+            REQUIRE(pos(b, h, 3) == t - 9);
+          }
+          if (policy == Policy::h2o && t >= 13)
+            for (std::int64_t j = 0; j < 7; ++j) REQUIRE(pos(b, h, 6 + j) == t - 6 + j);
+        }
+    }
+  }
+}
+
+TEST_CASE("Eviction policies: ties, errors, stale plans", "[kv_eviction][errors]") {
+  KVCache<float> cache(1, 2, 4, 8);
+  const auto kv = random_tensor<float>({1, 6, 2, 4}, 81);
+  cache.append(kv.view<4>(), kv.view<4>());
+  // TOVA on equal masses keeps the lowest positions.
+  Tensor<float> mass({1, 2, 8});
+  for (auto& x : mass) x = 0.25f;
+  const KVKeepPlan p = TOVAPolicy({.budget = 3}).plan(cache, mass.view<3>());
+  CHECK(p.positions == std::vector<std::int64_t>{0, 1, 2, 0, 1, 2});
+  // H2O's heavy hitters on equal scores: the lowest positions before the recent window.
+  H2OState<float> state(cache);
+  const KVKeepPlan hp = H2OPolicy({.heavy = 2, .recent = 2}).plan(cache, state);
+  CHECK(hp.positions == std::vector<std::int64_t>{0, 1, 4, 5, 0, 1, 4, 5});
+
+  CHECK_THROWS_AS(StreamingLLMPolicy({.sinks = -1, .recent = 4}), config_error);
+  CHECK_THROWS_AS(StreamingLLMPolicy({.sinks = 1, .recent = 0}), config_error);
+  CHECK_THROWS_AS(H2OPolicy({.heavy = -2, .recent = 4}), config_error);
+  CHECK_THROWS_AS(TOVAPolicy({.budget = 0}), config_error);
+  CHECK_THROWS_WITH(SnapKVPolicy({.budget = 4, .window = 8}), Contains("budget"));
+  CHECK_THROWS_WITH(SnapKVPolicy({.budget = 64, .window = 8, .kernel = 4}), Contains("kernel"));
+  CHECK_THROWS_AS(SnapKVPolicy({.budget = 64, .window = 0}), config_error);
+  // Mass of the wrong shape, or NaN at a stored position.
+  Tensor<float> small({1, 2, 7});
+  CHECK_THROWS_WITH(TOVAPolicy({.budget = 3}).plan(cache, small.view<3>()), Contains("'key_mass'"));
+  mass(0, 1, 5) = std::numeric_limits<float>::quiet_NaN();
+  CHECK_THROWS_AS(TOVAPolicy({.budget = 3}).plan(cache, mass.view<3>()), config_error);
+  // A plan made before an append, or for another cache, is rejected; nothing changes.
+  const KVKeepPlan stale = StreamingLLMPolicy({.sinks = 1, .recent = 2}).plan(cache);
+  cache.append(kv.view<4>().slice(1, 0, 1), kv.view<4>().slice(1, 0, 1));
+  CHECK_THROWS_WITH(cache.keep(stale), Contains("other lengths"));
+  KVCache<float> other(2, 2, 4, 8);
+  CHECK_THROWS_WITH(other.keep(stale), Contains("offsets"));
+  CHECK(cache.length(0) == 7);
+  // Side arrays that do not fit the plan.
+  std::vector<float> side(3 * 8);
+  CHECK_THROWS_AS(stale.apply(View<float, 3>(side.data(), {1, 3, 8})), shape_error);
+  CHECK_THROWS_AS(stale.apply(View<float, 3>(side.data(), {1, 2, 2})), shape_error);
+  // TOVA keeps one set of positions per sequence: heads of different lengths are an error.
+  KVKeepPlan uneven{{0, 1, 7}, {0, 0, 1, 2, 3, 4, 5}, {}};
+  cache.keep(uneven);
+  CHECK_THROWS_AS(TOVAPolicy({.budget = 3}).plan(cache, mass.view<3>()), config_error);
 }

@@ -30,9 +30,39 @@ namespace attention {
 /// Which cached positions keep() retains: for (sequence b, KV head h), the positions
 /// positions[offsets[b * H_kv + h] .. offsets[b * H_kv + h + 1]), strictly ascending and below
 /// the head's length. offsets has B * H_kv + 1 entries, from 0 to positions.size().
+/// lengths: the B * H_kv lengths the plan was made for (eviction policies fill it); when not
+/// empty, keep() rejects a cache whose lengths differ (another cache, or one appended to since).
 struct KVKeepPlan {
   std::vector<std::int64_t> offsets;
   std::vector<std::int64_t> positions;
+  std::vector<std::int64_t> lengths;
+
+  /// Moves the kept rows of a per-position side array [B, H_kv, n] (scores, original positions)
+  /// the way keep() moves K and V; entries after the kept ones are set to `fill`. The plan must
+  /// have been checked by a keep() (shape_error when `side` does not fit it).
+  template <class U>
+  void apply(View<U, 3> side, U fill = U(0)) const {
+    const std::int64_t heads = std::int64_t(offsets.size()) - 1;
+    if (heads < 0 || side.extent(0) * side.extent(1) != heads || side.extent(2) < 0) {
+      const std::int64_t want = std::max<std::int64_t>(heads, 0);
+      switchyard::detail::fail_shape(
+          "KVKeepPlan", "apply", "side", switchyard::detail::format_shape(side.shape()),
+          "[B, H_kv, n] with B * H_kv = " + std::to_string(want), "one row per (sequence, head)");
+    }
+    for (std::int64_t i = 0; i < heads; ++i) {
+      const std::int64_t b = i / side.extent(1), h = i % side.extent(1);
+      const std::int64_t b0 = offsets[std::size_t(i)], n = offsets[std::size_t(i + 1)] - b0;
+      for (std::int64_t j = 0; j < n; ++j) {
+        const std::int64_t src = positions[std::size_t(b0 + j)];
+        if (src >= side.extent(2))
+          switchyard::detail::fail_shape(
+              "KVKeepPlan", "apply", "side", switchyard::detail::format_shape(side.shape()),
+              "[B, H_kv, n > " + std::to_string(src) + "]", "the plan keeps that position");
+        side(b, h, j) = side(b, h, src);
+      }
+      for (std::int64_t j = n; j < side.extent(2); ++j) side(b, h, j) = fill;
+    }
+  }
 };
 
 template <class T>
@@ -150,6 +180,8 @@ class KVCache {
         off[std::size_t(heads)] != std::int64_t(plan.positions.size()))
       bad("offsets must have B * H_kv + 1 = " + std::to_string(heads + 1) +
           " entries from 0 to positions.size() = " + std::to_string(plan.positions.size()));
+    if (!plan.lengths.empty() && plan.lengths != len_)
+      bad("was made for a cache with other lengths (another cache, or one appended to since)");
     for (std::int64_t i = 0; i < heads; ++i) {
       const std::int64_t b0 = off[std::size_t(i)], b1 = off[std::size_t(i + 1)];
       if (b1 < b0) bad("offsets decrease at sequence " + head_name(i));
