@@ -19,6 +19,16 @@
 // range, so masked blocks cost nothing. A last tile under half full runs row by
 // row (decoding with T = 1 computes no padding rows).
 // The T x S score matrix is never stored: only MR x KB scores at a time.
+//
+// Optional, costing nothing when off:
+// - active heads: an inactive (b, h) writes zeros and computes nothing; a KV head whose query
+//   heads are all inactive is not even packed.
+// - key mass: the attention probability each key receives, summed over the query heads of its
+//   KV group and over the queries. Once a tile's final row max m and sum l are known, its scores
+//   are recomputed block by block (K is read again, V is not) and 2^(s - m) / l is summed per key
+//   into the task's own partial row; the partials are then reduced per (b, kv head) in a fixed
+//   (head, query block) order, so the mass too is bit-identical for any thread count. The output
+//   is computed exactly as without the option.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -64,7 +74,18 @@ struct DenseAttentionArgs {
   const std::int64_t* key_lengths = nullptr;  // [B] or null
   const T* bias = nullptr;                    // [T, S] or null, added to scale * q . k
   std::int64_t bias_stride[2] = {0, 0};
+  T* key_mass = nullptr;  // [B, Hkv, S] or null: attention mass per key (see the file comment)
+  std::int64_t key_mass_stride[3] = {0, 0, 0};
+  bool accumulate_key_mass = false;      // add to key_mass instead of overwriting it
+  const std::uint8_t* active = nullptr;  // [H] or [B, H] (active_per_batch) or null; 0: skipped
+  bool active_per_batch = false;
 };
+
+/// Whether head h of batch element b is computed.
+template <class T>
+bool dense_head_active(const DenseAttentionArgs<T>& a, std::int64_t b, std::int64_t h) noexcept {
+  return !a.active || a.active[a.active_per_batch ? b * a.H + h : h] != 0;
+}
 
 namespace detail {
 
@@ -104,6 +125,23 @@ inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s,
   }
   for (int r = 0; r < MR; ++r)
     for (int n = 0; n < NV; ++n) R::store(s + r * s_stride + n * L, acc[r][n]);
+}
+
+// mass[j] += 2^(s[j] - m) * inv_l for j < n; s: base-2 scores with m their row's final max,
+// so every exponent is <= 0 (-inf scores add 0).
+template <class Arch, class T>
+inline void add_key_mass(const T* s, std::int64_t n, T m, T inv_l, T* mass) noexcept {
+  std::int64_t j = 0;
+  if constexpr (!simd::is_scalar_v<Arch>) {
+    using V = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = V::size;
+    const V mv(m), il(inv_l);
+    for (; j + L <= n; j += L) {
+      const V p = simd::exp2_nonpositive(V::load_unaligned(s + j) - mv) * il;
+      (V::load_unaligned(mass + j) + p).store_unaligned(mass + j);
+    }
+  }
+  for (; j < n; ++j) mass[j] += simd::exp2_nonpositive(s[j] - m) * inv_l;
 }
 
 // Per-thread buffers of one query tile (a few KiB), reused across calls.
@@ -164,11 +202,12 @@ struct DensePacked {
   }
 };
 
-// One task: batch b, head h, query rows [i_begin, i_end).
+// One task: batch b, head h, query rows [i_begin, i_end). mass (or null): the task's partial
+// key mass [S], zero on entry; the rows' probabilities are added to it.
 template <class Arch, class T, bool Causal, bool Bias>
 void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& packed,
-                          std::int64_t b, std::int64_t h, std::int64_t i_begin,
-                          std::int64_t i_end) {
+                          std::int64_t b, std::int64_t h, std::int64_t i_begin, std::int64_t i_end,
+                          T* mass) {
   using Tl = DenseTiling<T, Arch>;
   constexpr int MR = Tl::MR, NV = Tl::NV;
   constexpr std::int64_t L = Tl::L, G = Tl::G, KB = Tl::KB;
@@ -213,8 +252,9 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& 
     }
     std::fill(ws.o.begin(), ws.o.begin() + M * Dp, T(0));
 
-    for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
-      const std::int64_t nk = std::min(KB, tile_end - j0);
+    // Masked base-2 scores of keys [j0, j0 + nk) into ws.s (the key-mass pass recomputes them
+    // through this same code, so they are the very values the softmax saw).
+    const auto block_scores = [&](std::int64_t j0, std::int64_t nk) {
       const std::int64_t nk_pad = round_up(nk, G);
       for (std::int64_t g = 0; g < nk_pad; g += G) {
         score_tile<Arch, T, M, NV>(ws.qp.data(), D, kt + (j0 + g) * D, ws.s.data() + g, KB);
@@ -233,6 +273,12 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& 
           for (std::int64_t j = first_masked; j < nk; ++j) srow[j] = neg_inf;
         }
       }
+    };
+
+    for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
+      const std::int64_t nk = std::min(KB, tile_end - j0);
+      const std::int64_t nk_pad = round_up(nk, G);
+      block_scores(j0, nk);
       for (int r = 0; r < M; ++r) {
         ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, nk_pad, ws.m[r], ws.l[r]);
       }
@@ -249,6 +295,16 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& 
     for (std::int64_t r = 0; r < rows; ++r) {
       online_softmax_finish(Arch{}, ws.o.data() + r * Dp, D, ws.l[r],
                             out_bh + (i0 + r) * a.out_stride[1], a.out_stride[3]);
+    }
+    if (!mass) return;
+    // Key mass: p = 2^(s - m) / l with the rows' final m and l, summed in row order.
+    for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
+      const std::int64_t nk = std::min(KB, tile_end - j0);
+      block_scores(j0, nk);
+      for (std::int64_t r = 0; r < rows; ++r) {
+        if (!(ws.l[r] > T(0))) continue;  // the row saw no key
+        add_key_mass<Arch>(ws.s.data() + r * KB, nk, ws.m[r], T(1) / ws.l[r], mass + j0);
+      }
     }
   };
   std::int64_t i0 = i_begin;
@@ -269,24 +325,49 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& 
 /// fixed query blocks; bit-identical for any thread count.
 template <class Arch, class T>
 void dense_attention(Arch, const DenseAttentionArgs<T>& a) {
-  if (a.B == 0 || a.T_q == 0 || a.H == 0) return;
+  if (a.B == 0 || a.H == 0) return;
+  const std::int64_t group = a.Hkv > 0 ? a.H / a.Hkv : 1;
+  if (a.T_q == 0) {  // no query: every key's mass is 0
+    if (a.key_mass && !a.accumulate_key_mass)
+      for (std::int64_t b = 0; b < a.B; ++b)
+        for (std::int64_t hk = 0; hk < a.Hkv; ++hk)
+          for (std::int64_t j = 0; j < a.S; ++j)
+            a.key_mass[b * a.key_mass_stride[0] + hk * a.key_mass_stride[1] +
+                       j * a.key_mass_stride[2]] = T(0);
+    return;
+  }
   const std::int64_t block = detail::DenseTiling<T, Arch>::rows_per_task;
   const std::int64_t blocks = num_chunks(a.T_q, block);
   // Pack each (b, kv head) once: keys past the key length, or past the last
-  // query's causal limit, are never read.
+  // query's causal limit, are never read; nor are the keys of a group with no active head.
   detail::DensePacked<T, Arch> packed(a);
   parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
-    const std::int64_t b = task / a.Hkv;
+    const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
+    bool any = false;
+    for (std::int64_t g = 0; g < group; ++g) any = any || dense_head_active(a, b, hk * group + g);
+    if (!any) return;
     std::int64_t n = a.key_lengths ? a.key_lengths[b] : a.S;
     if (a.causal) n = std::min(n, std::max<std::int64_t>(0, a.T_q + a.causal_offset));
-    packed.pack(a, b, task % a.Hkv, n);
+    packed.pack(a, b, hk, n);
   });
+  // Key mass partials: one row of S per task, zero until the task adds to it.
+  detail::aligned_vector<T> parts;
+  if (a.key_mass) parts.assign(std::size_t(a.B * a.H * blocks * a.S), T(0));
   const auto run = [&](auto causal, auto bias) {
     parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
       const std::int64_t qb = task % blocks;
       const std::int64_t bh = task / blocks;
+      const std::int64_t b = bh / a.H, h = bh % a.H;
+      const std::int64_t i_begin = qb * block, i_end = std::min(a.T_q, (qb + 1) * block);
+      if (!dense_head_active(a, b, h)) {
+        T* out_bh = a.out + b * a.out_stride[0] + h * a.out_stride[2];
+        for (std::int64_t i = i_begin; i < i_end; ++i)
+          for (std::int64_t d = 0; d < a.D; ++d)
+            out_bh[i * a.out_stride[1] + d * a.out_stride[3]] = T(0);
+        return;
+      }
       detail::dense_attention_task<Arch, T, decltype(causal)::value, decltype(bias)::value>(
-          a, packed, bh / a.H, bh % a.H, qb * block, std::min(a.T_q, (qb + 1) * block));
+          a, packed, b, h, i_begin, i_end, a.key_mass ? parts.data() + task * a.S : nullptr);
     });
   };
   using yes = std::true_type;
@@ -296,6 +377,25 @@ void dense_attention(Arch, const DenseAttentionArgs<T>& a) {
   } else {
     a.bias ? run(no{}, yes{}) : run(no{}, no{});
   }
+  if (!a.key_mass) return;
+  // Reduce the partials of each (b, kv head): heads of the group, then query blocks, in order.
+  parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
+    const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
+    std::vector<T> sum(std::size_t(a.S), T(0));
+    for (std::int64_t g = 0; g < group; ++g) {
+      const std::int64_t h = hk * group + g;
+      if (!dense_head_active(a, b, h)) continue;
+      for (std::int64_t qb = 0; qb < blocks; ++qb) {
+        const T* part = parts.data() + ((b * a.H + h) * blocks + qb) * a.S;
+        for (std::int64_t j = 0; j < a.S; ++j) sum[std::size_t(j)] += part[j];
+      }
+    }
+    T* dst = a.key_mass + b * a.key_mass_stride[0] + hk * a.key_mass_stride[1];
+    for (std::int64_t j = 0; j < a.S; ++j) {
+      T& m = dst[j * a.key_mass_stride[2]];
+      m = a.accumulate_key_mass ? m + sum[std::size_t(j)] : sum[std::size_t(j)];
+    }
+  });
 }
 
 }  // namespace kernels
@@ -305,6 +405,21 @@ namespace attention {
 /// Configuration of DenseAttention. scale multiplies q . k; default 1/sqrt(D).
 struct DenseAttentionConfig {
   std::optional<double> scale;
+};
+
+/// Optional parts of DenseAttention::forward (prefill). Both cost nothing when left empty, and
+/// neither changes the output of the heads that are computed (bit for bit).
+template <class T>
+struct ForwardOptions {
+  /// [B, H_kv, S] or empty: receives, for every key j, the attention probability it got summed
+  /// over the query heads of KV head h (active ones only) and over the T queries: SpAtten's token
+  /// importance (tokens/prune_cascade.hpp) or an eviction score. Every entry is written (0 for a
+  /// key no query sees). Costs one more Q . K^T pass (K is read again, V is not).
+  View<T, 3> key_mass;
+  bool accumulate_key_mass = false;  ///< add to key_mass instead of overwriting it
+  /// Empty, [H] (one flag per head for every sequence) or [B * H] (row-major [B, H]): 0 = head
+  /// not computed, its output rows are zeros and it adds nothing to key_mass (head pruning).
+  std::span<const std::uint8_t> active_heads;
 };
 
 /// Optional parts of DenseAttention::decode.
@@ -349,17 +464,29 @@ class DenseAttention {
   /// Any strides; out must not share memory with q, k, v or the bias (shape_error; two heads
   /// of one buffer do not share memory). Rows that see no key get zeros.
   /// Allocates a packed copy of K and V (about their size) per call. NaN or +inf
-  /// inputs give unspecified outputs.
+  /// inputs give unspecified outputs. opts: the optional per-key attention mass and active heads
+  /// (ForwardOptions); key_mass must not share memory with out, q, k, v or the bias, and
+  /// active_heads must hold H or B * H flags (shape_error).
   void forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v, View<T, 4> out,
-               const attention::Mask<T>& mask = {}) const {
-    check(q, k, v, mask);
-    core::detail::check_shape<T, 4>(name, "forward", "out", out, {"B", "T", "H", "D"}, q.shape(),
+               const attention::Mask<T>& mask = {}, const ForwardOptions<T>& opts = {}) const {
+    const std::string_view fn = "forward";
+    check(q, k, v, mask, opts);
+    core::detail::check_shape<T, 4>(name, fn, "out", out, {"B", "T", "H", "D"}, q.shape(),
                                     "out has the shape of q");
-    core::detail::check_no_alias(name, "forward", "out", out, "q", q);
-    core::detail::check_no_alias(name, "forward", "out", out, "k", k);
-    core::detail::check_no_alias(name, "forward", "out", out, "v", v);
-    if (mask.bias)
-      core::detail::check_no_alias(name, "forward", "out", out, "bias", mask.bias->bias);
+    core::detail::check_no_alias(name, fn, "out", out, "q", q);
+    core::detail::check_no_alias(name, fn, "out", out, "k", k);
+    core::detail::check_no_alias(name, fn, "out", out, "v", v);
+    if (mask.bias) core::detail::check_no_alias(name, fn, "out", out, "bias", mask.bias->bias);
+    const bool mass = has_key_mass(opts);
+    if (mass) {
+      const View<T, 3>& km = opts.key_mass;
+      core::detail::check_no_alias(name, fn, "key_mass", km, "out", out);
+      core::detail::check_no_alias(name, fn, "key_mass", km, "q", q);
+      core::detail::check_no_alias(name, fn, "key_mass", km, "k", k);
+      core::detail::check_no_alias(name, fn, "key_mass", km, "v", v);
+      if (mask.bias)
+        core::detail::check_no_alias(name, fn, "key_mass", km, "bias", mask.bias->bias);
+    }
     kernels::DenseAttentionArgs<T> a{};
     a.q = q.data();
     a.k = k.data();
@@ -390,6 +517,15 @@ class DenseAttention {
       a.bias = mask.bias->bias.data();
       a.bias_stride[0] = mask.bias->bias.stride(0);
       a.bias_stride[1] = mask.bias->bias.stride(1);
+    }
+    if (mass) {
+      a.key_mass = opts.key_mass.data();
+      for (int i = 0; i < 3; ++i) a.key_mass_stride[i] = opts.key_mass.stride(i);
+      a.accumulate_key_mass = opts.accumulate_key_mass;
+    }
+    if (!opts.active_heads.empty()) {
+      a.active = opts.active_heads.data();
+      a.active_per_batch = std::int64_t(opts.active_heads.size()) != a.H;
     }
     kernels::dense_attention(Arch{}, a);
   }
@@ -498,16 +634,21 @@ class DenseAttention {
 
   /// As above, returning a new [B, T, H, D] tensor.
   core::Tensor<T> forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
-                          const attention::Mask<T>& mask = {}) const {
-    check(q, k, v, mask);
+                          const attention::Mask<T>& mask = {},
+                          const ForwardOptions<T>& opts = {}) const {
+    check(q, k, v, mask, opts);
     core::Tensor<T> out(q.shape());
-    forward(q, k, v, out.template view<4>(), mask);
+    forward(q, k, v, out.template view<4>(), mask, opts);
     return out;
   }
 
  private:
+  static bool has_key_mass(const ForwardOptions<T>& opts) noexcept {
+    return !opts.key_mass.empty() || opts.key_mass.data();
+  }
+
   void check(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
-             const attention::Mask<T>& mask) const {
+             const attention::Mask<T>& mask, const ForwardOptions<T>& opts) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
     core::detail::check_shape<const T, 4>(name, "forward", "q", q, {"B", "T", "H", "D"},
                                           Shape<4>{-1, -1, -1, -1});
@@ -529,6 +670,24 @@ class DenseAttention {
         name, "forward", "k", {B, Hkv, core::pad_extent(k.extent(1), 64), core::pad_extent(D, 64)},
         2 * sizeof(T));
     switchyard::detail::checked_size(name, "forward", "q", {B, H, Tq, D}, sizeof(T));
+    if (has_key_mass(opts)) {
+      core::detail::check_shape(name, "forward", "key_mass", opts.key_mass, {"B", "H_kv", "S"},
+                                {B, Hkv, k.extent(1)}, "[B, H_kv, S] of k");
+      // One partial row of S per (b, head, block of query rows).
+      const std::int64_t blocks =
+          num_chunks(Tq, kernels::detail::DenseTiling<T, Arch>::rows_per_task);
+      switchyard::detail::checked_size(name, "forward", "key_mass", {B, H, blocks, k.extent(1)},
+                                       sizeof(T));
+    }
+    if (!opts.active_heads.empty()) {
+      const std::int64_t n = std::int64_t(opts.active_heads.size());
+      if (n != H && !(H > 0 && n % H == 0 && n / H == B))
+        switchyard::detail::fail_shape(
+            name, "forward", "active_heads",
+            switchyard::detail::format_shape({"n"}, std::span(&n, 1)),
+            "[H=" + std::to_string(H) + "] or [B * H=" + std::to_string(B * H) + "]",
+            "one flag per head, or per (sequence, head), or empty");
+    }
   }
 
   config_type cfg_;
