@@ -1,6 +1,7 @@
-// ToMe bipartite soft matching and MergePlan: golden fixtures from facebookresearch/ToMe, a naive
-// double-precision reference written straight from tome/merge.py (gather/scatter on sets A and B,
-// independent of the plan's dest/group tables), a hand-computed case, properties and errors.
+// ToMe bipartite soft matching, PiToMe energy matching and MergePlan: golden fixtures from
+// facebookresearch/ToMe and hchautran/PiToMe, naive double-precision references written straight
+// from tome/merge.py and algo/pitome/merge.py (gather/scatter on the token sets, independent of
+// the plan's dest/group tables), hand-computed cases, properties and errors.
 #include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
@@ -16,6 +17,7 @@
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/tokens/merge_bipartite.hpp"
+#include "switchyard/tokens/merge_energy.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
 
 using switchyard::Tensor;
@@ -448,4 +450,540 @@ TEST_CASE("ToMe rejects bad input", "[tome][error]") {
   REQUIRE_THROWS_WITH(
       bipartite_soft_matching<float>(metric, 2, false, false, size_short.view<2>()),
       Contains("ToMe") && Contains("'sizes'") && Contains("[B=2, N=9]") && Contains("[B=2, N=10]"));
+}
+
+// ---- MergeMode::prune and plans without ToMe index sets (MergePlan extensions)
+// -------------------
+
+TEST_CASE("MergeMode::prune keeps each output row's own token", "[tome][prune]") {
+  const auto metric = random_tensor<float>({2, 15, 4}, 21);
+  const auto x = random_tensor<float>({2, 15, 3}, 22);
+  const auto plan = bipartite_soft_matching<float>(metric, 5, true);
+  Tensor<float> pruned({2, plan.num_out, 3});
+  plan.merge(x, pruned.view<3>(), MergeMode::prune);
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t o = 0; o < plan.num_out; ++o) {
+      const std::int64_t kept = *plan.group(b, o).first;
+      for (std::int64_t c = 0; c < 3; ++c) REQUIRE(pruned(b, o, c) == x(b, kept, c));
+    }
+}
+
+TEST_CASE("MergePlan with tome_indices = false", "[tome][property]") {
+  const auto metric = random_tensor<float>({1, 12, 4}, 23);
+  auto plan = bipartite_soft_matching<float>(metric, 3, false, true);
+  plan.check();
+  auto other = plan;  // the same groups, as a router without ToMe's index sets would give them
+  other.tome_indices = false;
+  REQUIRE_THROWS_AS(other.check(), switchyard::config_error);
+  REQUIRE_THROWS_WITH(other.check(), Contains("MergePlan::check") && Contains("'unm_idx'") &&
+                                         Contains("expected 0"));
+  other.unm_idx.clear(), other.src_idx.clear(), other.dst_idx.clear();
+  other.check();
+  const auto merged = other.merge_wavg(metric);
+  // No index sets to read: the reference unmerge order is the inverse.
+  REQUIRE(to_double(other.unmerge(merged, UnmergeOrder::reference)) ==
+          to_double(other.unmerge(merged, UnmergeOrder::inverse)));
+}
+
+// ---- PiToMe energy matching ---------------------------------------------------------------------
+
+namespace {
+
+// Naive double reference, written straight from PiToMe's algo/pitome/merge.py (pitome_vision with
+// pitome / pitome_bsm, pitome_text's kernel and split): gathers and scatters on the candidate
+// sets, independent of the plan's dest/group tables.
+struct RefPitome {
+  std::vector<double> energy;
+  std::vector<std::int64_t> order, a, b, prot, unm, src, dst;
+  std::vector<double> merged, size_out, merged_mean, pruned, source;
+};
+
+RefPitome ref_pitome(const std::vector<double>& metric, const std::vector<double>& x,
+                     const std::vector<double>& size, std::int64_t B, std::int64_t N,
+                     std::int64_t Cm, std::int64_t C, const EnergyMatchingConfig& cfg) {
+  RefPitome out;
+  const std::int64_t off = cfg.class_token, T = N - off, r = cfg.r, M = N - r;
+  for (std::int64_t bb = 0; bb < B; ++bb) {
+    std::vector<double> m(T * Cm), sim(T * T), e(T);
+    for (std::int64_t t = 0; t < T; ++t) {
+      double ss = 0;
+      for (std::int64_t c = 0; c < Cm; ++c) ss += std::pow(metric[(bb * N + off + t) * Cm + c], 2);
+      for (std::int64_t c = 0; c < Cm; ++c)
+        m[t * Cm + c] = metric[(bb * N + off + t) * Cm + c] / std::max(std::sqrt(ss), 1e-12);
+    }
+    for (std::int64_t i = 0; i < T; ++i)
+      for (std::int64_t j = 0; j < T; ++j) {
+        double s = 0;
+        for (std::int64_t c = 0; c < Cm; ++c) s += m[i * Cm + c] * m[j * Cm + c];
+        sim[i * T + j] = s;
+      }
+    const double sigma = 1 - cfg.margin;
+    for (std::int64_t i = 0; i < T; ++i) {
+      double acc = 0;
+      for (std::int64_t j = 0; j < T; ++j) {
+        const double v = sim[i * T + j] - cfg.margin;
+        const double g = std::exp(-0.5 * std::pow((1 - sim[i * T + j]) / sigma, 2));
+        acc += cfg.kernel == EnergyKernel::gaussian ? g : v > 0 ? v : cfg.alpha * (std::exp(v) - 1);
+      }
+      e[i] = acc / double(T);
+      if (cfg.kernel == EnergyKernel::gaussian) e[i] /= sigma * std::sqrt(2 * M_PI);
+    }
+    std::vector<std::int64_t> order(T);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(), [&](auto p, auto q) { return e[p] > e[q]; });
+    out.energy.insert(out.energy.end(), e.begin(), e.end());
+    out.order.insert(out.order.end(), order.begin(), order.end());
+
+    // Candidate sets, and for each source (in scatter order) its destination.
+    std::vector<std::int64_t> a, b, kept, unm, src, dst;
+    auto argmax_b = [&](std::int64_t t, double* best_out) {
+      double best = -INFINITY;
+      std::int64_t arg = 0;
+      for (std::size_t j = 0; j < b.size(); ++j)
+        if (sim[t * T + b[j]] > best) best = sim[t * T + b[j]], arg = std::int64_t(j);
+      if (best_out) *best_out = best;
+      return arg;
+    };
+    if (!cfg.bsm) {
+      for (std::int64_t i = 0; i < r; ++i) {
+        const bool halves = cfg.split == EnergySplit::halves;
+        a.push_back(halves ? order[i] : order[2 * i]);
+        b.push_back(halves ? order[r + i] : order[2 * i + 1]);
+      }
+      kept.assign(order.begin() + 2 * r, order.end());
+      for (std::int64_t i = 0; i < r; ++i) src.push_back(i), dst.push_back(argmax_b(a[i], nullptr));
+      out.prot.insert(out.prot.end(), kept.begin(), kept.end());
+    } else {
+      for (std::int64_t t = 0; t < T; ++t) (t % 2 ? b : a).push_back(order[t]);
+      std::vector<double> node_max(a.size());
+      std::vector<std::int64_t> node_idx(a.size()), edge(a.size());
+      for (std::size_t p = 0; p < a.size(); ++p) node_idx[p] = argmax_b(a[p], &node_max[p]);
+      std::iota(edge.begin(), edge.end(), 0);
+      std::stable_sort(edge.begin(), edge.end(),
+                       [&](auto p, auto q) { return node_max[p] > node_max[q]; });
+      unm.assign(edge.begin() + r, edge.end());
+      for (std::int64_t i = 0; i < r; ++i) src.push_back(edge[i]), dst.push_back(node_idx[edge[i]]);
+      for (std::int64_t p : unm) kept.push_back(a[p]);
+      out.unm.insert(out.unm.end(), unm.begin(), unm.end());
+    }
+    out.a.insert(out.a.end(), a.begin(), a.end());
+    out.b.insert(out.b.end(), b.begin(), b.end());
+    out.src.insert(out.src.end(), src.begin(), src.end());
+    out.dst.insert(out.dst.end(), dst.begin(), dst.end());
+
+    // merge(v, mode) on the [N, W] rows of one batch element. mode: 0 sum, 1 mean, 2 amax, 3 prune.
+    auto merge = [&](const std::vector<double>& v, std::int64_t W, int mode) {
+      std::vector<double> res;
+      if (off) res.insert(res.end(), v.begin(), v.begin() + W);
+      auto row = [&](std::int64_t t) { return v.begin() + (off + t) * W; };
+      for (std::int64_t t : kept) res.insert(res.end(), row(t), row(t) + W);
+      std::vector<double> d;
+      for (std::int64_t t : b) d.insert(d.end(), row(t), row(t) + W);
+      std::vector<double> cnt(b.size(), 1);
+      for (std::size_t i = 0; mode != 3 && i < src.size(); ++i) {
+        cnt[dst[i]] += 1;
+        for (std::int64_t w = 0; w < W; ++w) {
+          const double s = row(a[src[i]])[w];
+          double& t = d[dst[i] * W + w];
+          t = mode == 2 ? std::max(t, s) : t + s;
+        }
+      }
+      if (mode == 1)
+        for (std::size_t j = 0; j < b.size(); ++j)
+          for (std::int64_t w = 0; w < W; ++w) d[j * W + w] /= cnt[j];
+      res.insert(res.end(), d.begin(), d.end());
+      return res;
+    };
+    std::vector<double> xb(N * C), xs(N * C), sb(N), eye(N * N, 0);
+    for (std::int64_t t = 0; t < N; ++t) {
+      sb[t] = size[bb * N + t];
+      eye[t * N + t] = 1;
+      for (std::int64_t c = 0; c < C; ++c) {
+        xb[t * C + c] = x[(bb * N + t) * C + c];
+        xs[t * C + c] = xb[t * C + c] * sb[t];
+      }
+    }
+    const auto num = merge(xs, C, 0), den = merge(sb, 1, 0), mean = merge(xb, C, 1);
+    const auto pruned = merge(xb, C, 3), srcmap = merge(eye, N, 2);
+    for (std::int64_t o = 0; o < M; ++o) {
+      out.size_out.push_back(den[o]);
+      for (std::int64_t c = 0; c < C; ++c) out.merged.push_back(num[o * C + c] / den[o]);
+    }
+    out.merged_mean.insert(out.merged_mean.end(), mean.begin(), mean.end());
+    out.pruned.insert(out.pruned.end(), pruned.begin(), pruned.end());
+    out.source.insert(out.source.end(), srcmap.begin(), srcmap.end());
+  }
+  return out;
+}
+
+std::vector<std::int64_t> as_indices(const Tensor<std::int64_t>& t) {
+  return std::vector<std::int64_t>(t.begin(), t.end());
+}
+
+double max_abs_err(const std::vector<double>& got, const std::vector<double>& want) {
+  REQUIRE(got.size() == want.size());
+  double e = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) e = std::max(e, std::abs(got[i] - want[i]));
+  return e;
+}
+
+}  // namespace
+
+TEST_CASE("PiToMe fixtures match hchautran/PiToMe", "[pitome][fixture]") {
+  const bool bsm = GENERATE(false, true);
+  const char* file = bsm ? "pitome_tiny_bsm.safetensors" : "pitome_tiny.safetensors";
+  CAPTURE(file);
+  auto f = open_fixture(file);
+  const Tensor<float> x = f.tensor<float>("x");
+  const Tensor<float> metric = f.tensor<float>("metric");
+  const std::int64_t B = x.extent(0), N = x.extent(1), C = x.extent(2);
+  const Tensor<float> s = f.tensor<float>("size_in");
+  Tensor<float> size_in({B, N});
+  std::copy(s.begin(), s.end(), size_in.begin());
+
+  const std::int64_t r = energy_merges(N, 0.826530612244898, true);  // pitome_vision's ratio
+  REQUIRE(r == 8);
+  const EnergyMatchingConfig cfg{
+      .r = r, .margin = bsm ? 0.75 : 0.375, .alpha = 1.0, .class_token = true, .bsm = bsm};
+  const auto res = energy_matching_detail<float>(metric, cfg, size_in.view<2>());
+  const auto& plan = res.plan;
+  REQUIRE(plan.r == r);
+  REQUIRE(plan.num_out == N - r);
+  REQUIRE(res.num_mergeable == N - 1);
+
+  const double e_energy =
+      max_abs_err(to_double(res.energy), to_double(f.tensor<float>("energy_score")));
+  // Integer routing outputs: exact.
+  REQUIRE(res.order == as_indices(f.tensor<std::int64_t>("energy_order")));
+  REQUIRE(res.a_idx == as_indices(f.tensor<std::int64_t>("a_idx")));
+  REQUIRE(res.b_idx == as_indices(f.tensor<std::int64_t>("b_idx")));
+  REQUIRE(res.dst_idx == as_indices(f.tensor<std::int64_t>("dst_idx")));
+  if (bsm) {
+    REQUIRE(res.unm_idx == as_indices(f.tensor<std::int64_t>("unm_idx")));
+    REQUIRE(res.src_idx == as_indices(f.tensor<std::int64_t>("src_idx")));
+    REQUIRE(res.protected_idx.empty());
+  } else {
+    REQUIRE(res.protected_idx == as_indices(f.tensor<std::int64_t>("protected_idx")));
+    REQUIRE(res.src_idx == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7});
+    REQUIRE(res.unm_idx.empty());
+  }
+
+  const Tensor<float> merged = plan.merge_wavg(x);
+  Tensor<float> mean({B, plan.num_out, C}), pruned({B, plan.num_out, C});
+  plan.merge(x, mean.view<3>(), MergeMode::mean);
+  plan.merge(x, pruned.view<3>(), MergeMode::prune);
+  // Sizes are sums of small integers and the source map is 0/1: exact. Pruning copies: exact.
+  REQUIRE(to_double(plan.size_out) == to_double(f.tensor<float>("size_out")));
+  REQUIRE(to_double(plan.source()) == to_double(f.tensor<float>("source")));
+  REQUIRE(to_double(pruned) == to_double(f.tensor<float>("x_pruned")));
+  const auto want_merged = to_double(f.tensor<float>("x_merged"));
+  const auto want_mean = to_double(f.tensor<float>("x_merged_mean"));
+  const double e_merged = max_abs_err(to_double(merged), want_merged);
+  const double e_mean = max_abs_err(to_double(mean), want_mean);
+  WARN("max abs error energy_score " << e_energy << ", x_merged " << e_merged << ", x_merged_mean "
+                                     << e_mean << " (max |x_merged| " << max_abs(want_merged)
+                                     << ")");
+  CHECK(e_energy <= 1e-6);
+  CHECK(e_merged <= 1e-6);
+  CHECK(e_mean <= 1e-6);
+  // The plan alone gives the same plan.
+  const auto plan_only = energy_matching<float>(metric, cfg, size_in.view<2>());
+  REQUIRE(plan_only.dest == plan.dest);
+  REQUIRE(plan_only.group_members == plan.group_members);
+}
+
+TEST_CASE("PiToMe matches the naive double reference on random data", "[pitome][reference]") {
+  struct Case {
+    std::int64_t B, N, C, r;
+    bool cls, bsm;
+    EnergyKernel kernel;
+    EnergySplit split;
+    double margin;
+  };
+  const auto elu = EnergyKernel::elu, gauss = EnergyKernel::gaussian;
+  const auto alt = EnergySplit::alternate, halves = EnergySplit::halves;
+  const Case c = GENERATE_COPY(
+      Case{2, 20, 8, 4, false, false, elu, alt, 0.5}, Case{3, 21, 5, 7, true, false, elu, alt, 0.3},
+      Case{2, 17, 6, 8, true, false, elu, alt, -0.2},
+      Case{2, 21, 6, 10, true, true, elu, alt, 0.75}, Case{1, 16, 4, 8, false, true, elu, alt, 0.0},
+      Case{2, 19, 5, 5, true, false, gauss, halves, 0.5},
+      Case{1, 12, 4, 3, false, false, gauss, alt, 0.4},
+      Case{2, 13, 4, 2, false, false, elu, halves, 0.6},
+      Case{1, 4, 4, 2, true, true, elu, alt, 0.5}, Case{2, 9, 3, 0, true, false, elu, alt, 0.5});
+  CAPTURE(c.B, c.N, c.C, c.r, c.cls, c.bsm, int(c.kernel), int(c.split), c.margin);
+  const EnergyMatchingConfig cfg{.r = c.r,
+                                 .margin = c.margin,
+                                 .alpha = 0.7,
+                                 .class_token = c.cls,
+                                 .bsm = c.bsm,
+                                 .kernel = c.kernel,
+                                 .split = c.split};
+  const auto metric = random_tensor<double>({c.B, c.N, 6}, 31 + std::uint32_t(c.N));
+  const auto x = random_tensor<double>({c.B, c.N, c.C}, 32 + std::uint32_t(c.N));
+  Tensor<double> size({c.B, c.N});
+  std::mt19937 gen(7);
+  for (auto& s : size) s = double(1 + gen() % 5);
+  const RefPitome ref =
+      ref_pitome(to_double(metric), to_double(x), to_double(size), c.B, c.N, 6, c.C, cfg);
+
+  const auto res = energy_matching_detail<double>(metric, cfg, size.view<2>());
+  const auto& plan = res.plan;
+  CHECK(max_abs_err(to_double(res.energy), ref.energy) <= 1e-14);
+  REQUIRE(res.order == ref.order);
+  if (c.r > 0) {
+    REQUIRE(res.a_idx == ref.a);
+    REQUIRE(res.b_idx == ref.b);
+    REQUIRE(res.protected_idx == ref.prot);
+    REQUIRE(res.unm_idx == ref.unm);
+    REQUIRE(res.src_idx == ref.src);
+    REQUIRE(res.dst_idx == ref.dst);
+    CHECK(max_rel_err(to_double(plan.merge_wavg(x)), ref.merged, 1e-12) <= 1e-13);
+    CHECK(to_double(plan.size_out) == ref.size_out);
+    Tensor<double> mean({c.B, plan.num_out, c.C}), pruned({c.B, plan.num_out, c.C});
+    plan.merge(x, mean.view<3>(), MergeMode::mean);
+    plan.merge(x, pruned.view<3>(), MergeMode::prune);
+    CHECK(max_rel_err(to_double(mean), ref.merged_mean, 1e-12) <= 1e-13);
+    CHECK(to_double(pruned) == ref.pruned);
+    CHECK(to_double(plan.source()) == ref.source);
+  } else {
+    REQUIRE(plan.is_identity());
+    Tensor<double> same({c.B, c.N, c.C});
+    plan.merge(x, same.view<3>(), MergeMode::sum);
+    REQUIRE(to_double(same) == to_double(x));
+  }
+  // unmerge gives every token the row it went into.
+  const auto merged = plan.merge_wavg(x);
+  const auto back = plan.unmerge(merged, UnmergeOrder::reference);
+  for (std::int64_t b = 0; b < c.B; ++b)
+    for (std::int64_t i = 0; i < c.N; ++i)
+      for (std::int64_t k = 0; k < c.C; ++k)
+        REQUIRE(back(b, i, k) == merged(b, plan.dest[b * c.N + i], k));
+
+  // float: energies to float accuracy, the same routing (gaps here are far above float rounding).
+  Tensor<float> metric_f({c.B, c.N, 6});
+  std::copy(metric.begin(), metric.end(), metric_f.begin());
+  const auto res_f = energy_matching_detail<float>(metric_f, cfg);
+  CHECK(max_abs_err(to_double(res_f.energy), ref.energy) <= 1e-6);
+  REQUIRE(res_f.order == ref.order);
+  REQUIRE(res_f.dst_idx == ref.dst);
+}
+
+TEST_CASE("PiToMe hand-computed 4-token case", "[pitome][hand]") {
+  // Unit vectors t0 = t1 = (1, 0), t2 = (0, 1), t3 = (-1, 0); margin 0, alpha 1:
+  // E0 = E1 = (1 + 1 + 0 + (e^-1 - 1)) / 4, E2 = 1/4, E3 = (2 (e^-1 - 1) + 0 + 1) / 4.
+  // E0 == E1 is a tie: order [0, 1, 2, 3] (lower index first).
+  Tensor<float> metric({1, 4, 2});
+  const float m[] = {2, 0, 1, 0, 0, 3, -1, 0};
+  std::copy(m, m + 8, metric.begin());
+  Tensor<float> x({1, 4, 1});
+  const float xv[] = {1, 3, 5, 7};
+  std::copy(xv, xv + 4, x.begin());
+  Tensor<float> size({1, 4});
+  const float sv[] = {1, 3, 1, 1};
+  std::copy(sv, sv + 4, size.begin());
+  const double e1 = std::exp(-1.0);
+  EnergyMatchingConfig cfg{.r = 1, .margin = 0.0, .alpha = 1.0};
+
+  SECTION("vision, r = 1: a = [0], b = [1], protected [2, 3]") {
+    const auto res = energy_matching_detail<float>(metric, cfg, size.view<2>());
+    CHECK(res.energy[0] == Approx((1 + e1) / 4).epsilon(1e-6));
+    CHECK(res.energy[1] == res.energy[0]);
+    CHECK(res.energy[2] == Approx(0.25).epsilon(1e-6));
+    CHECK(res.energy[3] == Approx((2 * e1 - 1) / 4).epsilon(1e-6));
+    REQUIRE(res.order == std::vector<std::int64_t>{0, 1, 2, 3});
+    REQUIRE(res.a_idx == std::vector<std::int64_t>{0});
+    REQUIRE(res.b_idx == std::vector<std::int64_t>{1});
+    REQUIRE(res.protected_idx == std::vector<std::int64_t>{2, 3});
+    REQUIRE(res.dst_idx == std::vector<std::int64_t>{0});
+    REQUIRE(res.plan.dest == std::vector<std::int64_t>{2, 2, 0, 1});
+    const auto merged = res.plan.merge_wavg(x);
+    CHECK(to_double(merged) == std::vector<double>{5, 7, 2.5});  // (3*3 + 1*1) / 4
+    CHECK(to_double(res.plan.size_out) == std::vector<double>{1, 1, 4});
+    CHECK(to_double(res.plan.unmerge(merged)) == std::vector<double>{2.5, 2.5, 5, 7});
+  }
+  SECTION("r = 2: alternate a = [0, 2], b = [1, 3]; halves a = [0, 1], b = [2, 3]") {
+    cfg.r = 2;
+    const auto alt = energy_matching<float>(metric, cfg);
+    // t2 is as close to t1 as to t3 (cos 0 both): the tie goes to b[0] = t1.
+    REQUIRE(alt.dest == std::vector<std::int64_t>{0, 0, 0, 1});
+    REQUIRE(alt.group_members == std::vector<std::int64_t>{1, 0, 2, 3});
+    cfg.split = EnergySplit::halves;
+    const auto hv = energy_matching<float>(metric, cfg);
+    REQUIRE(hv.dest == std::vector<std::int64_t>{0, 0, 0, 1});
+    REQUIRE(hv.group_members == std::vector<std::int64_t>{2, 0, 1, 3});
+  }
+  SECTION("bsm, r = 1: A = [0, 2], B = [1, 3]; t0 merges into t1") {
+    cfg.bsm = true;
+    const auto res = energy_matching_detail<float>(metric, cfg);
+    REQUIRE(res.a_idx == std::vector<std::int64_t>{0, 2});
+    REQUIRE(res.b_idx == std::vector<std::int64_t>{1, 3});
+    REQUIRE(res.src_idx == std::vector<std::int64_t>{0});
+    REQUIRE(res.dst_idx == std::vector<std::int64_t>{0});
+    REQUIRE(res.unm_idx == std::vector<std::int64_t>{1});
+    REQUIRE(res.plan.dest == std::vector<std::int64_t>{1, 1, 0, 2});
+  }
+  SECTION("gaussian kernel, margin 0 (sigma 1)") {
+    cfg.kernel = EnergyKernel::gaussian;
+    const auto res = energy_matching_detail<float>(metric, cfg);
+    const double k = 1 / std::sqrt(2 * M_PI);
+    CHECK(res.energy[0] == Approx((2 + std::exp(-0.5) + std::exp(-2.0)) / 4 * k).epsilon(1e-6));
+    CHECK(res.energy[2] == Approx((1 + 3 * std::exp(-0.5)) / 4 * k).epsilon(1e-6));
+    CHECK(res.energy[3] == Approx((1 + std::exp(-0.5) + 2 * std::exp(-2.0)) / 4 * k).epsilon(1e-6));
+  }
+  SECTION("class token: not scored, kept first") {
+    Tensor<float> with_cls({1, 5, 2});
+    with_cls(0, 0, 0) = 5, with_cls(0, 0, 1) = 5;
+    std::copy(m, m + 8, with_cls.begin() + 2);
+    cfg.class_token = true;
+    const auto res = energy_matching_detail<float>(with_cls, cfg);
+    REQUIRE(res.num_mergeable == 4);
+    REQUIRE(res.order == std::vector<std::int64_t>{0, 1, 2, 3});
+    REQUIRE(res.plan.dest == std::vector<std::int64_t>{0, 3, 3, 1, 2});
+  }
+}
+
+TEST_CASE("PiToMe properties", "[pitome][property]") {
+  const std::int64_t B = 3, N = 37, C = 8;
+  const auto metric = random_tensor<float>({B, N, 16}, 41);
+  const auto x = random_tensor<float>({B, N, C}, 42);
+  Tensor<float> size({B, N});
+  std::mt19937 gen(43);
+  for (auto& s : size) s = float(1 + gen() % 4);
+
+  SECTION("merging preserves the total size and the size-weighted sum") {
+    const bool bsm = GENERATE(false, true);
+    const std::int64_t r = GENERATE(1, 6, 18);
+    const auto plan =
+        energy_matching<float>(metric, {.r = r, .class_token = true, .bsm = bsm}, size.view<2>());
+    const auto merged = plan.merge_wavg(x);
+    for (std::int64_t b = 0; b < B; ++b) {
+      REQUIRE(plan.dest[b * N] == 0);  // the class token stays first, alone
+      REQUIRE(plan.group(b, 0).second - plan.group(b, 0).first == 1);
+      double total_in = 0, total_out = 0;
+      for (std::int64_t i = 0; i < N; ++i) total_in += size(b, i);
+      for (std::int64_t o = 0; o < plan.num_out; ++o) total_out += plan.size_out(b, o);
+      REQUIRE(total_out == total_in);
+      for (std::int64_t c = 0; c < C; ++c) {
+        double in = 0, out = 0, scale = 0;
+        for (std::int64_t i = 0; i < N; ++i) in += double(size(b, i)) * x(b, i, c);
+        for (std::int64_t o = 0; o < plan.num_out; ++o)
+          out += double(plan.size_out(b, o)) * merged(b, o, c);
+        for (std::int64_t i = 0; i < N; ++i) scale += std::abs(double(size(b, i)) * x(b, i, c));
+        CHECK(std::abs(in - out) <= 1e-6 * scale);
+      }
+    }
+  }
+  SECTION("the largest r is accepted on both paths") {
+    const auto p = energy_matching<float>(metric, {.r = 18, .class_token = true});
+    REQUIRE(p.num_out == N - 18);
+    REQUIRE(max_energy_merges(N, {.class_token = true}) == 18);
+    REQUIRE(max_energy_merges(N, {.class_token = true, .bsm = true}) == 18);
+    REQUIRE(max_energy_merges(N, {.bsm = true}) == 19);
+    const auto q = energy_matching<float>(metric, {.r = 19, .bsm = true});  // every A token merges
+    REQUIRE(q.num_out == N - 19);
+    REQUIRE(max_energy_merges(1, {.bsm = true}) == 0);
+    REQUIRE(max_energy_merges(0, {.class_token = true}) == 0);
+  }
+  SECTION("ratio gives the reference's r") {
+    REQUIRE(energy_merges(197, 0.9, true) == 19);  // floor(196 - 176.4)
+    REQUIRE(energy_merges(50, 1.0, true) == 0);
+    REQUIRE(energy_merges(50, 1.5) == 0);
+    REQUIRE(energy_merges(0, 0.5, true) == 0);
+  }
+  SECTION("ties break toward the lower index") {
+    Tensor<float> same({1, 10, 3});
+    same.fill(1.0f);  // every similarity and every energy equal
+    const auto res = energy_matching_detail<float>(same, {.r = 3});
+    REQUIRE(res.order == std::vector<std::int64_t>{0, 1, 2, 3, 4, 5, 6, 7, 8, 9});
+    REQUIRE(res.a_idx == std::vector<std::int64_t>{0, 2, 4});
+    REQUIRE(res.b_idx == std::vector<std::int64_t>{1, 3, 5});
+    REQUIRE(res.dst_idx == std::vector<std::int64_t>{0, 0, 0});
+    const auto bsm = energy_matching_detail<float>(same, {.r = 3, .bsm = true});
+    REQUIRE(bsm.src_idx == std::vector<std::int64_t>{0, 1, 2});
+    REQUIRE(bsm.dst_idx == std::vector<std::int64_t>{0, 0, 0});
+    REQUIRE(bsm.unm_idx == std::vector<std::int64_t>{3, 4});
+  }
+  SECTION("zero and NaN metric rows: no NaN ranking chaos") {
+    Tensor<float> odd = metric;
+    for (std::int64_t c = 0; c < 16; ++c)
+      odd(0, 3, c) = 0.0f;                                   // normalised with eps: energy finite
+    odd(1, 5, 0) = std::numeric_limits<float>::quiet_NaN();  // every energy of batch 1 is NaN
+    const auto res = energy_matching_detail<float>(odd, {.r = 6});
+    REQUIRE(std::isfinite(res.energy(0, 3)));
+    for (std::int64_t t = 0; t < N; ++t) {  // all NaN: all tie (like -inf), lower index first
+      REQUIRE(std::isnan(res.energy(1, t)));
+      REQUIRE(res.order[1 * N + t] == t);
+    }
+    res.plan.check();
+  }
+  SECTION("the same bits for any thread count") {
+    const auto run = [&](int threads, bool bsm) {
+      switchyard::ScopedNumThreads t(threads);
+      const auto res = energy_matching_detail<float>(
+          metric, {.r = 9, .class_token = true, .bsm = bsm}, size.view<2>());
+      auto out = to_double(res.plan.merge_wavg(x));
+      const auto e = to_double(res.energy);
+      out.insert(out.end(), e.begin(), e.end());
+      out.insert(out.end(), res.plan.dest.begin(), res.plan.dest.end());
+      return out;
+    };
+    REQUIRE(run(1, false) == run(2, false));
+    REQUIRE(run(1, true) == run(2, true));
+  }
+  SECTION("empty input") {
+    Tensor<float> none({0, 7, 4}), one({2, 1, 4});
+    REQUIRE(energy_matching<float>(none, {.r = 2}).batch == 0);
+    one.fill(1.0f);
+    const auto p = energy_matching<float>(one, {.class_token = true});
+    REQUIRE(p.is_identity());
+    REQUIRE(p.num_out == 1);
+  }
+}
+
+TEST_CASE("PiToMe rejects bad input", "[pitome][error]") {
+  const auto metric = random_tensor<float>({2, 10, 4}, 51);
+  using switchyard::config_error;
+  using switchyard::shape_error;
+  const auto run = [&](EnergyMatchingConfig cfg) { return energy_matching<float>(metric, cfg); };
+  REQUIRE_THROWS_AS(run({.r = -1}), config_error);
+  REQUIRE_THROWS_WITH(run({.r = -1}), Contains("PiToMe::energy_matching") && Contains("'r' = -1"));
+  REQUIRE_THROWS_AS(run({.r = 5, .class_token = true}), config_error);
+  REQUIRE_THROWS_WITH(run({.r = 5, .class_token = true}),
+                      Contains("'r' = 5") && Contains("r <= 4 = T/2") && Contains("T = 9") &&
+                          Contains("[B=2, N=10, C=4]"));
+  REQUIRE_THROWS_WITH(run({.r = 6, .bsm = true}), Contains("'r' = 6") && Contains("r <= 5 = |A|"));
+  REQUIRE_THROWS_WITH(energy_matching_detail<float>(metric, {.r = 6}),
+                      Contains("PiToMe::energy_matching_detail") && Contains("'r' = 6"));
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  REQUIRE_THROWS_AS(run({.r = 1, .margin = nan}), config_error);
+  REQUIRE_THROWS_WITH(run({.r = 1, .margin = nan}), Contains("'margin'"));
+  REQUIRE_THROWS_WITH(run({.r = 1, .alpha = INFINITY}), Contains("'alpha' = inf"));
+  REQUIRE_THROWS_WITH(run({.r = 1, .margin = 1.0, .kernel = EnergyKernel::gaussian}),
+                      Contains("'margin' = 1") && Contains("gaussian"));
+  REQUIRE_THROWS_WITH(run({.r = 1, .bsm = true, .split = EnergySplit::halves}),
+                      Contains("'split' = halves"));
+  REQUIRE_THROWS_AS(energy_merges(10, nan), config_error);
+  REQUIRE_THROWS_WITH(energy_merges(10, 0.0),
+                      Contains("PiToMe::energy_merges") && Contains("'ratio' = 0"));
+
+  Tensor<float> no_channels({2, 10, 0});
+  REQUIRE_THROWS_AS(energy_matching<float>(no_channels, {.r = 1}), shape_error);
+  REQUIRE_THROWS_WITH(energy_matching<float>(no_channels, {.r = 1}),
+                      Contains("'metric'") && Contains("[B=2, N=10, C=0]"));
+  Tensor<float> size({2, 10});
+  size.fill(1.0f);
+  size(1, 4) = 0.0f;
+  REQUIRE_THROWS_AS(energy_matching<float>(metric, {.r = 2}, size.view<2>()), config_error);
+  REQUIRE_THROWS_WITH(
+      energy_matching<float>(metric, {.r = 2}, size.view<2>()),
+      Contains("'sizes'") && Contains("[b=1, n=4]") && Contains("every size finite and > 0"));
+  size.fill(3e38f);
+  REQUIRE_THROWS_WITH(energy_matching<float>(metric, {.r = 2}, size.view<2>()),
+                      Contains("a merged size of inf"));
+  Tensor<float> size_short({2, 9});
+  size_short.fill(1.0f);
+  REQUIRE_THROWS_AS(energy_matching<float>(metric, {.r = 2}, size_short.view<2>()), shape_error);
+  REQUIRE_THROWS_WITH(energy_matching<float>(metric, {.r = 2}, size_short.view<2>()),
+                      Contains("PiToMe") && Contains("'sizes'") && Contains("[B=2, N=9]") &&
+                          Contains("[B=2, N=10]"));
 }

@@ -37,6 +37,7 @@
 
 // token merging
 #include "switchyard/tokens/merge_bipartite.hpp"
+#include "switchyard/tokens/merge_energy.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
 #include "switchyard/tokens/proportional_attention.hpp"
 

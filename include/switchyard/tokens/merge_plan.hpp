@@ -19,9 +19,10 @@ namespace switchyard {
 inline namespace v0 {
 namespace tokens {
 
-/// Reduction of merge(): the reference's `merge(x, mode)`. Each includes the
-/// destination token itself (torch scatter_reduce with include_self=True).
-enum class MergeMode { sum, mean, amax };
+/// Reduction of merge(): the reference's `merge(x, mode)`. sum, mean and amax include the
+/// destination token itself (torch scatter_reduce with include_self=True); prune is PiToMe's
+/// mode="prune": each output row is its kept token alone, the tokens merged into it are dropped.
+enum class MergeMode { sum, mean, amax, prune };
 
 /// Row order unmerge() reads its input in.
 /// inverse: the true inverse of merge()'s output order (each input token gets
@@ -53,6 +54,11 @@ struct MergePlan {
   std::vector<std::int64_t> dst_idx;  // [B, r], the B token each src merges into
   core::Tensor<T> size_in;            // [B, N], sizes the plan was built with (1 if none given)
   core::Tensor<T> size_out;           // [B, num_out], sum of the merged sizes
+  // Whether unm_idx/src_idx/dst_idx are ToMe's set-A/set-B index tensors above (the default, as
+  // bipartite_soft_matching builds them): check() validates them when r > 0 and
+  // UnmergeOrder::reference reads them. Routers with other index sets (PiToMe's energy_matching)
+  // set it to false and leave the three empty; their reference unmerge order is the inverse.
+  bool tome_indices = true;
 
   bool is_identity() const noexcept { return r == 0; }
   /// Members of output row o of batch element b, as [begin, end) pointers.
@@ -89,7 +95,11 @@ struct MergePlan {
     expect_len("group_offsets", group_offsets.size(), offsets);
     expect_len("size_in", static_cast<std::size_t>(size_in.numel()), bn);
     expect_len("size_out", static_cast<std::size_t>(size_out.numel()), batch * num_out);
-    if (r > 0) {  // the reference's index arrays, read by UnmergeOrder::reference
+    if (!tome_indices) {  // another router's plan: no ToMe index sets to check or read
+      expect_len("unm_idx", unm_idx.size(), 0);
+      expect_len("src_idx", src_idx.size(), 0);
+      expect_len("dst_idx", dst_idx.size(), 0);
+    } else if (r > 0) {  // the reference's index arrays, read by UnmergeOrder::reference
       const std::int64_t num_a = (num_tokens + 1) / 2, num_b = num_tokens / 2;
       if (r > num_a || r > num_b) fail("r = " + std::to_string(r) + " exceeds the token sets");
       expect_len("unm_idx", unm_idx.size(), batch * (num_a - r));
@@ -132,7 +142,8 @@ struct MergePlan {
   }
 
   /// x: [B, N, C] -> out: [B, N-r, C]. The reference's merge(x, mode): each output row reduces
-  /// its member rows (sum, mean, or max), the kept token first, then merged ones in src order.
+  /// its member rows (sum, mean, or max), the kept token first, then merged ones in src order;
+  /// prune copies the kept token only.
   void merge(ConstView<T, 3> x, View<T, 3> out, MergeMode mode = MergeMode::sum) const {
     check_merge_args("merge", x, out);
     if (x.extent(2) == 0) return;
@@ -143,6 +154,7 @@ struct MergePlan {
         const std::int64_t C = x.extent(2);
         const T* first = &x(b, *m, 0);
         for (std::int64_t c = 0; c < C; ++c) dst[c] = first[c];
+        if (mode == MergeMode::prune) continue;
         for (const std::int64_t* it = m + 1; it != end; ++it) {
           const T* src = &x(b, *it, 0);
           if (mode == MergeMode::amax) {
@@ -267,7 +279,7 @@ struct MergePlan {
   // ToMe's unmerge reads rows [0, unm) as unmerged A tokens and the rest as B tokens in order,
   // also when merge() interleaved the distill token; this mirrors it row for row.
   std::vector<std::int64_t> reference_unmerge_rows() const {
-    if (r == 0 || !distill_token) return dest;
+    if (r == 0 || !distill_token || !tome_indices) return dest;
     std::vector<std::int64_t> rows(dest.size());
     const std::int64_t num_a = (num_tokens + 1) / 2, num_b = num_tokens / 2;
     const std::int64_t num_unm = num_a - r;
