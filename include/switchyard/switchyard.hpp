@@ -27,6 +27,7 @@
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/attention/dense_ref.hpp"
 #include "switchyard/attention/kv_cache.hpp"
+#include "switchyard/attention/kv_eviction.hpp"
 #include "switchyard/attention/linear.hpp"
 #include "switchyard/attention/linear_ref.hpp"
 #include "switchyard/attention/mask.hpp"
@@ -40,6 +41,7 @@
 #include "switchyard/tokens/merge_energy.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
 #include "switchyard/tokens/proportional_attention.hpp"
+#include "switchyard/tokens/prune_cascade.hpp"
 
 // Mixture of Experts: plan, routers, losses, experts, layer
 #include "switchyard/moe/experts.hpp"

@@ -380,6 +380,23 @@ class MoELayer {
           "(nnz + shared * T) * d_model * sizeof(T) <= " + std::to_string(core::max_buffer_bytes),
           "the output rows of every expert live in the workspace");
     }
+    // The decode path also packs every active group's rows of x and of the hidden layer,
+    // padded to whole register panels (layout()).
+    if (tokens <= cfg_.decode_max_tokens) {
+      const std::int64_t f_max = std::max(cfg_.d_ff, S > 0 ? cfg_.shared_d_ff : 0);
+      std::int64_t packed = 0;
+      if (core::mul_overflows(std::min(E, plan.nnz()) + S,
+                              std::int64_t(kernels::GemmTile<Arch, T>::mr), packed) ||
+          core::add_overflows(packed, rows, packed) ||
+          core::bounded_product({packed, d + f_max}, sizeof(T)) < 0) {
+        const std::int64_t got[3] = {tokens, plan.nnz(), S};
+        switchyard::detail::fail_shape(
+            name, fn, "plan", switchyard::detail::format_shape({"T", "nnz", "shared"}, got),
+            "packed rows * (d_model + d_ff) * sizeof(T) <= " +
+                std::to_string(core::max_buffer_bytes),
+            "the decode path packs the rows of every active expert");
+      }
+    }
     detail::check_expert_weights(name, fn, "", w.experts, E, d, cfg_.d_ff, cfg_.activation);
     if (S > 0) {
       detail::check_expert_weights(name, fn, "shared.", w.shared, S, d, cfg_.shared_d_ff,
