@@ -375,9 +375,11 @@ void check_key_mass(const Problem& p, std::uint32_t seed) {
   const MaskData<T> md(p, seed + 3);
   const double eps = std::numeric_limits<T>::epsilon();
   const double tol = tolerance<T>(p, 1.0 / std::sqrt(double(p.D)));
-  // Rows summed into one key's mass: each probability has relative error <= tol, and the sums
-  // add ~sqrt(rows) eps more; bounded by rows * eps, relative to the mass.
+  // Rows summed into one key's mass: each probability has relative error <= tol (the bound of
+  // the outputs above), and summing up to `rows` positive terms adds ~sqrt(rows) eps relative
+  // (probabilistic bound, factor 2). The worst seen is ~5 eps (float, 526 rows); the bound ~100.
   const double rows = double(p.T * (p.H / p.Hkv));
+  const double mass_tol = tol + 2 * std::sqrt(rows) * eps;
   // Every other (b, h) active: some groups keep one head, GQA groups of 2 may lose both.
   std::vector<std::uint8_t> flags(std::size_t(p.B * p.H));
   for (std::size_t i = 0; i < flags.size(); ++i) flags[i] = std::uint8_t((i * 7 + 3) % 3 != 0);
@@ -420,7 +422,7 @@ void check_key_mass(const Problem& p, std::uint32_t seed) {
           const double w = double(want[std::size_t(i)]);
           REQUIRE(std::isfinite(double(mass[i])));
           const double err = std::abs(double(mass[i]) - w);
-          max_err = std::max(max_err, err / (tol + rows * eps) / std::max(1.0, w));
+          max_err = std::max(max_err, err / mass_tol / std::max(1.0, w));
           if (w == 0) REQUIRE(mass[i] == T(0));  // unseen keys: exact zeros
         }
         CAPTURE(max_err);
