@@ -186,11 +186,11 @@ TEST_CASE("KVCache::keep compacts each head in place", "[kv_cache]") {
   KVKeepPlan bad = plan;
   bad.offsets = {0, 1, 1, 1};
   CHECK_THROWS_WITH(cache.keep(bad), Contains("offsets"));
-  bad = {{0, 2, 2, 2, 2}, {1, 1}};
+  bad = {{0, 2, 2, 2, 2}, {1, 1}, {}};
   CHECK_THROWS_WITH(cache.keep(bad), Contains("strictly ascending"));
-  bad = {{0, 1, 1, 1, 1}, {3}};  // (0, 0) holds 3
+  bad = {{0, 1, 1, 1, 1}, {3}, {}};  // (0, 0) holds 3
   CHECK_THROWS_WITH(cache.keep(bad), Contains("out of range [0, 3)"));
-  bad = {{0, 1, 1, 1, 1}, {-1}};
+  bad = {{0, 1, 1, 1, 1}, {-1}, {}};
   CHECK_THROWS_WITH(cache.keep(bad), Contains("out of range"));
   CHECK(cache.length(0, 0) == 3);
   CHECK(cache.length(1, 1) == 6);

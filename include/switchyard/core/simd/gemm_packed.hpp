@@ -141,19 +141,14 @@ template <class Arch, class T>
 void micro_kernel_rows(Arch arch, int rows, std::int64_t kc, const T* ap, const T* bp, int n,
                        T beta, T* c, std::int64_t rsc) noexcept {
   constexpr int MR = GemmTile<Arch, T>::mr;
-  if (rows <= 1) {
-    detail::micro_kernel<Arch, T, 1>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
-  } else if (rows <= 2) {
-    detail::micro_kernel<Arch, T, 2>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
-  } else if (rows <= 4 || MR < 8) {
-    detail::micro_kernel<Arch, T, std::min(4, MR)>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc,
-                                                   1);
-  } else if (rows <= 8) {
-    detail::micro_kernel<Arch, T, std::min(8, MR)>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc,
-                                                   1);
-  } else {
-    detail::micro_kernel<Arch, T, MR>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
-  }
+  const auto run = [&]<int MU>() {
+    detail::micro_kernel<Arch, T, MU>(arch, kc, ap, bp, rows, n, T(1), beta, c, rsc, 1);
+  };
+  if (rows <= 1) return run.template operator()<1>();
+  if (rows <= 2 && MR >= 2) return run.template operator()<std::min(2, MR)>();
+  if (rows <= 4 && MR >= 4) return run.template operator()<std::min(4, MR)>();
+  if (rows <= 8 && MR >= 8) return run.template operator()<std::min(8, MR)>();
+  run.template operator()<MR>();
 }
 
 /// C [m, n] = A B + beta C for skinny m (decoding), with A packed for all of k (pack_a_all) and
