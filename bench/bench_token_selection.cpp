@@ -17,6 +17,12 @@
 // (B 32, N 197, metric 64 channels, x 768, r 16, class token), tokens/s: 0 = ToMe bipartite
 // soft matching, 1 = PiToMe (energy over the full T x T similarities, 2r candidates),
 // 2 = PiToMe bsm (all tokens split by energy).
+//
+// BM_SpAttenLayer/part: one ViT-B attention layer (B 8, N 197, 12 heads of 64, non-causal) and
+// SpAtten's pruning around it, keep_ratio 0.7: 0 = attention alone; 1 = attention with the
+// per-key mass plus accumulate + route + advance + gathering the next layer's input
+// [B, N, 768] (the pruning overhead is 1 minus 0); 2 = the next layer's attention over the 138
+// kept tokens (what pruning saves is 0 minus 2).
 #include <benchmark/benchmark.h>
 
 #include <chrono>
@@ -32,6 +38,7 @@
 #include "switchyard/tokens/merge_bipartite.hpp"
 #include "switchyard/tokens/merge_energy.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
+#include "switchyard/tokens/prune_cascade.hpp"
 
 namespace {
 
@@ -119,8 +126,38 @@ void BM_Matching(benchmark::State& state) {
   state.counters["threads"] = num_threads();
 }
 
+void BM_SpAttenLayer(benchmark::State& state) {
+  const int part = int(state.range(0));
+  const std::int64_t B = 8, N = 197, H = 12, D = 64, C = H * D;
+  const tokens::CascadeTokenPruner<float> pruner({.keep_ratio = 0.7, .class_token = true});
+  const std::int64_t n = part == 2 ? pruner.keep_count(N) : N;
+  Tensor<float> q({B, n, H, D}), k({B, n, H, D}), v({B, n, H, D}), out({B, n, H, D});
+  Tensor<float> x({B, N, C}), mass({B, H, N});
+  core::fill_normal(q, 5);
+  core::fill_normal(k, 6);
+  core::fill_normal(v, 7);
+  core::fill_normal(x, 8);
+  const attention::DenseAttention<float> attn;
+  for (auto _ : state) {
+    if (part != 1) {
+      attn.forward(q, k, v, out.view<4>());
+      continue;
+    }
+    attention::ForwardOptions<float> opts;
+    opts.key_mass = mass.view<3>();
+    attn.forward(q, k, v, out.view<4>(), {}, opts);
+    auto importance = tokens::TokenImportance<float>::start(B, N);
+    const auto plan = pruner.prune(importance, mass.view<3>());
+    const Tensor<float> next = plan.gather(x);
+    benchmark::DoNotOptimize(next.data());
+  }
+  state.counters["tokens"] = double(n);
+  state.counters["threads"] = num_threads();
+}
+
 }  // namespace
 
+BENCHMARK(BM_SpAttenLayer)->DenseRange(0, 2)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_Matching)->DenseRange(0, 2)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecodeEviction)
     ->Args({0, 4096, 1})

@@ -35,8 +35,10 @@
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
+#include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
+#include "switchyard/tokens/energy_kernels.hpp"
 #include "switchyard/tokens/merge_plan.hpp"
 
 namespace switchyard {
@@ -113,7 +115,7 @@ T energy_rank_key(T v) noexcept {
 }
 
 // Energies, ranking, matching and plan rows of one batch element. metric: [N, C].
-template <class T>
+template <class T, class Arch>
 void energy_match_one(ConstView<T, 2> metric, std::int64_t b, const EnergyMatchingConfig& cfg,
                       EnergyMatching<T>& res, std::vector<T>& normed, std::vector<T>& sim) {
   MergePlan<T>& plan = res.plan;
@@ -144,10 +146,7 @@ void energy_match_one(ConstView<T, 2> metric, std::int64_t b, const EnergyMatchi
   for (std::int64_t i = 0; i < tn; ++i) {
     double acc = 0;
     if (cfg.kernel == EnergyKernel::elu) {
-      for (std::int64_t j = 0; j < tn; ++j) {
-        const T v = s(i, j) - margin;
-        acc += v > T(0) ? v : alpha * std::expm1(v);
-      }
+      acc = kernels::elu_energy_row_sum(Arch{}, &s(i, 0), tn, margin, alpha);
       energy[i] = static_cast<T>(acc / double(tn));
     } else {
       for (std::int64_t j = 0; j < tn; ++j) {
@@ -247,7 +246,7 @@ void energy_match_one(ConstView<T, 2> metric, std::int64_t b, const EnergyMatchi
   }
 }
 
-template <class T>
+template <class T, class Arch>
 EnergyMatching<T> energy_matching_impl(std::string_view fn, ConstView<T, 3> metric,
                                        const EnergyMatchingConfig& cfg,
                                        std::optional<ConstView<T, 2>> sizes) {
@@ -335,7 +334,7 @@ EnergyMatching<T> energy_matching_impl(std::string_view fn, ConstView<T, 3> metr
   }
   parallel_for(B, [&](std::int64_t b) {
     std::vector<T> normed, sim;
-    energy_match_one<T>(metric[b], b, cfg, res, normed, sim);
+    energy_match_one<T, Arch>(metric[b], b, cfg, res, normed, sim);
   });
   if (r == 0) {  // identity: every token is its own group, sizes unchanged
     for (std::int64_t b = 0; b < B; ++b) {
@@ -369,18 +368,19 @@ EnergyMatching<T> energy_matching_impl(std::string_view fn, ConstView<T, 3> metr
 /// finite, margin >= 1 with the gaussian kernel, bsm with split = halves, a size that is <= 0,
 /// NaN or inf, or merged sizes that overflow to inf; shape_error for a metric without channels,
 /// sizes not [B, N], or a metric too large to index.
-template <class T>
+template <class T, class Arch = simd::default_arch>
 EnergyMatching<T> energy_matching_detail(ConstView<T, 3> metric, const EnergyMatchingConfig& cfg,
                                          std::optional<ConstView<T, 2>> sizes = std::nullopt) {
-  return detail::energy_matching_impl<T>("energy_matching_detail", metric, cfg, sizes);
+  return detail::energy_matching_impl<T, Arch>("energy_matching_detail", metric, cfg, sizes);
 }
 
 /// metric: [B, N, C]; sizes: [B, N] or none. The MergePlan of energy_matching_detail (same
 /// rules, same errors) without the intermediate tensors.
-template <class T>
+template <class T, class Arch = simd::default_arch>
 MergePlan<T> energy_matching(ConstView<T, 3> metric, const EnergyMatchingConfig& cfg,
                              std::optional<ConstView<T, 2>> sizes = std::nullopt) {
-  return std::move(detail::energy_matching_impl<T>("energy_matching", metric, cfg, sizes).plan);
+  return std::move(
+      detail::energy_matching_impl<T, Arch>("energy_matching", metric, cfg, sizes).plan);
 }
 
 }  // namespace tokens
