@@ -1,11 +1,12 @@
 #pragma once
 // Register-level building blocks shared by the fused attention kernels (dense.hpp and the
-// split-KV decode kernel, decode_kernels.hpp): one register type per Arch (scalar: T) and the
-// P . V tile update of the online softmax.
+// split-KV decode kernel, decode_kernels.hpp): one register type per Arch (scalar: T), the
+// P . V tile update of the online softmax, and the per-key attention mass of a score row.
 #include <cstdint>
 #include <vector>
 
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/online_softmax.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -63,6 +64,23 @@ inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::i
   }
   for (int r = 0; r < MR; ++r)
     for (int n = 0; n < NV; ++n) R::store(o + r * o_stride + n * L, acc[r][n]);
+}
+
+// mass[j] += 2^(s[j] - m) * inv_l for j < n; s: base-2 scores with m their row's final max,
+// so every exponent is <= 0 (-inf scores add 0).
+template <class Arch, class T>
+inline void add_key_mass(const T* s, std::int64_t n, T m, T inv_l, T* mass) noexcept {
+  std::int64_t j = 0;
+  if constexpr (!simd::is_scalar_v<Arch>) {
+    using V = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = V::size;
+    const V mv(m), il(inv_l);
+    for (; j + L <= n; j += L) {
+      const V p = simd::exp2_nonpositive(V::load_unaligned(s + j) - mv) * il;
+      (V::load_unaligned(mass + j) + p).store_unaligned(mass + j);
+    }
+  }
+  for (; j < n; ++j) mass[j] += simd::exp2_nonpositive(s[j] - m) * inv_l;
 }
 
 template <class T>

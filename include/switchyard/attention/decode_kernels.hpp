@@ -330,17 +330,19 @@ void decode_attention(Arch, const DecodeAttentionArgs<T>& a) {
     const T* fml = cw.final_ml.data() + i * n_rows * 2;
     const std::int64_t first_new = len - a.T_new;
     T* mass = a.key_mass + b * a.key_mass_stride[0] + hk * a.key_mass_stride[1];
+    // Row by row (fixed order) into a chunk-long row, each row up to its own last visible key.
+    auto& row = detail::decode_task_workspace<T, Arch>().o;
+    row.assign(std::size_t(std::max<std::int64_t>(j1 - j0, 1)), T(0));
+    for (std::int64_t r = 0; r < n_rows; ++r) {
+      const T inv_l = fml[2 * r + 1];
+      if (inv_l == T(0)) continue;  // inactive row, or a row that saw no key
+      const std::int64_t end = std::min(j1, first_new + r / group + 1);
+      if (end > j0)
+        detail::add_key_mass<Arch>(sc + r * len + j0, end - j0, fml[2 * r], inv_l, row.data());
+    }
     for (std::int64_t j = j0; j < j1; ++j) {
-      T sum(0);
-      for (std::int64_t r = 0; r < n_rows; ++r) {
-        const T inv_l = fml[2 * r + 1];
-        // Inactive rows, rows that saw no key, and keys after the row's own position.
-        if (inv_l == T(0) || j > first_new + r / group) continue;
-        const T s = sc[r * len + j];
-        if (s != neg_inf) sum += simd::exp2_nonpositive(s - fml[2 * r]) * inv_l;
-      }
       T& dst = mass[j * a.key_mass_stride[2]];
-      dst = a.accumulate_key_mass ? dst + sum : sum;
+      dst = a.accumulate_key_mass ? dst + row[std::size_t(j - j0)] : row[std::size_t(j - j0)];
     }
   });
 }

@@ -127,23 +127,6 @@ inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s,
     for (int n = 0; n < NV; ++n) R::store(s + r * s_stride + n * L, acc[r][n]);
 }
 
-// mass[j] += 2^(s[j] - m) * inv_l for j < n; s: base-2 scores with m their row's final max,
-// so every exponent is <= 0 (-inf scores add 0).
-template <class Arch, class T>
-inline void add_key_mass(const T* s, std::int64_t n, T m, T inv_l, T* mass) noexcept {
-  std::int64_t j = 0;
-  if constexpr (!simd::is_scalar_v<Arch>) {
-    using V = xsimd::batch<T, Arch>;
-    constexpr std::int64_t L = V::size;
-    const V mv(m), il(inv_l);
-    for (; j + L <= n; j += L) {
-      const V p = simd::exp2_nonpositive(V::load_unaligned(s + j) - mv) * il;
-      (V::load_unaligned(mass + j) + p).store_unaligned(mass + j);
-    }
-  }
-  for (; j < n; ++j) mass[j] += simd::exp2_nonpositive(s[j] - m) * inv_l;
-}
-
 // Per-thread buffers of one query tile (a few KiB), reused across calls.
 template <class T>
 struct DenseTileWorkspace {
