@@ -192,6 +192,8 @@ TEST_CASE("KVCache::keep compacts each head in place", "[kv_cache]") {
   CHECK_THROWS_WITH(cache.keep(bad), Contains("out of range [0, 3)"));
   bad = {{0, 1, 1, 1, 1}, {-1}, {}};
   CHECK_THROWS_WITH(cache.keep(bad), Contains("out of range"));
+  bad = {{0, 5, 0, 0, 0}, {}, {}};  // a middle offset past the positions (found by fuzzing)
+  CHECK_THROWS_WITH(cache.keep(bad), Contains("pass positions.size()"));
   CHECK(cache.length(0, 0) == 3);
   CHECK(cache.length(1, 1) == 6);
 }

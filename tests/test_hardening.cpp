@@ -195,6 +195,10 @@ TEST_CASE("core::may_alias is exact for head slices and conservative otherwise",
   CHECK_FALSE(core::may_alias(all, other.view<4>()));
   const View<float, 4> empty(buf.data(), {0, 5, 4, 8});
   CHECK_FALSE(core::may_alias(empty, all));
+  // A negative extent (INT64_MIN: extent - 1 would overflow) addresses nothing; shape checks
+  // reject such views, and the alias check before them must not overflow (found by fuzzing).
+  const View<float, 4> negative(buf.data(), {2, std::numeric_limits<std::int64_t>::min(), 4, 8});
+  CHECK_FALSE(core::may_alias(negative, all));
 }
 
 TEST_CASE("dense attention: out overlapping q is an error; two heads of one buffer work",

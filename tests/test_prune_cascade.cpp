@@ -429,6 +429,11 @@ TEST_CASE("prune cascade: every documented error", "[prune_cascade]") {
                                                 Contains("N=3") && Contains("N=5"));
   REQUIRE_THROWS_WITH(pr.advance(st2, other), Contains("another cascade"));
   REQUIRE_THROWS_AS(TokenKeepPlan::identity(-1, 3), config_error);
+  // Sizes whose arrays would pass core::max_buffer_bytes: an error, not an allocation.
+  REQUIRE_THROWS_AS(TokenKeepPlan::identity(std::int64_t(1) << 40, std::int64_t(1) << 20),
+                    shape_error);
+  REQUIRE_THROWS_AS(HeadImportance<float>::start(std::int64_t(1) << 40, std::int64_t(1) << 20),
+                    shape_error);
 
   // A state edited into inconsistency.
   auto bad_state = TokenImportance<float>::start(1, 4);

@@ -265,6 +265,133 @@ void fuzz_decode(Fuzz& f) {
   attn.decode(q, cache, out, opts);
 }
 
+// Token selection and the other decode paths: eviction policies, PiToMe, SpAtten pruning,
+// prefill key mass / active heads, routing attention and mixture-of-heads decoding.
+void fuzz_selection(Fuzz& f) {
+  switch (f.pick(0, 6)) {
+    case 0: {  // eviction policies on a small cache
+      attention::KVCache<float> cache(f.pick(1, 3), f.pick(1, 3), f.pick(1, 9), f.pick(1, 12));
+      const std::int64_t B = cache.batch(), Hkv = cache.kv_heads(), D = cache.head_dim();
+      for (int i = 0, n = int(f.pick(0, 3)); i < n; ++i)
+        cache.append(f.offset(), f.tensor<3>(f.near(Shape<3>{f.extent(), Hkv, D})),
+                     f.tensor<3>(f.near(Shape<3>{f.extent(), Hkv, D})));
+      auto mass = f.tensor<3>(f.near(Shape<3>{B, Hkv, cache.capacity()}));
+      attention::KVKeepPlan plan;
+      switch (f.pick(0, 3)) {
+        case 0:
+          plan = attention::StreamingLLMPolicy({.sinks = f.offset(), .recent = f.offset()})
+                     .plan(cache);
+          break;
+        case 1: {
+          attention::H2OState<float> state(cache);
+          if (f.flag()) state.scores().data()[0] = f.value();
+          plan =
+              attention::H2OPolicy({.heavy = f.offset(), .recent = f.offset()}).plan(cache, state);
+          break;
+        }
+        case 2:
+          plan = attention::TOVAPolicy({.budget = f.offset()}).plan(cache, mass);
+          break;
+        default:
+          plan = attention::SnapKVPolicy({.budget = f.offset(),
+                                          .window = f.offset(),
+                                          .kernel = f.offset(),
+                                          .pooling = f.flag() ? attention::SnapKVPooling::max
+                                                              : attention::SnapKVPooling::avg})
+                     .plan(cache, mass);
+          break;
+      }
+      if (f.flag() && !plan.positions.empty()) plan.positions[0] = f.offset();
+      if (f.flag()) cache.append(0, f.tensor<3>({1, Hkv, D}), f.tensor<3>({1, Hkv, D}));
+      cache.keep(plan);
+      plan.apply(f.tensor<3>(f.near(Shape<3>{B, Hkv, cache.capacity()})));
+      break;
+    }
+    case 1: {  // PiToMe
+      auto metric = f.tensor<3>(f.shape<3>());
+      tokens::EnergyMatchingConfig cfg{.r = f.offset(),
+                                       .margin = f.real(),
+                                       .alpha = f.real(),
+                                       .class_token = f.flag(),
+                                       .bsm = f.flag()};
+      if (f.flag()) cfg.kernel = tokens::EnergyKernel::gaussian;
+      if (f.flag()) cfg.split = tokens::EnergySplit::halves;
+      std::optional<ConstView<float, 2>> sizes;
+      if (f.flag()) sizes = c(f.tensor<2>(f.near(Shape<2>{metric.extent(0), metric.extent(1)})));
+      const auto plan = tokens::energy_matching<float>(metric, cfg, sizes);
+      auto x = f.tensor<3>(f.near(Shape<3>{plan.batch, plan.num_tokens, f.extent()}));
+      auto out = f.output<3>(f.near(Shape<3>{plan.batch, plan.num_out, x.extent(2)}), {x});
+      plan.merge(x, out, static_cast<tokens::MergeMode>(f.pick(0, 3)));
+      break;
+    }
+    case 2: {  // SpAtten token pruning over two layers
+      tokens::CascadeTokenPruner<float> pruner({.keep_ratio = f.real(), .class_token = f.flag()});
+      auto state = tokens::TokenImportance<float>::start(f.extent(), f.extent());
+      auto plan = pruner.prune(
+          state, f.tensor<3>(f.near(Shape<3>{state.batch, f.extent(), state.num_tokens})));
+      auto plan2 =
+          pruner.prune(state, f.tensor<3>(f.near(Shape<3>{state.batch, 1, state.num_tokens})));
+      const auto chained = plan.then(plan2);
+      (void)chained.gather<float>(
+          c(f.tensor<3>(f.near(Shape<3>{chained.batch, chained.num_tokens, f.extent()}))));
+      break;
+    }
+    case 3: {  // SpAtten head pruning
+      tokens::CascadeHeadPruner<float> pruner({.keep_ratio = f.real()});
+      auto state = tokens::HeadImportance<float>::start(f.extent(), f.extent());
+      (void)pruner.prune(
+          state,
+          f.tensor<4>(f.near(Shape<4>{state.batch, f.extent(), state.num_heads, f.extent()})));
+      break;
+    }
+    case 4: {  // prefill key mass and active heads
+      attention::DenseAttention<float> attn;
+      const auto qs = f.shape<4>();
+      const Shape<4> ks = f.near(Shape<4>{qs[0], f.extent(), f.flag() ? qs[2] : 1, qs[3]});
+      auto q = f.tensor<4>(qs);
+      auto k = f.tensor<4>(ks);
+      auto out = f.output<4>(f.near(qs), {q, k});
+      attention::ForwardOptions<float> opts;
+      if (f.flag()) opts.key_mass = f.tensor<3>(f.near(Shape<3>{ks[0], ks[2], ks[1]}));
+      opts.accumulate_key_mass = f.flag();
+      const auto active = f.keep_list(f.pick(0, 70));
+      if (f.flag()) opts.active_heads = active;
+      attention::Mask<float> mask;
+      if (f.flag()) mask.causal = attention::CausalMask{f.offset()};
+      attn.forward(q, k, k, out, mask, opts);
+      break;
+    }
+    case 5: {  // routing attention decoding
+      attention::RoutingAttention<float> attn({.num_clusters = f.pick(1, 4),
+                                               .window_size = f.pick(1, 8),
+                                               .causal = true,
+                                               .shared_qk = f.flag()});
+      const std::int64_t H = f.pick(1, 3), D = f.pick(1, 8);
+      auto q = f.tensor<4>({1, 8, H, D});
+      auto state = attn.init_state(q, attn.config().shared_qk ? ConstView<float, 4>{} : c(q), 1);
+      auto dec = attn.make_decode_state(state, f.extent(), f.extent());
+      const Shape<4> s = f.near(Shape<4>{dec.batch(), f.extent(), H, D});
+      auto x = f.tensor<4>(s);
+      auto out = f.output<4>(f.near(s), {x});
+      attn.prefill(x, attn.config().shared_qk ? ConstView<float, 4>{} : c(x), x, state, dec, out);
+      break;
+    }
+    default: {  // mixture-of-heads decoding
+      attention::MixtureOfHeads<float> moh(
+          {.dim = 8, .num_heads = 2, .shared_heads = 0, .routed_top_k = 1, .causal = f.flag()});
+      attention::MixtureOfHeadsWeights<float> w;
+      w.qkv_weight = f.tensor<2>({24, 8});
+      w.proj_weight = f.tensor<2>({8, 8});
+      w.wg = f.tensor<2>({2, 8});
+      attention::KVCache<float> cache(f.pick(1, 3), f.near(2), f.near(4), f.pick(1, 70));
+      auto x = f.tensor<3>(f.near(Shape<3>{cache.batch(), f.extent(), 8}));
+      auto out = f.output<3>(f.near(x.shape()), {x});
+      moh.decode(x, w, cache, out);
+      break;
+    }
+  }
+}
+
 void fuzz_routing(Fuzz& f) {
   attention::RoutingAttentionConfig cfg;
   cfg.num_clusters = f.extent();
@@ -663,7 +790,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   Fuzz f(data, size);
   set_num_threads(1 + static_cast<int>(f.pick(0, 2)));
   try {
-    switch (f.pick(0, 11)) {
+    switch (f.pick(0, 12)) {
       case 0:
         fuzz_dense(f);
         break;
@@ -696,6 +823,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         break;
       case 10:
         fuzz_misc(f);
+        break;
+      case 11:
+        fuzz_selection(f);
         break;
       default:
         fuzz_core(f);

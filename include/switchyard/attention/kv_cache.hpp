@@ -43,7 +43,10 @@ struct KVKeepPlan {
   template <class U>
   void apply(View<U, 3> side, U fill = U(0)) const {
     const std::int64_t heads = std::int64_t(offsets.size()) - 1;
-    if (heads < 0 || side.extent(0) * side.extent(1) != heads || side.extent(2) < 0) {
+    std::int64_t rows = 0;
+    if (heads < 0 || side.extent(0) < 0 || side.extent(1) < 0 || side.extent(2) < 0 ||
+        core::mul_overflows(side.extent(0), side.extent(1), rows) || rows != heads ||
+        core::bounded_product(side.shape(), sizeof(U)) < 0) {
       const std::int64_t want = std::max<std::int64_t>(heads, 0);
       switchyard::detail::fail_shape(
           "KVKeepPlan", "apply", "side", switchyard::detail::format_shape(side.shape()),
@@ -185,6 +188,9 @@ class KVCache {
     for (std::int64_t i = 0; i < heads; ++i) {
       const std::int64_t b0 = off[std::size_t(i)], b1 = off[std::size_t(i + 1)];
       if (b1 < b0) bad("offsets decrease at sequence " + head_name(i));
+      if (b1 > std::int64_t(plan.positions.size()))
+        bad("offsets pass positions.size() = " + std::to_string(plan.positions.size()) +
+            " at sequence " + head_name(i));
       for (std::int64_t p = b0; p < b1; ++p) {
         const std::int64_t pos = plan.positions[std::size_t(p)];
         if (pos < 0 || pos >= len_[std::size_t(i)])

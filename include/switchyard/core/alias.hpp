@@ -34,6 +34,9 @@ template <class T, int R>
 ByteRange byte_range(const View<T, R>& v) noexcept {
   ByteRange r;
   if (v.empty() || v.data() == nullptr) return r;
+  // A negative extent addresses nothing (shape checks reject such views); no element either.
+  for (int d = 0; d < R; ++d)
+    if (v.extent(d) < 0) return r;
   std::int64_t lo = 0, hi = 0;  // element offsets of the extreme elements
   for (int d = 0; d < R; ++d) {
     std::int64_t reach = 0;

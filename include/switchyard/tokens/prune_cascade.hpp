@@ -100,10 +100,11 @@ struct TokenKeepPlan {
     if (batch < 0 || num_tokens < 0)
       throw config_error("TokenKeepPlan::identity: sizes B=" + std::to_string(batch) +
                          ", N=" + std::to_string(num_tokens) + " must be >= 0");
-    std::int64_t bn = 0;
-    if (core::mul_overflows(batch, num_tokens, bn))
-      throw config_error("TokenKeepPlan::identity: sizes B=" + std::to_string(batch) +
-                         ", N=" + std::to_string(num_tokens) + " overflow");
+    // Two [B, N] index arrays: their size is checked before anything is allocated.
+    const std::int64_t bn =
+        switchyard::detail::checked_size("TokenKeepPlan", "identity", "sizes",
+                                         {batch, num_tokens, 2}, sizeof(std::int64_t)) /
+        2;
     TokenKeepPlan p{batch, num_tokens, num_tokens, num_tokens, {}, {}};
     p.kept.resize(std::size_t(bn));
     for (std::int64_t b = 0; b < batch; ++b)
@@ -414,6 +415,8 @@ struct HeadImportance {
     if (batch < 0 || num_heads < 0)
       throw config_error("HeadImportance::start: sizes B=" + std::to_string(batch) +
                          ", H=" + std::to_string(num_heads) + " must be >= 0");
+    switchyard::detail::checked_size("HeadImportance", "start", "sizes", {batch, num_heads},
+                                     sizeof(T) + 1);
     HeadImportance s;
     s.batch = batch;
     s.num_heads = num_heads;
