@@ -175,8 +175,10 @@ void normalize_rows(ConstView<T, 4> x, T* xn, std::int64_t n_total, std::int64_t
   const std::int64_t B = x.extent(0), N = x.extent(1), H = x.extent(2), D = x.extent(3);
   parallel_for(B * H, [&](std::int64_t task) {
     const std::int64_t b = task / H, h = task % H;
+    // The row's address by strides: x(b, t, h, 0) would assert when D is 0.
     for (std::int64_t t = 0; t < N; ++t)
-      normalize_row(&x(b, t, h, 0), x.stride(3), D, xn + ((b * H + h) * n_total + n_off + t) * D);
+      normalize_row(x.data() + b * x.stride(0) + t * x.stride(1) + h * x.stride(2), x.stride(3), D,
+                    xn + ((b * H + h) * n_total + n_off + t) * D);
   });
 }
 
