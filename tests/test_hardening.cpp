@@ -413,6 +413,23 @@ TEST_CASE("routing attention init_state rejects sizes whose product overflows",
       shape_error);
 }
 
+TEST_CASE("routing attention init_state rejects more clusters than samples",
+          "[hardening][attention]") {
+  // D = 0 made the means empty, so nothing bounded the B * N * C assignment loop: a fuzz
+  // input with num_clusters = 2^31 ran for minutes. Each cluster needs a distinct seed.
+  const float one = 1.0f;
+  attention::RoutingAttention<float> huge({.num_clusters = std::int64_t(1) << 31});
+  REQUIRE_THROWS_AS(huge.init_state(stride0<4>(&one, {2, 3, 1, 0}), {}, 1), config_error);
+  attention::RoutingAttention<float> seven({.num_clusters = 7});
+  REQUIRE_THROWS_WITH(
+      seven.init_state(stride0<4>(&one, {2, 3, 1, 4}), {}, 1),
+      Contains("RoutingAttention") && Contains("num_clusters") && Contains("B * N = 6"));
+  // Exactly B * N clusters still works: every sample seeds one cluster.
+  attention::RoutingAttention<float> six({.num_clusters = 6});
+  const auto q = uniform_tensor<float>({2, 3, 1, 4}, 5);
+  CHECK(six.init_state(q, {}, 1).means.extent(1) == 6);
+}
+
 TEST_CASE("size-taking factories check their sizes", "[hardening][core]") {
   REQUIRE_THROWS_AS(attention::full_plan(big, 1, big, big), config_error);
   REQUIRE_THROWS_AS(attention::full_plan(1, 1, -1, 4), config_error);

@@ -23,6 +23,21 @@ using namespace switchyard;
 namespace {
 
 constexpr std::int64_t kMaxRealElems = 4096;
+// Multiply-adds one call may cost. The buffer cap bounds memory, not work: routing
+// attention on a stride-0 q of 33^4 allocates 4 MB but runs B*H*C*w*w*D ~ 10^9 steps
+// (10 s under the sanitizers, a false "hang"). Sizes the library would reject still run.
+constexpr double kMaxWork = 1 << 25;
+
+/// Work of RoutingAttention init_state + route + execute for q of shape qs, or 0 when
+/// some extent is negative or extreme (a call that must be rejected, so cheap).
+double routing_work(const attention::RoutingAttention<float>& attn, const Shape<4>& qs) {
+  for (const auto e : qs)
+    if (e < 0 || e > 64) return 0;
+  const double B = double(qs[0]), T = double(qs[1]), H = double(qs[2]), D = double(qs[3]);
+  const double C = double(attn.num_clusters(qs[1]));
+  const double w = std::min(T, double(std::max<std::int64_t>(attn.config().window_size, 0)));
+  return B * H * (C * T * D + C * w * w * D);
+}
 
 class Fuzz {
  public:
@@ -773,6 +788,7 @@ void fuzz_misc(Fuzz& f) {
       attention::RoutingAttention<float> attn(
           {.num_clusters = f.extent(), .window_size = f.extent()});
       const auto qs = f.shape<4>();
+      if (routing_work(attn, qs) > kMaxWork) break;
       auto q = f.tensor<4>(qs);
       auto state = attn.init_state(q, {}, 1);
       auto r = attn.route(q, {}, state);

@@ -513,6 +513,13 @@ class RoutingAttention {
     if (B * N < 1) {
       switchyard::detail::fail_config(name, "init_state", "q", "empty", "at least one token");
     }
+    // Each cluster is seeded from a distinct sample, so C <= B * N; this also bounds the
+    // assignment work (B * N * C per head), which D = 0 would otherwise leave unbounded.
+    if (C > B * N) {
+      switchyard::detail::fail_config(
+          name, "init_state", "num_clusters", C,
+          "at most B * N = " + std::to_string(B * N) + " samples (one distinct seed each)");
+    }
     core::Tensor<T> xn({B, H, N, D});
     detail::normalize_rows<T>(q, xn.data(), N, 0);
     if (sep) detail::normalize_rows<T>(k, xn.data(), N, Tq);
@@ -526,17 +533,13 @@ class RoutingAttention {
       std::vector<std::int64_t> perm(static_cast<std::size_t>(M));
       for (std::int64_t i = 0; i < M; ++i) perm[std::size_t(i)] = i;
       for (std::int64_t c = 0; c < C; ++c) {
-        std::int64_t pick;
+        // partial Fisher-Yates (M >= C was checked above)
         const std::uint64_t draw = std::uint64_t(h * C + c);
-        if (M >= C) {  // partial Fisher-Yates
-          const std::int64_t j =
-              c + std::min<std::int64_t>(M - c - 1,
-                                         std::int64_t(rng.uniform<double>(draw) * double(M - c)));
-          std::swap(perm[std::size_t(c)], perm[std::size_t(j)]);
-          pick = perm[std::size_t(c)];
-        } else {
-          pick = std::min<std::int64_t>(M - 1, std::int64_t(rng.uniform<double>(draw) * double(M)));
-        }
+        const std::int64_t j =
+            c + std::min<std::int64_t>(M - c - 1,
+                                       std::int64_t(rng.uniform<double>(draw) * double(M - c)));
+        std::swap(perm[std::size_t(c)], perm[std::size_t(j)]);
+        const std::int64_t pick = perm[std::size_t(c)];
         std::copy_n(sample(h, pick), D, st.means.data() + (h * C + c) * D);
       }
     }
