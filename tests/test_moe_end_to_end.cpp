@@ -158,11 +158,11 @@ TEST_CASE("MoE end to end: noisy top-k, eval and train with the recorded noise",
   const auto eval = router.route(x, gate_w);
   eval.check();
   require_close(layer.execute(eval, x, weights), f.tensor<float>("y"));
-  require_close(eval.stats.aux_loss, f.scalar<float>("loss"));
+  require_close(eval.stats.aux_loss_scaled, f.scalar<float>("loss"));  // times loss_coef
 
   const auto train = router.route(x, gate_w, {}, moe::NoisyMode::train,
                                   moe::NoisyTopKNoise<float>{.normal = noise});
   train.check();
   require_close(layer.execute(train, x, weights), f.tensor<float>("train_y"));
-  require_close(train.stats.aux_loss, f.scalar<float>("train_loss"));
+  require_close(train.stats.aux_loss_scaled, f.scalar<float>("train_loss"));
 }

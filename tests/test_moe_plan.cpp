@@ -206,7 +206,12 @@ TEST_CASE("plan_json: every field, and a bit-exact round trip", "[moe][plan][jso
   REQUIRE(j["choice_expert"][3] == nlohmann::json({2, -1}));
   REQUIRE(j["choice_weight"][3] == nlohmann::json({0.0, 0.0}));
   REQUIRE(j["dropped"].size() == 2);
-  REQUIRE(j["dropped"][1] == nlohmann::json({{"token", 3}, {"slot", 0}, {"expert", 2}}));
+  // Each dropped pair keeps the weight it had in small_plan (0.4f, 1.0f); kept flags mark
+  // the rest of the chosen pairs and are rebuilt from the runs on reading.
+  REQUIRE(j["dropped"][0]["gate"].get<double>() == 0.4f);
+  REQUIRE(j["dropped"][1] ==
+          nlohmann::json({{"token", 3}, {"slot", 0}, {"expert", 2}, {"gate", 1.0}}));
+  REQUIRE(p.choice_kept == std::vector<std::uint8_t>{1, 0, 1, 1, 1, 1, 0, 0});
   REQUIRE(j["stats"]["dropped"] == 2);
   REQUIRE(j["stats"]["tokens_without_expert"] == 1);
   REQUIRE(j["stats"]["routed_tokens"] == 4);

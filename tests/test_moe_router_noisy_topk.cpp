@@ -142,8 +142,12 @@ void check_plan(const DispatchPlan<T>& plan, const RefNoisy& r, const NoisyTopKD
   }
   CHECK(std::abs(d.cv2_importance - r.cv2_i) <= tol * std::max(1.0, r.cv2_i));
   CHECK(std::abs(d.cv2_load - r.cv2_l) <= tol * std::max(1.0, r.cv2_l));
-  CHECK(std::abs(plan.stats.aux_loss - r.loss) <= tol * std::max(1.0, r.loss));
-  CHECK(plan.stats.aux_loss == d.loss);
+  // aux_loss has coefficient 1 like every router; the reference's loss (times loss_coef)
+  // is aux_loss_scaled.
+  CHECK(std::abs(plan.stats.aux_loss_scaled - r.loss) <= tol * std::max(1.0, r.loss));
+  CHECK(plan.stats.aux_loss_scaled == d.loss);
+  CHECK(std::abs(plan.stats.aux_loss - (r.cv2_i + r.cv2_l)) <=
+        tol * std::max(1.0, r.cv2_i + r.cv2_l));
   CHECK(std::abs(plan.stats.z_loss - r.z) <= tol * std::max(1.0, r.z));
 }
 
@@ -201,8 +205,10 @@ TEST_CASE("NoisyTopKRouter reproduces the noisy_topk_tiny fixture (eval)",
   CHECK(!d.smooth_load);
   CHECK(rel(d.cv2_importance, f.scalar<float>("cv2_importance")) < 1e-5);
   CHECK(rel(d.cv2_load, f.scalar<float>("cv2_load")) < 1e-5);
-  CHECK(rel(plan.stats.aux_loss, f.scalar<float>("loss")) < 1e-5);
-  CHECK(plan.stats.aux_loss == d.loss);
+  CHECK(rel(plan.stats.aux_loss_scaled, f.scalar<float>("loss")) < 1e-5);
+  CHECK(plan.stats.aux_loss_scaled == d.loss);
+  CHECK(rel(plan.stats.aux_loss, f.scalar<float>("cv2_importance") + f.scalar<float>("cv2_load")) <
+        1e-5);
 
   // The LogitsRouter form on the fixture's clean logits gives the same routing.
   NoisyTopKDetails<float> d2;
@@ -211,7 +217,7 @@ TEST_CASE("NoisyTopKRouter reproduces the noisy_topk_tiny fixture (eval)",
   CHECK(p2.choice_expert == plan.choice_expert);
   CHECK(max_rel_err(dense_gates(p2), to_double(f.tensor<float>("gates")), 1e-6) < 1e-5);
   CHECK(d2.load == d.load);
-  CHECK(rel(p2.stats.aux_loss, f.scalar<float>("loss")) < 1e-5);
+  CHECK(rel(p2.stats.aux_loss_scaled, f.scalar<float>("loss")) < 1e-5);
   CHECK(d2.clean_logits.empty());
 }
 
@@ -243,7 +249,7 @@ TEST_CASE("NoisyTopKRouter reproduces the noisy_topk_tiny fixture (train, record
   CHECK(e_gates < 1e-5);
   CHECK(e_load < 1e-5);
   CHECK(d.smooth_load);
-  CHECK(rel(plan.stats.aux_loss, f.scalar<float>("train_loss")) < 1e-5);
+  CHECK(rel(plan.stats.aux_loss_scaled, f.scalar<float>("train_loss")) < 1e-5);
 }
 
 TEST_CASE("NoisyTopKRouter eval matches a naive double reference on random logits",
@@ -479,7 +485,8 @@ TEST_CASE("NoisyTopKRouter hand-worked case", "[moe][router_noisy_topk]") {
   const double cv2_i = var / (mean * mean + 1e-10);
   CHECK(cv2_i == Approx(0.0975).epsilon(1e-3));
   CHECK(d.cv2_importance == Approx(cv2_i).epsilon(1e-5));
-  CHECK(plan.stats.aux_loss == Approx((cv2_i + 3.0 / 16) * 0.01).epsilon(1e-5));
+  CHECK(plan.stats.aux_loss == Approx(cv2_i + 3.0 / 16).epsilon(1e-5));
+  CHECK(plan.stats.aux_loss_scaled == Approx((cv2_i + 3.0 / 16) * 0.01).epsilon(1e-5));
   CHECK(plan.stats.tokens_per_expert == std::vector<std::int64_t>{1, 2, 1});
   // mean_prob = mean p = ([1/6, 2/6, 3/6] + [3/7, 3/7, 1/7]) / 2
   CHECK(plan.stats.mean_prob[0] == Approx((1.0 / 6 + 3.0 / 7) / 2).epsilon(1e-6));

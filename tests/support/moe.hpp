@@ -32,11 +32,13 @@ void require_same_plan(const switchyard::moe::DispatchPlan<T>& a,
   REQUIRE(a.gate == b.gate);
   REQUIRE(a.choice_expert == b.choice_expert);
   REQUIRE(a.choice_weight == b.choice_weight);
+  REQUIRE(a.choice_kept == b.choice_kept);
   REQUIRE(a.dropped.size() == b.dropped.size());
   for (std::size_t i = 0; i < a.dropped.size(); ++i) {
     REQUIRE(a.dropped[i].token == b.dropped[i].token);
     REQUIRE(a.dropped[i].slot == b.dropped[i].slot);
     REQUIRE(a.dropped[i].expert == b.dropped[i].expert);
+    REQUIRE(a.dropped[i].gate == b.dropped[i].gate);
   }
   REQUIRE(a.stats.tokens_per_expert == b.stats.tokens_per_expert);
   REQUIRE(a.stats.kept_per_expert == b.stats.kept_per_expert);
@@ -45,6 +47,7 @@ void require_same_plan(const switchyard::moe::DispatchPlan<T>& a,
   REQUIRE(a.stats.dropped == b.stats.dropped);
   REQUIRE(a.stats.tokens_without_expert == b.stats.tokens_without_expert);
   REQUIRE(a.stats.aux_loss == b.stats.aux_loss);
+  REQUIRE(a.stats.aux_loss_scaled == b.stats.aux_loss_scaled);
   REQUIRE(a.stats.z_loss == b.stats.z_loss);
   REQUIRE(a.stats.entropy == b.stats.entropy);
 }

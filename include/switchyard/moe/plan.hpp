@@ -51,16 +51,23 @@ struct RouterStats {
   std::int64_t routed_tokens = 0;  ///< tokens not masked out
   std::int64_t dropped = 0;        ///< dropped (token, choice) pairs
   std::int64_t tokens_without_expert = 0;  ///< routed tokens that kept no expert (output 0)
-  double aux_loss = 0;  ///< the router's load-balancing loss (formula documented per router)
-  double z_loss = 0;    ///< mean over routed tokens of logsumexp(logits[t])^2
-  double entropy = 0;   ///< mean over routed tokens of the router distribution's entropy (nats)
+  /// The router's load-balancing loss with coefficient 1 (formula documented per router).
+  double aux_loss = 0;
+  /// aux_loss times the router's own coefficient where its config has one (NoisyTopK's
+  /// loss_coef); equal to aux_loss otherwise. ReLU routing's coefficient lives in the
+  /// L1Controller state: L1Controller::loss(state, aux_loss).
+  double aux_loss_scaled = 0;
+  double z_loss = 0;   ///< mean over routed tokens of logsumexp(logits[t])^2
+  double entropy = 0;  ///< mean over routed tokens of the router distribution's entropy (nats)
 };
 
-/// A (token, choice) pair that capacity removed; `expert` is the expert it had chosen.
+/// A (token, choice) pair that capacity removed; `expert` is the expert it had chosen and
+/// `gate` the combine weight it had before it was dropped (its choice_weight is now 0).
 struct DroppedChoice {
   std::int32_t token = 0;
   std::int32_t slot = 0;
   std::int32_t expert = 0;
+  double gate = 0;
 };
 
 /// Largest token count, expert count and top_k a plan may have: token ids, expert ids and
@@ -88,11 +95,21 @@ struct DispatchPlan {
 
   std::vector<std::int32_t> choice_expert;  ///< [T*K] chosen expert (order: see top); -1 = unused
   std::vector<T> choice_weight;             ///< [T*K] combine weight; 0 if dropped or unused
-  std::vector<DroppedChoice> dropped;       ///< in (token, slot) order
+  /// [T*K] 1 where the choice is dispatched (in the CSR), 0 where it was dropped or is
+  /// unused: a weight of 0 alone cannot tell a dropped choice from a kept zero gate.
+  std::vector<std::uint8_t> choice_kept;
+  std::vector<DroppedChoice> dropped;  ///< in (token, slot) order
 
   RouterStats stats;
 
   std::int64_t nnz() const noexcept { return static_cast<std::int64_t>(token_index.size()); }
+  /// Mean dispatched (token, expert) pairs per routed token (0 when none is routed): k for
+  /// plain top-k, fewer with capacity drops or null experts, variable for ReLU / top-p.
+  double mean_experts_per_token() const noexcept {
+    return stats.routed_tokens > 0
+               ? static_cast<double>(nnz()) / static_cast<double>(stats.routed_tokens)
+               : 0.0;
+  }
   std::int64_t expert_size(std::int64_t e) const noexcept {
     return expert_offsets[e + 1] - expert_offsets[e];
   }
@@ -113,6 +130,10 @@ struct DispatchPlan {
   /// [T, K] combine weights matching expert_indices(); 0 for dropped or unused choices.
   ConstView<T, 2> expert_weights() const noexcept {
     return {choice_weight.data(), {num_tokens, top_k}};
+  }
+  /// [T, K] kept flags matching expert_indices(): 1 = dispatched, 0 = dropped or unused.
+  ConstView<std::uint8_t, 2> expert_kept() const noexcept {
+    return {choice_kept.data(), {choice_kept.empty() ? 0 : num_tokens, top_k}};
   }
 
   /// Empties the plan for a new routing call, keeping the allocated memory.
@@ -142,12 +163,13 @@ struct DispatchPlan {
     gate.clear();
     choice_expert.assign(static_cast<std::size_t>(tk), -1);
     choice_weight.assign(static_cast<std::size_t>(tk), T(0));
+    choice_kept.assign(static_cast<std::size_t>(tk), 0);
     dropped.clear();
     stats.tokens_per_expert.assign(static_cast<std::size_t>(experts), 0);
     stats.kept_per_expert.assign(static_cast<std::size_t>(experts), 0);
     stats.mean_prob.assign(static_cast<std::size_t>(experts), 0.0);
     stats.routed_tokens = stats.dropped = stats.tokens_without_expert = 0;
-    stats.aux_loss = stats.z_loss = stats.entropy = 0;
+    stats.aux_loss = stats.aux_loss_scaled = stats.z_loss = stats.entropy = 0;
   }
 
   /// Throws switchyard::error naming the first broken invariant: sizes within
@@ -235,17 +257,46 @@ struct DispatchPlan {
         fail("chosen pairs != kept + dropped");
       }
     }
+    // Kept flags (optional: a hand-built plan may leave them empty) must mark exactly the
+    // CSR entries; each (token, slot) names one expert, so count + membership suffice.
+    if (!choice_kept.empty()) {
+      if (!token_choice || choice_kept.size() != choice_expert.size())
+        fail("choice_kept must be empty or [T, K]");
+      std::int64_t kept = 0;
+      for (auto f : choice_kept) {
+        if (f > 1) fail("choice_kept holds a value other than 0 or 1");
+        kept += f;
+      }
+      if (kept != nnz())
+        fail("choice_kept marks " + std::to_string(kept) +
+             " choices, nnz = " + std::to_string(nnz()));
+      for (std::int64_t i = 0; i < nnz(); ++i) {
+        if (!choice_kept[token_index[i] * top_k + slot[i]])
+          fail("choice_kept is 0 for a dispatched (token, slot)");
+      }
+    }
   }
 };
 
 namespace detail {
+
+/// Sets plan.choice_kept from the CSR runs: 1 for each dispatched (token, slot), else 0.
+/// Call after the runs are final; plans without token-side views (top_k = 0) get none.
+template <class T>
+void fill_choice_kept(DispatchPlan<T>& plan) {
+  plan.choice_kept.assign(plan.choice_expert.size(), 0);
+  if (plan.top_k <= 0) return;
+  for (std::int64_t i = 0; i < plan.nnz(); ++i)
+    plan.choice_kept[static_cast<std::size_t>(plan.token_index[i] * plan.top_k + plan.slot[i])] = 1;
+}
 
 /// Fills the CSR runs of a token-choice plan from its [T, K] choice_expert /
 /// choice_weight views. keep[t*K + s] == 0 marks a chosen pair dropped by
 /// capacity (pass an empty span when nothing is dropped); dropped pairs get
 /// choice_weight 0 and go to plan.dropped. Entries come out sorted by token
 /// inside each expert. Also sets kept_per_expert, dropped and tokens_without_expert
-/// (routed tokens only: a token with no chosen expert at all is taken as masked).
+/// (routed tokens only: a token with no chosen expert at all is taken as masked) and the
+/// kept flags; each dropped pair keeps its gate in plan.dropped.
 template <class T>
 void build_csr_from_choices(DispatchPlan<T>& plan, std::span<const std::uint8_t> keep = {}) {
   const std::int64_t tokens = plan.num_tokens, experts = plan.num_experts, k = plan.top_k;
@@ -264,8 +315,9 @@ void build_csr_from_choices(DispatchPlan<T>& plan, std::span<const std::uint8_t>
         ++offsets[e + 1];
         any_kept = true;
       } else {
+        plan.dropped.push_back({static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), e,
+                                static_cast<double>(plan.choice_weight[i])});
         plan.choice_weight[i] = T(0);
-        plan.dropped.push_back({static_cast<std::int32_t>(t), static_cast<std::int32_t>(s), e});
       }
     }
     without += any_chosen && !any_kept;
@@ -292,6 +344,7 @@ void build_csr_from_choices(DispatchPlan<T>& plan, std::span<const std::uint8_t>
   }
   plan.stats.dropped = static_cast<std::int64_t>(plan.dropped.size());
   plan.stats.tokens_without_expert = without;
+  fill_choice_kept(plan);
 }
 
 }  // namespace detail

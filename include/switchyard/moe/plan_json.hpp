@@ -11,11 +11,14 @@
 //               the CSR run of each expert: tokens ascending, with their slots and gates),
 //   "choice_expert": [[K ints] x T]  (-1 = unused; [] when K = 0, expert-choice plans),
 //   "choice_weight": [[K numbers] x T],
-//   "dropped": [ {"token": t, "slot": s, "expert": e}, ... ],
+//   "dropped": [ {"token": t, "slot": s, "expert": e, "gate": g}, ... ],
 //   "stats": {"tokens_per_expert": [...], "kept_per_expert": [...], "mean_prob": [...],
 //             "routed_tokens": n, "dropped": n, "tokens_without_expert": n,
-//             "aux_loss": x, "z_loss": x, "entropy": x}
+//             "aux_loss": x, "aux_loss_scaled": x, "z_loss": x, "entropy": x}
 // }
+// (choice_kept is not written: it follows from the runs and is rebuilt on reading. A
+// dropped entry's "gate" and "aux_loss_scaled" are optional on reading, for documents
+// written before they existed: 0 and aux_loss.)
 //
 // Numbers are written as doubles, which hold every float and double gate exactly,
 // and nlohmann prints the shortest text that reads back to the same double, so
@@ -106,7 +109,8 @@ nlohmann::json to_json(const DispatchPlan<T>& plan) {
   j["choice_weight"] = std::move(cw);
   json dropped = json::array();
   for (const auto& d : plan.dropped)
-    dropped.push_back({{"token", d.token}, {"slot", d.slot}, {"expert", d.expert}});
+    dropped.push_back(
+        {{"token", d.token}, {"slot", d.slot}, {"expert", d.expert}, {"gate", d.gate}});
   j["dropped"] = std::move(dropped);
   const auto& st = plan.stats;
   j["stats"] = {{"tokens_per_expert", st.tokens_per_expert},
@@ -116,6 +120,7 @@ nlohmann::json to_json(const DispatchPlan<T>& plan) {
                 {"dropped", st.dropped},
                 {"tokens_without_expert", st.tokens_without_expert},
                 {"aux_loss", st.aux_loss},
+                {"aux_loss_scaled", st.aux_loss_scaled},
                 {"z_loss", st.z_loss},
                 {"entropy", st.entropy}};
   return j;
@@ -167,6 +172,7 @@ class PlanJsonReader {
     } catch (const switchyard::error& e) {
       fail(std::string("the fields are well-formed but do not make a valid plan: ") + e.what());
     }
+    moe::detail::fill_choice_kept(plan);  // only now are the runs known to be in range
     return plan;
   }
 
@@ -425,7 +431,14 @@ class PlanJsonReader {
       const json& expert = member(d, path, "expert");
       const auto e = integer(expert, 0, E - 1);
       if (!e) invalid(path + ".expert", expert, "an expert id in [0, E=" + std::to_string(E) + ")");
-      plan.dropped.push_back({static_cast<std::int32_t>(*t), s, static_cast<std::int32_t>(*e)});
+      double gate = 0;
+      if (const auto it = d.find("gate"); it != d.end()) {
+        const auto g = number<double>(*it);
+        if (!g) invalid(path + ".gate", *it, "a finite number");
+        gate = *g;
+      }
+      plan.dropped.push_back(
+          {static_cast<std::int32_t>(*t), s, static_cast<std::int32_t>(*e), gate});
     }
   }
 
@@ -463,6 +476,12 @@ class PlanJsonReader {
       const auto x = number<double>(v);
       if (!x) invalid(std::string("stats.") + key, v, "a finite number");
       *dst = *x;
+    }
+    out.aux_loss_scaled = out.aux_loss;
+    if (const auto it = st.find("aux_loss_scaled"); it != st.end()) {
+      const auto x = number<double>(*it);
+      if (!x) invalid("stats.aux_loss_scaled", *it, "a finite number");
+      out.aux_loss_scaled = *x;
     }
   }
 };

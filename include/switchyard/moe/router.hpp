@@ -75,8 +75,9 @@ Tensor<T> router_logits(ConstView<T, 2> x, ConstView<T, 2> router_weight) {
 enum class CapacityRounding { ceil, floor };
 
 /// Per-expert capacity from `tokens` routed tokens; `requested` is the formula's
-/// value (at least min_capacity), `value` what is used: clamped to `tokens`, since
-/// an expert can take each token once. `clamped` says whether the clamp bit.
+/// value, or `fixed` when that is >= 0 (a capacity given as a number), at least
+/// min_capacity; `value` what is used: clamped to `tokens`, since an expert can take
+/// each token once. `clamped` says whether the clamp bit.
 struct Capacity {
   std::int64_t requested = 0;
   std::int64_t value = 0;
@@ -85,7 +86,7 @@ struct Capacity {
 
 inline Capacity compute_capacity(std::int64_t tokens, std::int64_t k, std::int64_t experts,
                                  double capacity_factor, CapacityRounding rounding,
-                                 std::int64_t min_capacity = 0) noexcept {
+                                 std::int64_t min_capacity = 0, std::int64_t fixed = -1) noexcept {
   const double raw = static_cast<double>(tokens) * static_cast<double>(k) /
                      static_cast<double>(experts) * capacity_factor;
   // The small slack keeps e.g. 16*2/4*1.0 = 8 from becoming 9 through rounding noise.
@@ -97,7 +98,7 @@ inline Capacity compute_capacity(std::int64_t tokens, std::int64_t k, std::int64
   constexpr double int64_limit = 9.2e18;  // < 2^63, exactly representable as a double
   const std::int64_t formula = r < int64_limit ? static_cast<std::int64_t>(std::max(r, 0.0))
                                                : std::numeric_limits<std::int64_t>::max();
-  c.requested = std::max<std::int64_t>(formula, min_capacity);
+  c.requested = std::max<std::int64_t>(fixed >= 0 ? fixed : formula, min_capacity);
   c.value = std::min(c.requested, tokens);
   c.clamped = c.value != c.requested;
   return c;
@@ -154,6 +155,20 @@ inline void check_positive_finite(std::string_view router, std::string_view arg,
   }
 }
 
+/// The capacity settings every capacity router shares: capacity_factor finite and > 0,
+/// min_capacity >= 0, capacity -1 (use the factor) or >= 0 (tokens per expert).
+inline void check_capacity_settings(std::string_view router, double capacity_factor,
+                                    std::int64_t min_capacity, std::int64_t capacity) {
+  check_positive_finite(router, "capacity_factor", capacity_factor);
+  if (min_capacity < 0) {
+    switchyard::detail::fail_config(router, "config", "min_capacity", min_capacity, ">= 0");
+  }
+  if (capacity < -1) {
+    switchyard::detail::fail_config(router, "config", "capacity", capacity,
+                                    "-1 (from capacity_factor) or a count >= 0");
+  }
+}
+
 [[noreturn]] inline void fail_non_finite_logits(std::string_view router, std::int64_t token) {
   switchyard::detail::fail_config(router, "route", "logits", "NaN or inf",
                                   "finite logits (token " + std::to_string(token) +
@@ -183,6 +198,42 @@ double clamped_dot(const T* p, const T* x, std::int64_t n) noexcept {
   }
   for (; e < n; ++e) dot += p[e] * std::max(x[e], lowest);
   return static_cast<double>(dot);
+}
+
+/// What a router writes into a caller's scores buffer: softmax(logits) (the routing
+/// probabilities of the softmax routers) or relu(logits) (ReLU routing's gates).
+enum class ScoreKind { softmax, relu };
+
+/// Checks a caller's scores buffer before routing: [T, E] like logits, unit inner stride,
+/// not overlapping logits. Names the router and both shapes.
+template <class T>
+void check_scores_out(std::string_view router, ConstView<T, 2> logits, View<T, 2> scores) {
+  core::detail::check_shape<T, 2>(router, "route", "scores", scores, {"T", "E"}, logits.shape(),
+                                  "one score per (token, expert), like logits");
+  core::detail::check_unit_inner_stride(router, "route", "scores", scores);
+  core::detail::check_no_alias(router, "route", "scores", scores, "logits", logits);
+}
+
+/// scores[t, :] = the router's per-expert scores of routed token t (same kernel, so the
+/// same values the router chose from), 0 for masked tokens. Run after route(), which has
+/// rejected non-finite logits. Costs one pass over [T, E]; only callers who ask pay it.
+template <class T, class Arch = simd::default_arch>
+void write_scores(ConstView<T, 2> logits, const TokenMask& mask, ScoreKind kind,
+                  View<T, 2> scores) {
+  const std::int64_t tokens = logits.extent(0), experts = logits.extent(1);
+  parallel_for(num_chunks(tokens, router_chunk), [&](std::int64_t c) {
+    for (std::int64_t t = c * router_chunk; t < std::min(tokens, (c + 1) * router_chunk); ++t) {
+      T* out = scores.data() + t * scores.stride(0);
+      const T* x = logits.data() + t * logits.stride(0);
+      if (!mask.routed(t)) {
+        std::fill_n(out, experts, T(0));
+      } else if (kind == ScoreKind::softmax) {
+        kernels::softmax_row(Arch{}, x, out, experts);
+      } else {
+        for (std::int64_t e = 0; e < experts; ++e) out[e] = std::max(x[e], T(0));
+      }
+    }
+  });
 }
 
 /// probs [T*E] = row softmax of the routed tokens' logits (masked rows are 0),

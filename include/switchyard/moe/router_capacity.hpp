@@ -14,7 +14,8 @@
 //   Ties go to the lower expert index (core::topk's order).
 // Capacity (Megatron get_capacity(T * k, E, cf, min_capacity)):
 //   capacity = max(ceil(T * k / E * capacity_factor), min_capacity), T = routed
-//   (unmasked) tokens. An expert can hold each token once, so a capacity above T
+//   (unmasked) tokens; or max(config.capacity, min_capacity) when config.capacity
+//   >= 0 (a capacity given as a number). An expert can hold each token once, so a capacity above T
 //   is clamped to T; plan.requested_capacity keeps the formula's value and
 //   plan.capacity_clamped says so (Megatron's torch.topk would fail there).
 // Dropping, per expert e whose n_e chosen assignments exceed the capacity:
@@ -25,9 +26,9 @@
 //     tokens in token order that chose e. (Megatron takes a torch.topk of the
 //     0/1 routing column, whose tie order is unspecified; token order is the
 //     intent and is what this router does.)
-//   Dropped pairs stay in plan.choice_expert with weight 0 and are listed in
-//   plan.dropped; the surviving gates are NOT renormalised; a token left with
-//   no expert outputs 0 (stats.tokens_without_expert counts them).
+//   Dropped pairs stay in plan.choice_expert with weight 0 (choice_kept 0) and are
+//   listed in plan.dropped with the gate they had; the surviving gates are NOT renormalised; a
+//   token left with no expert outputs 0 (stats.tokens_without_expert counts them).
 // Masked tokens (TokenMask) get no expert and count in no statistic, loss or
 // capacity. T = 0 or all tokens masked gives a valid empty plan with zero losses.
 //
@@ -87,6 +88,10 @@ struct CapacityRouterConfig {
   std::int64_t top_k = 1;         ///< K experts per token (Megatron moe_router_topk); 1..E
   double capacity_factor = 1.0;   ///< Megatron moe_expert_capacity_factor; finite, > 0
   std::int64_t min_capacity = 0;  ///< lower bound on the capacity; >= 0
+  /// Capacity as a number: >= 0 uses this many tokens per expert instead of the
+  /// capacity_factor formula (still at least min_capacity, clamped to the routed tokens);
+  /// -1 (default) uses the formula.
+  std::int64_t capacity = -1;
   /// true: softmax over all experts, then top-k, gate = full probability;
   /// false: top-k of the logits, gate = softmax over the k (needs top_k >= 2).
   bool pre_softmax = true;
@@ -151,14 +156,12 @@ class CapacityRouter {
 
   /// Throws config_error (naming CapacityRouter and the field) if num_experts < 1,
   /// top_k outside 1..num_experts, capacity_factor not finite or <= 0,
-  /// min_capacity < 0, or pre_softmax = false with top_k = 1.
+  /// min_capacity < 0, capacity < -1, or pre_softmax = false with top_k = 1.
   explicit CapacityRouter(const CapacityRouterConfig& config) : config_(config) {
     detail::check_num_experts(name, config_.num_experts);
     detail::check_top_k(name, config_.top_k, config_.num_experts);
-    detail::check_positive_finite(name, "capacity_factor", config_.capacity_factor);
-    if (config_.min_capacity < 0) {
-      switchyard::detail::fail_config(name, "config", "min_capacity", config_.min_capacity, ">= 0");
-    }
+    detail::check_capacity_settings(name, config_.capacity_factor, config_.min_capacity,
+                                    config_.capacity);
     if (!config_.pre_softmax && config_.top_k == 1) {
       switchyard::detail::fail_config(name, "config", "pre_softmax", "false",
                                       "true when top_k = 1 (a softmax over one selected logit "
@@ -220,8 +223,9 @@ class CapacityRouter {
     for (std::int64_t i = 0; i < tokens * k; ++i) {
       if (choice[i] >= 0) ++n_e[choice[i]];
     }
-    const Capacity cap = compute_capacity(routed, k, experts, config_.capacity_factor,
-                                          CapacityRounding::ceil, config_.min_capacity);
+    const Capacity cap =
+        compute_capacity(routed, k, experts, config_.capacity_factor, CapacityRounding::ceil,
+                         config_.min_capacity, config_.capacity);
     set_capacity(plan, cap);
 
     // 3. Drop what exceeds capacity: assignments bucketed by expert in token order.
@@ -251,6 +255,18 @@ class CapacityRouter {
     detail::build_csr_from_choices(
         plan, any_over ? std::span<const std::uint8_t>(s.keep) : std::span<const std::uint8_t>());
     plan.stats.aux_loss = switch_load_balancing_loss(n_e, s.prob_sum, routed, k);
+    plan.stats.aux_loss_scaled = plan.stats.aux_loss;
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (softmax(logits) over all E, also when pre_softmax = false; rows of masked tokens 0). Throws
+  /// shape_error for a scores buffer that is not [T, E] with unit inner stride or that overlaps
+  /// logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::softmax, scores);
   }
 
   /// Allocating convenience: a fresh plan.

@@ -5,7 +5,8 @@
 // Semantics, with logits x [T, E] and T = routed (unmasked) tokens:
 //   p[t, :] = softmax(x[t, :]) over the E experts, per token;
 //   capacity c = max(floor(capacity_factor * T / E), min_capacity) (llm-baselines
-//     int(cf * T / E)), clamped to T visibly (plan.requested_capacity,
+//     int(cf * T / E)), or max(config.capacity, min_capacity) when config.capacity
+//     >= 0, clamped to T visibly (plan.requested_capacity,
 //     plan.capacity_clamped). c = 0 is allowed: the plan is then empty and every
 //     routed token is without expert;
 //   each expert e takes the c routed tokens with the largest p[t, e] (over all T
@@ -66,6 +67,10 @@ struct ExpertChoiceRouterConfig {
   /// c = floor(capacity_factor * T / E) tokens per expert; finite, > 0.
   double capacity_factor = 1.0;
   std::int64_t min_capacity = 0;  ///< lower bound on c; >= 0
+  /// Capacity as a number: >= 0 uses this many tokens per expert instead of the
+  /// capacity_factor formula (still at least min_capacity, clamped to the routed tokens);
+  /// -1 (default) uses the formula.
+  std::int64_t capacity = -1;
 };
 
 namespace detail {
@@ -133,13 +138,12 @@ class ExpertChoiceRouter {
   static constexpr std::string_view name = "ExpertChoiceRouter";
 
   /// Throws config_error (naming ExpertChoiceRouter and the field) if
-  /// num_experts < 1, capacity_factor is not finite or <= 0, or min_capacity < 0.
+  /// num_experts < 1, capacity_factor is not finite or <= 0, min_capacity < 0 or
+  /// capacity < -1.
   explicit ExpertChoiceRouter(const ExpertChoiceRouterConfig& config) : config_(config) {
     detail::check_num_experts(name, config_.num_experts);
-    detail::check_positive_finite(name, "capacity_factor", config_.capacity_factor);
-    if (config_.min_capacity < 0) {
-      switchyard::detail::fail_config(name, "config", "min_capacity", config_.min_capacity, ">= 0");
-    }
+    detail::check_capacity_settings(name, config_.capacity_factor, config_.min_capacity,
+                                    config_.capacity);
   }
 
   const ExpertChoiceRouterConfig& config() const noexcept { return config_; }
@@ -157,8 +161,9 @@ class ExpertChoiceRouter {
     auto& s = detail::expert_choice_scratch<T>();
     detail::softmax_scores<T, Arch>(name, logits, mask, s.probs, s.prob_sum, plan.stats);
     const std::int64_t routed = plan.stats.routed_tokens;
-    const Capacity cap = compute_capacity(routed, 1, experts, config_.capacity_factor,
-                                          CapacityRounding::floor, config_.min_capacity);
+    const Capacity cap =
+        compute_capacity(routed, 1, experts, config_.capacity_factor, CapacityRounding::floor,
+                         config_.min_capacity, config_.capacity);
     set_capacity(plan, cap);
     const std::int64_t c = cap.value;
 
@@ -216,7 +221,19 @@ class ExpertChoiceRouter {
     for (std::int64_t r = 0; r < routed; ++r) without += s.taken[s.rows[r]] == 0;
     plan.stats.tokens_without_expert = without;
     plan.stats.dropped = 0;
-    plan.stats.aux_loss = 0;
+    plan.stats.aux_loss = plan.stats.aux_loss_scaled = 0;
+    detail::fill_choice_kept(plan);
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (softmax(logits) over the experts, the scores experts choose tokens by; rows of masked tokens
+  /// 0). Throws shape_error for a scores buffer that is not [T, E] with unit inner stride or that
+  /// overlaps logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::softmax, scores);
   }
 
   /// Allocating convenience: a fresh plan.

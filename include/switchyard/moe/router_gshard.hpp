@@ -12,7 +12,8 @@
 //     core::Rng (fairscale's training-time second_expert_policy "sampling").
 //   Ties go to the lower expert index.
 // Capacity: C = max(floor(capacity_factor * T / E), min_capacity), T = routed
-//   (unmasked) tokens; the default capacity_factor = 2 gives fairscale's
+//   (unmasked) tokens, or max(config.capacity, min_capacity) when config.capacity >= 0;
+//   the default capacity_factor = 2 gives fairscale's
 //   2 * T // E (fairscale also asserts T % E == 0; this router does not, and a
 //   C of 0 drops every assignment). C above T is clamped to T, visibly
 //   (plan.requested_capacity, plan.capacity_clamped).
@@ -28,7 +29,8 @@
 //   but second kept puts weight 1 on the second expert; a token with both
 //   dropped outputs 0 (stats.tokens_without_expert).
 // Plan: top_k = 2, choice_expert[t, 0] = first, [t, 1] = second (dropped ones
-//   stay with weight 0 and are listed in plan.dropped); the CSR slot is 0 for a
+//   stay with weight 0 and choice_kept 0, and are listed in plan.dropped with the gate
+//   they had with nothing dropped, p / (p1 + p2)); the CSR slot is 0 for a
 //   first choice and 1 for a second. The CSR runs are sorted by token, which is
 //   buffer order only among first choices: use buffer_positions() for the
 //   fixture's `slot` / fairscale's [T, E, C] layout.
@@ -80,6 +82,10 @@ struct GShardTop2RouterConfig {
   /// C = floor(capacity_factor * T / E); 2 gives fairscale's 2T/E. Finite, > 0.
   double capacity_factor = 2.0;
   std::int64_t min_capacity = 0;  ///< lower bound on C; >= 0
+  /// Capacity as a number: >= 0 uses this many tokens per expert instead of the
+  /// capacity_factor formula (still at least min_capacity, clamped to the routed tokens);
+  /// -1 (default) uses the formula.
+  std::int64_t capacity = -1;
 };
 
 namespace detail {
@@ -110,16 +116,14 @@ class GShardTop2Router {
   static constexpr std::string_view name = "GShardTop2Router";
 
   /// Throws config_error (naming GShardTop2Router and the field) if num_experts < 2,
-  /// capacity_factor is not finite or <= 0, or min_capacity < 0.
+  /// capacity_factor is not finite or <= 0, min_capacity < 0 or capacity < -1.
   explicit GShardTop2Router(const GShardTop2RouterConfig& config) : config_(config) {
     if (config_.num_experts < 2) {
       switchyard::detail::fail_config(name, "config", "num_experts", config_.num_experts,
                                       ">= 2 (top-2 needs two distinct experts)");
     }
-    detail::check_positive_finite(name, "capacity_factor", config_.capacity_factor);
-    if (config_.min_capacity < 0) {
-      switchyard::detail::fail_config(name, "config", "min_capacity", config_.min_capacity, ">= 0");
-    }
+    detail::check_capacity_settings(name, config_.capacity_factor, config_.min_capacity,
+                                    config_.capacity);
   }
 
   const GShardTop2RouterConfig& config() const noexcept { return config_; }
@@ -131,6 +135,17 @@ class GShardTop2Router {
   /// shape/stride/mask-length mismatch, config_error on a NaN or infinite logit.
   void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask = {}) const {
     route_impl(logits, nullptr, plan, mask);
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (softmax(logits), the gates before top-2 and capacity; rows of masked tokens 0). Throws
+  /// shape_error for a scores buffer that is not [T, E] with unit inner stride or that overlaps
+  /// logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::softmax, scores);
   }
 
   /// Allocating convenience: a fresh plan.
@@ -282,8 +297,9 @@ class GShardTop2Router {
     }
 
     // 2. Capacity and buffer positions: all first choices, then all second choices.
-    const Capacity cap = compute_capacity(routed, 1, experts, config_.capacity_factor,
-                                          CapacityRounding::floor, config_.min_capacity);
+    const Capacity cap =
+        compute_capacity(routed, 1, experts, config_.capacity_factor, CapacityRounding::floor,
+                         config_.min_capacity, config_.capacity);
     set_capacity(plan, cap);
     auto& n_e = plan.stats.tokens_per_expert;
     s.counts.assign(static_cast<std::size_t>(experts), 0);  // first choices per expert
@@ -300,20 +316,25 @@ class GShardTop2Router {
       s.keep[t * 2 + 1] = n_e[e]++ < cap.value;  // n_e[e] = F_e + seconds so far
     }
 
-    // 3. Gates: kept probabilities over their sum (at least epsilon).
+    // 3. Gates: kept probabilities over their sum (at least epsilon). A dropped choice
+    // gets the gate it had with nothing dropped, which build_csr_from_choices records in
+    // plan.dropped before zeroing it.
     T* weight = plan.choice_weight.data();
     for (std::int64_t t = 0; t < tokens; ++t) {
       const std::int32_t e1 = choice[t * 2];
       if (e1 < 0) continue;
       const std::int32_t e2 = choice[t * 2 + 1];
-      const T g1 = s.keep[t * 2] ? probs[t * experts + e1] : T(0);
-      const T g2 = s.keep[t * 2 + 1] ? probs[t * experts + e2] : T(0);
-      const T denom = std::max(g1 + g2, std::numeric_limits<T>::epsilon());
-      weight[t * 2] = g1 / denom;
-      weight[t * 2 + 1] = g2 / denom;
+      const T p1 = probs[t * experts + e1], p2 = probs[t * experts + e2];
+      const bool k1 = s.keep[t * 2], k2 = s.keep[t * 2 + 1];
+      const T denom =
+          std::max((k1 ? p1 : T(0)) + (k2 ? p2 : T(0)), std::numeric_limits<T>::epsilon());
+      const T undropped = std::max(p1 + p2, std::numeric_limits<T>::epsilon());
+      weight[t * 2] = p1 / (k1 ? denom : undropped);
+      weight[t * 2 + 1] = p2 / (k2 ? denom : undropped);
     }
     detail::build_csr_from_choices(plan, std::span<const std::uint8_t>(s.keep));
     plan.stats.aux_loss = gshard_load_balancing_loss(s.counts, s.prob_sum, routed);
+    plan.stats.aux_loss_scaled = plan.stats.aux_loss;
   }
 
   GShardTop2RouterConfig config_;

@@ -26,7 +26,8 @@
 //   plan.top_k = k; no capacity, nothing dropped; tokens_per_expert = kept = k per token
 //   split by expert. (A chosen p that underflows to 0 stays in the plan with gate 0;
 //   the reference's dispatcher would skip it, and `load` below does not count it.)
-// Balance loss (plan.stats.aux_loss, INCLUDING loss_coef, as the reference returns it):
+// Balance loss (plan.stats.aux_loss with coefficient 1, like every router; the reference
+// returns it times loss_coef, which is plan.stats.aux_loss_scaled and details.loss):
 //   importance[e] = sum_t gate[t, e];
 //   load[e] = eval (or k == E, or noisy_gating off): number of tokens with gate > 0;
 //             train: the reference's smooth estimate sum_t Phi((clean[t,e] - thr) / stddev[t,e]),
@@ -35,7 +36,7 @@
 //             noisy LOGIT > thr_in, else thr_out. This mixes probability and logit scales:
 //             a quirk of the reference, reproduced on purpose. Phi is the standard normal CDF.
 //   cv2(v) = unbiased variance(v) / (mean(v)^2 + 1e-10), 0 when E == 1;
-//   aux_loss = (cv2(importance) + cv2(load)) * loss_coef.
+//   aux_loss = cv2(importance) + cv2(load); aux_loss_scaled = aux_loss * loss_coef.
 //   NoisyTopKDetails (optional output) exposes importance, load, both cv2, the loss,
 //   and the intermediate [T, E] arrays (clean logits, stddev, noise, noisy logits, p).
 // Other stats (routed tokens): mean_prob = mean p, z_loss = mean lse(logits)^2 and
@@ -112,7 +113,7 @@ struct NoisyTopKDetails {
   std::vector<double> load;        ///< [E] eval: tokens with gate > 0; train: smooth load
   double cv2_importance = 0;
   double cv2_load = 0;
-  double loss = 0;              ///< (cv2_importance + cv2_load) * loss_coef = stats.aux_loss
+  double loss = 0;              ///< (cv2_importance + cv2_load) * loss_coef = stats.aux_loss_scaled
   std::vector<T> clean_logits;  ///< x @ w_gate (x overloads only)
   std::vector<T> noise_stddev;  ///< train only: softplus(x @ w_noise) + noise_epsilon
   std::vector<T> noise;         ///< train only: the standard-normal sample used
@@ -168,6 +169,18 @@ class NoisyTopKRouter {
     begin(d, logits.extent(0));
     d.clean_logits.clear();
     gate(logits, logits, nullptr, false, plan, mask, d);
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (softmax(logits): in this eval-mode form the probabilities routed on; rows of masked
+  /// tokens 0; train mode's noisy probabilities are in NoisyTopKDetails::probs). Throws
+  /// shape_error for a scores buffer that is not [T, E] with unit inner stride or that
+  /// overlaps logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::softmax, scores);
   }
 
   DispatchPlan<T> route(ConstView<T, 2> logits, const TokenMask& mask = {}) const {
@@ -322,8 +335,9 @@ class NoisyTopKRouter {
     detail::build_csr_from_choices(plan);
     d.cv2_importance = cv_squared(d.importance);
     d.cv2_load = cv_squared(d.load);
-    d.loss = (d.cv2_importance + d.cv2_load) * cfg_.loss_coef;
-    st.aux_loss = d.loss;
+    st.aux_loss = d.cv2_importance + d.cv2_load;  // coefficient 1, as every router
+    d.loss = st.aux_loss * cfg_.loss_coef;        // what the reference returns
+    st.aux_loss_scaled = d.loss;
   }
 
   config_type cfg_;

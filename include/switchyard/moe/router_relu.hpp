@@ -336,7 +336,19 @@ class ReluRouter {
       st.entropy = entropy / routed;
       st.aux_loss =
           switch_load_balancing_loss(st.tokens_per_expert, gate_sum, routed, cfg_.topk_for_target);
+      st.aux_loss_scaled = st.aux_loss;  // the coefficient is the L1Controller's state
     }
+    detail::fill_choice_kept(plan);
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (relu(logits), the gates; rows of masked tokens 0). Throws shape_error for a scores buffer
+  /// that is not [T, E] with unit inner stride or that overlaps logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::relu, scores);
   }
 
   /// Convenience: a fresh plan.

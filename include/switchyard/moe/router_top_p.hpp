@@ -260,7 +260,19 @@ class TopPRouter {
         s += static_cast<double>(plan.stats.tokens_per_expert[e]) * scratch.prob_sum[e];
       plan.stats.aux_loss = static_cast<double>(experts) /
                             (static_cast<double>(routed) * static_cast<double>(assignments)) * s;
+      plan.stats.aux_loss_scaled = plan.stats.aux_loss;
     }
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (softmax(logits), the probabilities the nucleus is taken from; rows of masked tokens 0).
+  /// Throws shape_error for a scores buffer that is not [T, E] with unit inner stride or that
+  /// overlaps logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::softmax, scores);
   }
 
   /// Allocating convenience: a fresh plan.

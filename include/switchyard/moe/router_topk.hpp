@@ -178,6 +178,18 @@ class TopKRouter {
     plan.stats.tokens_per_expert = plan.stats.kept_per_expert;  // dropless: chosen == kept
     plan.stats.aux_loss = switch_load_balancing_loss(plan.stats.tokens_per_expert, scratch.prob_sum,
                                                      plan.stats.routed_tokens, k);
+    plan.stats.aux_loss_scaled = plan.stats.aux_loss;
+  }
+
+  /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
+  /// (softmax(logits), the probabilities top-k chose from; rows of masked tokens 0). Throws
+  /// shape_error for a scores buffer that is not [T, E] with unit inner stride or that overlaps
+  /// logits, before routing.
+  void route(ConstView<T, 2> logits, DispatchPlan<T>& plan, const TokenMask& mask,
+             View<T, 2> scores) const {
+    detail::check_scores_out(name, logits, scores);
+    route(logits, plan, mask);
+    detail::write_scores<T, Arch>(logits, mask, detail::ScoreKind::softmax, scores);
   }
 
   /// Allocating convenience: a fresh plan.
