@@ -23,6 +23,9 @@
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/layer.hpp"
 #include "switchyard/moe/plan.hpp"
+#include "switchyard/moe/router.hpp"
+#include "switchyard/moe/router_topk.hpp"
+#include "switchyard/moe/soft_moe.hpp"
 
 namespace {
 
@@ -117,6 +120,87 @@ BENCHMARK(BM_MoELayerVsDense)
     ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
     ->Args({4096, 8, 2, 2816})  // Mixtral-like
     ->Args({4096, 64, 8, 512})  // OLMoE-like
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+
+// Soft MoE (moe/soft_moe.hpp) beside the sparse top-2 MoE layer at equal expert FLOPs, one
+// thread, in one run. Sparse: router logits GEMM [T, d] x [d, E], TopKRouter top-2, then
+// MoELayer::execute on its 2T (token, expert) rows. Soft: one item of m = T tokens with
+// E * S = 2T slots, so its experts also run 2T rows; on top it runs three routing GEMMs of
+// 2 T (2T) d flops each (SoftMoELayer::flops). Same experts (SwiGLU, d 1024), interleaved and
+// timed by this thread's CPU time; the iteration time is Soft MoE's. Counters: tokens/s and
+// GFLOP/s of each (every multiply-add each runs: routing + experts), expert_GFLOP (equal for
+// both), and ratio = soft tokens/s / sparse tokens/s. Names end in /T/E/F.
+void BM_SoftMoEVsSparse(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), experts = state.range(1), f = state.range(2);
+  const std::int64_t d = 1024, k = 2;
+  ScopedNumThreads one(1);
+
+  const Tensor<float> x = uniform({tokens, d}, 11, 1.0f);
+  const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
+  const Tensor<float> w1 = uniform({experts, f, d}, 12, s1), w3 = uniform({experts, f, d}, 13, s1);
+  const Tensor<float> w2 = uniform({experts, d, f}, 14, s2);
+  moe::ExpertWeights<float> ew;
+  ew.w1 = w1;
+  ew.w3 = w3;
+  ew.w2 = w2;
+
+  // Sparse: route then execute, reusing the plan and the workspace.
+  const Tensor<float> wg = uniform({experts, d}, 15, s1);
+  const moe::TopKRouter<float> router({.num_experts = experts, .top_k = k});
+  const moe::MoELayer<float> sparse({.d_model = d, .d_ff = f, .num_experts = experts});
+  const moe::MoELayerWeights<float> sw{ew, {}};
+  Tensor<float> logits({tokens, experts}), y({tokens, d});
+  moe::DispatchPlan<float> plan;
+  moe::router_logits<float>(x, wg, logits.view<2>());
+  router.route(logits, plan);
+  std::vector<std::byte> ws(sparse.workspace_bytes(plan));
+  sparse.execute(plan, x, sw, y.view<2>(), ws);
+
+  // Soft: E * S = k * T slots; a warm scratch.
+  const std::int64_t slots = k * tokens / experts;
+  const moe::SoftMoELayer<float> soft(
+      {.d_model = d, .d_ff = f, .num_experts = experts, .slots_per_expert = slots});
+  const Tensor<float> phi = uniform({d, experts * slots}, 16, s1);
+  const moe::SoftMoEWeights<float> softw{phi, ew};
+  moe::SoftMoEScratch<float> scratch;
+  const ConstView<float, 3> x3(x.data(), {1, tokens, d});
+  Tensor<float> ys({1, tokens, d});
+  soft.forward(x3, softw, ys.view<3>(), scratch);
+
+  double sparse_s = 0, soft_s = 0;
+  for (auto _ : state) {
+    const double t0 = switchyard_bench::detail::thread_seconds();
+    moe::router_logits<float>(x, wg, logits.view<2>());
+    router.route(logits, plan);
+    sparse.execute(plan, x, sw, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t1 = switchyard_bench::detail::thread_seconds();
+    soft.forward(x3, softw, ys.view<3>(), scratch);
+    benchmark::ClobberMemory();
+    const double t2 = switchyard_bench::detail::thread_seconds();
+    state.SetIterationTime(t2 - t1);
+    sparse_s += t1 - t0;
+    soft_s += t2 - t1;
+  }
+  const double n = double(state.iterations());
+  const double expert_gflop = double(soft.expert_flops()) * 1e-9;
+  const double sparse_gflop = (2.0 * double(tokens) * double(d) * double(experts) +
+                               2.0 * double(plan.nnz()) * double(d) * double(f) * 3.0) *
+                              1e-9;
+  const double soft_gflop = double(soft.flops(tokens)) * 1e-9;
+  state.SetItemsProcessed(state.iterations() * tokens);
+  state.counters["soft_tok/s"] = double(tokens) * n / soft_s;
+  state.counters["sparse_tok/s"] = double(tokens) * n / sparse_s;
+  state.counters["GFLOP/s"] = soft_gflop * n / soft_s;
+  state.counters["sparse_GFLOP/s"] = sparse_gflop * n / sparse_s;
+  state.counters["expert_GFLOP"] = expert_gflop;
+  state.counters["ratio"] = sparse_s / soft_s;
+}
+
+BENCHMARK(BM_SoftMoEVsSparse)
+    ->ArgNames({"T", "E", "F"})
+    ->Args({512, 8, 2816})  // Mixtral-like experts; 1024 slots of 128 per expert
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
 
