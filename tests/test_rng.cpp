@@ -154,3 +154,38 @@ TEMPLATE_TEST_CASE("fills: element i depends only on (seed, stream, offset + i)"
     }
   }
 }
+
+TEMPLATE_TEST_CASE("fill_normal with a mean and a standard deviation", "[rng]", float, double) {
+  using T = TestType;
+  const std::int64_t n = 5000;
+  Tensor<T> standard({n}), scaled({n});
+  fill_normal(standard, 11, 2, 7);
+  fill_normal(scaled, {.mean = 3.0, .stddev = 0.02}, 11, 2, 7);
+  // Position by position: the same draw z, mapped to mean + stddev * z (in double, then T).
+  // For float that is within rounding of the float z; for double the z are the same bits.
+  for (std::int64_t i = 0; i < n; ++i) {
+    const double want = 3.0 + 0.02 * double(standard[i]);
+    REQUIRE(std::abs(double(scaled[i]) - want) <= 4 * std::numeric_limits<T>::epsilon() * 3.0);
+  }
+  // The sample moments follow: mean 3 within 4 sigma / sqrt(n), stddev within 5 %.
+  double m = 0, v = 0;
+  for (auto x : scaled) m += double(x);
+  m /= double(n);
+  for (auto x : scaled) v += (double(x) - m) * (double(x) - m);
+  CHECK(std::abs(m - 3.0) < 4 * 0.02 / std::sqrt(double(n)));
+  CHECK(std::abs(std::sqrt(v / double(n - 1)) - 0.02) < 0.02 * 0.05);
+  // mean 0, stddev 1 gives exactly the standard fill; 2-D views number row-major.
+  Tensor<T> unit({n});
+  fill_normal(unit, {}, 11, 2, 7);
+  CHECK(std::equal(unit.begin(), unit.end(), standard.begin()));
+  Tensor<T> grid({50, 100});
+  fill_normal(View<T, 2>(grid), {.mean = 3.0, .stddev = 0.02}, 11, 2, 7);
+  CHECK(std::equal(grid.begin(), grid.end(), scaled.begin()));
+  // A constant: stddev 0.
+  fill_normal(unit, {.mean = -1.5, .stddev = 0}, 1);
+  CHECK(std::all_of(unit.begin(), unit.end(), [](T x) { return x == T(-1.5); }));
+  CHECK_THROWS_AS(fill_normal(unit, {.mean = 0, .stddev = -1}, 1), config_error);
+  CHECK_THROWS_WITH(fill_normal(unit, {.mean = std::nan(""), .stddev = 1}, 1),
+                    Catch::Contains("fill_normal") && Catch::Contains("stddev"));
+  CHECK_THROWS_AS(fill_normal(unit, {.mean = 0, .stddev = INFINITY}, 1), config_error);
+}

@@ -272,6 +272,47 @@ TEST_CASE("BF16 and F16 convert to float bit-exactly", "[safetensors]") {
   REQUIRE_THROWS_AS(f.tensor<std::uint16_t>("b"), switchyard::shape_error);
 }
 
+TEST_CASE("float -> BF16: round to nearest even, and the writer's add_bf16", "[safetensors]") {
+  const float inf = std::numeric_limits<float>::infinity();
+  // Hand-worked: bf16 keeps the top 16 bits; the low 16 decide the rounding.
+  CHECK(float_to_bf16(1.0f) == 0x3F80);
+  CHECK(float_to_bf16(-2.0f) == 0xC000);
+  // 1 + 2^-8 is halfway between bf16 1.0 (0x3F80, even) and 1 + 2^-7 (0x3F81): to even.
+  CHECK(float_to_bf16(1.0f + std::ldexp(1.0f, -8)) == 0x3F80);
+  // 1 + 3 * 2^-8 is halfway between 0x3F81 (odd) and 0x3F82 (even): up to even.
+  CHECK(float_to_bf16(1.0f + 3 * std::ldexp(1.0f, -8)) == 0x3F82);
+  // Just above halfway rounds up, just below down.
+  CHECK(float_to_bf16(std::bit_cast<float>(0x3F808001u)) == 0x3F81);
+  CHECK(float_to_bf16(std::bit_cast<float>(0x3F807FFFu)) == 0x3F80);
+  CHECK(float_to_bf16(3.14159265f) == 0x4049);  // 3.140625, the nearest bf16
+  CHECK(float_to_bf16(inf) == 0x7F80);
+  CHECK(float_to_bf16(-inf) == 0xFF80);
+  CHECK(float_to_bf16(std::numeric_limits<float>::max()) == 0x7F80);  // past bf16's max: inf
+  CHECK(float_to_bf16(std::bit_cast<float>(0x7F7F0000u)) == 0x7F7F);  // bf16's max stays
+  const std::uint16_t nan = float_to_bf16(std::bit_cast<float>(0x7F800001u));  // payload low
+  CHECK(std::isnan(bf16_to_float(nan)));  // truncating would have made it inf
+  CHECK(std::signbit(bf16_to_float(float_to_bf16(-std::nanf("")))));
+  CHECK(float_to_bf16(-0.0f) == 0x8000);
+
+  // Through the writer: a Tensor, a strided view; read back as float.
+  Tensor<float> a({2, 3});
+  for (int i = 0; i < 6; ++i) a[i] = 1.0f + float(i) * std::ldexp(1.0f, -9);  // some not bf16
+  SafeTensorsWriter w;
+  w.add_bf16("a", a);
+  w.add_bf16("cols", a.view<2>().slice(1, 1, 3));
+  const auto f = SafeTensors::from_bytes(w.to_bytes());
+  CHECK(f.info("a").dtype == DType::BF16);
+  const Tensor<float> got = f.tensor<float>("a");
+  REQUIRE(got.extent(0) == 2);
+  REQUIRE(got.extent(1) == 3);
+  for (int i = 0; i < 6; ++i) CHECK(got[i] == bf16_to_float(float_to_bf16(a[i])));
+  const Tensor<float> cols = f.tensor<float>("cols");
+  REQUIRE(cols.extent(1) == 2);
+  CHECK(cols(1, 0) == got(1, 1));
+  CHECK(cols(1, 1) == got(1, 2));
+  REQUIRE_THROWS_AS(w.add_bf16("a", a), switchyard::error);  // duplicate name
+}
+
 TEST_CASE("0-d scalars come back as shape [1]", "[safetensors]") {
   SafeTensorsWriter w;
   const double x = -3.5;

@@ -18,8 +18,10 @@
 #include <cmath>
 #include <cstdint>
 #include <numbers>
+#include <string>
 #include <type_traits>
 
+#include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
@@ -170,6 +172,17 @@ struct NormalDraw {
   }
 };
 
+/// mean + stddev * NormalDraw, the product and sum in double, then rounded to T.
+template <class T>
+struct ScaledNormalDraw {
+  double mean = 0, stddev = 1;
+  template <class Cache>
+  T operator()(const Rng& rng, std::uint64_t pos, Cache& cache) const noexcept {
+    const double z = NormalDraw<double>{}(rng, pos, cache);
+    return static_cast<T>(mean + stddev * z);
+  }
+};
+
 template <class T>
 View<T, 2> as_row(View<T, 1> v) noexcept {
   return View<T, 2>(v.data(), {1, v.extent(0)}, {0, v.stride(0)});
@@ -218,6 +231,51 @@ template <class T>
 void fill_normal(Tensor<T>& t, std::uint64_t seed, std::uint64_t stream = 0,
                  std::uint64_t offset = 0) {
   fill_normal(View<T, 1>(t.data(), {t.numel()}), seed, stream, offset);
+}
+
+/// A normal distribution for fill_normal: mean and standard deviation (finite, stddev >= 0).
+struct Normal {
+  double mean = 0;
+  double stddev = 1;
+};
+
+namespace detail {
+inline ScaledNormalDraw<double> checked_normal(const Normal& dist) {
+  if (!std::isfinite(dist.mean) || !std::isfinite(dist.stddev) || !(dist.stddev >= 0)) {
+    switchyard::detail::fail_config(
+        "core", "fill_normal", "dist",
+        "{mean " + std::to_string(dist.mean) + ", stddev " + std::to_string(dist.stddev) + "}",
+        "a finite mean and a finite stddev >= 0");
+  }
+  return {dist.mean, dist.stddev};
+}
+}  // namespace detail
+
+/// dst: [N] (any stride); dst[i] = T(mean + stddev * z), z the value fill_normal(dst, seed,
+/// stream, offset) writes at position i (computed in double; so stddev 1, mean 0 gives the
+/// same values). E.g. weights ~ N(0, 0.02): fill_normal(w, {.stddev = 0.02}, seed).
+/// Throws config_error for a non-finite mean or a stddev that is negative or not finite.
+template <class T>
+void fill_normal(View<T, 1> dst, Normal dist, std::uint64_t seed, std::uint64_t stream = 0,
+                 std::uint64_t offset = 0) {
+  const auto d = detail::checked_normal(dist);
+  detail::fill_positions(detail::as_row(dst), seed, stream, offset,
+                         detail::ScaledNormalDraw<T>{d.mean, d.stddev});
+}
+
+/// dst: [R, C] (any strides), positions as fill_normal(View<T, 2>, seed, ...).
+template <class T>
+void fill_normal(View<T, 2> dst, Normal dist, std::uint64_t seed, std::uint64_t stream = 0,
+                 std::uint64_t offset = 0) {
+  const auto d = detail::checked_normal(dist);
+  detail::fill_positions(dst, seed, stream, offset, detail::ScaledNormalDraw<T>{d.mean, d.stddev});
+}
+
+/// t: any rank, row-major positions.
+template <class T>
+void fill_normal(Tensor<T>& t, Normal dist, std::uint64_t seed, std::uint64_t stream = 0,
+                 std::uint64_t offset = 0) {
+  fill_normal(View<T, 1>(t.data(), {t.numel()}), dist, seed, stream, offset);
 }
 
 }  // namespace core

@@ -143,6 +143,17 @@ inline float bf16_to_float(std::uint16_t bits) noexcept {
   return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
 }
 
+/// float -> bfloat16 bits, rounded to nearest, ties to even (what PyTorch's
+/// tensor.to(torch.bfloat16) does): bf16_to_float(float_to_bf16(x)) is the bf16 nearest x.
+/// Values past the largest bf16 round to +-inf; NaN stays a (quiet) NaN with its sign.
+inline std::uint16_t float_to_bf16(float x) noexcept {
+  const std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u)  // NaN: keep the sign, force a quiet mantissa bit
+    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
+  const std::uint32_t lsb = (bits >> 16) & 1u;  // ties go to the even upper half
+  return static_cast<std::uint16_t>((bits + 0x7FFFu + lsb) >> 16);
+}
+
 /// IEEE 754 binary16 bits -> float: exact for normals, subnormals, +-0, +-inf;
 /// NaN stays NaN with its sign and payload (shifted into the float mantissa).
 inline float half_to_float(std::uint16_t bits) noexcept {

@@ -60,6 +60,34 @@ class SafeTensorsWriter {
            std::vector<std::int64_t>(t.shape().begin(), t.shape().end()));
   }
 
+  /// Adds row-major float values stored as BF16 (round to nearest even, float_to_bf16):
+  /// half the bytes, the dtype Hugging Face checkpoints use; reads back through
+  /// tensor<float>(). Throws as add().
+  void add_bf16(std::string name, const float* data, std::vector<std::int64_t> shape) {
+    const std::size_t n = count(name, shape, DType::BF16);
+    push(std::move(name), DType::BF16, std::move(shape), bf16_bytes(data, n));
+  }
+  /// The elements of a (possibly strided) float view, as BF16.
+  template <int R>
+  void add_bf16(std::string name, const View<const float, R>& v) {
+    std::vector<std::int64_t> shape(v.shape().begin(), v.shape().end());
+    const std::size_t n = count(name, shape, DType::BF16);
+    std::vector<std::uint8_t> floats;  // row-major float bytes of v
+    floats.reserve(n * sizeof(float));
+    if (n) gather(v, 0, 0, floats);
+    std::vector<float> values(n);
+    if (n) std::memcpy(values.data(), floats.data(), n * sizeof(float));
+    push(std::move(name), DType::BF16, std::move(shape), bf16_bytes(values.data(), n));
+  }
+  template <int R>
+  void add_bf16(std::string name, const View<float, R>& v) {
+    add_bf16(std::move(name), View<const float, R>(v));
+  }
+  void add_bf16(std::string name, const Tensor<float>& t) {
+    add_bf16(std::move(name), t.data(),
+             std::vector<std::int64_t>(t.shape().begin(), t.shape().end()));
+  }
+
   /// Adds raw little-endian bytes of any dtype (e.g. BF16/F16 bit patterns).
   /// Throws switchyard::error if the byte count disagrees with shape and dtype.
   void add_raw(std::string name, DType dtype, std::vector<std::int64_t> shape,
@@ -120,6 +148,16 @@ class SafeTensorsWriter {
   }
 
  private:
+  static std::vector<std::uint8_t> bf16_bytes(const float* data, std::size_t n) {
+    std::vector<std::uint8_t> bytes(n * 2);
+    for (std::size_t i = 0; i < n; ++i) {
+      const std::uint16_t h = float_to_bf16(data[i]);
+      bytes[2 * i] = static_cast<std::uint8_t>(h & 0xFF);  // little-endian
+      bytes[2 * i + 1] = static_cast<std::uint8_t>(h >> 8);
+    }
+    return bytes;
+  }
+
   struct Entry {
     std::string name;
     DType dtype;
