@@ -1,6 +1,8 @@
 // mixture_of_heads: MoH attention (DiT-S width, 6 heads: 2 shared, top-1 of 4 routed) on random
 // weights. Prints the routing plan (heads per token, how often each routed head is picked, the
-// fraction of (token, head) pairs computed) and checks the output against computing every head.
+// fraction of (token, head) pairs computed) and checks the output against computing every head
+// with the same gates (heads with gate 0 contribute nothing, so skipping them must not change
+// the output); exits 1 otherwise.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -27,9 +29,11 @@ int main() {
   const attention::MixtureOfHeads<float> moh(
       {.dim = C, .num_heads = H, .shared_heads = S, .routed_top_k = 1});
   const auto plan = moh.route(x, w);
-  std::printf("MoH: %lld heads (%lld shared, top-%lld of %lld routed), %lld tokens\n", (long long)H,
-              (long long)S, (long long)moh.config().routed_top_k, (long long)(H - S),
-              (long long)(B * N));
+  std::printf(
+      "mixture_of_heads: MoH attention, %lld heads (%lld shared, top-%lld of %lld routed), "
+      "%lld tokens\n",
+      (long long)H, (long long)S, (long long)moh.config().routed_top_k, (long long)(H - S),
+      (long long)(B * N));
   std::printf("tokens per head:");
   for (std::int64_t h = 0; h < H; ++h)
     std::printf(" h%lld=%lld", (long long)h,
@@ -61,7 +65,11 @@ int main() {
     diff = std::max(diff, double(std::abs(y[i] - y_all[i])));
     scale = std::max(scale, double(std::abs(y_all[i])));
   }
-  std::printf("output [%lld, %lld, %lld]; max |routed - all heads| = %.2g (output scale %.2g)\n",
-              (long long)B, (long long)N, (long long)C, diff, scale);
-  return 0;
+  const double tolerance = 1e-5 * scale;
+  const bool ok = diff <= tolerance;
+  std::printf("output [%lld, %lld, %lld], largest |y| %.2g\n", (long long)B, (long long)N,
+              (long long)C, scale);
+  std::printf("max error of routed heads vs every head computed %.2g (tolerance %.1e): %s\n", diff,
+              tolerance, ok ? "OK" : "FAILED");
+  return ok ? 0 : 1;
 }

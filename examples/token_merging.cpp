@@ -1,7 +1,9 @@
 // token_merging: ToMe on a ViT-like token sequence. Three rounds of bipartite soft matching
 // (r = 16 each) shrink 197 tokens (class token + 14x14 patches), tracking sizes and the source
 // map; proportional attention then weights each merged key by its size; unmerge gathers the
-// merged features back to 197 tokens for a dense prediction head.
+// merged features back to 197 tokens for a dense prediction head. The check: merging keeps the
+// size-weighted mean of the tokens and the total size (197), and every original token unmerges
+// to the merged token the source map names; exits 1 otherwise.
 #include <cmath>
 #include <cstdio>
 #include <map>
@@ -25,6 +27,10 @@ int main() {
     for (std::int64_t c = 0; c < C; ++c) x(0, i, c) = protos(p, c) + 0.3f * nd(gen);
   }
 
+  std::printf(
+      "token_merging: ToMe bipartite soft matching on %lld tokens of width %lld\n(class "
+      "token + 14x14 patches), 3 rounds of r = %lld\n",
+      (long long)N, (long long)C, (long long)r);
   Tensor<float> tokens = x, sizes({B, N});
   sizes.fill(1.0f);
   Tensor<float> source;  // original token -> current token map
@@ -65,9 +71,24 @@ int main() {
   for (std::int64_t i = 0; i < N; ++i)
     for (std::int64_t o = 0; o < M; ++o)
       if (source(0, o, i) == 1.0f && dense(0, i, 0) == attended(0, o, 0, 0)) ++agree;
+  std::printf("unmerged for dense prediction: [%lld, %lld, %lld]\n", (long long)B, (long long)N,
+              (long long)C);
+
+  // Merging averages tokens weighted by their sizes, so the size-weighted mean of the merged
+  // tokens equals the plain mean of the 197 originals, and the sizes add up to 197.
+  double mean_err = 0, total_size = 0;
+  for (const float s : sizes) total_size += s;
+  for (std::int64_t c = 0; c < C; ++c) {
+    double before = 0, after = 0;
+    for (std::int64_t i = 0; i < N; ++i) before += x(0, i, c);
+    for (std::int64_t o = 0; o < M; ++o) after += double(sizes(0, o)) * tokens(0, o, c);
+    mean_err = std::max(mean_err, std::abs(before - after) / double(N));
+  }
+  const double tolerance = 1e-5;
+  const bool ok = mean_err <= tolerance && total_size == double(N) && agree == N;
   std::printf(
-      "unmerged for dense prediction: [%lld, %lld, %lld]; %lld of %lld tokens agree with "
-      "the source map\n",
-      (long long)B, (long long)N, (long long)C, (long long)agree, (long long)N);
-  return 0;
+      "size-weighted mean kept (max error %.2g, tolerance %.0e), sizes sum to %.0f, %lld "
+      "of %lld tokens unmerge to their source: %s\n",
+      mean_err, tolerance, total_size, (long long)agree, (long long)N, ok ? "OK" : "FAILED");
+  return ok ? 0 : 1;
 }
