@@ -3,6 +3,9 @@
 // and losses), 1 thread, in tokens/s. T in {512, 4096, 16384}, E in {8, 64, 256},
 // k in {1, 2, 8} where meaningful (k < E; GShard is top-2 only).
 //
+// null_experts (AdaMoE) routes over E real plus E/4 null experts (logits [T, 5E/4]);
+// deepseek_v3 (E >= 64) is DeepSeek-V3's gate: sigmoid scores, a selection bias, 8 expert
+// groups of which the best 4 are kept, renormalised weights times 2.5.
 // Also in the same run, "naive_sort": what a straightforward implementation does
 // (softmax, a full argsort of each row, then a stable sort of all (expert, token)
 // pairs to group by expert), as the yardstick for "faster than an afternoon's code".
@@ -27,9 +30,11 @@
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/router_capacity.hpp"
 #include "switchyard/moe/router_expert_choice.hpp"
+#include "switchyard/moe/router_grouped_topk.hpp"
 #include "switchyard/moe/router_gshard.hpp"
 #include "switchyard/moe/router_hash.hpp"
 #include "switchyard/moe/router_noisy_topk.hpp"
+#include "switchyard/moe/router_null_experts.hpp"
 #include "switchyard/moe/router_relu.hpp"
 #include "switchyard/moe/router_top_p.hpp"
 #include "switchyard/moe/router_topk.hpp"
@@ -173,6 +178,28 @@ void register_shape(std::int64_t T, std::int64_t E, std::int64_t k) {
     const switchyard::core::Rng rng(2026, 9);
     for (std::int64_t t = 0; t < T; ++t) ids[t] = static_cast<std::int64_t>(rng.uint64(t) % 50257);
     run(s, T, [&](auto& plan) { r.route(ids, plan); });
+  });
+  if (E >= 64) {  // DeepSeek-V3's gate: sigmoid, selection bias, 8 groups, top 4 groups
+    add("deepseek_v3", [=](benchmark::State& s) {
+      const moe::GroupedTopKRouter<float> r({.num_experts = E,
+                                             .top_k = k,
+                                             .n_group = 8,
+                                             .topk_group = 4,
+                                             .score_func = moe::ScoreFunc::sigmoid,
+                                             .norm_topk_prob = true,
+                                             .routed_scaling_factor = 2.5});
+      std::vector<float> bias(static_cast<std::size_t>(E));
+      const switchyard::core::Rng rng(2026, 11);
+      for (std::int64_t e = 0; e < E; ++e) bias[e] = 0.01f * rng.normal<float>(e);
+      const auto logits = logits_for(T, E).view<2>();
+      run(s, T, [&](auto& plan) { r.route(logits, bias, plan); });
+    });
+  }
+  add("null_experts", [=](benchmark::State& s) {  // AdaMoE: E real + E/4 null experts
+    const std::int64_t N = std::max<std::int64_t>(1, E / 4);
+    const moe::NullExpertRouter<float> r({.num_experts = E, .null_experts = N, .top_k = k});
+    const auto logits = logits_for(T, E + N).view<2>();
+    run(s, T, [&](auto& plan) { r.route(logits, plan); });
   });
   add("naive_sort", [=](benchmark::State& s) {
     std::vector<float> probs;

@@ -10,6 +10,7 @@
 // accepts is also quick to run.
 #include <fuzzer/FuzzedDataProvider.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <deque>
@@ -33,7 +34,9 @@ constexpr double kMaxWork = 1 << 25;
 double routing_work(const attention::RoutingAttention<float>& attn, const Shape<4>& qs) {
   for (const auto e : qs)
     if (e < 0 || e > 64) return 0;
-  const double B = double(qs[0]), T = double(qs[1]), H = double(qs[2]), D = double(qs[3]);
+  // D = 0 still costs a step per (query, key) pair: softmax and bookkeeping.
+  const double B = double(qs[0]), T = double(qs[1]), H = double(qs[2]),
+               D = double(std::max<std::int64_t>(qs[3], 1));
   const double C = double(attn.num_clusters(qs[1]));
   const double w = std::min(T, double(std::max<std::int64_t>(attn.config().window_size, 0)));
   return B * H * (C * T * D + C * w * w * D);
@@ -421,6 +424,8 @@ void fuzz_routing(Fuzz& f) {
                            : attention::RoutingSelection::top_window;
   attention::RoutingAttention<float> attn(cfg);
   const auto qs = f.shape<4>();
+  // Up to 3 k-means iterations over q and k (2 T samples), then the forward.
+  if (8 * routing_work(attn, qs) > kMaxWork) return;
   auto q = f.tensor<4>(qs);
   auto k = f.tensor<4>(f.near(qs));
   auto v = f.tensor<4>(f.near(qs));
@@ -463,6 +468,13 @@ void fuzz_bilevel(Fuzz& f) {
   if (f.flag()) w.qkv_bias = f.tensor<1>(f.near(Shape<1>{3 * C}));
   if (k > 0) w.lepe_weight = f.tensor<4>(f.near(Shape<4>{C, 1, k, k}));
   auto x = f.tensor<4>(f.near(Shape<4>{f.extent(), f.extent(), f.extent(), C}));
+  // Projections (4 C^2 per token) plus at most every key of the image per query: a stride-0
+  // x of 33^4 costs ~10^9 steps under the sanitizers (see kMaxWork).
+  const auto xs = x.shape();
+  if (std::all_of(xs.begin(), xs.end(), [](std::int64_t e) { return e >= 0 && e <= 64; })) {
+    const double tokens = double(xs[0]) * double(xs[1]) * double(xs[2]), c = double(xs[3]);
+    if (tokens * std::max(c, 1.0) * (4 * c + double(xs[1]) * double(xs[2])) > kMaxWork) return;
+  }
   auto out = f.output<4>(f.near(x.shape()), {x});
   if (f.flag()) {
     bra.forward(x, w, out);
@@ -500,24 +512,31 @@ void fuzz_routers(Fuzz& f) {
   moe::TokenMask mask;
   if (f.flag()) mask.keep = keep;
   moe::DispatchPlan<float> plan;
-  switch (f.pick(0, 8)) {
-    case 0:
-      moe::TopKRouter<float>({.num_experts = E, .top_k = K, .renormalize = f.flag()})
-          .route(logits, plan, mask);
+  switch (f.pick(0, 10)) {
+    case 0: {
+      const moe::TopKRouter<float> r({.num_experts = E, .top_k = K, .renormalize = f.flag()});
+      if (f.flag())  // a scores buffer: wrong shapes, or logits itself, must be rejected
+        r.route(logits, plan, mask, f.output<2>(f.near(logits.shape()), {logits}));
+      else
+        r.route(logits, plan, mask);
       break;
+    }
     case 1:
       moe::CapacityRouter<float>(
           {.num_experts = E,
            .top_k = K,
            .capacity_factor = f.real(),
            .min_capacity = f.extent(),
+           .capacity = f.flag() ? f.offset() : -1,
            .pre_softmax = f.flag(),
            .drop_policy = f.flag() ? moe::DropPolicy::probs : moe::DropPolicy::position})
           .route(logits, plan, mask);
       break;
     case 2: {
-      moe::GShardTop2Router<float> r(
-          {.num_experts = E, .capacity_factor = f.real(), .min_capacity = f.extent()});
+      moe::GShardTop2Router<float> r({.num_experts = E,
+                                      .capacity_factor = f.real(),
+                                      .min_capacity = f.extent(),
+                                      .capacity = f.flag() ? f.offset() : -1});
       if (f.flag())
         r.route_with_noise(logits, f.tensor<2>(f.near(logits.shape())), plan, mask);
       else
@@ -525,8 +544,10 @@ void fuzz_routers(Fuzz& f) {
       break;
     }
     case 3:
-      moe::ExpertChoiceRouter<float>(
-          {.num_experts = E, .capacity_factor = f.real(), .min_capacity = f.extent()})
+      moe::ExpertChoiceRouter<float>({.num_experts = E,
+                                      .capacity_factor = f.real(),
+                                      .min_capacity = f.extent(),
+                                      .capacity = f.flag() ? f.offset() : -1})
           .route(logits, plan, mask);
       break;
     case 4:
@@ -552,6 +573,35 @@ void fuzz_routers(Fuzz& f) {
       const auto ids = f.int_list(f.extent(), -5, 100);
       moe::HashRouter<float>({.num_experts = E, .top_k = K, .seed = std::uint64_t(f.pick(0, 9))})
           .route(ids, plan);
+      break;
+    }
+    case 8: {  // logits are [T, E + N]; the constructor has checked E + N
+      const moe::NullExpertRouter<float> r(
+          {.num_experts = E, .null_experts = f.extent(), .top_k = K, .renormalize = f.flag()});
+      auto wide = f.tensor<2>({logits.extent(0), f.near(r.router_width())});
+      if (f.flag())
+        r.route(wide, plan, mask, f.output<2>(f.near(wide.shape()), {wide}));
+      else
+        r.route(wide, plan, mask);
+      break;
+    }
+    case 9: {  // DeepSeek-V3 gate: groups, sigmoid, selection bias
+      const moe::GroupedTopKRouter<float> r(
+          {.num_experts = E,
+           .top_k = K,
+           .n_group = f.extent(),
+           .topk_group = f.extent(),
+           .score_func = f.flag() ? moe::ScoreFunc::sigmoid : moe::ScoreFunc::softmax,
+           .norm_topk_prob = f.flag(),
+           .routed_scaling_factor = f.flag() ? f.real() : 1.0});
+      std::vector<float> bias(static_cast<std::size_t>(std::clamp<std::int64_t>(f.near(E), 0, 64)));
+      for (auto& b : bias) b = f.value();
+      View<float, 2> scores;
+      if (f.flag()) scores = f.output<2>(f.near(logits.shape()), {logits});
+      if (f.flag())
+        r.route(logits, bias, plan, mask, scores);
+      else
+        r.route(logits, plan, mask, scores);
       break;
     }
     default: {

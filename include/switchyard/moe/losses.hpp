@@ -178,6 +178,78 @@ std::vector<double> log_space_mean_prob(ConstView<T, 2> logits, const TokenMask&
   return mean;
 }
 
+/// DeepSeek-V3's complementary sequence-wise balance loss (DeepSeek-V3 technical report,
+/// section 2.1.2; coefficient alpha = 1). expert_indices: [T, K] chosen experts (a plan's
+/// expert_indices(); -1 = unused, not counted); scores: [T, E] the router's unbiased scores
+/// s[t, e] >= 0 (GroupedTopKRouter's scores_out); the T tokens are consecutive sequences of
+/// seq_len tokens (a flattened [B, seq_len] batch). Per sequence, over its routed tokens
+/// (mask; T_s of them):
+///   s'[t, i] = s[t, i] / sum_j s[t, j]      (0 for a row summing to 0),
+///   f_i = E / (K T_s) * #{(t, slot) : expert_indices[t, slot] = i},
+///   P_i = (1 / T_s) sum_t s'[t, i],         L_seq = sum_i f_i P_i;
+/// returns the mean of L_seq over the sequences with at least one routed token (0 if none).
+/// Uniform routing gives 1. In double. With seq_len = T this is GroupedTopKRouter's
+/// stats.aux_loss. Throws config_error for seq_len < 1 or not dividing T, or an expert id
+/// outside [-1, E); shape_error for mismatched shapes.
+template <class T>
+double sequence_wise_balance_loss(ConstView<std::int32_t, 2> expert_indices, ConstView<T, 2> scores,
+                                  std::int64_t seq_len, const TokenMask& mask = {}) {
+  constexpr std::string_view fn = "sequence_wise_balance_loss";
+  const std::int64_t tokens = scores.extent(0), experts = scores.extent(1);
+  core::detail::check_shape("moe", fn, "scores", scores, {"T", "E"}, {-1, -1});
+  core::detail::check_shape("moe", fn, "expert_indices", expert_indices, {"T", "K"}, {tokens, -1},
+                            "one row per token of scores");
+  if (!mask.keep.empty() && static_cast<std::int64_t>(mask.keep.size()) != tokens) {
+    const std::int64_t got[1] = {static_cast<std::int64_t>(mask.keep.size())};
+    switchyard::detail::fail_shape("moe", fn, "mask", switchyard::detail::format_shape({"T"}, got),
+                                   "[T=" + std::to_string(tokens) + "]", "one flag per token");
+  }
+  if (seq_len < 1 || tokens % seq_len != 0) {
+    switchyard::detail::fail_config(
+        "moe", fn, "seq_len", seq_len,
+        "a divisor >= 1 of the token count T = " + std::to_string(tokens));
+  }
+  const std::int64_t k = expert_indices.extent(1);
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    for (std::int64_t j = 0; j < k; ++j) {
+      const std::int32_t e = expert_indices(t, j);
+      if (e < -1 || e >= experts) {
+        switchyard::detail::fail_config("moe", fn, "expert_indices", e,
+                                        "-1 or an expert id below E = " + std::to_string(experts));
+      }
+    }
+  }
+  if (tokens == 0 || k == 0 || experts == 0) return 0.0;
+  std::vector<double> count(static_cast<std::size_t>(experts)), p(count.size());
+  double total = 0;
+  std::int64_t sequences = 0;
+  for (std::int64_t t0 = 0; t0 < tokens; t0 += seq_len) {
+    std::fill(count.begin(), count.end(), 0.0);
+    std::fill(p.begin(), p.end(), 0.0);
+    std::int64_t routed = 0;
+    for (std::int64_t t = t0; t < t0 + seq_len; ++t) {
+      if (!mask.routed(t)) continue;
+      ++routed;
+      for (std::int64_t j = 0; j < k; ++j) {
+        const std::int32_t e = expert_indices(t, j);
+        if (e >= 0) count[e] += 1;
+      }
+      double row = 0;
+      for (std::int64_t e = 0; e < experts; ++e) row += static_cast<double>(scores(t, e));
+      if (!(row > 0)) continue;
+      const double inv = 1.0 / row;
+      for (std::int64_t e = 0; e < experts; ++e) p[e] += static_cast<double>(scores(t, e)) * inv;
+    }
+    if (routed == 0) continue;
+    const auto ts = static_cast<double>(routed);
+    double l = 0;
+    for (std::int64_t e = 0; e < experts; ++e) l += count[e] * p[e];
+    total += static_cast<double>(experts) / (static_cast<double>(k) * ts * ts) * l;
+    ++sequences;
+  }
+  return sequences == 0 ? 0.0 : total / static_cast<double>(sequences);
+}
+
 }  // namespace moe
 }  // namespace v0
 }  // namespace switchyard

@@ -213,6 +213,7 @@ class ExpertChoiceRouter {
         plan.slot[i] = slot;
         plan.choice_expert[t * experts + slot] = static_cast<std::int32_t>(e);
         plan.choice_weight[t * experts + slot] = plan.gate[i];
+        plan.choice_kept[t * experts + slot] = 1;  // reset() zeroed the rest
       }
       plan.stats.tokens_per_expert[e] = c;
       plan.stats.kept_per_expert[e] = c;
@@ -222,7 +223,6 @@ class ExpertChoiceRouter {
     plan.stats.tokens_without_expert = without;
     plan.stats.dropped = 0;
     plan.stats.aux_loss = plan.stats.aux_loss_scaled = 0;
-    detail::fill_choice_kept(plan);
   }
 
   /// route(logits, plan, mask) that also writes the routing scores [T, E] into `scores`
