@@ -15,7 +15,8 @@ if(CMAKE_CXX_COMPILER_ID STREQUAL "GNU")
   # gcc 12.2 (Debian 12) miscompiles with AVX-512 targets (-march=native on this
   # machine, x86-64-v4): its SLP vectoriser turned `std::vector<std::int64_t> w{2, 2, 0, 0}`
   # into {2, 2, 2, 2} in a test. Our kernels vectorise explicitly (xsimd), so turning
-  # the SLP pass off costs them nothing. The README tells users about it.
+  # the SLP pass off costs them nothing. Consumers get it from the switchyard target
+  # (cmake/switchyardGcc12Workaround.cmake); our own builds keep it even when that option is OFF.
   if(CMAKE_CXX_COMPILER_VERSION VERSION_LESS 13)
     target_compile_options(switchyard_dev_flags INTERFACE -fno-tree-slp-vectorize)
   endif()

@@ -13,7 +13,15 @@ write_basic_package_version_file(${PROJECT_BINARY_DIR}/switchyardConfigVersion.c
 install(FILES ${PROJECT_BINARY_DIR}/switchyardConfig.cmake
               ${PROJECT_BINARY_DIR}/switchyardConfigVersion.cmake
               ${PROJECT_SOURCE_DIR}/cmake/switchyardXsimdShim.cmake
+              ${PROJECT_SOURCE_DIR}/cmake/switchyardGcc12Workaround.cmake
         DESTINATION ${SWITCHYARD_CMAKE_DIR})
 
+# pkg-config users get -fopenmp when this build uses OpenMP (the plain flag, which g++ and clang++
+# both take; FindOpenMP's flags are those of the compiler that configured this build).
+if(SWITCHYARD_USES_OPENMP)
+  set(SWITCHYARD_PC_OPENMP " -fopenmp")
+else()
+  set(SWITCHYARD_PC_OPENMP "")
+endif()
 configure_file(${PROJECT_SOURCE_DIR}/cmake/switchyard.pc.in ${PROJECT_BINARY_DIR}/switchyard.pc @ONLY)
 install(FILES ${PROJECT_BINARY_DIR}/switchyard.pc DESTINATION ${CMAKE_INSTALL_DATADIR}/pkgconfig)

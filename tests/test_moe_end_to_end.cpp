@@ -48,7 +48,11 @@ struct SwigluFixture {
         w1(f.tensor<float>(prefix + "w1")),
         w2(f.tensor<float>(prefix + "w2")),
         w3(f.tensor<float>(prefix + "w3")) {}
-  moe::ExpertWeights<float> experts() const { return {.w1 = w1, .w3 = w3, .w2 = w2}; }
+  // Every field, in declaration order (w1 gate, w3 up, w2 down, then the biases): gcc's
+  // -Wmissing-field-initializers (-Wextra) also flags designated initialisers that leave some out.
+  moe::ExpertWeights<float> experts() const {
+    return {.w1 = w1, .w3 = w3, .w2 = w2, .b1 = {}, .b3 = {}, .b2 = {}};
+  }
 };
 
 /// Routes the fixture's tokens with `router` and runs a SwiGLU layer over the plan.
@@ -152,7 +156,8 @@ TEST_CASE("MoE end to end: noisy top-k, eval and train with the recorded noise",
                                     .activation = moe::Activation::relu,
                                     .output_softmax = true});
   const moe::MoELayerWeights<float> weights{
-      .experts = {.w1 = fc1_w, .w2 = fc2_w, .b1 = fc1_b, .b2 = fc2_b}};
+      .experts = {.w1 = fc1_w, .w3 = {}, .w2 = fc2_w, .b1 = fc1_b, .b3 = {}, .b2 = fc2_b},
+      .shared = {}};
   const moe::NoisyTopKWeights<float> gate_w{.w_gate = w_gate, .w_noise = w_noise};
 
   const auto eval = router.route(x, gate_w);

@@ -16,11 +16,11 @@
 #include <string>
 #include <string_view>
 #include <vector>
-#include <xsimd/xsimd.hpp>
 
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
+#include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/view.hpp"
 
 namespace switchyard {

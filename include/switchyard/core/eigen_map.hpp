@@ -1,9 +1,14 @@
 #pragma once
 // Eigen interop: map a 2-D switchyard view as a row-major Eigen matrix without copying.
-#include <Eigen/Core>
 #include <type_traits>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/view.hpp"
+
+// Eigen brings in the compiler's intrinsic headers: see core/diagnostics.hpp.
+SWITCHYARD_DIAGNOSTIC_PUSH
+#include <Eigen/Core>
+SWITCHYARD_DIAGNOSTIC_POP
 
 namespace switchyard {
 inline namespace v0 {

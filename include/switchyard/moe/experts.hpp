@@ -49,12 +49,12 @@ inline constexpr std::string_view activation_name(Activation a) noexcept {
 /// Any strides for the matrices; biases need a unit inner stride. Empty bias = no bias.
 template <class T>
 struct ExpertWeights {
-  ConstView<T, 3> w1;  ///< [N, F, d] gate (swiglu) or first layer (gelu, relu; "fc1")
-  ConstView<T, 3> w3;  ///< [N, F, d] up projection (swiglu only; empty otherwise)
-  ConstView<T, 3> w2;  ///< [N, d, F] down projection / second layer ("fc2")
-  ConstView<T, 2> b1;  ///< [N, F] bias of w1, or empty
-  ConstView<T, 2> b3;  ///< [N, F] bias of w3 (swiglu only), or empty
-  ConstView<T, 2> b2;  ///< [N, d] bias of w2, or empty
+  ConstView<T, 3> w1{};  ///< [N, F, d] gate (swiglu) or first layer (gelu, relu; "fc1")
+  ConstView<T, 3> w3{};  ///< [N, F, d] up projection (swiglu only; empty otherwise)
+  ConstView<T, 3> w2{};  ///< [N, d, F] down projection / second layer ("fc2")
+  ConstView<T, 2> b1{};  ///< [N, F] bias of w1, or empty
+  ConstView<T, 2> b3{};  ///< [N, F] bias of w3 (swiglu only), or empty
+  ConstView<T, 2> b2{};  ///< [N, d] bias of w2, or empty
 };
 
 namespace detail {

@@ -81,8 +81,8 @@ struct MoELayerConfig {
 /// Routed experts [E, ...] and shared experts [S, ...], of the layer's activation.
 template <class T>
 struct MoELayerWeights {
-  ExpertWeights<T> experts;  ///< E routed experts
-  ExpertWeights<T> shared;   ///< S shared experts (all views empty when S = 0)
+  ExpertWeights<T> experts{};  ///< E routed experts
+  ExpertWeights<T> shared{};   ///< S shared experts (all views empty when S = 0)
 };
 
 /// A plan from a dense combine-weight matrix, for users who route elsewhere and for tests.

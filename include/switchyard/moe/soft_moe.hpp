@@ -90,9 +90,9 @@ struct SoftMoEConfig {
 template <class T>
 struct SoftMoEWeights {
   /// [d, E * S] slot parameters (any strides): column j is slot j % S of expert j / S.
-  ConstView<T, 2> phi;
+  ConstView<T, 2> phi{};
   /// E experts, the layouts of MoELayer ([E, F, d] w1 / w3, [E, d, F] w2, optional biases).
-  ExpertWeights<T> experts;
+  ExpertWeights<T> experts{};
   /// The learned scalar scale of the normalised logits; used (and must be finite) only when
   /// config normalize is true.
   T scale = T(1);

@@ -8,7 +8,6 @@
 // Ties: torch leaves the order of argsort and max ties unspecified. Here ties break toward the
 // lower index everywhere (max keeps the first maximum, the ranking is a stable sort); a NaN score
 // ranks like -inf. On data without ties the result is the reference's.
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -18,6 +17,7 @@
 #include <string>
 #include <vector>
 
+#include "switchyard/core/eigen_map.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"

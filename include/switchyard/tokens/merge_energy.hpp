@@ -19,7 +19,6 @@
 // Ties: torch leaves the order of argsort and max ties unspecified. Here ties break toward the
 // lower index everywhere (stable sorts, max keeps the first maximum); a NaN score ranks like -inf.
 // On data without ties the result is the reference's.
-#include <Eigen/Core>
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -32,6 +31,7 @@
 #include <utility>
 #include <vector>
 
+#include "switchyard/core/eigen_map.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"

@@ -10,9 +10,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <type_traits>
-#include <xsimd/xsimd.hpp>
 
 #include "switchyard/config.hpp"
+#include "switchyard/core/diagnostics.hpp"
+
+// xsimd brings in the compiler's intrinsic headers: see core/diagnostics.hpp.
+SWITCHYARD_DIAGNOSTIC_PUSH
+#include <xsimd/xsimd.hpp>
+SWITCHYARD_DIAGNOSTIC_POP
 
 // The instruction set this translation unit is compiled for, as a namespace
 // name. Plain C++ code is auto-vectorised for the TU's flags too, so the scalar
@@ -39,6 +44,9 @@
 #define SWITCHYARD_ARCH_NS isa_generic
 #endif
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace simd {
@@ -146,3 +154,4 @@ void for_each_arch(F&& f) {
 }  // namespace simd
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

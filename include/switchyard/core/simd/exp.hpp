@@ -17,8 +17,12 @@
 #include <cmath>
 #include <cstdint>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace simd {
@@ -125,3 +129,4 @@ inline T exp(T x) noexcept {
 }  // namespace simd
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

@@ -21,9 +21,13 @@
 #include <cstdint>
 #include <cstring>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
@@ -268,3 +272,4 @@ void gemm(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, co
 }  // namespace kernels
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

@@ -8,10 +8,14 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/gemm_kernel.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
@@ -194,3 +198,4 @@ void pack_a_all(Arch arch, const T* a, std::int64_t rsa, std::int64_t csa, const
 }  // namespace kernels
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

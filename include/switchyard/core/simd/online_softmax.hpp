@@ -21,9 +21,13 @@
 #include <cstdint>
 #include <limits>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/exp.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace simd {
@@ -156,3 +160,4 @@ void online_softmax_finish(Arch, const T* acc, std::int64_t d, T l, T* out,
 }  // namespace kernels
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

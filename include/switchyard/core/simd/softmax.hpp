@@ -13,6 +13,7 @@
 #include <limits>
 #include <type_traits>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
@@ -20,6 +21,9 @@
 #include "switchyard/core/simd/vector_ops.hpp"
 #include "switchyard/core/view.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
@@ -128,3 +132,4 @@ void softmax_rows(View<T, 2> x) {
 }  // namespace core
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

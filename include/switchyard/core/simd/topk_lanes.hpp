@@ -28,9 +28,13 @@
 #include <utility>
 #include <vector>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/topk.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
@@ -209,3 +213,4 @@ void topk_rows_lanes(const T* src, std::int64_t row_stride, std::int64_t r0, std
 }  // namespace kernels
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP

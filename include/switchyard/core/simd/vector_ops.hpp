@@ -10,8 +10,12 @@
 #include <cstdint>
 #include <limits>
 
+#include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
 
+// gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
+// kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
+SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
@@ -157,3 +161,4 @@ T row_sum(Arch, const T* x, std::int64_t n) noexcept {
 }  // namespace kernels
 }  // namespace v0
 }  // namespace switchyard
+SWITCHYARD_DIAGNOSTIC_POP
