@@ -7,7 +7,16 @@
 
 // Eigen brings in the compiler's intrinsic headers: see core/diagnostics.hpp.
 SWITCHYARD_DIAGNOSTIC_PUSH
+// Eigen 3.4's bf16 packet code has unused variables; with -I (pkg-config's eigen3 flags, not
+// CMake's -isystem) gcc and clang would report them in a consumer's -Wall build.
+#if defined(__GNUC__)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wunused-variable"
+#endif
 #include <Eigen/Core>
+#if defined(__GNUC__)
+#pragma GCC diagnostic pop
+#endif
 SWITCHYARD_DIAGNOSTIC_POP
 
 namespace switchyard {
