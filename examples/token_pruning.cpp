@@ -96,6 +96,7 @@ int main() {
   std::printf("surviving original tokens (first 12):");
   for (std::int64_t i = 0; i < std::min<std::int64_t>(12, composed.num_kept); ++i)
     std::printf(" %lld", (long long)composed.original[std::size_t(i)]);
-  std::printf("\nclass token kept first: %s\n", composed.original[0] == 0 ? "yes" : "no");
+  std::printf("\nthe class token (position 0) survives every layer, first: %s\n",
+              composed.original[0] == 0 ? "OK" : "NO");
   return composed.original[0] == 0 ? 0 : 1;
 }
