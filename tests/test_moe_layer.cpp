@@ -24,6 +24,7 @@
 
 // Counting operator new: the no-allocation tests read g_allocs while g_counting is set.
 #include "support/alloc_counter.hpp"
+#include "support/moe_experts.hpp"
 
 namespace {
 
@@ -31,79 +32,11 @@ using namespace switchyard;
 using Catch::Matchers::Contains;
 using moe::Activation;
 using test_support::max_abs;
+using test_support::OwnedExperts;
+using test_support::random_experts;
 using test_support::random_tensor;
+using test_support::ref_expert;
 using test_support::to_double;
-
-template <class T>
-struct OwnedExperts {
-  Tensor<T> w1, w3, w2, b1, b3, b2;
-  moe::ExpertWeights<T> view() const {
-    moe::ExpertWeights<T> w;
-    w.w1 = w1;
-    w.w2 = w2;
-    if (!w3.empty()) w.w3 = w3;
-    if (!b1.empty()) w.b1 = b1;
-    if (!b3.empty()) w.b3 = b3;
-    if (!b2.empty()) w.b2 = b2;
-    return w;
-  }
-};
-
-template <class T>
-OwnedExperts<T> random_experts(std::int64_t n, std::int64_t d, std::int64_t f, Activation act,
-                               bool biases, std::uint32_t seed) {
-  OwnedExperts<T> w;
-  const double s1 = 1.0 / std::sqrt(double(d)), s2 = 1.0 / std::sqrt(double(f));
-  w.w1 = random_tensor<T>({n, f, d}, seed, s1);
-  w.w2 = random_tensor<T>({n, d, f}, seed + 1, s2);
-  if (act == Activation::swiglu) w.w3 = random_tensor<T>({n, f, d}, seed + 2, s1);
-  if (biases) {
-    w.b1 = random_tensor<T>({n, f}, seed + 3, 0.5);
-    w.b2 = random_tensor<T>({n, d}, seed + 4, 0.5);
-    if (act == Activation::swiglu) w.b3 = random_tensor<T>({n, f}, seed + 5, 0.5);
-  }
-  return w;
-}
-
-/// Naive expert e on one token, in double.
-template <class T>
-std::vector<double> ref_expert(const OwnedExperts<T>& w, std::int64_t e, Activation act,
-                               bool out_softmax, const std::vector<double>& x) {
-  const std::int64_t f = w.w1.extent(1), d = w.w1.extent(2);
-  std::vector<double> h(std::size_t(f), 0.0), y(std::size_t(d), 0.0);
-  for (std::int64_t j = 0; j < f; ++j) {
-    double g = 0, u = 0;
-    for (std::int64_t p = 0; p < d; ++p) {
-      g += double(w.w1(e, j, p)) * x[p];
-      if (act == Activation::swiglu) u += double(w.w3(e, j, p)) * x[p];
-    }
-    if (!w.b1.empty()) g += double(w.b1(e, j));
-    if (!w.b3.empty()) u += double(w.b3(e, j));
-    switch (act) {
-      case Activation::swiglu:
-        h[j] = g / (1.0 + std::exp(-g)) * u;
-        break;
-      case Activation::gelu:
-        h[j] = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
-        break;
-      case Activation::relu:
-        h[j] = std::max(g, 0.0);
-        break;
-    }
-  }
-  for (std::int64_t i = 0; i < d; ++i) {
-    double s = w.b2.empty() ? 0.0 : double(w.b2(e, i));
-    for (std::int64_t j = 0; j < f; ++j) s += double(w.w2(e, i, j)) * h[j];
-    y[i] = s;
-  }
-  if (out_softmax) {
-    const double m = *std::max_element(y.begin(), y.end());
-    double z = 0;
-    for (auto& v : y) z += (v = std::exp(v - m));
-    for (auto& v : y) v /= z;
-  }
-  return y;
-}
 
 /// One (token, choice) of the reference: expert (-1 unused), weight, kept by capacity.
 struct Choice {

@@ -26,6 +26,7 @@
 
 // Counting operator new: the no-allocation tests read g_allocs while g_counting is set.
 #include "support/alloc_counter.hpp"
+#include "support/moe_experts.hpp"
 
 namespace {
 
@@ -33,72 +34,11 @@ using namespace switchyard;
 using Catch::Matchers::Contains;
 using moe::Activation;
 using test_support::max_abs;
+using test_support::OwnedExperts;
+using test_support::random_experts;
 using test_support::random_tensor;
+using test_support::ref_expert;
 using test_support::to_double;
-
-template <class T>
-struct OwnedExperts {
-  Tensor<T> w1, w3, w2, b1, b3, b2;
-  moe::ExpertWeights<T> view() const {
-    moe::ExpertWeights<T> w;
-    w.w1 = w1;
-    w.w2 = w2;
-    if (!w3.empty()) w.w3 = w3;
-    if (!b1.empty()) w.b1 = b1;
-    if (!b3.empty()) w.b3 = b3;
-    if (!b2.empty()) w.b2 = b2;
-    return w;
-  }
-};
-
-template <class T>
-OwnedExperts<T> random_experts(std::int64_t n, std::int64_t d, std::int64_t f, Activation act,
-                               bool biases, std::uint32_t seed) {
-  OwnedExperts<T> w;
-  const double s1 = 1.0 / std::sqrt(double(d)), s2 = 1.0 / std::sqrt(double(f));
-  w.w1 = random_tensor<T>({n, f, d}, seed, s1);
-  w.w2 = random_tensor<T>({n, d, f}, seed + 1, s2);
-  if (act == Activation::swiglu) w.w3 = random_tensor<T>({n, f, d}, seed + 2, s1);
-  if (biases) {
-    w.b1 = random_tensor<T>({n, f}, seed + 3, 0.5);
-    w.b2 = random_tensor<T>({n, d}, seed + 4, 0.5);
-    if (act == Activation::swiglu) w.b3 = random_tensor<T>({n, f}, seed + 5, 0.5);
-  }
-  return w;
-}
-
-/// Expert e on one row, in double, with its own activations.
-template <class T>
-std::vector<double> ref_expert(const OwnedExperts<T>& w, std::int64_t e, Activation act,
-                               const std::vector<double>& x) {
-  const std::int64_t f = w.w1.extent(1), d = w.w1.extent(2);
-  std::vector<double> h(std::size_t(f), 0.0), y(std::size_t(d), 0.0);
-  for (std::int64_t j = 0; j < f; ++j) {
-    double g = w.b1.empty() ? 0.0 : double(w.b1(e, j));
-    double u = w.b3.empty() ? 0.0 : double(w.b3(e, j));
-    for (std::int64_t p = 0; p < d; ++p) {
-      g += double(w.w1(e, j, p)) * x[p];
-      if (act == Activation::swiglu) u += double(w.w3(e, j, p)) * x[p];
-    }
-    switch (act) {
-      case Activation::swiglu:
-        h[j] = g / (1.0 + std::exp(-g)) * u;
-        break;
-      case Activation::gelu:
-        h[j] = 0.5 * g * (1.0 + std::erf(g / std::sqrt(2.0)));
-        break;
-      case Activation::relu:
-        h[j] = g > 0 ? g : 0.0;
-        break;
-    }
-  }
-  for (std::int64_t i = 0; i < d; ++i) {
-    double s = w.b2.empty() ? 0.0 : double(w.b2(e, i));
-    for (std::int64_t j = 0; j < f; ++j) s += double(w.w2(e, i, j)) * h[j];
-    y[i] = s;
-  }
-  return y;
-}
 
 /// The paper's formulas with plain loops in double: y [B, m, d], D and C [B, m, n].
 struct RefSoft {
@@ -152,7 +92,7 @@ RefSoft ref_soft_moe(const Tensor<T>& x, const Tensor<T>& phi, const OwnedExpert
       std::vector<double> xs(std::size_t(d), 0.0);
       for (std::int64_t t = 0; t < m; ++t)
         for (std::int64_t p = 0; p < d; ++p) xs[p] += D[t * n + j] * double(x(b, t, p));
-      Y[j] = ref_expert(ex, j / S, act, xs);
+      Y[j] = ref_expert(ex, j / S, act, /*out_softmax=*/false, xs);
     }
     for (std::int64_t t = 0; t < m; ++t)
       for (std::int64_t j = 0; j < n; ++j)
