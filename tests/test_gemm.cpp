@@ -19,6 +19,8 @@
 #include <vector>
 
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/half.hpp"
+#include "switchyard/core/linear.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/gemm_kernel.hpp"
@@ -415,3 +417,121 @@ TEST_CASE("core::gemm errors name gemm, the argument and both shapes", "[gemm][e
 }
 
 }  // namespace
+
+namespace {
+
+/// IEEE half bits of a float that a half holds exactly (normal numbers and zero): the test's
+/// own encoding, independent of the library's decoding.
+f16 exact_half(float v) {
+  const std::uint32_t b = std::bit_cast<std::uint32_t>(v);
+  const std::uint16_t sign = static_cast<std::uint16_t>((b >> 16) & 0x8000u);
+  if ((b & 0x7FFFFFFFu) == 0) return f16{sign};
+  const int exp = int((b >> 23) & 0xFF) - 127 + 15;
+  REQUIRE(exp > 0);
+  REQUIRE(exp < 31);
+  REQUIRE((b & 0x1FFFu) == 0);
+  return f16{static_cast<std::uint16_t>(sign | (exp << 10) | ((b >> 13) & 0x3FFu))};
+}
+
+/// y = x w^T in double, w given as float values.
+std::vector<double> ref_linear(const std::vector<float>& x, const std::vector<float>& w,
+                               std::int64_t m, std::int64_t n, std::int64_t k) {
+  std::vector<double> y(std::size_t(m * n), 0.0);
+  for (std::int64_t i = 0; i < m; ++i)
+    for (std::int64_t j = 0; j < n; ++j) {
+      double s = 0;
+      for (std::int64_t p = 0; p < k; ++p) s += double(x[i * k + p]) * double(w[j * k + p]);
+      y[std::size_t(i * n + j)] = s;
+    }
+  return y;
+}
+
+}  // namespace
+
+TEST_CASE("core::linear with float, bf16 and f16 weights matches a naive double reference",
+          "[gemm][linear]") {
+  std::mt19937 gen(11);
+  std::uniform_int_distribution<int> small(-64, 64);
+  struct Case {
+    std::int64_t m, n, k;
+  };
+  for (const Case c : {Case{1, 72, 40}, Case{37, 5, 333}, Case{16, 130, 16}, Case{3, 33, 0}}) {
+    CAPTURE(c.m, c.n, c.k);
+    // Weights are multiples of 1/64 in [-1, 1]: exact in float, bf16 and f16 alike.
+    std::vector<float> x(std::size_t(c.m * c.k)), w(std::size_t(c.n * c.k));
+    for (auto& v : x) v = float(small(gen)) / 37.0f;
+    for (auto& v : w) v = float(small(gen)) / 64.0f;
+    std::vector<bf16> wb(w.size());
+    std::vector<f16> wh(w.size());
+    for (std::size_t i = 0; i < w.size(); ++i) {
+      wb[i] = bf16::from_float(w[i]);
+      REQUIRE(to_float(wb[i]) == w[i]);
+      wh[i] = exact_half(w[i]);
+    }
+    const auto want = ref_linear(x, w, c.m, c.n, c.k);
+    const ConstView<float, 2> xv(x.data(), {c.m, c.k});
+    const auto check = [&](const Tensor<float>& y) {
+      for (std::int64_t i = 0; i < c.m; ++i)
+        for (std::int64_t j = 0; j < c.n; ++j) {
+          const double r = want[std::size_t(i * c.n + j)];
+          REQUIRE(std::abs(double(y(i, j)) - r) <= 1e-5 * (1.0 + std::abs(r)) * (1 + c.k / 64));
+        }
+    };
+    const Tensor<float> yf = core::linear(xv, ConstView<float, 2>(w.data(), {c.n, c.k}));
+    const Tensor<float> yb = core::linear(xv, ConstView<bf16, 2>(wb.data(), {c.n, c.k}));
+    const Tensor<float> yh = core::linear(xv, ConstView<f16, 2>(wh.data(), {c.n, c.k}));
+    check(yf);
+    check(yb);
+    check(yh);
+    // the same values through any stored type, on any thread count: the same bits
+    REQUIRE(std::equal(yb.begin(), yb.end(), yf.begin()));
+    REQUIRE(std::equal(yh.begin(), yh.end(), yf.begin()));
+    {
+      ScopedNumThreads one(1);
+      const Tensor<float> y1 = core::linear(xv, ConstView<bf16, 2>(wb.data(), {c.n, c.k}));
+      REQUIRE(std::equal(y1.begin(), y1.end(), yf.begin()));
+    }
+    // the plain C++ path
+    const Tensor<float> ys =
+        core::linear<simd::scalar>(xv, ConstView<bf16, 2>(wb.data(), {c.n, c.k}));
+    check(ys);
+    // strided operands: y with a column stride, w transposed in memory, x every other row
+    std::vector<float> wt(w.size()), x2(std::size_t(2 * c.m * c.k));
+    for (std::int64_t j = 0; j < c.n; ++j)
+      for (std::int64_t p = 0; p < c.k; ++p)
+        wt[std::size_t(p * c.n + j)] = w[std::size_t(j * c.k + p)];
+    for (std::int64_t i = 0; i < c.m; ++i)
+      std::copy_n(x.data() + i * c.k, c.k, x2.data() + 2 * i * c.k);
+    Tensor<float> yt({c.n, c.m});  // y^T storage: y(i, j) at [j, i]
+    core::linear(ConstView<float, 2>(x2.data(), {c.m, c.k}, {2 * c.k, 1}),
+                 ConstView<float, 2>(wt.data(), {c.n, c.k}, {1, c.n}),
+                 View<float, 2>(yt.data(), {c.m, c.n}, {1, c.m}));
+    for (std::int64_t i = 0; i < c.m; ++i)
+      for (std::int64_t j = 0; j < c.n; ++j) REQUIRE(yt(j, i) == yf(i, j));
+  }
+}
+
+TEST_CASE("core::linear errors name linear, the argument and both shapes",
+          "[gemm][linear][errors]") {
+  std::vector<float> x(24), w(60), y(30);
+  const ConstView<float, 2> xv(x.data(), {4, 6});
+  REQUIRE_THROWS_WITH(
+      core::linear(xv, ConstView<float, 2>(w.data(), {6, 10}), View<float, 2>(y.data(), {4, 6})),
+      Catch::Contains("core::linear") && Catch::Contains("'w'") && Catch::Contains("[N=6, K=10]"));
+  REQUIRE_THROWS_WITH(
+      core::linear(xv, ConstView<float, 2>(w.data(), {10, 6}), View<float, 2>(y.data(), {4, 7})),
+      Catch::Contains("'y'") && Catch::Contains("[M=4, N=7]"));
+  // the output may not overlap x or w
+  REQUIRE_THROWS_WITH(
+      core::linear(xv, ConstView<float, 2>(w.data(), {10, 6}), View<float, 2>(w.data(), {4, 10})),
+      Catch::Contains("'y'") && Catch::Contains("memory shared with argument 'w'"));
+  REQUIRE_THROWS_WITH(
+      core::linear(xv, ConstView<float, 2>(w.data(), {2, 6}), View<float, 2>(x.data(), {4, 2})),
+      Catch::Contains("memory shared with argument 'x'"));
+  // extents whose byte count overflows are rejected before anything is allocated
+  REQUIRE_THROWS_WITH(
+      core::linear(ConstView<float, 2>(x.data(), {std::int64_t(1) << 40, 6}, {0, 1}),
+                   ConstView<float, 2>(w.data(), {10, 6}),
+                   View<float, 2>(y.data(), {std::int64_t(1) << 40, 10}, {0, 0})),
+      Catch::Contains("core::linear"));
+}

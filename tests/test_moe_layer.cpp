@@ -582,3 +582,149 @@ TEST_CASE("MoELayer::execute with a workspace does not allocate", "[moe][layer][
     REQUIRE(g_allocs.load() == 0);
   }
 }
+
+namespace {
+
+/// The experts of `w` as one separate [rows, cols] tensor per expert and projection (each in
+/// its own allocation, as a checkpoint stores them), of element type S (float, or bf16).
+template <class S>
+struct PerExpert {
+  std::vector<std::vector<S>> store;  // one buffer per matrix
+  moe::ExpertWeights<S> view;
+
+  void add(std::vector<ConstView<S, 2>>& list, const Tensor<float>& stacked, std::int64_t e) {
+    const std::int64_t r = stacked.extent(1), c = stacked.extent(2);
+    auto& buf = store.emplace_back(std::size_t(r * c));
+    for (std::int64_t i = 0; i < r; ++i)
+      for (std::int64_t j = 0; j < c; ++j) {
+        if constexpr (std::is_same_v<S, bf16>)
+          buf[std::size_t(i * c + j)] = bf16::from_float(stacked(e, i, j));
+        else
+          buf[std::size_t(i * c + j)] = stacked(e, i, j);
+      }
+    list.push_back(ConstView<S, 2>(buf.data(), {r, c}));
+  }
+  explicit PerExpert(const OwnedExperts<float>& w) {
+    store.reserve(std::size_t(3 * w.w1.extent(0)));  // views point into the buffers: no moves
+    for (std::int64_t e = 0; e < w.w1.extent(0); ++e) {
+      add(view.w1_each, w.w1, e);
+      add(view.w3_each, w.w3, e);
+      add(view.w2_each, w.w2, e);
+    }
+  }
+};
+
+/// w with every weight rounded to bf16 (the values a bf16 checkpoint holds), as float.
+OwnedExperts<float> rounded_to_bf16(OwnedExperts<float> w) {
+  for (Tensor<float>* t : {&w.w1, &w.w3, &w.w2})
+    for (float& v : *t) v = to_float(bf16::from_float(v));
+  return w;
+}
+
+}  // namespace
+
+TEST_CASE(
+    "MoELayer: per-expert views, bf16 weights and gated shared experts match a naive "
+    "double reference",
+    "[moe][layer][bf16]") {
+  const std::int64_t experts = 5, k = 2, d = 40, f = 72, fs = 48;
+  for (const std::int64_t tokens : {std::int64_t(5), std::int64_t(101)}) {  // decode, prefill
+    CAPTURE(tokens);
+    const Tensor<float> x = random_tensor<float>({tokens, d}, 7);
+    // Values exactly representable in bf16, so the float and bf16 forms hold the same weights.
+    const auto routed =
+        rounded_to_bf16(random_experts<float>(experts, d, f, Activation::swiglu, false, 17));
+    const auto shared =
+        rounded_to_bf16(random_experts<float>(2, d, fs, Activation::swiglu, false, 27));
+    Tensor<float> gate = random_tensor<float>({2, d}, 37, 0.5);
+    for (float& v : gate) v = to_float(bf16::from_float(v));
+    std::vector<bf16> gate16(std::size_t(2 * d));
+    for (std::int64_t i = 0; i < 2 * d; ++i)
+      gate16[std::size_t(i)] = bf16::from_float(gate.data()[i]);
+
+    const RandomRouting r = random_routing(tokens, experts, k, 47);
+    const auto plan = plan_from_routing<float>(r, experts, k);
+    // Reference: sum_s sigmoid(x . gate_s) shared_s(x) + sum of kept gate * expert(x).
+    std::vector<double> want(std::size_t(tokens * d), 0.0);
+    for (std::int64_t t = 0; t < tokens; ++t) {
+      if (!r.keep_token[t]) continue;
+      std::vector<double> xt(static_cast<std::size_t>(d));
+      for (std::int64_t p = 0; p < d; ++p) xt[p] = x(t, p);
+      for (std::int64_t s = 0; s < 2; ++s) {
+        double z = 0;
+        for (std::int64_t p = 0; p < d; ++p) z += xt[p] * double(gate(s, p));
+        const auto o = ref_expert(shared, s, Activation::swiglu, false, xt);
+        for (std::int64_t i = 0; i < d; ++i) want[t * d + i] += o[i] / (1 + std::exp(-z));
+      }
+      for (const Choice& c : r.choices[t])
+        if (c.expert >= 0 && c.kept) {
+          const auto o = ref_expert(routed, c.expert, Activation::swiglu, false, xt);
+          for (std::int64_t i = 0; i < d; ++i) want[t * d + i] += c.weight * o[i];
+        }
+    }
+    const double scale = max_abs(want);
+    REQUIRE(scale > 0);
+    moe::MoELayer<float> layer({.d_model = d,
+                                .d_ff = f,
+                                .num_experts = experts,
+                                .num_shared_experts = 2,
+                                .shared_d_ff = fs});
+    const moe::TokenMask mask{r.keep_token};
+    const auto check = [&](const Tensor<float>& y) {
+      const auto got = to_double(y);
+      double err = 0;
+      for (std::size_t i = 0; i < got.size(); ++i) err = std::max(err, std::abs(got[i] - want[i]));
+      REQUIRE(err <= 2e-5 * scale);
+    };
+    // stacked float weights
+    const moe::MoELayerWeights<float> stacked{routed.view(), shared.view(), gate};
+    const Tensor<float> y_stacked = layer.execute(plan, x, stacked, mask);
+    check(y_stacked);
+    // one float view per expert: the same packing reads them, the same bits come out
+    PerExpert<float> routed_f(routed), shared_f(shared);
+    const Tensor<float> y_each = layer.execute(
+        plan, x, moe::MoELayerWeights<float>{routed_f.view, shared_f.view, gate}, mask);
+    check(y_each);
+    REQUIRE(std::equal(y_each.begin(), y_each.end(), y_stacked.begin()));
+    // bf16 weights, one view per expert, widened while packing
+    PerExpert<bf16> routed_b(routed), shared_b(shared);
+    const moe::MoELayerWeights<bf16> w16{routed_b.view, shared_b.view,
+                                         ConstView<bf16, 2>(gate16.data(), {2, d})};
+    const Tensor<float> y16 = layer.execute(plan, x, w16, mask);
+    check(y16);
+    REQUIRE(std::equal(y16.begin(), y16.end(), y_stacked.begin()));
+  }
+}
+
+TEST_CASE("MoELayer: per-expert view and bf16 errors name the argument", "[moe][layer][errors]") {
+  const std::int64_t experts = 3, d = 8, f = 16;
+  const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, true, 5);
+  const Tensor<float> x = random_tensor<float>({4, d}, 6);
+  const RandomRouting r = random_routing(4, experts, 1, 7);
+  const auto plan = plan_from_routing<float>(r, experts, 1);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+
+  PerExpert<float> each(routed);
+  auto both = each.view;  // stacked and per-expert at once
+  both.w1 = routed.w1;
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<float>{both, {}}),
+                      Contains("'w1_each'") && Contains("not both"));
+  auto short_list = each.view;
+  short_list.w2_each.pop_back();
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<float>{short_list, {}}),
+                      Contains("'w2_each'") && Contains("[2 views]") && Contains("[3 views]"));
+  auto wrong = each.view;
+  wrong.w3_each[1] = each.view.w2_each[1];  // [d, f] where [f, d] belongs
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<float>{wrong, {}}),
+                      Contains("'w3_each[1]'") && Contains("[F=16, D=8]"));
+
+  PerExpert<bf16> each16(routed);
+  std::vector<bf16> bias(std::size_t(experts * f));
+  auto biased = each16.view;
+  biased.b1 = ConstView<bf16, 2>(bias.data(), {experts, f});
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<bf16>{biased, {}}),
+                      Contains("'b1'") && Contains("no biases"));
+  const Tensor<float> g = random_tensor<float>({2, d}, 8);
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<float>{routed.view(), {}, g}),
+                      Contains("'shared_gate'"));
+}

@@ -19,8 +19,10 @@
 #include <cstdint>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/exp.hpp"
 #include "switchyard/core/view.hpp"
@@ -47,6 +49,15 @@ inline constexpr std::string_view activation_name(Activation a) noexcept {
 
 /// Weights of N experts of one kind (N = E routed or S shared), PyTorch layout [out, in].
 /// Any strides for the matrices; biases need a unit inner stride. Empty bias = no bias.
+/// The matrices come in one of two forms, per projection:
+///  - stacked: one [N, ...] view (w1, w3, w2), the expert as the leading dimension;
+///  - per expert: N separate 2-D views (w1_each, w3_each, w2_each), each anywhere in memory,
+///    e.g. views into a Hugging Face checkpoint that stores one tensor per expert
+///    (moe/hf_checkpoint.hpp), so nothing is stacked into a copy. The layer reads both forms
+///    through the same packing, at the same speed.
+/// A projection uses exactly one form: the stacked view empty when the per-expert list is not.
+/// T is the stored element type: the layer's compute type, or bf16 / f16 for a float layer
+/// (widened while the layer packs weights; such experts take no biases).
 template <class T>
 struct ExpertWeights {
   ConstView<T, 3> w1{};  ///< [N, F, d] gate (swiglu) or first layer (gelu, relu; "fc1")
@@ -55,9 +66,49 @@ struct ExpertWeights {
   ConstView<T, 2> b1{};  ///< [N, F] bias of w1, or empty
   ConstView<T, 2> b3{};  ///< [N, F] bias of w3 (swiglu only), or empty
   ConstView<T, 2> b2{};  ///< [N, d] bias of w2, or empty
+  std::vector<ConstView<T, 2>> w1_each{};  ///< or N views [F, d] (w1 then empty)
+  std::vector<ConstView<T, 2>> w3_each{};  ///< or N views [F, d] (w3 then empty)
+  std::vector<ConstView<T, 2>> w2_each{};  ///< or N views [d, F] (w2 then empty)
+
+  /// Expert e's matrices, whichever form holds them (e < N; checked by the layer).
+  ConstView<T, 2> w1_of(std::int64_t e) const noexcept { return pick(w1, w1_each, e); }
+  ConstView<T, 2> w3_of(std::int64_t e) const noexcept { return pick(w3, w3_each, e); }
+  ConstView<T, 2> w2_of(std::int64_t e) const noexcept { return pick(w2, w2_each, e); }
+
+ private:
+  static ConstView<T, 2> pick(const ConstView<T, 3>& stacked,
+                              const std::vector<ConstView<T, 2>>& each, std::int64_t e) noexcept {
+    return each.empty() ? stacked[e] : each[std::size_t(e)];
+  }
 };
 
 namespace detail {
+
+/// Throws shape_error unless w holds `count` experts of width d, hidden width f, for `act`.
+/// Argument names are prefix + field ("w1", or "shared.w1").
+/// Throws shape_error unless `stacked` (or, when `each` is not empty, every view of it) holds
+/// `count` matrices of [rows, cols]; arg is e.g. "w1" or "shared.w1".
+template <class T>
+void check_expert_matrices(std::string_view layer, std::string_view fn, const std::string& arg,
+                           const ConstView<T, 3>& stacked, const std::vector<ConstView<T, 2>>& each,
+                           std::int64_t count, std::int64_t rows, std::int64_t cols,
+                           const char* rows_name, const char* cols_name, std::string_view note) {
+  if (each.empty()) {
+    core::detail::check_shape(layer, fn, arg, stacked, {"E", rows_name, cols_name},
+                              {count, rows, cols}, note);
+    return;
+  }
+  if (!stacked.empty() || std::int64_t(each.size()) != count) {
+    switchyard::detail::fail_shape(layer, fn, arg + "_each",
+                                   "[" + std::to_string(each.size()) + " views] and " + arg + " " +
+                                       switchyard::detail::format_shape(stacked.shape()),
+                                   "[" + std::to_string(count) + " views] and " + arg + " empty",
+                                   "one view per expert, or one stacked view, not both");
+  }
+  for (std::size_t e = 0; e < each.size(); ++e)
+    core::detail::check_shape(layer, fn, arg + "_each[" + std::to_string(e) + "]", each[e],
+                              {rows_name, cols_name}, {rows, cols}, note);
+}
 
 /// Throws shape_error unless w holds `count` experts of width d, hidden width f, for `act`.
 /// Argument names are prefix + field ("w1", or "shared.w1").
@@ -67,16 +118,27 @@ void check_expert_weights(std::string_view layer, std::string_view fn, std::stri
                           std::int64_t f, Activation act) {
   const std::string p(prefix);
   const auto arg = [&](const char* n) { return p + n; };
-  core::detail::check_shape(layer, fn, arg("w1"), w.w1, {"E", "F", "D"}, {count, f, d},
-                            "[out, in] layout: [experts, d_ff, d_model]");
-  core::detail::check_shape(layer, fn, arg("w2"), w.w2, {"E", "D", "F"}, {count, d, f},
-                            "[out, in] layout: [experts, d_model, d_ff]");
+  check_expert_matrices(layer, fn, arg("w1"), w.w1, w.w1_each, count, f, d, "F", "D",
+                        "[out, in] layout: [experts, d_ff, d_model]");
+  check_expert_matrices(layer, fn, arg("w2"), w.w2, w.w2_each, count, d, f, "D", "F",
+                        "[out, in] layout: [experts, d_model, d_ff]");
   if (act == Activation::swiglu) {
-    core::detail::check_shape(layer, fn, arg("w3"), w.w3, {"E", "F", "D"}, {count, f, d},
-                              "[out, in] layout: [experts, d_ff, d_model]");
-  } else if (!w.w3.empty()) {
+    check_expert_matrices(layer, fn, arg("w3"), w.w3, w.w3_each, count, f, d, "F", "D",
+                          "[out, in] layout: [experts, d_ff, d_model]");
+  } else if (!w.w3.empty() || !w.w3_each.empty()) {
     core::detail::check_shape(layer, fn, arg("w3"), w.w3, {"E", "F", "D"}, {0, 0, 0},
                               "empty: only swiglu experts have an up projection");
+    if (!w.w3_each.empty())
+      switchyard::detail::fail_shape(layer, fn, arg("w3_each"),
+                                     "[" + std::to_string(w.w3_each.size()) + " views]",
+                                     "[0 views]", "only swiglu experts have an up projection");
+  }
+  const bool has_bias = !w.b1.empty() || !w.b3.empty() || !w.b2.empty();
+  if (is_half_v<T> && has_bias) {
+    const char* which = !w.b1.empty() ? "b1" : (!w.b3.empty() ? "b3" : "b2");
+    switchyard::detail::fail_shape(layer, fn, arg(which), "bf16/f16 bias", "empty",
+                                   "experts with 16-bit weights take no biases (no Hugging Face "
+                                   "MoE family has them); pass float weights for biased experts");
   }
   const auto bias = [&](const char* n, const ConstView<T, 2>& b, std::int64_t out) {
     if (b.empty()) return;

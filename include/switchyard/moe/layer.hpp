@@ -48,6 +48,7 @@
 
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
@@ -69,7 +70,8 @@ struct MoELayerConfig {
   std::int64_t d_ff = 0;         ///< F, hidden width of each routed expert
   std::int64_t num_experts = 0;  ///< E routed experts
   Activation activation = Activation::swiglu;
-  std::int64_t num_shared_experts = 0;  ///< S always-on experts, weight 1, ungated (DeepSeekMoE)
+  std::int64_t num_shared_experts = 0;  ///< S always-on experts (DeepSeekMoE); weight 1, or
+                                        ///< sigmoid(x . shared_gate[s]) (Qwen2-MoE)
   bool output_softmax = false;   ///< softmax over each expert's d outputs (noisy top-k experts)
   std::int64_t shared_d_ff = 0;  ///< hidden width of the shared experts; 0 = d_ff
   /// Plans of at most this many tokens run the decode path (weights split across tasks so a
@@ -79,10 +81,14 @@ struct MoELayerConfig {
 };
 
 /// Routed experts [E, ...] and shared experts [S, ...], of the layer's activation.
+/// T is the stored element type: the layer's compute type, or bf16 / f16 for MoELayer<float>.
 template <class T>
 struct MoELayerWeights {
   ExpertWeights<T> experts{};  ///< E routed experts
   ExpertWeights<T> shared{};   ///< S shared experts (all views empty when S = 0)
+  /// [S, d] or empty: shared expert s's output is scaled by sigmoid(x . shared_gate[s])
+  /// (Qwen2-MoE's shared_expert_gate, an nn.Linear(d, 1) without bias); empty = weight 1.
+  ConstView<T, 2> shared_gate{};
 };
 
 /// A plan from a dense combine-weight matrix, for users who route elsewhere and for tests.
@@ -201,6 +207,20 @@ class MoELayer {
     return workspace_bytes(plan.num_tokens, plan.nnz(), threads);
   }
 
+  /// Weights of the compute type (the common case; braced weights work here).
+  void execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w, View<T, 2> y,
+               std::span<std::byte> workspace, TokenMask mask = {}) const {
+    execute<T>(plan, x, w, y, workspace, mask);
+  }
+  void execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w, View<T, 2> y,
+               TokenMask mask = {}) const {
+    execute<T>(plan, x, w, y, mask);
+  }
+  core::Tensor<T> execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w,
+                          TokenMask mask = {}) const {
+    return execute<T>(plan, x, w, mask);
+  }
+
   /// plan: routing of the T tokens (plan.num_tokens == T, plan.num_experts == E);
   /// x: [T, d] (any strides); y: [T, d], overwritten (any strides; may be x itself, the same
   /// view, but must not otherwise share memory with x: shape_error).
@@ -208,10 +228,13 @@ class MoELayer {
   /// or y (shape_error); nothing is allocated.
   /// mask: optional keep-mask over the T tokens; a masked token outputs 0 (no shared expert
   /// either) even if the plan lists it. T = 0 is valid and does nothing.
+  /// w: weights stored as T, or as bf16 / f16 for MoELayer<float> (widened while packing;
+  /// never copied whole), each projection stacked or one view per expert (ExpertWeights).
   /// Throws shape_error naming the argument (x, y, w1 / shared.w1 / ..., plan, mask,
   /// workspace) and both shapes, or switchyard::error for a malformed plan (offsets,
   /// token index out of range, tokens of an expert not strictly ascending).
-  void execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w, View<T, 2> y,
+  template <class W>
+  void execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w, View<T, 2> y,
                std::span<std::byte> workspace, TokenMask mask = {}) const {
     const std::string_view fn = "execute";
     check_args(fn, plan, x, w, mask);
@@ -241,7 +264,8 @@ class MoELayer {
   }
 
   /// As above with an allocated workspace.
-  void execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w, View<T, 2> y,
+  template <class W>
+  void execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w, View<T, 2> y,
                TokenMask mask = {}) const {
     check_args("execute", plan, x, w, mask);
     const std::size_t bytes = workspace_bytes(plan);
@@ -250,7 +274,8 @@ class MoELayer {
   }
 
   /// As above, returning y: [T, d].
-  core::Tensor<T> execute(const plan_type& plan, ConstView<T, 2> x, const weights_type& w,
+  template <class W>
+  core::Tensor<T> execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w,
                           TokenMask mask = {}) const {
     check_args("execute", plan, x, w, mask);
     core::Tensor<T> y({plan.num_tokens, cfg_.d_model});
@@ -356,8 +381,11 @@ class MoELayer {
     return l;
   }
 
+  template <class W>
   void check_args(std::string_view fn, const plan_type& plan, const ConstView<T, 2>& x,
-                  const weights_type& w, const TokenMask& mask) const {
+                  const MoELayerWeights<W>& w, const TokenMask& mask) const {
+    static_assert(std::is_same_v<W, T> || (std::is_same_v<T, float> && is_half_v<W>),
+                  "MoELayer: weights of the compute type T, or bf16 / f16 weights for float");
     const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
     const std::int64_t tokens = plan.num_tokens;
     if (plan.num_experts != E || tokens < 0) {
@@ -402,6 +430,11 @@ class MoELayer {
       detail::check_expert_weights(name, fn, "shared.", w.shared, S, d, cfg_.shared_d_ff,
                                    cfg_.activation);
     }
+    if (!w.shared_gate.empty() || S == 0) {
+      core::detail::check_shape(name, fn, "shared_gate", w.shared_gate, {"S", "D"},
+                                {w.shared_gate.empty() ? 0 : S, w.shared_gate.empty() ? 0 : d},
+                                "one gate row per shared expert, or empty (ungated)");
+    }
     if (!mask.keep.empty() && std::int64_t(mask.keep.size()) != tokens) {
       const std::int64_t got[1] = {std::int64_t(mask.keep.size())};
       switchyard::detail::fail_shape(name, fn, "mask", switchyard::detail::format_shape({"T"}, got),
@@ -432,7 +465,8 @@ class MoELayer {
     }
   }
 
-  void run(const plan_type& plan, const ConstView<T, 2>& x, const weights_type& w,
+  template <class W>
+  void run(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
            const View<T, 2>& y, const Layout& l, std::byte* base, std::int64_t slots_fit,
            const TokenMask& mask) const {
     const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
@@ -465,10 +499,12 @@ class MoELayer {
     } else {
       run_prefill(plan, x, w, l, out, tasks, slot_base, slots_fit);
     }
+    if (!w.shared_gate.empty()) gate_shared(x, w.shared_gate, tokens, nnz, out);
     combine(plan, y, out, tok_off, tok_pos, mask);
   }
 
-  void run_prefill(const plan_type& plan, const ConstView<T, 2>& x, const weights_type& w,
+  template <class W>
+  void run_prefill(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
                    const Layout& l, T* out, Task* tasks, std::byte* slot_base,
                    std::int64_t slots_fit) const {
     const std::int64_t tokens = plan.num_tokens, E = cfg_.num_experts;
@@ -499,7 +535,8 @@ class MoELayer {
 
   // Decode path (see the file comment): pack each group's rows of x, then hidden-chunk tasks,
   // then output-chunk tasks, then b2 / softmax per row.
-  void run_decode(const plan_type& plan, const ConstView<T, 2>& x, const weights_type& w,
+  template <class W>
+  void run_decode(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
                   const Layout& l, std::byte* base, std::byte* slot_base,
                   std::int64_t slots_fit) const {
     using G = kernels::GemmTile<Arch, T>;
@@ -522,7 +559,7 @@ class MoELayer {
     for (std::int64_t s = 0; s < S; ++s) add_group(E + s, 0, tokens);
 
     struct Ref {  // a group's weights, hidden width, input rows and output rows
-      const ExpertWeights<T>* ew;
+      const ExpertWeights<W>* ew;
       std::int64_t e, F;
       const std::int32_t* rows;
       const T* xa;
@@ -583,18 +620,17 @@ class MoELayer {
       T* const g = reinterpret_cast<T*>(sb + l.g);
       T* const u = reinterpret_cast<T*>(sb + l.u);
       T* const bb = reinterpret_cast<T*>(sb + l.bp);
-      const auto& w1 = r.ew->w1;
-      const auto& w3 = r.ew->w3;
       const Activation act = cfg_.activation;
-      kernels::gemm_packed_streamed(Arch{}, R, fc, d, ax + gr.ax,
-                                    w1.data() + r.e * w1.stride(0) + f0 * w1.stride(1),
-                                    w1.stride(1), w1.stride(2), T(0), g, fc, bb);
-      if (act == Activation::swiglu)
-        kernels::gemm_packed_streamed(Arch{}, R, fc, d, ax + gr.ax,
-                                      w3.data() + r.e * w3.stride(0) + f0 * w3.stride(1),
-                                      w3.stride(1), w3.stride(2), T(0), u, fc, bb);
-      const T* b1 = r.ew->b1.empty() ? nullptr : r.ew->b1.data() + r.e * r.ew->b1.stride(0) + f0;
-      const T* b3 = r.ew->b3.empty() ? nullptr : r.ew->b3.data() + r.e * r.ew->b3.stride(0) + f0;
+      const auto w1 = r.ew->w1_of(r.e);
+      kernels::gemm_packed_streamed(Arch{}, R, fc, d, ax + gr.ax, w1.data() + f0 * w1.stride(0),
+                                    w1.stride(0), w1.stride(1), T(0), g, fc, bb);
+      if (act == Activation::swiglu) {
+        const auto w3 = r.ew->w3_of(r.e);
+        kernels::gemm_packed_streamed(Arch{}, R, fc, d, ax + gr.ax, w3.data() + f0 * w3.stride(0),
+                                      w3.stride(0), w3.stride(1), T(0), u, fc, bb);
+      }
+      const T* b1 = bias_row(r.ew->b1, r.e, f0);
+      const T* b3 = bias_row(r.ew->b3, r.e, f0);
       for (std::int64_t row = 0; row < R; ++row)
         kernels::expert_activation(Arch{}, act, g + row * fc,
                                    act == Activation::swiglu ? u + row * fc : nullptr, b1, b3, fc);
@@ -606,20 +642,53 @@ class MoELayer {
     for_chunks(decode_d_chunk, false, [&](const Group& gr, std::int64_t j0, std::byte* sb) {
       const Ref r = ref(gr);
       const std::int64_t dc = std::min(decode_d_chunk, d - j0);
-      const auto& w2 = r.ew->w2;
-      kernels::gemm_packed_streamed(
-          Arch{}, gr.rows, dc, r.F, hid + gr.h, w2.data() + r.e * w2.stride(0) + j0 * w2.stride(1),
-          w2.stride(1), w2.stride(2), T(0), r.o + j0, d, reinterpret_cast<T*>(sb + l.bp));
+      const auto w2 = r.ew->w2_of(r.e);
+      kernels::gemm_packed_streamed(Arch{}, gr.rows, dc, r.F, hid + gr.h,
+                                    w2.data() + j0 * w2.stride(0), w2.stride(0), w2.stride(1), T(0),
+                                    r.o + j0, d, reinterpret_cast<T*>(sb + l.bp));
     });
 
     parallel_for(n_groups, [&](std::int64_t i) {
       const Ref r = ref(groups[i]);
-      const T* b2 = r.ew->b2.empty() ? nullptr : r.ew->b2.data() + r.e * r.ew->b2.stride(0);
+      const T* b2 = bias_row(r.ew->b2, r.e, 0);
       if (!b2 && !cfg_.output_softmax) return;
       for (std::int64_t row = 0; row < groups[i].rows; ++row) {
         T* orow = r.o + row * d;
         if (b2) kernels::axpy(Arch{}, T(1), b2, orow, d);
         if (cfg_.output_softmax) kernels::softmax_row(Arch{}, orow, orow, d);
+      }
+    });
+  }
+
+  // Row e of a bias (from column `col`), or null when there is none. 16-bit experts have no
+  // biases (check_expert_weights rejects them).
+  template <class W>
+  static const T* bias_row(const ConstView<W, 2>& b, std::int64_t e, std::int64_t col) noexcept {
+    if constexpr (std::is_same_v<W, T>) {
+      return b.empty() ? nullptr : b.data() + e * b.stride(0) + col;
+    } else {
+      return nullptr;
+    }
+  }
+
+  // Qwen2-MoE's gated shared experts: shared row (s, t) *= sigmoid(x[t] . gate[s]), before
+  // combine (which may overwrite x when y is x).
+  template <class W>
+  void gate_shared(const ConstView<T, 2>& x, const ConstView<W, 2>& gate, std::int64_t tokens,
+                   std::int64_t nnz, T* out) const {
+    const std::int64_t d = cfg_.d_model, S = cfg_.num_shared_experts;
+    parallel_for(num_chunks(tokens, 64), [&](std::int64_t c) {
+      for (std::int64_t t = c * 64; t < std::min(tokens, (c + 1) * 64); ++t) {
+        const T* xr = x.data() + t * x.stride(0);
+        for (std::int64_t s = 0; s < S; ++s) {
+          const W* gr = gate.data() + s * gate.stride(0);
+          T dot = T(0);  // explicit fma: the same rounding for every stored type W
+          for (std::int64_t j = 0; j < d; ++j)
+            dot = std::fma(xr[j * x.stride(1)], T(to_float(gr[j * gate.stride(1)])), dot);
+          const T g = T(1) / (T(1) + std::exp(-dot));
+          T* row = out + (nnz + s * tokens + t) * d;
+          for (std::int64_t j = 0; j < d; ++j) row[j] *= g;
+        }
       }
     });
   }
@@ -660,13 +729,14 @@ class MoELayer {
   }
 
   // One tile through one expert: O_tile = FFN(X_tile) (+ b2, softmax) into `out`.
+  template <class W>
   void run_task(const Task& tk, const plan_type& plan, const ConstView<T, 2>& x,
-                const weights_type& w, T* out, const Scratch& sc) const noexcept {
+                const MoELayerWeights<W>& w, T* out, const Scratch& sc) const noexcept {
     using G = kernels::GemmTile<Arch, T>;
     const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, tokens = plan.num_tokens;
     const bool shared = tk.expert >= E;
     const std::int64_t e = shared ? tk.expert - E : tk.expert;
-    const ExpertWeights<T>& ew = shared ? w.shared : w.experts;
+    const ExpertWeights<W>& ew = shared ? w.shared : w.experts;
     const std::int64_t F = shared ? cfg_.shared_d_ff : cfg_.d_ff;
     const std::int64_t R = tk.rows;
     const T* xa = x.data();
@@ -680,11 +750,11 @@ class MoELayer {
       o = out + tk.begin * d;
     }
     const Activation act = cfg_.activation;
-    const auto& w1 = ew.w1;
-    const auto& w3 = ew.w3;
-    const auto& w2 = ew.w2;
-    const T* b1 = ew.b1.empty() ? nullptr : ew.b1.data() + e * ew.b1.stride(0);
-    const T* b3 = ew.b3.empty() ? nullptr : ew.b3.data() + e * ew.b3.stride(0);
+    const auto w1 = ew.w1_of(e);
+    const auto w2 = ew.w2_of(e);
+    const auto w3 = act == Activation::swiglu ? ew.w3_of(e) : ConstView<W, 2>{};
+    const T* b1 = bias_row(ew.b1, e, 0);
+    const T* b3 = bias_row(ew.b3, e, 0);
     T* const g = sc.g;
     T* const u = sc.u;
     // The tile's gathered rows of x, packed once for every hidden chunk and both projections.
@@ -692,12 +762,12 @@ class MoELayer {
     for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
       const std::int64_t fc = std::min(ff_chunk, F - f0);
       // op(B)(p, j) = w1[e][f0 + j][p], p < d, j < fc
-      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w1.data() + e * w1.stride(0) + f0 * w1.stride(1),
-                                        w1.stride(1), w1.stride(2), fc, d, sc.bp);
+      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w1.data() + f0 * w1.stride(0), w1.stride(0),
+                                        w1.stride(1), fc, d, sc.bp);
       kernels::gemm_packed(Arch{}, R, fc, d, sc.ax, sc.bp, T(0), g, fc);
       if (act == Activation::swiglu) {
-        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w3.data() + e * w3.stride(0) + f0 * w3.stride(1),
-                                          w3.stride(1), w3.stride(2), fc, d, sc.bp);
+        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w3.data() + f0 * w3.stride(0), w3.stride(0),
+                                          w3.stride(1), fc, d, sc.bp);
         kernels::gemm_packed(Arch{}, R, fc, d, sc.ax, sc.bp, T(0), u, fc);
       }
       for (std::int64_t r = 0; r < R; ++r) {
@@ -707,11 +777,11 @@ class MoELayer {
       }
       // op(B)(p, j) = w2[e][j][f0 + p], p < fc, j < d; chunks after the first accumulate.
       kernels::pack_a_all(Arch{}, g, fc, std::int64_t(1), nullptr, R, fc, sc.ah);
-      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w2.data() + e * w2.stride(0) + f0 * w2.stride(2),
-                                        w2.stride(1), w2.stride(2), d, fc, sc.bp);
+      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w2.data() + f0 * w2.stride(1), w2.stride(0),
+                                        w2.stride(1), d, fc, sc.bp);
       kernels::gemm_packed(Arch{}, R, d, fc, sc.ah, sc.bp, f0 == 0 ? T(0) : T(1), o, d);
     }
-    const T* b2 = ew.b2.empty() ? nullptr : ew.b2.data() + e * ew.b2.stride(0);
+    const T* b2 = bias_row(ew.b2, e, 0);
     if (b2 || cfg_.output_softmax) {
       for (std::int64_t r = 0; r < R; ++r) {
         T* orow = o + r * d;

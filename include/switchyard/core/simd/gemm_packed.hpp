@@ -9,6 +9,7 @@
 #include <type_traits>
 
 #include "switchyard/core/diagnostics.hpp"
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/gemm_kernel.hpp"
@@ -75,24 +76,44 @@ void transpose8x8(Arch, const float* src, std::int64_t lds, float* dst, std::int
 }
 #endif
 
+/// Widens a 16-bit storage type to float (bf16: the upper half of a float; f16: IEEE half).
+/// n values; plain loops that the compiler vectorises for bf16 (a shift).
+template <class S>
+void widen_to_float(const S* src, std::int64_t n, float* dst) noexcept {
+  for (std::int64_t i = 0; i < n; ++i) dst[i] = to_float(src[i]);
+}
+
 /// Packs op(B)(p, j) = w[j * ldj + p * ldp] (p < k, j < n) for the packed GEMM micro-kernel,
 /// all of k at once: dst[j / NR][p][j % NR], the last panel zero-padded. This is nn.Linear's
 /// [out, in] weight read as [in, out]: each panel is a transpose of NR weight rows. Rows are
 /// read sequentially (ldp == 1 takes L x L register transposes on AVX and AVX-512 for float).
-template <class Arch, int NR, class T>
-void pack_b_rows(Arch, const T* w, std::int64_t ldj, std::int64_t ldp, std::int64_t n,
+/// S is the stored element type: T itself, or bf16 / f16 weights packed into float (widened
+/// L x L at a time into an L1 tile, then transposed), so a bf16 checkpoint is never copied
+/// whole into float.
+template <class Arch, int NR, class T, class S>
+void pack_b_rows(Arch, const S* w, std::int64_t ldj, std::int64_t ldp, std::int64_t n,
                  std::int64_t k, T* dst) noexcept {
+  static_assert(std::is_same_v<S, T> || (std::is_same_v<T, float> && is_half_v<S>),
+                "pack_b_rows: weights of T, or bf16 / f16 weights packed into float");
   for (std::int64_t jb = 0; jb < n; jb += NR, dst += NR * k) {
     const int nr = static_cast<int>(std::min<std::int64_t>(NR, n - jb));
-    const T* src = w + jb * ldj;
+    const S* src = w + jb * ldj;
     std::int64_t p = 0;
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx512f, Arch> &&
                   NR % 16 == 0) {
       if (ldp == 1 && nr == NR) {
         for (; p + 16 <= k; p += 16)
-          for (int cb = 0; cb < NR; cb += 16)
-            transpose16x16(Arch{}, src + cb * ldj + p, ldj, dst + p * NR + cb, NR);
+          for (int cb = 0; cb < NR; cb += 16) {
+            if constexpr (std::is_same_v<S, float>) {
+              transpose16x16(Arch{}, src + cb * ldj + p, ldj, dst + p * NR + cb, NR);
+            } else {
+              alignas(64) float tile[16 * 16];
+              for (int r = 0; r < 16; ++r)
+                widen_to_float(src + (cb + r) * ldj + p, 16, tile + r * 16);
+              transpose16x16(Arch{}, tile, 16, dst + p * NR + cb, NR);
+            }
+          }
       }
     }
 #endif
@@ -100,15 +121,22 @@ void pack_b_rows(Arch, const T* w, std::int64_t ldj, std::int64_t ldp, std::int6
     if constexpr (std::is_same_v<T, float> && std::is_base_of_v<xsimd::avx, Arch> && NR % 8 == 0) {
       if (ldp == 1 && nr == NR) {
         for (; p + 8 <= k; p += 8)
-          for (int cb = 0; cb < NR; cb += 8)
-            transpose8x8(Arch{}, src + cb * ldj + p, ldj, dst + p * NR + cb, NR);
+          for (int cb = 0; cb < NR; cb += 8) {
+            if constexpr (std::is_same_v<S, float>) {
+              transpose8x8(Arch{}, src + cb * ldj + p, ldj, dst + p * NR + cb, NR);
+            } else {
+              alignas(32) float tile[8 * 8];
+              for (int r = 0; r < 8; ++r) widen_to_float(src + (cb + r) * ldj + p, 8, tile + r * 8);
+              transpose8x8(Arch{}, tile, 8, dst + p * NR + cb, NR);
+            }
+          }
       }
     }
 #endif
     if (p < k) {
       for (int c = 0; c < nr; ++c) {
-        const T* s = src + c * ldj;
-        for (std::int64_t q = p; q < k; ++q) dst[q * NR + c] = s[q * ldp];
+        const S* s = src + c * ldj;
+        for (std::int64_t q = p; q < k; ++q) dst[q * NR + c] = T(to_float(s[q * ldp]));
       }
       for (int c = nr; c < NR; ++c)
         for (std::int64_t q = p; q < k; ++q) dst[q * NR + c] = T(0);
@@ -156,14 +184,14 @@ void micro_kernel_rows(Arch arch, int rows, std::int64_t kc, const T* ap, const 
 }
 
 /// C [m, n] = A B + beta C for skinny m (decoding), with A packed for all of k (pack_a_all) and
-/// B read straight from nn.Linear-layout weights, op(B)(p, j) = w[j * ldj + p * ldp]: each
-/// kc x NR block of B is packed into `bblock` (kc * NR elements, stays in L1) just before the
-/// micro-kernel uses it, so the weights stream from memory once and nothing of their size is
-/// written. Every element is summed as gemm_packed sums it (kc blocks in ascending k, beta on
-/// the first), so both give the same bits.
-template <class Arch, class T>
+/// B read straight from nn.Linear-layout weights (of T, or bf16 / f16 widened while packing),
+/// op(B)(p, j) = w[j * ldj + p * ldp]: each kc x NR block of B is packed into `bblock` (kc * NR
+/// elements, stays in L1) just before the micro-kernel uses it, so the weights stream from memory
+/// once and nothing of their size is written. Every element is summed as gemm_packed sums it (kc
+/// blocks in ascending k, beta on the first), so both give the same bits.
+template <class Arch, class T, class S>
 void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
-                          const T* w, std::int64_t ldj, std::int64_t ldp, T beta, T* c,
+                          const S* w, std::int64_t ldj, std::int64_t ldp, T beta, T* c,
                           std::int64_t rsc, T* bblock) noexcept {
   using G = kernels::GemmTile<Arch, T>;
   const std::int64_t m_pad = core::round_up(m, G::mr);
