@@ -13,11 +13,14 @@
 #include <fstream>
 #include <iterator>
 #include <limits>
+#include <optional>
 #include <random>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "support/fixtures.hpp"
+#include "support/temp_dir.hpp"
 #include "switchyard/io/safetensors.hpp"
 
 using namespace switchyard::io;
@@ -733,4 +736,330 @@ TEST_CASE("mutated files load or throw switchyard::error, never crash", "[safete
   CHECK(loaded + rejected == 4000);
   CHECK(rejected > 1000);  // the mutations do reach the validator
   CHECK(loaded > 0);       // ... and do not all break the file (data-only edits load)
+}
+
+// ---- memory mapping and load modes -----------------------------------------------------------
+
+namespace {
+
+void write_file(const std::filesystem::path& p, const Bytes& b) {
+  std::ofstream out(p, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(b.data()), static_cast<std::streamsize>(b.size()));
+  out.close();
+  REQUIRE(out.good());
+}
+
+bool inside(std::span<const std::byte> outer, const void* p, std::size_t n) {
+  const auto* b = static_cast<const std::byte*>(p);
+  return b >= outer.data() && b + n <= outer.data() + outer.size();
+}
+
+}  // namespace
+
+TEST_CASE("open maps the file by default; read mode copies; both agree", "[safetensors][mmap]") {
+  TempDir dir("st_modes");
+  SafeTensorsWriter w;
+  const float f32[6] = {1, -2, 3.5f, 4, 5, 6};
+  const std::int64_t i64[2] = {-1, 1ll << 40};
+  const bool flags[3] = {true, false, true};
+  w.add<float>("f", f32, {2, 3});
+  w.add<std::int64_t>("i", i64, {2});
+  w.add<bool>("b", flags, {3});
+  w.add<float>("e", nullptr, {0, 4});
+  w.add_bf16("h", f32, {6});
+  const auto path = dir.path / "m.safetensors";
+  w.save(path);
+
+  const auto mapped = SafeTensors::open(path);
+  const auto read = SafeTensors::open(path, LoadMode::read);
+  CHECK(mapped.load_mode() == (can_map_files ? LoadMode::map : LoadMode::read));
+  CHECK(read.load_mode() == LoadMode::read);
+  CHECK(SafeTensors::from_bytes(w.to_bytes()).load_mode() == LoadMode::read);
+  CHECK(mapped.source() == path.string());
+  CHECK(mapped.names() == read.names());
+  CHECK(mapped.data_section().size() == read.data_section().size());
+  for (const auto& i : mapped.infos()) {
+    CAPTURE(i.name);
+    const auto a = mapped.bytes(i.name);
+    const auto b = read.bytes(i.name);
+    REQUIRE(a.size() == b.size());
+    CHECK(std::memcmp(a.data(), b.data(), a.size()) == 0);
+    CHECK(inside(mapped.data_section(), a.data(), a.size()));
+  }
+  const ConstView<float, 2> v = mapped.view<float, 2>("f");
+  CHECK(v(1, 0) == 4.0f);
+  CHECK(reinterpret_cast<const void*>(v.data()) == mapped.bytes("f").data());  // zero-copy
+  CHECK(mapped.view<std::int64_t, 1>("i")(1) == (1ll << 40));
+  CHECK(mapped.tensor<bool>("b")[2]);
+  CHECK(mapped.view<float, 2>("e").numel() == 0);
+  CHECK(mapped.tensor<float>("h")[2] == 3.5f);
+  CHECK(read.view<float, 2>("f")(0, 2) == 3.5f);
+  CHECK(reinterpret_cast<std::uintptr_t>(read.data_section().data()) % 64 == 0);
+}
+
+TEST_CASE("copies share the mapping, which outlives the original", "[safetensors][mmap]") {
+  TempDir dir("st_copies");
+  SafeTensorsWriter w;
+  const std::int32_t x[4] = {10, 20, 30, 40};
+  w.add<std::int32_t>("x", x, {4});
+  const auto path = dir.path / "c.safetensors";
+  w.save(path);
+
+  ConstView<std::int32_t, 1> v;
+  std::optional<SafeTensors> copy;
+  {
+    const auto original = SafeTensors::open(path);
+    v = original.view<std::int32_t, 1>("x");
+    copy = original;  // shares, does not map again
+    CHECK(copy->data_section().data() == original.data_section().data());
+    SafeTensors moved = SafeTensors(original);
+    CHECK(moved.view<std::int32_t, 1>("x").data() == v.data());
+  }  // the original and the moved-to object are gone; the copy keeps the mapping
+  CHECK(v(3) == 40);
+  CHECK(copy->view<std::int32_t, 1>("x")(0) == 10);
+  copy.reset();  // the last owner unmaps (once: ASan and the kernel would see a double unmap)
+}
+
+TEST_CASE("an empty data section opens in both modes", "[safetensors][mmap]") {
+  TempDir dir("st_empty");
+  SafeTensorsWriter w;
+  w.set_metadata("format", "pt");
+  w.add<float>("e", nullptr, {0, 3});
+  const auto path = dir.path / "e.safetensors";
+  w.save(path);
+  for (const LoadMode mode : {LoadMode::map, LoadMode::read}) {
+    const auto f = SafeTensors::open(path, mode);
+    CHECK(f.data_section().empty());
+    CHECK(f.names() == std::vector<std::string>{"e"});
+    CHECK(f.view<float, 2>("e").numel() == 0);
+    CHECK(f.tensor<float>("e").extent(1) == 3);
+    CHECK(f.metadata().at("format") == "pt");
+    CHECK(f.intact());
+  }
+  // No tensors at all: only the 8-byte length and "{}" padded.
+  SafeTensorsWriter().save(dir.path / "none.safetensors");
+  CHECK(SafeTensors::open(dir.path / "none.safetensors").size() == 0);
+}
+
+TEST_CASE("short and malformed files are rejected before mapping", "[safetensors][mmap][error]") {
+  TempDir dir("st_short");
+  for (const LoadMode mode : {LoadMode::map, LoadMode::read}) {
+    write_file(dir.path / "zero.safetensors", {});
+    REQUIRE_THROWS_WITH(SafeTensors::open(dir.path / "zero.safetensors", mode),
+                        Contains("SafeTensors::open") && Contains("zero.safetensors") &&
+                            Contains("0 bytes") && Contains("too short"));
+    write_file(dir.path / "seven.safetensors", Bytes(7, 0));
+    REQUIRE_THROWS_WITH(SafeTensors::open(dir.path / "seven.safetensors", mode),
+                        Contains("7 bytes") && Contains("too short"));
+    // The tensor's bytes are cut off: caught at open, never a fault on access.
+    const Bytes ok = raw_file("{" + entry("a", "F32", "[4]", 0, 16) + "}", Bytes(16, 0));
+    write_file(dir.path / "cut.safetensors", Bytes(ok.begin(), ok.end() - 1));
+    REQUIRE_THROWS_WITH(
+        SafeTensors::open(dir.path / "cut.safetensors", mode),
+        Contains("cut.safetensors") && Contains("'a'") && Contains("run past the end of the data"));
+    write_file(dir.path / "bool.safetensors",
+               raw_file("{" + entry("b", "BOOL", "[2]", 0, 2) + "}", Bytes{1, 7}));
+    REQUIRE_THROWS_WITH(SafeTensors::open(dir.path / "bool.safetensors", mode),
+                        Contains("'b'") && Contains("must be 0 or 1"));
+  }
+}
+
+TEST_CASE("every golden fixture maps, and agrees with read mode", "[safetensors][mmap][fixture]") {
+  int files = 0;
+  for (const auto& e : std::filesystem::directory_iterator(SWITCHYARD_FIXTURE_DIR)) {
+    if (e.path().extension() != ".safetensors") continue;
+    CAPTURE(e.path().filename().string());
+    ++files;
+    const auto m = SafeTensors::open(e.path(), LoadMode::map);
+    const auto r = SafeTensors::open(e.path(), LoadMode::read);
+    REQUIRE(m.names() == r.names());
+    CHECK(m.metadata() == r.metadata());
+    for (const auto& i : m.infos()) {
+      CAPTURE(i.name);
+      CHECK(std::memcmp(m.bytes(i.name).data(), r.bytes(i.name).data(), i.nbytes()) == 0);
+      if (i.dtype == DType::F32 && !i.shape.empty() && i.shape.size() <= 4) {
+        // Fixture headers are padded to 8 bytes, so F32 views are aligned in the mapping.
+        const auto t = m.tensor<float>(i.name);
+        CHECK(std::memcmp(t.data(), m.bytes(i.name).data(), i.nbytes()) == 0);
+      }
+    }
+    CHECK(std::isfinite(touch_all(m)));
+  }
+  CHECK(files >= 20);
+  const auto d = open_fixture("dense_B1_H8_L128_d64_noncausal.safetensors", LoadMode::map);
+  const ConstView<float, 4> q = d.view<float, 4>("q");
+  CHECK(reinterpret_cast<std::uintptr_t>(q.data()) % alignof(float) == 0);
+  CHECK(inside(d.data_section(), q.data(), sizeof(float) * q.numel()));
+}
+
+TEST_CASE("a mapped tensor at a misaligned file offset is copied, never viewed",
+          "[safetensors][mmap][error]") {
+  // Header length 141: the data section starts at byte 149 of the file, so in a mapping
+  // (page-aligned base) the F32 tensor at data offset 8 sits at an address = 1 mod 4.
+  const std::string header = "{" + entry("w", "F32", "[2]", 8, 16) + "," +
+                             entry("idx", "I64", "[1]", 0, 8) +
+                             ",\"__metadata__\":{\"format\":\"pt\"}}";
+  REQUIRE(header.size() == 141);
+  Bytes data;
+  put_u64(data, 7);
+  for (std::uint8_t b : {0x00, 0x00, 0x80, 0x3F, 0x00, 0x00, 0x00, 0xC0}) data.push_back(b);
+  TempDir dir("st_align");
+  const auto path = dir.path / "odd.safetensors";
+  write_file(path, raw_file(header, data));
+
+  const auto r = SafeTensors::open(path, LoadMode::read);
+  CHECK(r.view<float, 1>("w")(1) == -2.0f);  // the copy is 64-byte aligned
+  if (!can_map_files) return;
+  const auto m = SafeTensors::open(path, LoadMode::map);
+  REQUIRE_THROWS_AS((m.view<float, 1>("w")), switchyard::error);
+  REQUIRE_THROWS_WITH((m.view<float, 1>("w")),
+                      Contains("SafeTensors::view") && Contains("odd.safetensors") &&
+                          Contains("'w'") && Contains("offset 8") && Contains("byte 157") &&
+                          Contains("not a multiple of 4") && Contains("memory-mapped"));
+  REQUIRE_THROWS_WITH((m.view<std::int64_t, 1>("idx")),
+                      Contains("'idx'") && Contains("not a multiple of 8"));
+  CHECK(m.tensor<float>("w")[0] == 1.0f);  // tensor<T>() copies, whatever the alignment
+  CHECK(m.tensor<std::int64_t>("idx")[0] == 7);
+  CHECK(std::to_integer<int>(m.bytes("w")[3]) == 0x3F);  // bytes() has no alignment
+}
+
+TEST_CASE("intact / check_intact notice a file truncated after open", "[safetensors][mmap]") {
+  TempDir dir("st_trunc");
+  SafeTensorsWriter w;
+  std::vector<float> big(4096, 1.5f);
+  w.add<float>("big", big.data(), {4096});
+  const auto path = dir.path / "t.safetensors";
+  w.save(path);
+  const auto size_at_open = std::filesystem::file_size(path);
+
+  const auto m = SafeTensors::open(path, LoadMode::map);
+  const auto r = SafeTensors::open(path, LoadMode::read);
+  CHECK(m.intact());
+  REQUIRE_NOTHROW(m.check_intact());
+  CHECK(m.view<float, 1>("big")(4095) == 1.5f);
+
+  std::filesystem::resize_file(path, 100);  // another process truncating the file
+  CHECK(r.intact());                        // read mode holds its own copy
+  CHECK(r.view<float, 1>("big")(4095) == 1.5f);
+  if (!can_map_files) return;
+  CHECK_FALSE(m.intact());
+  REQUIRE_THROWS_AS(m.check_intact(), switchyard::error);
+  REQUIRE_THROWS_WITH(m.check_intact(),
+                      Contains("SafeTensors::check_intact") && Contains(path.string()) &&
+                          Contains(std::to_string(size_at_open) + " bytes at open") &&
+                          Contains("100 bytes now") && Contains("SIGBUS"));
+  // (The mapped tensor is not touched now: pages past the new end would raise SIGBUS.)
+  std::filesystem::resize_file(path, size_at_open);  // same size again: intact by size
+  CHECK(m.intact());
+}
+
+// ---- BF16 / F16 as their own element types ---------------------------------------------------
+
+TEST_CASE("BF16 and F16 tensors are viewed in place as bf16 / f16", "[safetensors][half]") {
+  using switchyard::bf16;
+  using switchyard::f16;
+  STATIC_REQUIRE(has_dtype_v<bf16>);
+  STATIC_REQUIRE(has_dtype_v<f16>);
+  STATIC_REQUIRE(dtype_of<bf16>() == DType::BF16);
+  STATIC_REQUIRE(dtype_of<f16>() == DType::F16);
+  STATIC_REQUIRE_FALSE(has_dtype_v<long double>);
+
+  // Hand-worked bits: bf16 0x3F80 = 1, 0xC000 = -2, 0x4049 = 3.140625, 0x3E80 = 0.25,
+  // 0xBF40 = -0.75, 0x4120 = 10; f16 0x3C00 = 1, 0xC000 = -2, 0x3555 = 0.333251953125,
+  // 0x7BFF = 65504, 0x0001 = 2^-24, 0xB800 = -0.5.
+  const std::uint16_t b_bits[6] = {0x3F80, 0xC000, 0x4049, 0x3E80, 0xBF40, 0x4120};
+  const float b_want[6] = {1.0f, -2.0f, 3.140625f, 0.25f, -0.75f, 10.0f};
+  const std::uint16_t h_bits[6] = {0x3C00, 0xC000, 0x3555, 0x7BFF, 0x0001, 0xB800};
+  const float h_want[6] = {1.0f, -2.0f, 0.333251953125f, 65504.0f, std::ldexp(1.0f, -24), -0.5f};
+  const auto le = [](const std::uint16_t* bits) {
+    Bytes b;
+    for (int k = 0; k < 6; ++k) {
+      b.push_back(static_cast<std::uint8_t>(bits[k] & 0xFF));
+      b.push_back(static_cast<std::uint8_t>(bits[k] >> 8));
+    }
+    return b;
+  };
+  SafeTensorsWriter w;
+  w.add_raw("b", DType::BF16, {2, 3}, le(b_bits));
+  w.add_raw("h", DType::F16, {3, 2}, le(h_bits));
+  TempDir dir("st_half");
+  const auto path = dir.path / "half.safetensors";
+  w.save(path);
+
+  for (const LoadMode mode : {LoadMode::map, LoadMode::read}) {
+    CAPTURE(int(mode));
+    const auto f = SafeTensors::open(path, mode);
+    const ConstView<bf16, 2> b = f.view<bf16, 2>("b");
+    const ConstView<f16, 2> h = f.view<f16, 2>("h");
+    REQUIRE(b.extent(0) == 2);
+    REQUIRE(b.extent(1) == 3);
+    REQUIRE(h.extent(0) == 3);
+    CHECK(reinterpret_cast<const void*>(b.data()) == f.bytes("b").data());  // in place
+    for (int k = 0; k < 6; ++k) {
+      CAPTURE(k);
+      CHECK(b(k / 3, k % 3).bits == b_bits[k]);
+      CHECK(switchyard::to_float(b(k / 3, k % 3)) == b_want[k]);
+      CHECK(h(k / 2, k % 2).bits == h_bits[k]);
+      CHECK(switchyard::to_float(h(k / 2, k % 2)) == h_want[k]);
+    }
+    // Copies of their own type, and float conversions as before.
+    const Tensor<bf16> bt = f.tensor<bf16>("b");
+    CHECK(bt(1, 2) == bf16{0x4120});
+    const Tensor<float> bf = f.tensor<float>("b");
+    const Tensor<float> hf = f.tensor<float>("h");
+    for (int k = 0; k < 6; ++k) {
+      CHECK(bf[k] == b_want[k]);
+      CHECK(hf[k] == h_want[k]);
+    }
+    // The wrong 16-bit type, or float, is a dtype error that says how to read it.
+    REQUIRE_THROWS_AS((f.view<f16, 2>("b")), switchyard::shape_error);
+    REQUIRE_THROWS_WITH((f.view<f16, 2>("b")),
+                        Contains("'b'") && Contains("dtype BF16") && Contains("F16"));
+    REQUIRE_THROWS_WITH((f.view<float, 2>("b")),
+                        Contains("view<bf16, R>") && Contains("tensor<float>()"));
+    REQUIRE_THROWS_WITH((f.view<float, 2>("h")), Contains("view<f16, R>"));
+    REQUIRE_THROWS_AS(f.tensor<bf16>("h"), switchyard::shape_error);
+    REQUIRE_THROWS_AS(f.tensor<std::uint16_t>("b"), switchyard::shape_error);
+  }
+}
+
+TEST_CASE("the raw-bit helpers agree with core/half.hpp", "[safetensors][half]") {
+  for (std::uint32_t bits = 0; bits < 0x10000; bits += 7) {
+    const auto u = static_cast<std::uint16_t>(bits);
+    const float a = bf16_to_float(u);
+    const float b = switchyard::to_float(switchyard::bf16{u});
+    CHECK((std::bit_cast<std::uint32_t>(a) == std::bit_cast<std::uint32_t>(b)));
+    const float c = half_to_float(u);
+    const float d = switchyard::to_float(switchyard::f16{u});
+    CHECK(((std::isnan(c) && std::isnan(d)) ||
+           std::bit_cast<std::uint32_t>(c) == std::bit_cast<std::uint32_t>(d)));
+  }
+  for (const float x : {0.1f, -3.3f, 1e30f, 65504.0f, 1.00390625f}) {
+    CHECK(float_to_bf16(x) == switchyard::bf16::from_float(x).bits);
+  }
+}
+
+TEST_CASE("the writer stores bf16 / f16 tensors and views as BF16 / F16", "[safetensors][half]") {
+  using switchyard::bf16;
+  using switchyard::f16;
+  Tensor<bf16> a({2, 3});
+  for (int i = 0; i < 6; ++i) a[i] = bf16::from_float(0.5f * float(i) - 1.0f);  // exact in bf16
+  Tensor<f16> h({4});
+  const std::uint16_t hb[4] = {0x3C00, 0x4000, 0x4200, 0xC400};  // 1, 2, 3, -4
+  for (int i = 0; i < 4; ++i) h[i] = f16{hb[i]};
+  SafeTensorsWriter w;
+  w.add("a", a);
+  w.add("cols", a.view<2>().slice(1, 1, 3));  // strided
+  w.add("h", h);
+  w.add<bf16>("s", &a[5], {});
+  const auto f = SafeTensors::from_bytes(w.to_bytes());
+  CHECK(f.info("a").dtype == DType::BF16);
+  CHECK(f.info("h").dtype == DType::F16);
+  CHECK(f.info("cols").shape == std::vector<std::int64_t>{2, 2});
+  const Tensor<float> got = f.tensor<float>("a");
+  for (int i = 0; i < 6; ++i) CHECK(got[i] == 0.5f * float(i) - 1.0f);
+  CHECK(f.view<bf16, 2>("cols")(1, 1) == a(1, 2));
+  CHECK(f.tensor<float>("h")[3] == -4.0f);
+  CHECK(f.scalar<bf16>("s") == a[5]);
+  CHECK(f.scalar<float>("s") == 1.5f);
 }

@@ -7,6 +7,8 @@
 #include "switchyard/core/eigen_map.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/half.hpp"
+#include "switchyard/core/linear.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/rng.hpp"
 #include "switchyard/core/simd/arch.hpp"
@@ -46,6 +48,7 @@
 // Mixture of Experts: plan, routers, losses, experts, layers
 #include "switchyard/moe/bias_balancer.hpp"
 #include "switchyard/moe/experts.hpp"
+#include "switchyard/moe/hf_checkpoint.hpp"
 #include "switchyard/moe/layer.hpp"
 #include "switchyard/moe/losses.hpp"
 #include "switchyard/moe/mixture_of_depths.hpp"
@@ -63,3 +66,11 @@
 #include "switchyard/moe/router_top_p.hpp"
 #include "switchyard/moe/router_topk.hpp"
 #include "switchyard/moe/soft_moe.hpp"
+
+// models: compositions of the layers above, loaded from Hugging Face checkpoints
+#include "switchyard/models/checkpoint_weights.hpp"
+#include "switchyard/models/mixtral_config.hpp"
+#include "switchyard/models/mixtral_layer.hpp"
+#include "switchyard/models/mixtral_model.hpp"
+#include "switchyard/models/rms_norm.hpp"
+#include "switchyard/models/rotary.hpp"

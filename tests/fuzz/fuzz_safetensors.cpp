@@ -2,9 +2,11 @@
 //
 // Every input must either load or throw switchyard::error; any other exception escapes
 // and aborts (a finding), as do sanitizer reports. A file that loads is read through
-// every accessor with the dtype and rank its header declares, so a header that slipped
-// past validation would touch memory out of range. The same bytes also go through
-// open() (via a memfd), which must agree with from_bytes().
+// every accessor with the dtype and rank its header declares (BF16 / F16 both as
+// switchyard::bf16 / f16 views and converted to float), so a header that slipped past
+// validation would touch memory out of range. The same bytes also go through open()
+// (via a memfd) in both load modes, memory-mapped and read, which must agree with
+// from_bytes().
 #include <sys/mman.h>  // memfd_create
 #include <unistd.h>
 
@@ -22,6 +24,7 @@
 namespace {
 
 using switchyard::io::DType;
+using switchyard::io::LoadMode;
 using switchyard::io::SafeTensors;
 using switchyard::io::TensorInfo;
 
@@ -39,7 +42,8 @@ void view_at_rank(const SafeTensors& f, const TensorInfo& i) {
     if (reinterpret_cast<const std::byte*>(v.data()) != f.bytes(i.name).data())
       finding("view and bytes() start at different addresses");
   } catch (const switchyard::error&) {
-    // A misaligned data offset: documented, and tensor<T>() still copies the data.
+    // A misaligned address (data offset, or 8 + N + offset when mapped): documented, and
+    // tensor<T>() still copies the data.
   }
 }
 
@@ -77,7 +81,11 @@ void touch_all(const SafeTensors& f) {
         read_as<float>(f, i);
         break;
       case DType::F16:
+        read_as<switchyard::f16>(f, i);
+        if (i.shape.size() <= 4) (void)f.tensor<float>(i.name);
+        break;
       case DType::BF16:
+        read_as<switchyard::bf16>(f, i);
         if (i.shape.size() <= 4) (void)f.tensor<float>(i.name);
         break;
       case DType::I64:
@@ -119,6 +127,7 @@ std::optional<std::vector<std::string>> try_load(Load&& load) {
   try {
     const SafeTensors f = load();
     touch_all(f);
+    if (!f.intact()) finding("a file nobody changed is not intact()");
     return f.names();
   } catch (const switchyard::error& e) {
     if (std::strlen(e.what()) > 2000) finding("error message over 2000 characters", e.what());
@@ -143,9 +152,14 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
     written += static_cast<std::size_t>(n);
   }
   if (written == size) {
-    const auto opened =
-        try_load([&] { return SafeTensors::open("/proc/self/fd/" + std::to_string(fd)); });
-    if (opened != from_bytes) finding("open() and from_bytes() disagree");
+    const std::string path = "/proc/self/fd/" + std::to_string(fd);
+    for (const LoadMode mode : {LoadMode::map, LoadMode::read}) {
+      const auto opened = try_load([&] { return SafeTensors::open(path, mode); });
+      if (opened != from_bytes) {
+        finding(mode == LoadMode::map ? "open(map) and from_bytes() disagree"
+                                      : "open(read) and from_bytes() disagree");
+      }
+    }
   }
   close(fd);
   return 0;

@@ -18,7 +18,9 @@ inline std::string fixture_path(std::string_view file) {
 }
 
 /// Opens and validates a fixture; throws switchyard::error naming the file if it is
-/// missing or malformed.
-inline switchyard::io::SafeTensors open_fixture(std::string_view file) {
-  return switchyard::io::SafeTensors::open(fixture_path(file));
+/// missing or malformed. Read into memory by default, so views are 64-byte aligned as the
+/// tests were written against (a mapped file aligns a view only as its file offset is).
+inline switchyard::io::SafeTensors open_fixture(
+    std::string_view file, switchyard::io::LoadMode mode = switchyard::io::LoadMode::read) {
+  return switchyard::io::SafeTensors::open(fixture_path(file), mode);
 }

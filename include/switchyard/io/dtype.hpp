@@ -1,9 +1,7 @@
 #pragma once
 // Element types of safetensors files, the C++ type each one maps to, and the
-// bit-exact BF16 / IEEE half -> float conversions used when a caller asks for
-// float from a 16-bit float tensor.
-#include <bit>
-#include <cmath>
+// bit-exact BF16 / IEEE half <-> float conversions on raw bits (the element types
+// themselves, switchyard::bf16 and switchyard::f16, live in core/half.hpp).
 #include <cstddef>
 #include <cstdint>
 #include <optional>
@@ -11,6 +9,7 @@
 #include <string_view>
 #include <type_traits>
 
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/int_math.hpp"
 
 namespace switchyard {
@@ -101,15 +100,16 @@ constexpr std::int64_t shape_nbytes(std::span<const std::int64_t> shape, DType d
 }
 
 /// The dtype a C++ element type reads and writes as. bool <-> BOOL and
-/// std::uint8_t <-> U8 are distinct: a BOOL tensor is read as bool only.
-/// There is no C++ type for BF16/F16; read them with SafeTensors::tensor<float>().
+/// std::uint8_t <-> U8 are distinct: a BOOL tensor is read as bool only. BF16 and F16
+/// map to switchyard::bf16 and switchyard::f16 (core/half.hpp), 2-byte storage types,
+/// so a 16-bit tensor can be viewed in place; SafeTensors::tensor<float>() converts them.
 template <class T>
 inline constexpr bool has_dtype_v =
-    std::is_same_v<T, double> || std::is_same_v<T, float> || std::is_same_v<T, std::int64_t> ||
-    std::is_same_v<T, std::int32_t> || std::is_same_v<T, std::int16_t> ||
-    std::is_same_v<T, std::int8_t> || std::is_same_v<T, std::uint64_t> ||
-    std::is_same_v<T, std::uint32_t> || std::is_same_v<T, std::uint16_t> ||
-    std::is_same_v<T, std::uint8_t> || std::is_same_v<T, bool>;
+    std::is_same_v<T, double> || std::is_same_v<T, float> || std::is_same_v<T, bf16> ||
+    std::is_same_v<T, f16> || std::is_same_v<T, std::int64_t> || std::is_same_v<T, std::int32_t> ||
+    std::is_same_v<T, std::int16_t> || std::is_same_v<T, std::int8_t> ||
+    std::is_same_v<T, std::uint64_t> || std::is_same_v<T, std::uint32_t> ||
+    std::is_same_v<T, std::uint16_t> || std::is_same_v<T, std::uint8_t> || std::is_same_v<T, bool>;
 
 template <class T>
 constexpr DType dtype_of() noexcept {
@@ -118,6 +118,10 @@ constexpr DType dtype_of() noexcept {
     return DType::F64;
   else if constexpr (std::is_same_v<T, float>)
     return DType::F32;
+  else if constexpr (std::is_same_v<T, bf16>)
+    return DType::BF16;
+  else if constexpr (std::is_same_v<T, f16>)
+    return DType::F16;
   else if constexpr (std::is_same_v<T, std::int64_t>)
     return DType::I64;
   else if constexpr (std::is_same_v<T, std::int32_t>)
@@ -138,36 +142,19 @@ constexpr DType dtype_of() noexcept {
     return DType::BOOL;
 }
 
-/// bfloat16 bits -> float: exact (bf16 is the top half of a float).
-inline float bf16_to_float(std::uint16_t bits) noexcept {
-  return std::bit_cast<float>(static_cast<std::uint32_t>(bits) << 16);
-}
+/// bfloat16 bits -> float: exact (bf16 is the top half of a float). Same as to_float(bf16).
+inline float bf16_to_float(std::uint16_t bits) noexcept { return to_float(bf16{bits}); }
 
 /// float -> bfloat16 bits, rounded to nearest, ties to even (what PyTorch's
 /// tensor.to(torch.bfloat16) does): bf16_to_float(float_to_bf16(x)) is the bf16 nearest x.
 /// Values past the largest bf16 round to +-inf; NaN stays a (quiet) NaN with its sign.
-inline std::uint16_t float_to_bf16(float x) noexcept {
-  const std::uint32_t bits = std::bit_cast<std::uint32_t>(x);
-  if ((bits & 0x7FFFFFFFu) > 0x7F800000u)  // NaN: keep the sign, force a quiet mantissa bit
-    return static_cast<std::uint16_t>((bits >> 16) | 0x0040u);
-  const std::uint32_t lsb = (bits >> 16) & 1u;  // ties go to the even upper half
-  return static_cast<std::uint16_t>((bits + 0x7FFFu + lsb) >> 16);
-}
+/// Same as bf16::from_float(x).bits.
+inline std::uint16_t float_to_bf16(float x) noexcept { return bf16::from_float(x).bits; }
 
 /// IEEE 754 binary16 bits -> float: exact for normals, subnormals, +-0, +-inf;
 /// NaN stays NaN with its sign and payload (shifted into the float mantissa).
-inline float half_to_float(std::uint16_t bits) noexcept {
-  const std::uint32_t sign = static_cast<std::uint32_t>(bits & 0x8000u) << 16;
-  const std::uint32_t exp = (bits >> 10) & 0x1Fu;
-  const std::uint32_t mant = bits & 0x3FFu;
-  if (exp == 0) {
-    // Zero or subnormal: mant * 2^-24, exactly representable in float.
-    const float mag = std::ldexp(static_cast<float>(mant), -24);
-    return sign ? -mag : mag;
-  }
-  if (exp == 0x1F) return std::bit_cast<float>(sign | 0x7F800000u | (mant << 13));
-  return std::bit_cast<float>(sign | ((exp - 15 + 127) << 23) | (mant << 13));
-}
+/// Same as to_float(f16).
+inline float half_to_float(std::uint16_t bits) noexcept { return to_float(f16{bits}); }
 
 }  // namespace io
 }  // namespace v0

@@ -8,13 +8,33 @@
 // nesting deeper than max_header_depth is rejected while parsing (nothing about it
 // recurses), every partial product of a shape is bounded (shape_nbytes), offsets are
 // compared, never added, and values quoted in error messages are summarised or
-// truncated, so a hostile file gives one short switchyard::error, never a crash. The file is read,
-// not memory-mapped: the data section is copied into one 64-byte aligned buffer owned by the
-// object, so views are aligned whatever N is, and they stay valid while the SafeTensors object (or
-// the one it was moved into) lives.
+// truncated, so a hostile file gives one short switchyard::error, never a crash.
+//
+// Loading (LoadMode):
+// - map (the default where POSIX mmap exists): the header is read with read calls and
+//   validated, then the whole file is mapped read-only (PROT_READ, MAP_PRIVATE). Opening a
+//   20 GB file costs a few system calls and no memory; pages load when a tensor is first
+//   touched, and views point into the mapping. A view is aligned as its bytes are in the
+//   file: 8 + N + data offset (our writer and Hugging Face pad N to a multiple of 8, so
+//   every tensor of such files is aligned to its element size), and view() checks it.
+// - read: the data section is copied into one 64-byte aligned buffer owned by the object,
+//   so views are 64-byte aligned whatever N is, and later changes to the file do not
+//   matter. Used for every open() where mmap does not exist (non-POSIX).
+// Views stay valid while the SafeTensors object, or any copy of it, lives: copies share
+// the mapping or buffer, which is released (unmapped) once, with the last of them.
+//
+// What is guaranteed when the file changes after open() (map mode only): every tensor's
+// byte range was checked against the file's size at open, so no access through this
+// class reaches outside the mapping. But a mapping follows the file: if another process
+// truncates it later, touching a page past the new end raises SIGBUS, as for every mmap
+// reader (numpy, safetensors' own safe_open, llama.cpp), and bytes rewritten in place
+// show through. intact() / check_intact() compare the file's size now (fstat of the
+// descriptor kept open) with its size at open, so a reader can check before touching;
+// for files that may change underneath, open them with LoadMode::read.
 #include <algorithm>
 #include <array>
 #include <bit>
+#include <cerrno>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -40,12 +60,37 @@
 #include "switchyard/core/view.hpp"
 #include "switchyard/io/dtype.hpp"
 
+// 1 where files can be memory-mapped (POSIX); define it to 0 to force read mode.
+#ifndef SWITCHYARD_IO_HAS_MMAP
+#if __has_include(<sys/mman.h>) && __has_include(<sys/stat.h>) && __has_include(<fcntl.h>) && \
+    __has_include(<unistd.h>)
+#define SWITCHYARD_IO_HAS_MMAP 1
+#else
+#define SWITCHYARD_IO_HAS_MMAP 0
+#endif
+#endif
+#if SWITCHYARD_IO_HAS_MMAP
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+#endif
+
 namespace switchyard {
 inline namespace v0 {
 namespace io {
 
 static_assert(std::endian::native == std::endian::little,
               "switchyard::io reads little-endian safetensors data in place");
+
+/// How SafeTensors::open gets at the data section (see the notes at the top of this file).
+enum class LoadMode {
+  map,   ///< memory-map the file read-only: no memory used until tensors are touched
+  read,  ///< copy the data section into a 64-byte aligned buffer: immune to later file changes
+};
+
+/// True where LoadMode::map exists (POSIX mmap); elsewhere open() reads whatever mode is asked.
+inline constexpr bool can_map_files = SWITCHYARD_IO_HAS_MMAP != 0;
 
 /// One header entry. `begin`/`end` are byte offsets into the data section.
 struct TensorInfo {
@@ -119,61 +164,184 @@ struct AlignedBytes {
   }
 };
 
+/// The open file: a POSIX descriptor read with pread, or elsewhere an ifstream. Methods
+/// return an empty string on success, else why they failed (the caller names the file).
+class InputFile {
+ public:
+  InputFile() = default;
+  InputFile(const InputFile&) = delete;
+  InputFile& operator=(const InputFile&) = delete;
+#if SWITCHYARD_IO_HAS_MMAP
+  ~InputFile() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  std::string open(const std::filesystem::path& path) {
+    do {
+      fd_ = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    } while (fd_ < 0 && errno == EINTR);
+    return fd_ < 0 ? errno_text() : std::string();
+  }
+  /// The size of the opened file itself (fstat), not of whatever the path names later.
+  std::string size(std::uint64_t& out) const {
+    struct ::stat st {};
+    if (::fstat(fd_, &st) != 0) return errno_text();
+    if (!S_ISREG(st.st_mode)) return "not a regular file";
+    out = static_cast<std::uint64_t>(st.st_size);
+    return {};
+  }
+  /// Exactly n bytes at `offset`, or false (the file shrank, or an I/O error).
+  bool read_at(std::uint64_t offset, void* dst, std::uint64_t n) const {
+    auto* p = static_cast<char*>(dst);
+    while (n > 0) {
+      // Bounded chunks: Linux reads at most ~2 GiB per call anyway.
+      const std::size_t chunk = static_cast<std::size_t>(std::min<std::uint64_t>(n, 1u << 30));
+      const ssize_t got = ::pread(fd_, p, chunk, static_cast<off_t>(offset));
+      if (got < 0 && errno == EINTR) continue;
+      if (got <= 0) return false;
+      p += got;
+      offset += static_cast<std::uint64_t>(got);
+      n -= static_cast<std::uint64_t>(got);
+    }
+    return true;
+  }
+  int fd() const noexcept { return fd_; }
+  /// Hands the descriptor over (to a Mapping); this object no longer closes it.
+  int release() noexcept { return std::exchange(fd_, -1); }
+
+ private:
+  static std::string errno_text() {
+    return std::error_code(errno, std::generic_category()).message();
+  }
+  int fd_ = -1;
+#else
+  std::string open(const std::filesystem::path& path) {
+    path_ = path;
+    in_.open(path, std::ios::binary);
+    return in_ ? std::string() : std::string("cannot open for reading");
+  }
+  std::string size(std::uint64_t& out) const {
+    std::error_code ec;
+    const std::uintmax_t n = std::filesystem::file_size(path_, ec);
+    if (ec) return ec.message();
+    out = n;
+    return {};
+  }
+  bool read_at(std::uint64_t offset, void* dst, std::uint64_t n) {
+    if (n == 0) return true;
+    in_.clear();
+    in_.seekg(static_cast<std::streamoff>(offset));
+    return static_cast<bool>(in_.read(static_cast<char*>(dst), static_cast<std::streamsize>(n)));
+  }
+
+ private:
+  std::filesystem::path path_;
+  std::ifstream in_;
+#endif
+};
+
+#if SWITCHYARD_IO_HAS_MMAP
+/// A read-only private mapping of a whole file and the descriptor it came from, kept open
+/// so intact() can fstat the very file that is mapped (the path may name another by now).
+struct Mapping {
+  void* base = nullptr;
+  std::size_t length = 0;  // the file's size at open
+  int fd = -1;
+
+  Mapping() = default;
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() {
+    if (base) ::munmap(base, length);
+    if (fd >= 0) ::close(fd);
+  }
+};
+#endif
+
 }  // namespace safetensors_detail
 
-/// A safetensors file held in memory, with its header validated.
+/// A safetensors file, memory-mapped (or read, or given as bytes), with its header validated.
 ///
 /// Errors: every malformed-file problem throws switchyard::error with a message
 /// "SafeTensors::<fn>: '<source>': <problem>" where <source> is the path (or the
 /// name given to from_bytes) and <problem> names the tensor when there is one.
 /// Asking for the wrong C++ type or rank throws switchyard::shape_error.
 ///
-/// Type mapping: float F32, double F64, int64_t I64, int32_t I32, int16_t I16,
-/// int8_t I8, uint64_t U64, uint32_t U32, uint16_t U16, uint8_t U8, bool BOOL.
-/// BF16 and F16 are read only through tensor<float>() / scalar<float>().
+/// Type mapping: float F32, double F64, switchyard::bf16 BF16, switchyard::f16 F16,
+/// int64_t I64, int32_t I32, int16_t I16, int8_t I8, uint64_t U64, uint32_t U32,
+/// uint16_t U16, uint8_t U8, bool BOOL. tensor<float>() / scalar<float>() also convert
+/// BF16 and F16 (exactly).
+///
+/// Copies are cheap and share the data (mapping or buffer); const member functions may be
+/// called from several threads at once.
 class SafeTensors {
  public:
   /// Deepest nesting of arrays and objects accepted in a header. A valid header needs 3
   /// levels (root object, tensor entry, shape array); the bound stops hostile nesting early.
   static constexpr int max_header_depth = 64;
 
-  /// Reads and validates the whole file. Throws switchyard::error naming the
-  /// file and the problem (cannot open, truncated, bad header...).
-  static SafeTensors open(const std::string& path) {
+  /// Opens `path` and validates its header; with LoadMode::map (the default) the file is
+  /// then memory-mapped, with LoadMode::read its data section is copied into memory (also
+  /// what map does where mmap does not exist). BOOL tensors are read once to check their
+  /// bytes. Throws switchyard::error naming the file and the problem (missing, not a
+  /// regular file, cannot be read or mapped, truncated, bad header...).
+  static SafeTensors open(const std::filesystem::path& path, LoadMode mode = LoadMode::map) {
+    const std::string source = path.string();
     std::error_code ec;
-    const bool regular = std::filesystem::is_regular_file(path, ec);
-    if (!regular) {
-      fail("open", path, ec ? "cannot open: " + ec.message() : "cannot open: not a regular file");
+    const auto status = std::filesystem::status(path, ec);
+    if (status.type() == std::filesystem::file_type::not_found) {
+      fail("open", source, "cannot open: no such file or directory");
     }
-    const std::uintmax_t size = std::filesystem::file_size(path, ec);
-    if (ec) fail("open", path, "cannot read its size: " + ec.message());
-    std::ifstream in(path, std::ios::binary);
-    if (!in) fail("open", path, "cannot open for reading");
-
-    const auto read = [&](void* dst, std::uint64_t n) {
-      if (n > 0 && !in.read(static_cast<char*>(dst), static_cast<std::streamsize>(n))) {
-        fail("open", path, "read failed (file changed while reading?)");
+    if (ec) fail("open", source, "cannot open: " + ec.message());
+    if (!std::filesystem::is_regular_file(status)) {
+      fail("open", source, "cannot open: not a regular file");
+    }
+    safetensors_detail::InputFile in;
+    if (std::string why = in.open(path); !why.empty()) {
+      fail("open", source, "cannot open for reading: " + why);
+    }
+    std::uint64_t size = 0;
+    if (std::string why = in.size(size); !why.empty()) {
+      fail("open", source, "cannot read its size: " + why);
+    }
+    const auto read = [&](void* dst, std::uint64_t offset, std::uint64_t n) {
+      if (!in.read_at(offset, dst, n)) {
+        fail("open", source, "read failed (file changed while reading?)");
       }
     };
-    if (size < 8) fail_too_short("open", path, size);
+    if (size < 8) fail_too_short("open", source, size);
     std::array<unsigned char, 8> len{};
-    read(len.data(), 8);
+    read(len.data(), 0, 8);
     const std::uint64_t n = le_u64(len.data());
-    check_header_length("open", path, size, n);
+    check_header_length("open", source, size, n);
     SafeTensors st;
-    st.source_ = path;
+    st.source_ = source;
     st.loading_fn_ = "open";
+    // The header is read, not mapped, so it is validated before the mapping exists.
     std::string header(n, '\0');
-    read(header.data(), n);
+    read(header.data(), 8, n);
     const std::uint64_t data_size = size - 8 - n;
     st.parse_header(header, data_size);
-    st.data_ = safetensors_detail::AlignedBytes(data_size);
-    read(st.data_.ptr.get(), data_size);
+    st.data_start_ = 8 + n;
+    st.data_size_ = data_size;
+#if SWITCHYARD_IO_HAS_MMAP
+    if (mode == LoadMode::map) {
+      st.map_file(in, size);
+      st.check_bool_values();
+      return st;
+    }
+#else
+    (void)mode;
+#endif
+    auto buffer = std::make_shared<safetensors_detail::AlignedBytes>(data_size);
+    read(buffer->ptr.get(), 8 + n, data_size);
+    st.data_ = buffer->ptr.get();
+    st.buffer_ = std::move(buffer);
     st.check_bool_values();
     return st;
   }
 
-  /// Same as open() on an in-memory copy of a file; `name` stands for the path in errors.
+  /// Same as open() on an in-memory copy of a file (held in a 64-byte aligned buffer, as
+  /// LoadMode::read does); `name` stands for the path in errors. Throws as open().
   static SafeTensors from_bytes(std::vector<std::uint8_t> bytes, std::string name = "<memory>") {
     const std::uint64_t size = bytes.size();
     if (size < 8) fail_too_short("from_bytes", name, size);
@@ -185,10 +353,65 @@ class SafeTensors {
     const std::uint64_t data_size = size - 8 - n;
     st.parse_header(std::string_view(reinterpret_cast<const char*>(bytes.data()) + 8, n),
                     data_size);
-    st.data_ = safetensors_detail::AlignedBytes(data_size);
-    if (data_size) std::memcpy(st.data_.ptr.get(), bytes.data() + 8 + n, data_size);
+    auto buffer = std::make_shared<safetensors_detail::AlignedBytes>(data_size);
+    if (data_size) std::memcpy(buffer->ptr.get(), bytes.data() + 8 + n, data_size);
+    st.data_start_ = 8 + n;
+    st.data_size_ = data_size;
+    st.data_ = buffer->ptr.get();
+    st.buffer_ = std::move(buffer);
     st.check_bool_values();
     return st;
+  }
+
+  /// LoadMode::map when the data lives in a mapping of the file, LoadMode::read when it was
+  /// copied into memory (read mode, from_bytes, or open() where mmap does not exist).
+  LoadMode load_mode() const noexcept {
+#if SWITCHYARD_IO_HAS_MMAP
+    if (mapping_) return LoadMode::map;
+#endif
+    return LoadMode::read;
+  }
+
+  /// The whole data section (mapped or owned): every view and bytes() span lies inside it.
+  std::span<const std::byte> data_section() const noexcept {
+    return {data_, static_cast<std::size_t>(data_size_)};
+  }
+
+  /// False when the mapped file's size is no longer its size at open (truncated or rewritten
+  /// by someone else), or it cannot be fstat'ed: touching tensors past the new end would
+  /// raise SIGBUS. Always true for data held in memory (read mode, from_bytes). Does not
+  /// notice bytes rewritten in place at the same size.
+  bool intact() const noexcept {
+#if SWITCHYARD_IO_HAS_MMAP
+    if (!mapping_) return true;
+    struct ::stat now {};
+    return ::fstat(mapping_->fd, &now) == 0 &&
+           static_cast<std::uint64_t>(now.st_size) == mapping_->length;
+#else
+    return true;
+#endif
+  }
+
+  /// Throws switchyard::error naming the file, its size at open and its size now, unless
+  /// intact(). Call it before touching tensors of a file that may have been replaced.
+  void check_intact() const {
+#if SWITCHYARD_IO_HAS_MMAP
+    if (!mapping_) return;
+    struct ::stat now {};
+    if (::fstat(mapping_->fd, &now) != 0) {
+      fail("check_intact", source_,
+           "cannot fstat the mapped file: " +
+               std::error_code(errno, std::generic_category()).message());
+    }
+    const auto size_now = static_cast<std::uint64_t>(now.st_size);
+    if (size_now != mapping_->length) {
+      fail("check_intact", source_,
+           "the file was " + std::to_string(mapping_->length) + " bytes at open and is " +
+               std::to_string(size_now) +
+               " bytes now: it changed after open (touching mapped tensors past its new end "
+               "raises SIGBUS); reopen it, or open files that may change with LoadMode::read");
+    }
+#endif
   }
 
   /// The path or from_bytes name used in error messages.
@@ -226,17 +449,21 @@ class SafeTensors {
   /// The "__metadata__" string map (empty when the file has none).
   const std::map<std::string, std::string>& metadata() const noexcept { return metadata_; }
 
-  /// Raw bytes of a tensor (little-endian, row-major), 64-byte aligned base + begin.
+  /// Raw bytes of a tensor (little-endian, row-major), zero-copy: data_section() + begin.
+  /// Throws switchyard::error when there is no tensor `name`.
   std::span<const std::byte> bytes(std::string_view name) const {
     const TensorInfo& i = info(name);
-    return {data_.ptr.get() + i.begin, static_cast<std::size_t>(i.nbytes())};
+    return {data_ + i.begin, static_cast<std::size_t>(i.nbytes())};
   }
 
-  /// Zero-copy row-major view of `name`, valid while this object lives.
-  /// T must map exactly to the stored dtype and R must equal the stored rank
-  /// (a 0-d scalar may be viewed with R = 1 as shape [1]); otherwise shape_error.
-  /// Throws switchyard::error if the data is not aligned for T (offset not a
-  /// multiple of sizeof(T); never the case for files our writer produced).
+  /// Zero-copy row-major view of `name`, valid while this object (or a copy) lives.
+  /// T must map exactly to the stored dtype (bf16 / f16 for BF16 / F16) and R must equal
+  /// the stored rank (a 0-d scalar may be viewed with R = 1 as shape [1]); otherwise
+  /// shape_error. Throws switchyard::error for an unknown name, or when the data's address
+  /// is not a multiple of alignof(T): in read mode when the data offset is not, in map mode
+  /// when 8 + N + offset is not. Never for files whose N is a multiple of 8 and whose
+  /// tensors start at multiples of their element size, as our writer and Hugging Face's
+  /// safetensors write them; tensor<T>() copies such a tensor instead.
   template <class T, int R>
   ConstView<T, R> view(std::string_view name) const {
     static_assert(has_dtype_v<T>, "view<T, R>: T has no safetensors dtype");
@@ -250,11 +477,18 @@ class SafeTensors {
                                      "file " + safetensors_detail::quote(source_) + ", rank " +
                                          std::to_string(i.shape.size()));
     }
-    if (i.begin % alignof(T) != 0) {
+    const std::byte* first = data_ + i.begin;
+    // The address, not the offset: a mapped data section starts at byte 8 + N of a page.
+    if (reinterpret_cast<std::uintptr_t>(first) % alignof(T) != 0) {
       fail("view", source_,
-           "tensor " + safetensors_detail::quote_header(i.name) + ": data offset " +
-               std::to_string(i.begin) + " is not a multiple of " + std::to_string(alignof(T)) +
-               " bytes, so it cannot be viewed in place; use tensor<T>() for a copy");
+           "tensor " + safetensors_detail::quote_header(i.name) + ": its address (data offset " +
+               std::to_string(i.begin) + ", byte " + std::to_string(data_start_ + i.begin) +
+               " of the file) is not a multiple of " + std::to_string(alignof(T)) +
+               " bytes, so it cannot be viewed in place; use tensor<T>() for a copy" +
+               (load_mode() == LoadMode::map
+                    ? " (the file is memory-mapped: a view is aligned as 8 + header length + "
+                      "data offset is)"
+                    : ""));
     }
     Shape<R> shape{};
     if (scalar_as_1d) {
@@ -262,12 +496,13 @@ class SafeTensors {
     } else {
       std::copy_n(i.shape.begin(), R, shape.begin());
     }
-    return ConstView<T, R>(reinterpret_cast<const T*>(data_.ptr.get() + i.begin), shape);
+    return ConstView<T, R>(reinterpret_cast<const T*>(first), shape);
   }
 
   /// Owning copy of `name`. T must map to the stored dtype, except that
-  /// BF16 and F16 convert to float when T = float. A 0-d scalar comes back
-  /// with shape [1]; rank above 4 throws shape_error (Tensor holds rank 1-4).
+  /// BF16 and F16 convert to float when T = float (exactly). A 0-d scalar comes back
+  /// with shape [1]; rank above 4 throws shape_error (Tensor holds rank 1-4), a wrong
+  /// dtype shape_error, an unknown name switchyard::error.
   template <class T>
   Tensor<T> tensor(std::string_view name) const {
     static_assert(has_dtype_v<T>, "tensor<T>: T has no safetensors dtype");
@@ -285,7 +520,8 @@ class SafeTensors {
     return t;
   }
 
-  /// The single element of a 0-d or one-element tensor (same dtype rules as tensor<T>).
+  /// The single element of a 0-d or one-element tensor (same dtype rules as tensor<T>);
+  /// shape_error when it has more or fewer elements.
   template <class T>
   T scalar(std::string_view name) const {
     static_assert(has_dtype_v<T>, "scalar<T>: T has no safetensors dtype");
@@ -303,6 +539,29 @@ class SafeTensors {
 
  private:
   SafeTensors() = default;
+
+#if SWITCHYARD_IO_HAS_MMAP
+  /// Maps the whole file (size >= 8, so never a zero-length mapping, even with no data).
+  void map_file(safetensors_detail::InputFile& in, std::uint64_t size) {
+    if (size > std::numeric_limits<std::size_t>::max()) {
+      fail("open", source_, "file of " + std::to_string(size) + " bytes is too large to map");
+    }
+    auto mapping = std::make_shared<safetensors_detail::Mapping>();
+    void* base =
+        ::mmap(nullptr, static_cast<std::size_t>(size), PROT_READ, MAP_PRIVATE, in.fd(), 0);
+    if (base == MAP_FAILED) {
+      fail("open", source_,
+           "cannot memory-map its " + std::to_string(size) +
+               " bytes: " + std::error_code(errno, std::generic_category()).message() +
+               " (LoadMode::read copies the data instead)");
+    }
+    mapping->base = base;
+    mapping->length = static_cast<std::size_t>(size);
+    mapping->fd = in.release();
+    data_ = static_cast<const std::byte*>(base) + data_start_;
+    mapping_ = std::move(mapping);
+  }
+#endif
 
   [[noreturn]] static void fail(std::string_view fn, std::string_view source,
                                 const std::string& what) {
@@ -373,9 +632,9 @@ class SafeTensors {
       std::string_view what = e.what();
       if (what.rfind("[json.exception.", 0) == 0 && what.find("] ") != std::string_view::npos)
         what.remove_prefix(what.find("] ") + 2);
-      std::string text(what.substr(0, 200));
-      if (what.size() > 200) text += "...";
-      fail(loading_fn_, source_, "header is not valid JSON: " + text);
+      std::string msg(what.substr(0, 200));
+      if (what.size() > 200) msg += "...";
+      fail(loading_fn_, source_, "header is not valid JSON: " + msg);
     }
     if (!duplicate.empty()) fail(loading_fn_, source_, "header has a duplicate " + duplicate);
     if (!header.is_object()) {
@@ -503,7 +762,7 @@ class SafeTensors {
     for (const auto& i : infos_) {
       if (i.dtype != DType::BOOL) continue;
       for (std::uint64_t b = i.begin; b < i.end; ++b) {
-        const auto v = std::to_integer<unsigned>(data_.ptr[b]);
+        const auto v = std::to_integer<unsigned>(data_[b]);
         if (v > 1) {
           fail(loading_fn_, source_,
                "tensor " + safetensors_detail::quote_header(i.name) + ": BOOL element " +
@@ -521,7 +780,11 @@ class SafeTensors {
     std::string want = std::string(dtype_name(dtype_of<T>()));
     if (std::is_same_v<T, float> && allow_half_to_float) want += " (or BF16/F16, converted)";
     std::string hint;
-    if (half) hint = "; read BF16/F16 with tensor<float>() or scalar<float>()";
+    if (half) {
+      hint = i.dtype == DType::BF16 ? "; view BF16 in place as switchyard::bf16 (view<bf16, R>)"
+                                    : "; view F16 in place as switchyard::f16 (view<f16, R>)";
+      hint += ", or convert with tensor<float>() or scalar<float>()";
+    }
     throw shape_error(
         "SafeTensors::" + std::string(fn) + ": tensor " + safetensors_detail::quote_header(i.name) +
         " in " + safetensors_detail::quote(source_) + " has dtype " +
@@ -531,7 +794,7 @@ class SafeTensors {
   /// Copies (or converts, BF16/F16 -> float) the elements of `i` into `dst`.
   template <class T>
   void copy_elements(const TensorInfo& i, T* dst) const {
-    const std::byte* src = data_.ptr.get() + i.begin;
+    const std::byte* src = data_ + i.begin;
     const auto n = static_cast<std::size_t>(i.numel());
     if constexpr (std::is_same_v<T, float>) {
       if (i.dtype == DType::BF16 || i.dtype == DType::F16) {
@@ -551,7 +814,15 @@ class SafeTensors {
   std::vector<TensorInfo> infos_;
   std::map<std::string, std::size_t, std::less<>> index_;
   std::map<std::string, std::string> metadata_;
-  safetensors_detail::AlignedBytes data_;
+  // The data section: in buffer_ (read mode, from_bytes) or in mapping_ (map mode). Copies
+  // share them; data_ points at its first byte.
+  std::shared_ptr<const safetensors_detail::AlignedBytes> buffer_;
+#if SWITCHYARD_IO_HAS_MMAP
+  std::shared_ptr<const safetensors_detail::Mapping> mapping_;
+#endif
+  const std::byte* data_ = nullptr;
+  std::uint64_t data_size_ = 0;
+  std::uint64_t data_start_ = 0;  // 8 + N: where the data section starts in the file
 };
 
 }  // namespace io

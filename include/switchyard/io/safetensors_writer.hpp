@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <map>
 #include <nlohmann/json.hpp>
@@ -29,7 +30,8 @@ namespace io {
 
 class SafeTensorsWriter {
  public:
-  /// Adds a row-major tensor; `shape` may be empty (a 0-d scalar) or hold zeros.
+  /// Adds a row-major tensor; `shape` may be empty (a 0-d scalar) or hold zeros. T is any
+  /// type with a dtype (dtype.hpp): switchyard::bf16 / f16 store BF16 / F16 as they are.
   /// Throws switchyard::error on a duplicate or reserved name, a negative extent, or a
   /// shape too large to hold (see shape_nbytes).
   template <class T>
@@ -41,7 +43,8 @@ class SafeTensorsWriter {
     push(std::move(name), dtype_of<T>(), std::move(shape), std::move(bytes));
   }
 
-  /// Adds the elements of a (possibly strided) view, stored row-major.
+  /// Adds the elements of a (possibly strided) view, stored row-major (bf16 / f16 views as
+  /// BF16 / F16). Throws as add().
   template <class T, int R>
   void add(std::string name, const View<T, R>& v) {
     using U = std::remove_const_t<T>;
@@ -54,6 +57,7 @@ class SafeTensorsWriter {
     push(std::move(name), dtype_of<U>(), std::move(shape), std::move(bytes));
   }
 
+  /// Adds an owning tensor (Tensor<bf16> as BF16...). Throws as add().
   template <class T>
   void add(std::string name, const Tensor<T>& t) {
     add<T>(std::move(name), t.data(),
@@ -138,13 +142,15 @@ class SafeTensorsWriter {
   }
 
   /// Writes to_bytes() to `path`; throws switchyard::error if that fails.
-  void save(const std::string& path) const {
+  void save(const std::filesystem::path& path) const {
     const auto bytes = to_bytes();
     std::ofstream out(path, std::ios::binary | std::ios::trunc);
     out.write(reinterpret_cast<const char*>(bytes.data()),
               static_cast<std::streamsize>(bytes.size()));
     out.close();
-    if (!out) throw switchyard::error("SafeTensorsWriter::save: cannot write '" + path + "'");
+    if (!out) {
+      throw switchyard::error("SafeTensorsWriter::save: cannot write '" + path.string() + "'");
+    }
   }
 
  private:
