@@ -85,3 +85,16 @@ TEST_CASE("as_eigen maps a row-major strided view without copying", "[tensor][ei
   View<float, 2> transposed(t.data(), {4, 3}, {1, 4});
   REQUIRE_THROWS_AS(core::as_eigen(transposed), shape_error);
 }
+
+TEST_CASE("Tensor: a default-constructed tensor copies and assigns as empty", "[tensor]") {
+  const switchyard::Tensor<float> empty;
+  const switchyard::Tensor<float> copy(empty);
+  REQUIRE(copy.rank() == 0);
+  REQUIRE(copy.numel() == 0);
+  switchyard::Tensor<float> t({2, 3});
+  t = empty;
+  REQUIRE(t.rank() == 0);
+  REQUIRE(t.numel() == 0);
+  t = switchyard::Tensor<float>({4});
+  REQUIRE(t.numel() == 4);
+}

@@ -4,6 +4,7 @@
 // shapes: it runs in milliseconds; the checks are sanity checks, the unit tests do the rest.
 #include <cmath>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 #include <switchyard/switchyard.hpp>
 #include <vector>
@@ -204,7 +205,40 @@ void safetensors() {
   check(same, "safetensors round trip");
 }
 
+// Checkpoints: a two-shard Hugging Face block in bf16, memory-mapped, loaded without copies and
+// run; bf16 projections through core::linear.
+void checkpoints() {
+  const std::int64_t E = 4, d = 16, F = 24;
+  std::vector<io::SafeTensorsWriter> shards(2);
+  const std::string p = "model.layers.0.block_sparse_moe";
+  shards[0].add_bf16(p + ".gate.weight", random<float>({E, d}, 40));
+  for (std::int64_t e = 0; e < E; ++e) {
+    const std::string ep = p + ".experts." + std::to_string(e) + ".";
+    auto& w = shards[std::size_t(e % 2)];
+    w.add_bf16(ep + "w1.weight", random<float>({F, d}, 41 + 3 * std::uint64_t(e), 0.25f));
+    w.add_bf16(ep + "w3.weight", random<float>({F, d}, 42 + 3 * std::uint64_t(e), 0.25f));
+    w.add_bf16(ep + "w2.weight", random<float>({d, F}, 43 + 3 * std::uint64_t(e), 0.2f));
+  }
+  const auto dir = std::filesystem::temp_directory_path() / "switchyard_strict_consumer_ckpt";
+  io::save_sharded_checkpoint(dir, shards, {{"model_type", "mixtral"}, {"num_experts_per_tok", 2}});
+  {
+    const auto ckpt = io::Checkpoint::open(dir);
+    const auto block = moe::load_hf_moe_block<bf16>(ckpt, p, moe::HFFamily::mixtral);
+    const auto x = random<float>({5, d}, 60);
+    Tensor<float> y({5, d});
+    block.forward(x, y.view<2>());
+    check(finite(y), "HF MoE block from a bf16 checkpoint");
+    const Tensor<float> logits = core::linear(x.view<2>(), block.router_weight);
+    check(logits.extent(1) == E && finite(logits), "core::linear with bf16 weights");
+  }
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
+
+// Every member of the checkpoint-loaded models compiled under -Werror.
+template class switchyard::models::MixtralModel<switchyard::bf16>;
+template class switchyard::models::MixtralDecoderLayer<switchyard::bf16>;
 
 int main() {
   dense_attention<float>();
@@ -217,6 +251,7 @@ int main() {
   sparse_attention();
   token_merging();
   safetensors();
+  checkpoints();
   std::printf("switchyard %d.%d.%d strict consumer (%s, %d threads): %s\n",
               SWITCHYARD_VERSION_MAJOR, SWITCHYARD_VERSION_MINOR, SWITCHYARD_VERSION_PATCH,
               simd::default_arch::name(), num_threads(), failures ? "FAILED" : "ok");

@@ -35,6 +35,7 @@ class Tensor {
   explicit Tensor(const Shape<R>& shape) : Tensor(std::span<const std::int64_t>(shape)) {}
 
   Tensor(const Tensor& other) {
+    if (other.rank_ == 0) return;  // a default-constructed (empty) tensor copies as empty
     allocate(other.shape());
     std::copy_n(other.data(), numel_, data_.get());
   }

@@ -7,6 +7,7 @@
 //   ConstView<bf16, 2> b = f.view<bf16, 2>("wb");      // BF16 in place, no conversion
 //   auto ckpt = switchyard::io::Checkpoint::open("model_dir");  // index + shards, lazily
 #include "switchyard/io/checkpoint.hpp"
+#include "switchyard/io/checkpoint_writer.hpp"
 #include "switchyard/io/dtype.hpp"
 #include "switchyard/io/safetensors_reader.hpp"
 #include "switchyard/io/safetensors_writer.hpp"
