@@ -13,7 +13,9 @@
 // experts' w1, w3, w2) / wall time; bw_fraction = GB/s / triad_GB/s; tokens/s = new tokens per
 // second. Threads: the switchyard default (all hardware threads). Wall time (UseRealTime).
 // Names: BM_DecodeAttention/B/S/T_new, BM_MoEDecode/shape/T (shape 0 Mixtral-like: d 2048,
-// F 7168, E 8, k 2; shape 1 OLMoE-like: d 2048, F 1024, E 64, k 8).
+// F 7168, E 8, k 2; shape 1 OLMoE-like: d 2048, F 1024, E 64, k 8),
+// BM_MoEDecodeWeightForm/shape/T/form (form 0 stacked float, 1 one float tensor per expert,
+// 2 one bf16 tensor per expert: the layouts of Hugging Face checkpoints).
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -28,6 +30,7 @@
 
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/attention/kv_cache.hpp"
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/layer.hpp"
@@ -168,33 +171,66 @@ struct MoEShape {
 };
 constexpr MoEShape moe_shapes[] = {{2048, 7168, 8, 2}, {2048, 1024, 64, 8}};
 
+/// How the benchmark stores the expert weights: one stacked float tensor per projection, one
+/// float tensor per expert and projection (as a Hugging Face checkpoint holds them), or the
+/// same per expert in bf16 (widened while the layer packs them).
+enum class WeightForm { stacked = 0, each = 1, each_bf16 = 2 };
+
 struct MoESetup {
-  Tensor<float> w1, w3, w2, x, y;
+  std::vector<Tensor<float>> store;  // stacked [E, ...] tensors, or one tensor per expert
+  std::vector<std::vector<bf16>> store16;
+  Tensor<float> x, y;
   moe::MoELayerWeights<float> w;
+  moe::MoELayerWeights<bf16> w16;
   std::vector<moe::DispatchPlan<float>> plans;  // cycled, step after step
   std::vector<double> bytes;                    // weight bytes each plan reads
 };
 
+// Cheap deterministic values (they do not matter for speed, only that pages are real).
+float fill_value(std::int64_t i, float a) {
+  return a * float((std::uint64_t(i) * 2654435761u) % 2001u) / 1000.0f - a;
+}
+
 // Plans for T tokens: at T = 1 the expert groups {g k, ..., g k + k - 1} in turn (every expert
 // once per E / k steps); otherwise top-k of random logits, 16 different plans.
-MoESetup make_moe(const MoEShape& sh, std::int64_t T) {
+MoESetup make_moe(const MoEShape& sh, std::int64_t T, WeightForm form = WeightForm::stacked) {
   MoESetup m;
-  m.w1 = Tensor<float>({sh.E, sh.F, sh.d});
-  m.w3 = Tensor<float>({sh.E, sh.F, sh.d});
-  m.w2 = Tensor<float>({sh.E, sh.d, sh.F});
-  // Cheap deterministic fill (the values do not matter for speed, only that pages are real).
-  const auto fill = [](Tensor<float>& t, float a) {
-    std::int64_t i = 0;
-    for (auto& v : t) v = a * float((i++ * 2654435761u) % 2001u) / 1000.0f - a;
+  const auto fill = [](float* p, std::int64_t n, float a) {
+    for (std::int64_t i = 0; i < n; ++i) p[i] = fill_value(i, a);
   };
-  fill(m.w1, 0.02f);
-  fill(m.w3, 0.02f);
-  fill(m.w2, 0.02f);
-  m.w.experts.w1 = m.w1;
-  m.w.experts.w3 = m.w3;
-  m.w.experts.w2 = m.w2;
+  if (form == WeightForm::stacked) {
+    m.store.emplace_back(Tensor<float>({sh.E, sh.F, sh.d}));
+    m.store.emplace_back(Tensor<float>({sh.E, sh.F, sh.d}));
+    m.store.emplace_back(Tensor<float>({sh.E, sh.d, sh.F}));
+    for (auto& t : m.store) fill(t.data(), t.numel(), 0.02f);
+    m.w.experts.w1 = m.store[0];
+    m.w.experts.w3 = m.store[1];
+    m.w.experts.w2 = m.store[2];
+  } else {
+    m.store.reserve(std::size_t(3 * sh.E));
+    m.store16.reserve(std::size_t(3 * sh.E));
+    for (std::int64_t e = 0; e < sh.E; ++e)
+      for (int j = 0; j < 3; ++j) {
+        const std::int64_t rows = j < 2 ? sh.F : sh.d, cols = j < 2 ? sh.d : sh.F;
+        auto& ew =
+            j == 0 ? m.w.experts.w1_each : (j == 1 ? m.w.experts.w3_each : m.w.experts.w2_each);
+        auto& ew16 = j == 0 ? m.w16.experts.w1_each
+                            : (j == 1 ? m.w16.experts.w3_each : m.w16.experts.w2_each);
+        if (form == WeightForm::each) {
+          auto& t = m.store.emplace_back(Tensor<float>({rows, cols}));
+          fill(t.data(), t.numel(), 0.02f);
+          ew.push_back(t);
+        } else {
+          auto& v = m.store16.emplace_back(std::size_t(rows * cols));
+          for (std::int64_t i = 0; i < rows * cols; ++i)
+            v[std::size_t(i)] = bf16::from_float(fill_value(i, 0.02f));
+          ew16.push_back(ConstView<bf16, 2>(v.data(), {rows, cols}));
+        }
+      }
+  }
+  const double elem_bytes = form == WeightForm::each_bf16 ? 2.0 : 4.0;
   m.x = Tensor<float>({T, sh.d});
-  fill(m.x, 1.0f);
+  fill(m.x.data(), m.x.numel(), 1.0f);
   m.y = Tensor<float>({T, sh.d});
   std::mt19937 gen(3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -215,16 +251,17 @@ MoESetup make_moe(const MoEShape& sh, std::int64_t T) {
     m.plans.push_back(moe::make_plan_from_combine_weights<float>(combine.view<2>()));
     std::int64_t active = 0;
     for (std::int64_t e = 0; e < sh.E; ++e) active += m.plans.back().expert_size(e) > 0;
-    m.bytes.push_back(double(active) * 3.0 * double(sh.d * sh.F) * 4.0);
+    m.bytes.push_back(double(active) * 3.0 * double(sh.d * sh.F) * elem_bytes);
   }
   return m;
 }
 
-void run_moe(benchmark::State& state, std::int64_t decode_max_tokens) {
+void run_moe(benchmark::State& state, std::int64_t decode_max_tokens,
+             WeightForm form = WeightForm::stacked) {
   const MoEShape sh = moe_shapes[state.range(0)];
   const std::int64_t T = state.range(1);
   triad_gbps();
-  MoESetup m = make_moe(sh, T);
+  MoESetup m = make_moe(sh, T, form);
   moe::MoELayer<float> layer(
       {.d_model = sh.d, .d_ff = sh.F, .num_experts = sh.E, .decode_max_tokens = decode_max_tokens});
   std::size_t max_ws = 0;
@@ -235,7 +272,10 @@ void run_moe(benchmark::State& state, std::int64_t decode_max_tokens) {
   for (auto _ : state) {
     const std::size_t p = i++ % m.plans.size();
     const auto t0 = std::chrono::steady_clock::now();
-    layer.execute(m.plans[p], m.x.view<2>(), m.w, m.y.view<2>(), ws);
+    if (form == WeightForm::each_bf16)
+      layer.execute(m.plans[p], m.x.view<2>(), m.w16, m.y.view<2>(), ws);
+    else
+      layer.execute(m.plans[p], m.x.view<2>(), m.w, m.y.view<2>(), ws);
     seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     bytes += m.bytes[p];
   }
@@ -245,6 +285,11 @@ void run_moe(benchmark::State& state, std::int64_t decode_max_tokens) {
 
 void BM_MoEDecode(benchmark::State& state) { run_moe(state, 64); }
 void BM_MoEPrefillPath(benchmark::State& state) { run_moe(state, 0); }
+// The weight forms side by side: stacked float, one float view per expert, one bf16 view per
+// expert (GB/s counts the bytes stored, so bf16 reads half as many per token).
+void BM_MoEDecodeWeightForm(benchmark::State& state) {
+  run_moe(state, 64, static_cast<WeightForm>(state.range(2)));
+}
 
 void attention_args(benchmark::internal::Benchmark* b) {
   for (std::int64_t Tn : {1, 4}) {
@@ -270,6 +315,11 @@ BENCHMARK(BM_DenseForwardAsDecode)
     ->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_MoEDecode)
     ->ArgsProduct({{0, 1}, {1, 4, 16}})
+    ->UseRealTime()
+    ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MoEDecodeWeightForm)
+    ->ArgsProduct({{0, 1}, {1, 16}, {0, 1, 2}})
     ->UseRealTime()
     ->MinTime(1.0)
     ->Unit(benchmark::kMillisecond);
