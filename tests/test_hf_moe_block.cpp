@@ -47,7 +47,7 @@ struct RandomBlock {
 
 RandomBlock random_block(HFFamily family, std::uint32_t seed) {
   RandomBlock b{family, 8, 24, 40, 32, 2, {}, {}, {}, {}, {}};
-  if (family == HFFamily::deepseek_v3) b.k = 3;
+  if (family == HFFamily::deepseek_v3 || family == HFFamily::deepseek_v2) b.k = 3;
   if (family == HFFamily::mixtral) b.prefix = "model.layers.1.block_sparse_moe";
   b.router = random_tensor<float>({b.E, b.d}, seed, 0.5);
   b.experts = random_experts<float>(b.E, b.d, b.F, moe::Activation::swiglu, false, seed + 1);
@@ -95,7 +95,8 @@ void write_block(const RandomBlock& b, const std::filesystem::path& dir,
     put(s, p + dn + ".weight", row(b.experts.w2, e), {b.d, b.F});
   }
   const std::string sp = b.family == HFFamily::qwen2_moe ? ".shared_expert" : ".shared_experts";
-  if (b.family == HFFamily::qwen2_moe || b.family == HFFamily::deepseek_v3) {
+  const bool deepseek = b.family == HFFamily::deepseek_v2 || b.family == HFFamily::deepseek_v3;
+  if (b.family == HFFamily::qwen2_moe || deepseek) {
     put(1, b.prefix + sp + ".gate_proj.weight", row(b.shared.w1, 0), {b.Fs, b.d});
     put(1, b.prefix + sp + ".up_proj.weight", row(b.shared.w3, 0), {b.Fs, b.d});
     put(1, b.prefix + sp + ".down_proj.weight", row(b.shared.w2, 0), {b.d, b.Fs});
@@ -106,18 +107,20 @@ void write_block(const RandomBlock& b, const std::filesystem::path& dir,
     shards[0].add(b.prefix + ".gate.e_score_correction_bias", b.bias.data(), {b.E});
   nlohmann::json config = {{"model_type", std::string(moe::hf_family_name(b.family))},
                            {"num_experts_per_tok", b.k}};
-  if (b.family == HFFamily::deepseek_v3) {
+  if (deepseek) {
     config["n_group"] = 4;
     config["topk_group"] = 2;
     config["routed_scaling_factor"] = 2.5;
-    config["norm_topk_prob"] = true;
+    config["norm_topk_prob"] = b.family == HFFamily::deepseek_v3;
   }
+  if (b.family == HFFamily::deepseek_v2) config["topk_method"] = "group_limited_greedy";
+  if (b.family == HFFamily::qwen3_moe) config["norm_topk_prob"] = true;
   io::save_sharded_checkpoint(dir, shards, config);
 }
 
 /// The block's output for x in double: logits, the family's routing, experts, shared expert.
-/// DeepSeek-V3's group selection comes from GroupedTopKRouter (tested on its own fixtures);
-/// the other families route here.
+/// DeepSeek's group selection comes from GroupedTopKRouter (tested on its own fixtures); the
+/// weights and the other families' routing are computed here.
 std::vector<double> ref_block(const RandomBlock& b, const Tensor<float>& x,
                               std::vector<std::vector<int>>& chosen) {
   const std::int64_t T = x.extent(0), d = b.d, E = b.E;
@@ -132,30 +135,40 @@ std::vector<double> ref_block(const RandomBlock& b, const Tensor<float>& x,
       logits_f(t, e) = float(s);
     }
   moe::DispatchPlan<float> grouped;
-  if (b.family == HFFamily::deepseek_v3) {
-    moe::GroupedTopKRouter<float> r({.num_experts = E,
-                                     .top_k = b.k,
-                                     .n_group = 4,
-                                     .topk_group = 2,
-                                     .score_func = moe::ScoreFunc::sigmoid,
-                                     .norm_topk_prob = true,
-                                     .routed_scaling_factor = 2.5});
-    r.route(logits_f, std::span<const float>(b.bias.data(), std::size_t(E)), grouped);
+  const bool v3 = b.family == HFFamily::deepseek_v3;
+  const bool deepseek = v3 || b.family == HFFamily::deepseek_v2;
+  if (deepseek) {
+    moe::GroupedTopKRouter<float> r(
+        {.num_experts = E,
+         .top_k = b.k,
+         .n_group = 4,
+         .topk_group = 2,
+         .score_func = v3 ? moe::ScoreFunc::sigmoid : moe::ScoreFunc::softmax,
+         .norm_topk_prob = v3,
+         .routed_scaling_factor = 2.5});
+    if (v3)
+      r.route(logits_f, std::span<const float>(b.bias.data(), std::size_t(E)), grouped);
+    else
+      r.route(logits_f, grouped);
   }
   chosen.assign(std::size_t(T), {});
   for (std::int64_t t = 0; t < T; ++t) {
     std::vector<double> xt(static_cast<std::size_t>(d));
     for (std::int64_t p = 0; p < d; ++p) xt[std::size_t(p)] = x(t, p);
     std::vector<std::pair<int, double>> picks;
-    if (b.family == HFFamily::deepseek_v3) {
+    if (deepseek) {
+      // The weights in double: V3 sigmoid scores of the chosen experts, normalised over them;
+      // V2 softmax probabilities as they are; both times routed_scaling_factor.
+      double lse = 0;
+      for (std::int64_t e = 0; e < E; ++e) lse += std::exp(logits[std::size_t(t * E + e)]);
       for (std::int64_t s = 0; s < b.k; ++s) {
         const int e = grouped.choice_expert[std::size_t(t * b.k + s)];
-        // the weight in double: sigmoid scores of the chosen experts, normalised, scaled
-        picks.push_back({e, 1.0 / (1.0 + std::exp(-logits[std::size_t(t * E + e)]))});
+        const double l = logits[std::size_t(t * E + e)];
+        picks.push_back({e, v3 ? 1.0 / (1.0 + std::exp(-l)) : std::exp(l) / lse});
       }
       double z = 0;
       for (auto& pk : picks) z += pk.second;
-      for (auto& pk : picks) pk.second = pk.second / z * 2.5;
+      for (auto& pk : picks) pk.second = (v3 ? pk.second / z : pk.second) * 2.5;
     } else {
       std::vector<double> p(logits.begin() + t * E, logits.begin() + (t + 1) * E);
       const double m = *std::max_element(p.begin(), p.end());
@@ -167,7 +180,7 @@ std::vector<double> ref_block(const RandomBlock& b, const Tensor<float>& x,
       std::stable_sort(order.begin(), order.end(), [&](int a, int c) { return p[a] > p[c]; });
       double sum = 0;
       for (std::int64_t s = 0; s < b.k; ++s) sum += p[std::size_t(order[s])];
-      const bool renorm = b.family == HFFamily::mixtral;
+      const bool renorm = b.family == HFFamily::mixtral || b.family == HFFamily::qwen3_moe;
       for (std::int64_t s = 0; s < b.k; ++s)
         picks.push_back({order[s], p[std::size_t(order[s])] / (renorm ? sum : 1.0)});
     }
@@ -176,7 +189,7 @@ std::vector<double> ref_block(const RandomBlock& b, const Tensor<float>& x,
       const auto o = ref_expert(b.experts, e, moe::Activation::swiglu, false, xt);
       for (std::int64_t i = 0; i < d; ++i) y[std::size_t(t * d + i)] += w * o[std::size_t(i)];
     }
-    if (b.family == HFFamily::qwen2_moe || b.family == HFFamily::deepseek_v3) {
+    if (b.family == HFFamily::qwen2_moe || deepseek) {
       double g = 1.0;
       if (b.family == HFFamily::qwen2_moe) {
         double z = 0;
@@ -221,12 +234,13 @@ TEST_CASE("load_hf_moe_block reproduces the gpt-fast Mixtral block from the HF c
 }
 
 TEST_CASE(
-    "load_hf_moe_block: bf16 Mixtral, OLMoE, Qwen2-MoE and DeepSeek-V3 blocks from two "
-    "shards match a naive double reference, without copies",
+    "load_hf_moe_block: bf16 blocks of every family from two shards match a naive double "
+    "reference, without copies",
     "[moe][hf]") {
   std::uint32_t seed = 500;
   for (const HFFamily family :
-       {HFFamily::mixtral, HFFamily::olmoe, HFFamily::qwen2_moe, HFFamily::deepseek_v3}) {
+       {HFFamily::mixtral, HFFamily::olmoe, HFFamily::qwen2_moe, HFFamily::qwen3_moe,
+        HFFamily::deepseek_v2, HFFamily::deepseek_v3}) {
     CAPTURE(moe::hf_family_name(family));
     const RandomBlock b = random_block(family, seed += 10);
     const TempDir dir("hf_" + std::string(moe::hf_family_name(family)));
