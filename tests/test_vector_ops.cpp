@@ -174,3 +174,28 @@ TEMPLATE_TEST_CASE("simd::hsum_rows puts the sum of row i in lane i", "[simd][ve
     }
   });
 }
+
+TEMPLATE_TEST_CASE("kernels::argmax_first: the first maximum, optionally skipping one index",
+                   "[simd][vector_ops]", float, double) {
+  using T = TestType;
+  const T ninf = -std::numeric_limits<T>::infinity();
+  simd::for_each_arch([&](auto arch) {
+    for (std::int64_t n : lengths<T, decltype(arch)>()) {
+      if (n < 2) continue;
+      CAPTURE(decltype(arch)::name(), n);
+      // values from a small set, so ties are common; the naive first maximum is the reference
+      std::mt19937_64 gen(static_cast<std::uint64_t>(n));
+      std::uniform_int_distribution<int> u(0, 3);
+      for (int trial = 0; trial < 20; ++trial) {
+        std::vector<T> x(static_cast<std::size_t>(n));
+        for (auto& v : x) v = trial % 5 == 4 ? ninf : T(u(gen));
+        for (std::int64_t skip = -1; skip < n; ++skip) {
+          std::int64_t want = -1;
+          for (std::int64_t i = 0; i < n; ++i)
+            if (i != skip && (want < 0 || x[i] > x[want])) want = i;
+          REQUIRE(kernels::argmax_first(arch, x.data(), n, skip) == want);
+        }
+      }
+    }
+  });
+}

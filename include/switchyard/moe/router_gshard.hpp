@@ -67,6 +67,7 @@
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/rng.hpp"
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/vector_ops.hpp"
 #include "switchyard/core/topk.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/moe/losses.hpp"
@@ -263,22 +264,24 @@ class GShardTop2Router {
       for (std::int64_t t = c * detail::router_chunk;
            t < std::min(tokens, (c + 1) * detail::router_chunk); ++t) {
         if (!mask.routed(t)) continue;
-        std::int64_t first;
-        T best;
-        kernels::argmax_row(probs + t * experts, experts, &first, &best);
+        const std::int64_t first = kernels::argmax_first(Arch{}, probs + t * experts, experts);
         const T* x = logits.data() + t * logits.stride(0);
+        if (!noise) {  // the first maximum of the logits without the first choice
+          choice[t * 2] = static_cast<std::int32_t>(first);
+          choice[t * 2 + 1] =
+              static_cast<std::int32_t>(kernels::argmax_first(Arch{}, x, experts, first));
+          continue;
+        }
         std::int64_t second = -1;
+        T best = T(0);
         for (std::int64_t e = 0; e < experts; ++e) {
           if (e == first) continue;
-          T v = x[e];
-          if (noise) {
-            const T n = (*noise)(t, e);
-            if (!std::isfinite(n)) {
-              if (s.bad[c] < 0) s.bad[c] = t;
-              continue;
-            }
-            v += n;
+          const T n = (*noise)(t, e);
+          if (!std::isfinite(n)) {
+            if (s.bad[c] < 0) s.bad[c] = t;
+            continue;
           }
+          const T v = x[e] + n;
           if (second < 0 || v > best) {  // strict: ties keep the lower index
             best = v;
             second = e;

@@ -126,6 +126,24 @@ T row_max(Arch, const T* x, std::int64_t n) noexcept {
   return m;
 }
 
+/// x: [n] without NaN, n >= 1 (n >= 2 when skip is in range): the index of the first
+/// maximum among the entries other than `skip` (-1: none skipped), ties toward the lower
+/// index. A vector max, then a scan for the first index holding it: no data-dependent
+/// branch per element (the scan's exit is taken once).
+template <class Arch, class T>
+std::int64_t argmax_first(Arch arch, const T* x, std::int64_t n, std::int64_t skip = -1) noexcept {
+  T m;
+  if (skip >= 0 && skip < n) {
+    const T a = row_max(arch, x, skip), b = row_max(arch, x + skip + 1, n - skip - 1);
+    m = a > b ? a : b;
+  } else {
+    m = row_max(arch, x, n);
+  }
+  for (std::int64_t i = 0; i < n; ++i)
+    if (x[i] == m && i != skip) return i;
+  return skip == 0 ? 1 : 0;  // unreachable without NaN
+}
+
 /// x: [n]; returns sum_i x[i] (0 for n = 0).
 template <class Arch, class T>
 T row_sum(Arch, const T* x, std::int64_t n) noexcept {
