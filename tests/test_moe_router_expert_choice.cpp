@@ -74,7 +74,13 @@ template <class T>
 void check_against_reference(const DispatchPlan<T>& plan, const Ref& r, std::int64_t E,
                              double tol) {
   REQUIRE_NOTHROW(plan.check());
-  REQUIRE(plan.top_k == E);
+  // K = the most experts any token received in the reference (at least 1)
+  std::vector<std::int64_t> received(static_cast<std::size_t>(plan.num_tokens), 0);
+  for (std::int64_t e = 0; e < E; ++e)
+    for (auto t : r.picked[e]) ++received[std::size_t(t)];
+  std::int64_t K = 1;
+  for (const std::int64_t n : received) K = std::max(K, n);
+  REQUIRE(plan.top_k == K);
   REQUIRE(plan.capacity == r.capacity);
   REQUIRE(plan.requested_capacity == r.requested);
   REQUIRE(plan.capacity_clamped == (r.capacity != r.requested));
@@ -90,15 +96,15 @@ void check_against_reference(const DispatchPlan<T>& plan, const Ref& r, std::int
       REQUIRE(double(plan.gate[i]) == Approx(r.p[t * E + e]).epsilon(tol).margin(1e-30));
       // slot = rank of e among the experts that took t, in expert order
       REQUIRE(plan.slot[i] == count[t]);
-      REQUIRE(plan.choice_expert[t * E + count[t]] == e);
-      REQUIRE(plan.choice_weight[t * E + count[t]] == plan.gate[i]);
+      REQUIRE(plan.choice_expert[t * K + count[t]] == e);
+      REQUIRE(plan.choice_weight[t * K + count[t]] == plan.gate[i]);
       ++count[t];
     }
   }
   for (std::int64_t t = 0; t < plan.num_tokens; ++t)
-    for (std::int64_t s = count[t]; s < E; ++s) {
-      REQUIRE(plan.choice_expert[t * E + s] == -1);
-      REQUIRE(plan.choice_weight[t * E + s] == T(0));
+    for (std::int64_t s = count[t]; s < K; ++s) {
+      REQUIRE(plan.choice_expert[t * K + s] == -1);
+      REQUIRE(plan.choice_weight[t * K + s] == T(0));
     }
   REQUIRE(plan.stats.routed_tokens == r.routed);
   REQUIRE(plan.stats.tokens_without_expert == r.without);
@@ -177,8 +183,8 @@ TEST_CASE("ExpertChoiceRouter reproduces the llm-baselines expert-choice fixture
       REQUIRE(got_dispatch[t * E + e] == dispatch(t, e));
       max_err = std::max(max_err, std::abs(got_combine[t * E + e] - combine(t, e)) /
                                       std::max(1e-3, double(combine(t, e))));
-      n += plan.choice_expert[t * E + e] >= 0;
     }
+    for (std::int64_t s = 0; s < plan.top_k; ++s) n += plan.choice_expert[t * plan.top_k + s] >= 0;
     REQUIRE(n == per_token(t));
     without += dropped(t);
   }
@@ -317,7 +323,7 @@ TEST_CASE("ExpertChoiceRouter: masked tokens are never taken and count nowhere",
     }
   }
   for (std::int64_t t = 0; t < T; ++t)
-    if (!keep[t]) REQUIRE(plan.choice_expert[t * E] == -1);
+    if (!keep[t]) REQUIRE(plan.choice_expert[t * plan.top_k] == -1);
 
   Tensor<double> none({0, E});
   const auto p0 = router.route(none);
@@ -352,7 +358,9 @@ TEST_CASE("ExpertChoiceRouter: hand-worked cases", "[moe][router][expert_choice]
     REQUIRE(plan.gate[2] == Approx(0.5));
     REQUIRE(plan.gate[3] == Approx(0.9));
     REQUIRE(plan.slot == std::vector<std::int32_t>{0, 0, 0, 0});
-    REQUIRE(plan.choice_expert == std::vector<std::int32_t>{0, -1, 1, -1, 0, -1, 1, -1});
+    // K = 1: each token was taken by one expert
+    REQUIRE(plan.top_k == 1);
+    REQUIRE(plan.choice_expert == std::vector<std::int32_t>{0, 1, 0, 1});
     REQUIRE(plan.stats.tokens_without_expert == 0);
     REQUIRE(plan.stats.aux_loss == 0.0);
   }
@@ -450,4 +458,46 @@ TEST_CASE("ExpertChoiceRouter: 1 and 2 threads give bit-identical plans",
   require_identical(one, two);
   router.route(logits, two);
   require_identical(one, two);
+}
+
+TEST_CASE("ExpertChoiceRouter: sampled thresholds that mislead fall back to an exact selection",
+          "[moe][router][expert_choice]") {
+  // T = 1024 routed rows, of which the threshold sample reads 256 (rows 4i). Two cases the
+  // sample gets wrong, each checked against the naive reference:
+  const std::int64_t T = 1024, E = 2;
+  std::vector<double> x(static_cast<std::size_t>(T * E), 0.0);
+  // 1. Too few candidates: expert 0 is strongest on the sampled rows (p = 0.99), clearly
+  //    weaker elsewhere, and c = 300 > the 256 sampled-row tokens above the threshold.
+  for (std::int64_t t = 0; t < T; ++t) {
+    x[std::size_t(t * E)] = t % 4 == 0 ? std::log(99.0) : 0.1 + 1e-3 * double(t % 97);
+    x[std::size_t(t * E + 1)] = 0.0;
+  }
+  const double cf = 600.0 / 1024.0;  // c = floor(cf * T / E) = 300
+  for (const bool as_float : {false, true}) {
+    CAPTURE(as_float);
+    const Ref r = reference(x, T, E, cf, 0, {});
+    REQUIRE(r.capacity == 300);
+    if (as_float) {
+      Tensor<float> logits({T, E});
+      std::copy(x.begin(), x.end(), logits.begin());
+      const auto plan = ExpertChoiceRouter<float>({.num_experts = E, .capacity_factor = cf})
+                            .route(logits);
+      check_against_reference(plan, r, E, 1e-6);
+    } else {
+      Tensor<double> logits({T, E});
+      std::copy(x.begin(), x.end(), logits.begin());
+      const auto plan = ExpertChoiceRouter<double>({.num_experts = E, .capacity_factor = cf})
+                            .route(logits);
+      check_against_reference(plan, r, E, 1e-12);
+    }
+  }
+  // 2. Too many candidates: all logits equal, so every token ties at the threshold (more
+  //    than the candidate buffer holds); ties go to the lowest tokens, 0..255 for both.
+  std::fill(x.begin(), x.end(), 0.0);
+  Tensor<double> flat({T, E});
+  std::fill(flat.begin(), flat.end(), 0.0);
+  const auto plan = ExpertChoiceRouter<double>({.num_experts = E, .capacity_factor = 0.5}).route(flat);
+  check_against_reference(plan, reference(x, T, E, 0.5, 0, {}), E, 1e-12);
+  REQUIRE(plan.expert_tokens(1).back() == 255);
+  REQUIRE(plan.top_k == 2);
 }

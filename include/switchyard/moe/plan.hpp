@@ -172,6 +172,22 @@ struct DispatchPlan {
     stats.aux_loss = stats.aux_loss_scaled = stats.z_loss = stats.entropy = 0;
   }
 
+  /// Resizes the [T, K] token-side views to K = k (all unused: -1, weight 0, not kept), for
+  /// routers that learn K only after selecting (expert choice, ReLU: the most experts any token
+  /// received). Throws like reset().
+  void reset_choices(std::int64_t k) {
+    if (k < 0 || k > max_plan_extent)
+      switchyard::detail::fail_config("DispatchPlan", "reset_choices", "k", k,
+                                      "a count in [0, 2147483647] (ids are int32)");
+    const std::int64_t tk =
+        switchyard::detail::checked_size("DispatchPlan", "reset_choices", "[tokens, k]",
+                                         {num_tokens, k}, sizeof(std::int32_t) + sizeof(T));
+    top_k = k;
+    choice_expert.assign(static_cast<std::size_t>(tk), -1);
+    choice_weight.assign(static_cast<std::size_t>(tk), T(0));
+    choice_kept.assign(static_cast<std::size_t>(tk), 0);
+  }
+
   /// Throws switchyard::error naming the first broken invariant: sizes within
   /// [0, max_plan_extent] (E >= 1); capacity and requested_capacity -1 or >= 0; offsets
   /// monotone and sized E+1; token indices in range and strictly ascending inside each
