@@ -107,15 +107,18 @@ void check_against_ref(const DispatchPlan<T>& plan, const RefRelu& r, const std:
                        std::int64_t tokens, std::int64_t E) {
   REQUIRE_NOTHROW(plan.check());
   REQUIRE(plan.num_tokens == tokens);
-  REQUIRE(plan.top_k == E);
+  // K = the most active experts of one token in the reference (at least 1)
+  std::int64_t K = 1;
+  for (std::int64_t t = 0; t < tokens; ++t) K = std::max<std::int64_t>(K, r.active[t].size());
+  REQUIRE(plan.top_k == K);
   REQUIRE(plan.capacity == -1);
   REQUIRE(plan.dropped.empty());
   for (std::int64_t t = 0; t < tokens; ++t) {
-    for (std::int64_t s = 0; s < E; ++s) {
+    for (std::int64_t s = 0; s < K; ++s) {
       const std::int32_t want =
           s < std::int64_t(r.active[t].size()) ? r.active[t][s] : std::int32_t(-1);
-      REQUIRE(plan.choice_expert[t * E + s] == want);
-      REQUIRE(plan.choice_weight[t * E + s] == (want >= 0 ? logits[t * E + want] : T(0)));
+      REQUIRE(plan.choice_expert[t * K + s] == want);
+      REQUIRE(plan.choice_weight[t * K + s] == (want >= 0 ? logits[t * E + want] : T(0)));
     }
   }
   for (std::int64_t e = 0; e < E; ++e) {
@@ -290,7 +293,8 @@ TEST_CASE("ReluRouter token mask: masked tokens are never routed and count nowhe
   check_against_ref(plan, ref_relu(logits, T, E, 2, keep), logits, T, E);
   for (std::int64_t t = 0; t < T; ++t)
     if (!keep[t])
-      for (std::int64_t s = 0; s < E; ++s) REQUIRE(plan.choice_expert[t * E + s] == -1);
+      for (std::int64_t s = 0; s < plan.top_k; ++s)
+        REQUIRE(plan.choice_expert[t * plan.top_k + s] == -1);
 
   // Same statistics as routing only the kept tokens.
   std::vector<float> sub;
@@ -333,8 +337,10 @@ TEST_CASE("ReluRouter hand-worked case", "[moe][router_relu]") {
   const ReluRouter<float> router({.num_experts = 3, .topk_for_target = 1});
   const auto plan = router.route(ConstView<float, 2>(logits.data(), {3, 3}));
   REQUIRE_NOTHROW(plan.check());
-  CHECK(plan.choice_expert == std::vector<std::int32_t>{2, 0, -1, 1, 2, -1, -1, -1, -1});
-  CHECK(plan.choice_weight == std::vector<float>{2, 1, 0, 0.5f, 0.5f, 0, 0, 0, 0});
+  // K = 2: no token has more than two active experts
+  CHECK(plan.top_k == 2);
+  CHECK(plan.choice_expert == std::vector<std::int32_t>{2, 0, 1, 2, -1, -1});
+  CHECK(plan.choice_weight == std::vector<float>{2, 1, 0.5f, 0.5f, 0, 0});
   CHECK(plan.expert_offsets == std::vector<std::int64_t>{0, 1, 2, 4});
   CHECK(plan.token_index == std::vector<std::int32_t>{0, 1, 0, 1});
   CHECK(plan.slot == std::vector<std::int32_t>{1, 0, 0, 1});
