@@ -25,11 +25,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/transpose.hpp"
 #include "switchyard/core/topk.hpp"
 
 // gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
@@ -142,12 +144,37 @@ template <class Arch, class T>
   }
 }
 
+namespace detail {
+/// The first entries of L full rows (row l at src + l * row_stride) into the tile [n][L] by
+/// register transposes (float on AVX-512 / AVX; L x L entries at a time); returns how many
+/// entries per row it moved (0 where no transpose applies; the caller copies the rest).
+template <class Arch, class T>
+std::int64_t transpose_rows(const T* src, std::int64_t row_stride, std::int64_t n,
+                            T* tile) noexcept {
+  constexpr std::int64_t L = simd::lanes_v<T, Arch>;
+  std::int64_t e = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, float> && L == 16) {
+    for (; e + L <= n; e += L) transpose16x16(Arch{}, src + e, row_stride, tile + e * L, L);
+  }
+#endif
+#if defined(__AVX__)
+  if constexpr (std::is_same_v<T, float> && L == 8) {
+    for (; e + L <= n; e += L) transpose8x8(Arch{}, src + e, row_stride, tile + e * L, L);
+  }
+#endif
+  (void)src, (void)row_stride, (void)n, (void)tile;
+  return e;
+}
+}  // namespace detail
+
 /// For each row r in [r0, r1) of src (row r at src + r * row_stride, n entries,
 /// 1 <= k <= n) with routed(r): the k largest entries in core::topk's order, as
 /// visit(r, index_of, value_of) with index_of(j) (std::int32_t) and value_of(j)
 /// for j < k. Rows are visited in increasing order. SIMD Arch and k <= 8: L rows
 /// at a time through topk_lanes on a thread-local transposed tile (reused across
-/// calls); otherwise argmax_row / topk_row_insertion / topk_row_select.
+/// calls; full float tiles are transposed in registers); otherwise argmax_row / topk_row_insertion
+/// / topk_row_select.
 template <class T, class Arch, class Routed, class Visit>
 void topk_rows_lanes(const T* src, std::int64_t row_stride, std::int64_t r0, std::int64_t r1,
                      std::int64_t n, std::int64_t k, Routed&& routed, Visit&& visit) {
@@ -163,13 +190,19 @@ void topk_rows_lanes(const T* src, std::int64_t row_stride, std::int64_t r0, std
       bool real[L];
       for (std::int64_t r = r0; r < r1; r += L) {
         const std::int64_t rows = std::min<std::int64_t>(L, r1 - r);
+        bool all_real = rows == L;
         for (std::int64_t l = 0; l < L; ++l) {
           real[l] = l < rows && routed(r + l);
+          all_real = all_real && real[l];
+        }
+        std::int64_t e0 = 0;  // entries [0, e0) already in the tile
+        if (all_real) e0 = detail::transpose_rows<Arch>(src + r * row_stride, row_stride, n, tile);
+        for (std::int64_t l = 0; l < L; ++l) {
           if (real[l]) {
             const T* p = src + (r + l) * row_stride;
-            for (std::int64_t e = 0; e < n; ++e) tile[e * L + l] = p[e];
+            for (std::int64_t e = e0; e < n; ++e) tile[e * L + l] = p[e];
           } else {
-            for (std::int64_t e = 0; e < n; ++e) tile[e * L + l] = T(0);
+            for (std::int64_t e = e0; e < n; ++e) tile[e * L + l] = T(0);
           }
         }
         topk_lanes(Arch{}, k, tile, n, val, idx);
