@@ -7,7 +7,8 @@
 // torchtune "sorted" layout). Dropped (token, choice) pairs are listed apart and
 // contribute nothing. Routers also fill the familiar [T, K] views of chosen
 // experts and combine weights (best first for token-choice routers; expert order
-// for expert choice, where K = E and a token may have 0..E experts).
+// for expert choice). Where a token may have 0..E experts (expert choice, ReLU routing),
+// K is the most experts any one token has (at least 1), not E.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
