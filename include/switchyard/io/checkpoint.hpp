@@ -264,39 +264,20 @@ class Checkpoint {
     if (!in) fail(fn, p, "cannot open the file for reading");
     const std::string s{std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
     if (in.bad()) fail(fn, p, "cannot read the file");
-    std::vector<std::set<std::string>> open_objects;
-    std::string duplicate;
-    const json::parser_callback_t on_event = [&](int depth, json::parse_event_t ev, json& parsed) {
-      const bool opens =
-          ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start;
-      if (opens && depth >= SafeTensors::max_header_depth) {
+    safetensors_detail::JsonProblem problem;
+    json j = safetensors_detail::parse_json_strict(s, SafeTensors::max_header_depth, problem);
+    switch (problem.kind) {
+      case safetensors_detail::JsonProblem::Kind::too_deep:
         fail(fn, p,
              "not valid JSON for a checkpoint: nests arrays/objects more than " +
                  std::to_string(SafeTensors::max_header_depth) + " levels deep");
-      }
-      if (ev == json::parse_event_t::object_start) {
-        open_objects.emplace_back();
-      } else if (ev == json::parse_event_t::object_end) {
-        if (!open_objects.empty()) open_objects.pop_back();
-      } else if (ev == json::parse_event_t::key && !open_objects.empty() && parsed.is_string()) {
-        if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty()) {
-          duplicate = safetensors_detail::quote_header(parsed.get<std::string>());
-        }
-      }
-      return true;
-    };
-    json j;
-    try {
-      j = json::parse(s.begin(), s.end(), on_event);
-    } catch (const json::exception& e) {
-      std::string_view what = e.what();  // without "[json.exception.parse_error.101] ", cut
-      if (what.rfind("[json.exception.", 0) == 0 && what.find("] ") != std::string_view::npos)
-        what.remove_prefix(what.find("] ") + 2);
-      std::string msg(what.substr(0, 200));
-      if (what.size() > 200) msg += "...";
-      fail(fn, p, "not valid JSON: " + msg);
+      case safetensors_detail::JsonProblem::Kind::syntax:
+        fail(fn, p, "not valid JSON: " + problem.detail);
+      case safetensors_detail::JsonProblem::Kind::duplicate:
+        fail(fn, p, "duplicate key " + problem.detail + " in the JSON");
+      case safetensors_detail::JsonProblem::Kind::none:
+        break;
     }
-    if (!duplicate.empty()) fail(fn, p, "duplicate key " + duplicate + " in the JSON");
     return j;
   }
 

@@ -257,6 +257,55 @@ struct Mapping {
 };
 #endif
 
+/// What parse_json_strict found wrong, if anything.
+struct JsonProblem {
+  enum class Kind { none, too_deep, syntax, duplicate } kind = Kind::none;
+  std::string detail;  ///< syntax: the parser's message (cut); duplicate: the quoted key
+  int depth = 0;       ///< duplicate: containers around the key (1 = a top-level key)
+};
+
+/// Parses JSON text with the defences a checkpoint needs: nesting deeper than max_depth is
+/// refused while parsing (before the parser builds, and anything later walks, a value deeper
+/// than the bound), and a key repeated in one object (nlohmann keeps the last silently) is
+/// reported, as is a syntax error; the caller turns `problem` into its error.
+inline nlohmann::json parse_json_strict(std::string_view text, int max_depth,
+                                        JsonProblem& problem) {
+  using json = nlohmann::json;
+  struct TooDeep {};
+  std::vector<std::set<std::string>> open_objects;
+  const json::parser_callback_t on_event = [&](int depth, json::parse_event_t ev, json& parsed) {
+    const bool opens =
+        ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start;
+    if (opens && depth >= max_depth) throw TooDeep{};  // depth counts the enclosing containers
+    if (ev == json::parse_event_t::object_start) {
+      open_objects.emplace_back();
+    } else if (ev == json::parse_event_t::object_end) {
+      if (!open_objects.empty()) open_objects.pop_back();
+    } else if (ev == json::parse_event_t::key && !open_objects.empty() && parsed.is_string()) {
+      if (!open_objects.back().insert(parsed.get<std::string>()).second &&
+          problem.kind == JsonProblem::Kind::none) {
+        problem = {JsonProblem::Kind::duplicate, quote_header(parsed.get<std::string>()), depth};
+      }
+    }
+    return true;
+  };
+  try {
+    return json::parse(text.begin(), text.end(), on_event);
+  } catch (const TooDeep&) {
+    problem = {JsonProblem::Kind::too_deep, {}, 0};
+  } catch (const json::exception& e) {
+    // Without nlohmann's "[json.exception.parse_error.101] " prefix, and cut: it quotes the
+    // last token read, which can be as long as the text.
+    std::string_view what = e.what();
+    if (what.rfind("[json.exception.", 0) == 0 && what.find("] ") != std::string_view::npos)
+      what.remove_prefix(what.find("] ") + 2);
+    std::string msg(what.substr(0, 200));
+    if (what.size() > 200) msg += "...";
+    problem = {JsonProblem::Kind::syntax, msg, 0};
+  }
+  return {};
+}
+
 }  // namespace safetensors_detail
 
 /// A safetensors file, memory-mapped (or read, or given as bytes), with its header validated.
@@ -597,46 +646,23 @@ class SafeTensors {
 
   void parse_header(std::string_view text, std::uint64_t data_size) {
     using json = nlohmann::json;
-    // nlohmann keeps the last of duplicate keys silently; a checkpoint with two
-    // entries of one name is ambiguous, so track keys per object and reject.
-    std::vector<std::set<std::string>> open_objects;
-    std::string duplicate;
-    const json::parser_callback_t on_event = [&](int depth, json::parse_event_t ev, json& parsed) {
-      const bool opens =
-          ev == json::parse_event_t::object_start || ev == json::parse_event_t::array_start;
-      // depth counts the containers around this one; stop here, before the parser builds
-      // (and anything later walks) a value deeper than the bound.
-      if (opens && depth >= max_header_depth) {
+    // A checkpoint with two entries of one name is ambiguous: duplicates are rejected.
+    safetensors_detail::JsonProblem problem;
+    const json header = safetensors_detail::parse_json_strict(text, max_header_depth, problem);
+    switch (problem.kind) {
+      case safetensors_detail::JsonProblem::Kind::too_deep:
         fail(loading_fn_, source_,
              "header nests arrays/objects more than " + std::to_string(max_header_depth) +
                  " levels deep");
-      }
-      if (ev == json::parse_event_t::object_start) {
-        open_objects.emplace_back();
-      } else if (ev == json::parse_event_t::object_end) {
-        if (!open_objects.empty()) open_objects.pop_back();
-      } else if (ev == json::parse_event_t::key && !open_objects.empty() && parsed.is_string()) {
-        if (!open_objects.back().insert(parsed.get<std::string>()).second && duplicate.empty()) {
-          duplicate = (depth == 1 ? "tensor name " : "key ") +
-                      safetensors_detail::quote_header(parsed.get<std::string>());
-        }
-      }
-      return true;
-    };
-    json header;
-    try {
-      header = json::parse(text.begin(), text.end(), on_event);
-    } catch (const json::exception& e) {
-      // Without nlohmann's "[json.exception.parse_error.101] " prefix, and cut: it quotes
-      // the last token read, which can be as long as the header.
-      std::string_view what = e.what();
-      if (what.rfind("[json.exception.", 0) == 0 && what.find("] ") != std::string_view::npos)
-        what.remove_prefix(what.find("] ") + 2);
-      std::string msg(what.substr(0, 200));
-      if (what.size() > 200) msg += "...";
-      fail(loading_fn_, source_, "header is not valid JSON: " + msg);
+      case safetensors_detail::JsonProblem::Kind::syntax:
+        fail(loading_fn_, source_, "header is not valid JSON: " + problem.detail);
+      case safetensors_detail::JsonProblem::Kind::duplicate:
+        fail(loading_fn_, source_,
+             std::string("header has a duplicate ") +
+                 (problem.depth == 1 ? "tensor name " : "key ") + problem.detail);
+      case safetensors_detail::JsonProblem::Kind::none:
+        break;
     }
-    if (!duplicate.empty()) fail(loading_fn_, source_, "header has a duplicate " + duplicate);
     if (!header.is_object()) {
       fail(loading_fn_, source_, "header must be a JSON object, got " + json_type(header));
     }
