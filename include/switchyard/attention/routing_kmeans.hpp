@@ -236,6 +236,7 @@ void top_window(const T* x, std::int64_t n, std::int64_t k, std::int64_t* idx,
     return a.first > b.first || (a.first == b.first && a.second < b.second);
   };
   heap.clear();
+  if (k <= 0) return;  // an empty window (no queries or no keys in this sequence)
   for (std::int64_t i = 0; i < k; ++i) heap.emplace_back(x[i], i);
   std::make_heap(heap.begin(), heap.end(), better);
   T worst = heap.front().first;
