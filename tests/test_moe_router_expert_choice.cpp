@@ -480,14 +480,14 @@ TEST_CASE("ExpertChoiceRouter: sampled thresholds that mislead fall back to an e
     if (as_float) {
       Tensor<float> logits({T, E});
       std::copy(x.begin(), x.end(), logits.begin());
-      const auto plan = ExpertChoiceRouter<float>({.num_experts = E, .capacity_factor = cf})
-                            .route(logits);
+      const auto plan =
+          ExpertChoiceRouter<float>({.num_experts = E, .capacity_factor = cf}).route(logits);
       check_against_reference(plan, r, E, 1e-6);
     } else {
       Tensor<double> logits({T, E});
       std::copy(x.begin(), x.end(), logits.begin());
-      const auto plan = ExpertChoiceRouter<double>({.num_experts = E, .capacity_factor = cf})
-                            .route(logits);
+      const auto plan =
+          ExpertChoiceRouter<double>({.num_experts = E, .capacity_factor = cf}).route(logits);
       check_against_reference(plan, r, E, 1e-12);
     }
   }
@@ -496,7 +496,8 @@ TEST_CASE("ExpertChoiceRouter: sampled thresholds that mislead fall back to an e
   std::fill(x.begin(), x.end(), 0.0);
   Tensor<double> flat({T, E});
   std::fill(flat.begin(), flat.end(), 0.0);
-  const auto plan = ExpertChoiceRouter<double>({.num_experts = E, .capacity_factor = 0.5}).route(flat);
+  const auto plan =
+      ExpertChoiceRouter<double>({.num_experts = E, .capacity_factor = 0.5}).route(flat);
   check_against_reference(plan, reference(x, T, E, 0.5, 0, {}), E, 1e-12);
   REQUIRE(plan.expert_tokens(1).back() == 255);
   REQUIRE(plan.top_k == 2);
