@@ -224,6 +224,13 @@ void kmeans_sums(const T* xn, std::int64_t B, std::int64_t H, std::int64_t N, st
   });
 }
 
+// Row (b, h) of a [B, H, n] index tensor; n may be 0 (an empty window), where taking the
+// address of element (b, h, 0) would index past the row.
+inline std::int64_t* row_of(core::Tensor<std::int64_t>& t, std::int64_t b,
+                            std::int64_t h) noexcept {
+  return t.data() + (b * t.extent(1) + h) * t.extent(2);
+}
+
 // Top-k of x[0 .. n) into idx, sorted by value descending, ties toward the lower
 // index (core::topk's rule, NaN-free input): one scan keeping the k best in a heap
 // whose top is the worst kept (lowest value, then highest index); a later element
@@ -382,17 +389,18 @@ class RoutingAttention {
       std::int64_t* const qo = nearest ? q_off.data() + task * (C + 1) : nullptr;
       std::int64_t* const ko = nearest ? k_off.data() + task * (C + 1) : nullptr;
       if (nearest) {
-        by_cluster(0, Tq, &r.indices(b, h, 0), qo);
+        by_cluster(0, Tq, detail::row_of(r.indices, b, h), qo);
       } else {
-        windows(0, Tq, w, &r.indices(b, h, 0));
+        windows(0, Tq, w, detail::row_of(r.indices, b, h));
       }
       if (shared) {
-        std::copy_n(&r.indices(b, h, 0), r.indices.extent(2), &r.kv_indices(b, h, 0));
+        std::copy_n(detail::row_of(r.indices, b, h), r.indices.extent(2),
+                    detail::row_of(r.kv_indices, b, h));
         if (nearest) std::copy_n(qo, C + 1, ko);
       } else if (nearest) {
-        by_cluster(Tq, S, &r.kv_indices(b, h, 0), ko);
+        by_cluster(Tq, S, detail::row_of(r.kv_indices, b, h), ko);
       } else {
-        windows(Tq, S, wk, &r.kv_indices(b, h, 0));
+        windows(Tq, S, wk, detail::row_of(r.kv_indices, b, h));
       }
     });
     double total = 0;
@@ -413,13 +421,17 @@ class RoutingAttention {
           if (nearest) {
             const std::int64_t* qo = q_off.data() + (b * H + h) * (C + 1);
             const std::int64_t* ko = k_off.data() + (b * H + h) * (C + 1);
-            r.plan.add_group(
-                b, h, std::span<const std::int64_t>(&r.indices(b, h, 0) + qo[c], qo[c + 1] - qo[c]),
-                std::span<const std::int64_t>(&r.kv_indices(b, h, 0) + ko[c], ko[c + 1] - ko[c]),
-                mem);
+            r.plan.add_group(b, h,
+                             std::span<const std::int64_t>(detail::row_of(r.indices, b, h) + qo[c],
+                                                           qo[c + 1] - qo[c]),
+                             std::span<const std::int64_t>(
+                                 detail::row_of(r.kv_indices, b, h) + ko[c], ko[c + 1] - ko[c]),
+                             mem);
           } else {
-            r.plan.add_group(b, h, std::span<const std::int64_t>(&r.indices(b, h, c * w), w),
-                             std::span<const std::int64_t>(&r.kv_indices(b, h, c * wk), wk), mem);
+            r.plan.add_group(
+                b, h, std::span<const std::int64_t>(detail::row_of(r.indices, b, h) + c * w, w),
+                std::span<const std::int64_t>(detail::row_of(r.kv_indices, b, h) + c * wk, wk),
+                mem);
           }
         }
     return r;
