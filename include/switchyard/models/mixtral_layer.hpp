@@ -8,13 +8,17 @@
 // Attention is causal with grouped-query heads (query head h reads KV head h / (H / H_kv))
 // against the sequence's KVCache: the new keys (after RoPE) and values are appended, then
 // blocks of up to attention::max_decode_queries tokens run DenseAttention::decode (split-KV)
-// and longer ones DenseAttention::forward over the cached positions.
+// and longer ones DenseAttention::forward over the cached positions. With a sliding window
+// (config sliding_window = W > 0), position p attends to keys p - W < j <= p: once the
+// sequence is longer than W, DenseAttention::forward reads only the window's keys.
 //
 // Weights are views of element type W (float, or bf16 from a bf16 checkpoint) into the
 // checkpoint; projections run through core::linear and the experts through moe::MoELayer,
 // which widen bf16 while packing, so no weight is copied. Activations, the KV cache and all
 // sums are float. Batch 1: the cache holds one sequence.
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -192,10 +196,23 @@ class MixtralDecoderLayer {
     Tensor<float> core_out({T, H, D});
     const ConstView<float, 4> q4(q.data(), {1, T, H, D});
     const View<float, 4> o4(core_out.data(), {1, T, H, D});
-    if (T <= attention::max_decode_queries) {
+    const std::int64_t len = pos0 + T, window = cfg_.sliding_window;
+    if (window > 0 && len > window) {
+      // Sliding window (Mistral / HF): position p sees keys j with p - W < j <= p. Only keys
+      // from s = first query's lowest on are read; the causal mask bounds them from above and
+      // a bias of -inf from below for the later queries of the block.
+      const std::int64_t s = std::max<std::int64_t>(0, pos0 - window + 1), n = len - s;
+      Tensor<float> bias({T, n});
+      for (std::int64_t t = 0; t < T; ++t)
+        for (std::int64_t j = 0; j + s <= pos0 + t - window; ++j)
+          bias(t, j) = -std::numeric_limits<float>::infinity();
+      attn_.forward(q4, cache.keys_as_sequence(len).slice(1, s, len),
+                    cache.values_as_sequence(len).slice(1, s, len), o4,
+                    attention::Mask<float>(attention::CausalMask{pos0 - s},
+                                           attention::AdditiveBias<float>{bias.view<2>()}));
+    } else if (T <= attention::max_decode_queries) {
       attn_.decode(q4, cache, o4);
     } else {
-      const std::int64_t len = pos0 + T;
       attn_.forward(q4, cache.keys_as_sequence(len), cache.values_as_sequence(len), o4,
                     attention::CausalMask{pos0});
     }

@@ -81,8 +81,7 @@ class MixtralModel {
   /// Loads from an opened checkpoint, which the model keeps (its weights are views into it).
   /// Throws switchyard::error when config.json is missing or not JSON (io::Checkpoint::config),
   /// config_error naming the field for an invalid config.json (MixtralConfig::from_json)
-  /// or option (max_seq_len < 0; a sliding_window shorter than max_seq_len, which this model
-  /// does not implement); switchyard::error for a missing tensor; shape_error naming the
+  /// or option (max_seq_len < 0); switchyard::error for a missing tensor; shape_error naming the
   /// tensor and both shapes for a tensor whose shape disagrees with config.json or whose
   /// dtype is not W.
   explicit MixtralModel(io::Checkpoint checkpoint, MixtralModelOptions opts = {})
@@ -209,11 +208,6 @@ class MixtralModel {
       switchyard::detail::fail_config(name, "load", "max_seq_len", opts.max_seq_len,
                                       ">= 0 (0 = max_position_embeddings)");
     const std::int64_t cap = opts.max_seq_len == 0 ? cfg.max_position_embeddings : opts.max_seq_len;
-    if (cfg.sliding_window > 0 && cfg.sliding_window < cap)
-      switchyard::detail::fail_config(
-          name, "load", "sliding_window", cfg.sliding_window,
-          "0 (null) or >= max_seq_len = " + std::to_string(cap) +
-              ": sliding-window attention is not implemented; lower max_seq_len to the window");
     return {.head_dim = cfg.head_dim, .theta = cfg.rope_theta, .max_positions = cap};
   }
 
