@@ -137,6 +137,20 @@ Run run_fixture_protocol(MixtralModel<W>& model) {
   return r;
 }
 
+// Feeds `tokens` one at a time (prefill of the first, then decode steps): one trace per token.
+template <class W>
+std::vector<MixtralTrace> token_by_token(MixtralModel<W>& model,
+                                         std::span<const std::int64_t> tokens) {
+  std::vector<MixtralTrace> traces(tokens.size());
+  for (std::size_t t = 0; t < tokens.size(); ++t) {
+    if (t == 0)
+      model.prefill(tokens.first(1), &traces[t]);
+    else
+      model.decode_step(tokens[t], &traces[t]);
+  }
+  return traces;
+}
+
 nlohmann::json tiny_config() {
   std::ifstream in(checkpoint_dir("f32") + "/config.json");
   return nlohmann::json::parse(in);
@@ -406,15 +420,8 @@ TEST_CASE("Mixtral: token-by-token prefill equals one-call prefill", "[models][d
   MixtralTrace all;
   one.prefill(std::span(tokens).first(P), &all);
   std::vector<double> by_step;
-  for (std::int64_t t = 0; t < P; ++t) {
-    MixtralTrace tr;
-    if (t == 0) {
-      steps.prefill(std::span(tokens).first(1), &tr);
-    } else {
-      steps.decode_step(tokens[std::size_t(t)], &tr);
-    }
+  for (const MixtralTrace& tr : token_by_token(steps, std::span(tokens).first(P)))
     append(by_step, tr.logits);
-  }
   std::vector<double> at_once;
   append(at_once, all.logits);
   // The causal mask makes each row see exactly keys 0..t both ways; only the summation order
@@ -438,15 +445,8 @@ TEST_CASE("Mixtral: a prompt longer than a decode block (DenseAttention::forward
   const Tensor<float> last = one.prefill(tokens, &all);
   std::vector<double> by_step, at_once;
   append(at_once, all.logits);
-  for (std::int64_t t = 0; t < T; ++t) {
-    MixtralTrace tr;
-    if (t == 0) {
-      steps.prefill(std::span(tokens).first(1), &tr);
-    } else {
-      steps.decode_step(tokens[std::size_t(t)], &tr);
-    }
+  for (const MixtralTrace& tr : token_by_token(steps, std::span<const std::int64_t>(tokens)))
     append(by_step, tr.logits);
-  }
   check_close("logits, 70 tokens", by_step, at_once, 1e-5);
   // prefill returns the last row of the traced logits.
   for (std::int64_t j = 0; j < V; ++j) CHECK(last(j) == all.logits(T - 1, j));
@@ -588,13 +588,7 @@ TEST_CASE("Mixtral with a sliding window attends to the last W positions only",
       traces.emplace_back();
       m.prefill(tokens, &traces.back());
     } else {
-      for (std::int64_t t = 0; t < N; ++t) {
-        traces.emplace_back();
-        if (t == 0)
-          m.prefill(std::span(tokens).first(1), &traces.back());
-        else
-          m.decode_step(tokens[std::size_t(t)], &traces.back());
-      }
+      traces = token_by_token(m, std::span<const std::int64_t>(tokens));
     }
     // rows of q after RoPE and of the attention output, [N, H, D] each, and the cache
     std::vector<double> q, out;
