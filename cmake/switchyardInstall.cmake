@@ -4,6 +4,11 @@ set(SWITCHYARD_CMAKE_DIR ${CMAKE_INSTALL_DATADIR}/cmake/switchyard)
 install(TARGETS switchyard EXPORT switchyardTargets)
 install(DIRECTORY ${PROJECT_SOURCE_DIR}/include/switchyard DESTINATION ${CMAKE_INSTALL_INCLUDEDIR})
 install(EXPORT switchyardTargets NAMESPACE switchyard:: DESTINATION ${SWITCHYARD_CMAKE_DIR})
+# switchyard::mpi in a file of its own, loaded only by find_package(switchyard COMPONENTS mpi).
+if(SWITCHYARD_HAS_MPI)
+  install(TARGETS switchyard_mpi EXPORT switchyardMpiTargets)
+  install(EXPORT switchyardMpiTargets NAMESPACE switchyard:: DESTINATION ${SWITCHYARD_CMAKE_DIR})
+endif()
 
 configure_package_config_file(${PROJECT_SOURCE_DIR}/cmake/switchyardConfig.cmake.in
   ${PROJECT_BINARY_DIR}/switchyardConfig.cmake INSTALL_DESTINATION ${SWITCHYARD_CMAKE_DIR})

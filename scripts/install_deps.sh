@@ -9,7 +9,8 @@ set -euo pipefail
 packages=(g++ cmake ninja-build pkg-config
           libeigen3-dev libxsimd-dev nlohmann-json3-dev   # the library
           catch2                                          # tests
-          libbenchmark-dev libopenblas-dev)               # benchmarks (OpenBLAS: comparison only)
+          libbenchmark-dev libopenblas-dev                # benchmarks (OpenBLAS: comparison only)
+          libopenmpi-dev openmpi-bin)                     # optional switchyard::mpi (expert parallelism)
 if [[ "${1:-}" == "--dev" ]]; then
   packages+=(clang-14 libclang-rt-14-dev libomp-14-dev clang-format
             python3-matplotlib)  # scripts/bench_chart.py

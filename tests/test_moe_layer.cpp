@@ -460,6 +460,70 @@ TEST_CASE("MoELayer gives the same bits for 1 and 2 threads", "[moe][layer][thre
   }
 }
 
+TEST_CASE("MoELayer: expert_outputs then combine_outputs gives execute's bits",
+          "[moe][layer][split]") {
+  // Both paths (decode for 20 tokens, prefill for 300), shared experts with and without their
+  // sigmoid gate, a keep-mask: the pieces a caller runs elsewhere must sum to the same bits.
+  const std::int64_t d = 16, f = 24, experts = 5, k = 2;
+  for (std::int64_t tokens : {20, 300}) {
+    for (bool gated : {false, true}) {
+      CAPTURE(tokens, gated);
+      const Tensor<float> x = random_tensor<float>({tokens, d}, 21);
+      const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, false, 22);
+      const auto sh = random_experts<float>(2, d, f, Activation::swiglu, false, 23);
+      const Tensor<float> gate = random_tensor<float>({2, d}, 24);
+      const RandomRouting r = random_routing(tokens, experts, k, 25);
+      const auto plan = plan_from_routing<float>(r, experts, k);
+      moe::MoELayer<float> layer(
+          {.d_model = d, .d_ff = f, .num_experts = experts, .num_shared_experts = 2});
+      moe::MoELayerWeights<float> w{routed.view(), sh.view()};
+      if (gated) w.shared_gate = gate.view<2>();
+      const moe::TokenMask mask{r.keep_token};
+      const Tensor<float> want = layer.execute(plan, x, w, mask);
+      REQUIRE(layer.output_rows(plan) == plan.nnz() + 2 * tokens);
+      Tensor<float> out({layer.output_rows(plan), d}), y({tokens, d});
+      layer.expert_outputs(plan, x, w, out.view<2>());
+      layer.combine_outputs(plan, out.view<2>(), y.view<2>(), mask);
+      REQUIRE(std::memcmp(y.data(), want.data(), sizeof(float) * std::size_t(tokens * d)) == 0);
+      // Row p is entry p's ungated expert output: check one entry against the double reference.
+      const std::int64_t p = plan.expert_offsets[3], t = plan.token_index[p];
+      std::vector<double> xt(static_cast<std::size_t>(d));
+      for (std::int64_t j = 0; j < d; ++j) xt[j] = x(t, j);
+      const auto o = ref_expert(routed, 3, Activation::swiglu, false, xt);
+      for (std::int64_t j = 0; j < d; ++j) REQUIRE(std::abs(out(p, j) - o[j]) <= 1e-5);
+    }
+  }
+}
+
+TEST_CASE("MoELayer: expert_outputs / combine_outputs errors name the argument",
+          "[moe][layer][split][errors]") {
+  const std::int64_t d = 8, tokens = 6, experts = 4, k = 2;
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 31);
+  const auto routed = random_experts<float>(experts, d, 16, Activation::swiglu, false, 32);
+  const RandomRouting r = random_routing(tokens, experts, k, 33);
+  const auto plan = plan_from_routing<float>(r, experts, k);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = 16, .num_experts = experts});
+  const moe::MoELayerWeights<float> w{routed.view(), {}};
+  Tensor<float> short_out({plan.nnz() - 1, d}), out({plan.nnz(), d}), y({tokens, d});
+  REQUIRE_THROWS_WITH(layer.expert_outputs(plan, x, w, short_out.view<2>()),
+                      Contains("MoELayer::expert_outputs") && Contains("'out'"));
+  REQUIRE_THROWS_WITH(
+      layer.expert_outputs(plan, x, w, View<float, 2>(out.data(), {plan.nnz(), d}, {1, 1})),
+      Contains("'out'") && Contains("contiguous rows"));
+  layer.expert_outputs(plan, x, w, out.view<2>());
+  REQUIRE_THROWS_WITH(layer.combine_outputs(plan, short_out.view<2>(), y.view<2>()),
+                      Contains("MoELayer::combine_outputs") && Contains("'outputs'"));
+  REQUIRE_THROWS_WITH(layer.combine_outputs(plan, out.view<2>(), out.view<2>()),
+                      Contains("combine_outputs") && Contains("'y'"));
+  auto broken = plan;
+  broken.token_index[0] = 99;
+  REQUIRE_THROWS_WITH(layer.combine_outputs(broken, out.view<2>(), y.view<2>()),
+                      Contains("combine_outputs") && Contains("out of range"));
+  const std::vector<std::uint8_t> keep(3, 1);
+  REQUIRE_THROWS_WITH(layer.combine_outputs(plan, out.view<2>(), y.view<2>(), {keep}),
+                      Contains("'mask'"));
+}
+
 TEST_CASE("MoELayer with T = 0 returns an empty output", "[moe][layer]") {
   const std::int64_t d = 8;
   moe::MoELayer<float> layer({.d_model = d, .d_ff = 16, .num_experts = 4});

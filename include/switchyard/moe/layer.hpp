@@ -45,6 +45,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
@@ -283,7 +284,84 @@ class MoELayer {
     return y;
   }
 
+  /// Rows of expert_outputs(): nnz + S * T (plan entries, then shared expert s on token t at
+  /// nnz + s * T + t).
+  std::int64_t output_rows(const plan_type& plan) const noexcept {
+    return plan.nnz() + cfg_.num_shared_experts * plan.num_tokens;
+  }
+
+  /// The experts without the combine: out row p < nnz is plan entry p's expert output (not
+  /// multiplied by its gate), row nnz + s * T + t shared expert s on token t (times its
+  /// sigmoid gate where shared_gate is set). out: [output_rows(plan), d], rows contiguous
+  /// (strides {d, 1}), not sharing memory with x. Every row has the bits execute() sums, so
+  /// execute(plan, x, w) == combine_outputs(plan, expert_outputs(plan, x, w)) bit for bit;
+  /// the pieces let a caller run experts elsewhere (dist::ExpertParallelMoE). Throws as
+  /// execute(), and shape_error naming 'out'.
+  template <class W>
+  void expert_outputs(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w,
+                      View<T, 2> out) const {
+    const std::string_view fn = "expert_outputs";
+    check_args(fn, plan, x, w, {});
+    const std::int64_t tokens = plan.num_tokens;
+    check_output_rows(fn, plan, out);
+    core::detail::check_no_alias(name, fn, "out", out, "x", x);
+    if (tokens == 0) return;
+    const Layout l = layout(tokens, plan.nnz(), false);
+    const std::int64_t slots = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads(),
+                                                                               l.max_tasks));
+    const std::size_t bytes = 64 + l.fixed + std::size_t(slots) * l.slot_bytes;
+    std::unique_ptr<std::byte[]> ws(new std::byte[bytes]);
+    std::byte* base = align64(ws.get());
+    compute_outputs(plan, x, w, l, base, slots, out.data());
+  }
+
+  /// The combine alone: y[t] = sum over shared experts s of outputs[nnz + s * T + t], then
+  /// over the token's kept entries in slot order of gate * outputs[p], exactly as execute()
+  /// sums it; masked tokens output 0. outputs: [nnz + S * T, d] with strides {d, 1}
+  /// (expert_outputs' layout); the plan may route to any number of experts (its own
+  /// num_experts), e.g. a global plan whose experts ran on other processes. y: [T, d], not
+  /// sharing memory with outputs. Throws shape_error naming outputs, y or mask, and
+  /// switchyard::error for a malformed plan.
+  void combine_outputs(const plan_type& plan, ConstView<T, 2> outputs, View<T, 2> y,
+                       TokenMask mask = {}) const {
+    const std::string_view fn = "combine_outputs";
+    check_plan_structure(fn, plan);
+    check_output_rows(fn, plan, outputs);
+    const std::int64_t tokens = plan.num_tokens;
+    core::detail::check_shape(name, fn, "y", y, {"T", "D"}, {tokens, cfg_.d_model},
+                              "T = plan.num_tokens, D = d_model");
+    core::detail::check_no_alias(name, fn, "y", y, "outputs", outputs);
+    if (!mask.keep.empty() && std::int64_t(mask.keep.size()) != tokens) {
+      const std::int64_t got[1] = {std::int64_t(mask.keep.size())};
+      switchyard::detail::fail_shape(name, fn, "mask", switchyard::detail::format_shape({"T"}, got),
+                                     "[T=" + std::to_string(tokens) + "]",
+                                     "one flag per token, or empty");
+    }
+    if (tokens == 0) return;
+    std::vector<std::int64_t> tok_off(std::size_t(tokens + 1)), tok_pos(std::size_t(plan.nnz()));
+    index_tokens(plan, tok_off.data(), tok_pos.data());
+    combine(plan, y, outputs.data(), tok_off.data(), tok_pos.data(), mask);
+  }
+
  private:
+  // outputs / out of expert_outputs() and combine_outputs(): [nnz + S * T, d], strides {d, 1}.
+  template <class V>
+  void check_output_rows(std::string_view fn, const plan_type& plan, const V& out) const {
+    std::int64_t rows = 0;
+    const std::int64_t S = cfg_.num_shared_experts, d = cfg_.d_model;
+    const bool overflow = core::mul_overflows(S, plan.num_tokens, rows) ||
+                          core::add_overflows(rows, plan.nnz(), rows);
+    const std::string_view arg = fn == "expert_outputs" ? "out" : "outputs";
+    core::detail::check_shape(name, fn, arg, out, {"rows", "D"}, {overflow ? -2 : rows, d},
+                              "rows = nnz + num_shared_experts * T, D = d_model");
+    if (rows > 0 && (out.stride(0) != d || out.stride(1) != 1)) {
+      switchyard::detail::fail_shape(
+          name, fn, arg, "[strides=" + std::to_string(out.stride(0)) + "," +
+                             std::to_string(out.stride(1)) + "]",
+          "[strides=" + std::to_string(d) + ",1]", "contiguous rows");
+    }
+  }
+
   struct Scratch {
     T *g, *u, *ax, *ah, *bp;  // hidden chunk, up chunk, packed x rows, packed hidden, packed w
   };
@@ -319,12 +397,14 @@ class MoELayer {
     return p + ((64 - (u & 63)) & 63);
   }
 
-  Layout layout(std::int64_t tokens, std::int64_t nnz) const noexcept {
+  // own_out: the output rows live in the workspace (execute); false when the caller gives them
+  // (expert_outputs).
+  Layout layout(std::int64_t tokens, std::int64_t nnz, bool own_out = true) const noexcept {
     const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
     Layout l;
     std::size_t off = 0;
     l.out = off;
-    off += round64(std::size_t(nnz + S * tokens) * std::size_t(d) * sizeof(T));
+    if (own_out) off += round64(std::size_t(nnz + S * tokens) * std::size_t(d) * sizeof(T));
     l.tok_off = off;
     off += round64(std::size_t(tokens + 1) * sizeof(std::int64_t));
     l.tok_pos = off;
@@ -441,11 +521,17 @@ class MoELayer {
                                      "[T=" + std::to_string(tokens) + "]",
                                      "one flag per token, or empty");
     }
-    // The plan's CSR structure (cheap, no allocation): what indexing relies on.
+    check_plan_structure(fn, plan);
+  }
+
+  // The plan's CSR structure (cheap, no allocation): what indexing relies on. Uses the plan's
+  // own expert count, so combine_outputs() takes plans over any number of experts.
+  void check_plan_structure(std::string_view fn, const plan_type& plan) const {
     const auto bad = [&](const std::string& what) {
       throw switchyard::error(std::string(name) + "::" + std::string(fn) + ": plan " + what);
     };
-    const std::int64_t nnz = plan.nnz();
+    const std::int64_t nnz = plan.nnz(), tokens = plan.num_tokens, E = plan.num_experts;
+    if (tokens < 0 || E < 0) bad("num_tokens and num_experts must be >= 0");
     if (std::int64_t(plan.expert_offsets.size()) != E + 1 || plan.expert_offsets[0] != 0 ||
         plan.expert_offsets[E] != nnz)
       bad("expert_offsets must have E+1 entries from 0 to nnz");
@@ -469,13 +555,33 @@ class MoELayer {
   void run(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
            const View<T, 2>& y, const Layout& l, std::byte* base, std::int64_t slots_fit,
            const TokenMask& mask) const {
-    const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
     T* out = reinterpret_cast<T*>(base + l.out);
     auto* tok_off = reinterpret_cast<std::int64_t*>(base + l.tok_off);
     auto* tok_pos = reinterpret_cast<std::int64_t*>(base + l.tok_pos);
+    index_tokens(plan, tok_off, tok_pos);
+    compute_outputs(plan, x, w, l, base, slots_fit, out);
+    combine(plan, y, out, tok_off, tok_pos, mask);
+  }
+
+  // Every expert's (and shared expert's) output rows into out [nnz + S * T, d].
+  template <class W>
+  void compute_outputs(const plan_type& plan, const ConstView<T, 2>& x,
+                       const MoELayerWeights<W>& w, const Layout& l, std::byte* base,
+                       std::int64_t slots_fit, T* out) const {
     Task* tasks = reinterpret_cast<Task*>(base + l.tasks);
     std::byte* slot_base = base + l.fixed;
+    if (l.decode) {
+      run_decode(plan, x, w, l, base, slot_base, slots_fit, out);
+    } else {
+      run_prefill(plan, x, w, l, out, tasks, slot_base, slots_fit);
+    }
+    if (!w.shared_gate.empty()) gate_shared(x, w.shared_gate, plan.num_tokens, plan.nnz(), out);
+  }
 
+  // tok_off [T + 1], tok_pos [nnz]: each token's CSR positions, in combine order.
+  static void index_tokens(const plan_type& plan, std::int64_t* tok_off,
+                           std::int64_t* tok_pos) noexcept {
+    const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
     // Inverse map token -> its CSR positions, in slot order (ties: expert order).
     std::fill_n(tok_off, tokens + 1, 0);
     for (std::int64_t p = 0; p < nnz; ++p) ++tok_off[plan.token_index[p] + 1];
@@ -493,14 +599,6 @@ class MoELayer {
         b[j] = p;
       }
     }
-
-    if (l.decode) {
-      run_decode(plan, x, w, l, base, slot_base, slots_fit);
-    } else {
-      run_prefill(plan, x, w, l, out, tasks, slot_base, slots_fit);
-    }
-    if (!w.shared_gate.empty()) gate_shared(x, w.shared_gate, tokens, nnz, out);
-    combine(plan, y, out, tok_off, tok_pos, mask);
   }
 
   template <class W>
@@ -538,11 +636,10 @@ class MoELayer {
   template <class W>
   void run_decode(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
                   const Layout& l, std::byte* base, std::byte* slot_base,
-                  std::int64_t slots_fit) const {
+                  std::int64_t slots_fit, T* const out) const {
     using G = kernels::GemmTile<Arch, T>;
     const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
     const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
-    T* const out = reinterpret_cast<T*>(base + l.out);
     Group* const groups = reinterpret_cast<Group*>(base + l.groups);
     T* const ax = reinterpret_cast<T*>(base + l.dax);
     T* const hid = reinterpret_cast<T*>(base + l.dh);
