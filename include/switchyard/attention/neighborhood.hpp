@@ -1,0 +1,387 @@
+#pragma once
+// Neighborhood attention (NATTEN semantics, neighborhood_rule.hpp) over 1D, 2D and 3D token
+// grids, NATTEN's [B, X, (Y, (Z,)) H, D] layout seen as [B, tokens, H, D], with kernel size,
+// dilation, stride (GNA) and causality per axis, grouped-query attention and key lengths, on the
+// tile executor of block_sparse.hpp.
+//
+// Packing: tokens are reordered so that each dilation group is a compact sub-grid (NATTEN's
+// token permute): packed index = (group, compact coordinates) row-major, each axis padded to
+// its largest group, so a window along the last axis is a run of consecutive packed keys, and
+// one last-axis row of a group is one block of the packed keys.
+// Tiles: up to MR queries of one group, a along the last axis times b along the one before
+// (chosen per call to minimise the lanes computed per query: adjacent queries' windows overlap
+// almost entirely, so a tile shares the union of its rows' windows). Runs: one per key row in
+// the union of the tile's windows over the leading axes, covering the union along the last
+// axis; each row sees its own window (or nothing) in each run. With a stride, the queries of a
+// stride tile share one window, so tiles aligned to it compute no masked pair at all.
+// Key lengths (optional, [B]): keys whose flattened token index is >= key_lengths[b] are
+// masked (padding at the end of the flattened sequence).
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "switchyard/attention/block_sparse.hpp"
+#include "switchyard/attention/neighborhood_rule.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace attention {
+
+/// Configuration of NeighborhoodAttention<Rank>: one NeighborhoodAxis per spatial axis
+/// (kernel_size, dilation, stride, is_causal), and the scale (default 1/sqrt(D)).
+template <int Rank>
+struct NeighborhoodConfig {
+  std::array<NeighborhoodAxis, Rank> axes{};
+  std::optional<double> scale{};
+};
+
+namespace neighborhood_detail {
+
+// Geometry of one call: extents, dilation groups and compact (per-group) extents.
+template <int Rank>
+struct Grid {
+  std::array<std::int64_t, Rank> L{}, d{}, C{};  // extents, dilations, compact extents (max group)
+  std::int64_t groups = 1, per_group = 1, tokens = 1;
+
+  Grid(std::span<const std::int64_t> ext, const std::array<NeighborhoodAxis, Rank>& axes) {
+    for (int a = 0; a < Rank; ++a) {
+      L[a] = ext[a];
+      d[a] = axes[a].dilation;
+      C[a] = (L[a] + d[a] - 1) / d[a];
+      groups *= d[a];
+      per_group *= C[a];
+      tokens *= L[a];
+    }
+  }
+  std::int64_t packed_size() const noexcept { return groups * per_group; }
+  // Packed index -> flattened token index, or -1 for padding.
+  std::int64_t token(std::int64_t p) const noexcept {
+    std::int64_t g = p / per_group, c = p % per_group;
+    std::array<std::int64_t, Rank> x{};
+    for (int a = Rank - 1; a >= 0; --a) {
+      const std::int64_t ca = c % C[a], ga = g % d[a];
+      c /= C[a];
+      g /= d[a];
+      x[a] = ca * d[a] + ga;
+      if (x[a] >= L[a]) return -1;
+    }
+    std::int64_t t = 0;
+    for (int a = 0; a < Rank; ++a) t = t * L[a] + x[a];
+    return t;
+  }
+};
+
+}  // namespace neighborhood_detail
+
+/// Neighborhood attention over a Rank-dimensional token grid (see the file comment).
+template <int Rank, class T = float, class Arch = simd::default_arch>
+class NeighborhoodAttention {
+  static_assert(Rank >= 1 && Rank <= 3, "NeighborhoodAttention: 1D, 2D or 3D");
+
+ public:
+  using config_type = NeighborhoodConfig<Rank>;
+  static constexpr std::string_view name = "NeighborhoodAttention";
+
+  /// Throws config_error for kernel_size, dilation or stride < 1, stride > kernel_size, or a
+  /// scale that is not finite and > 0 (sizes against the extents are checked per call).
+  explicit NeighborhoodAttention(config_type cfg) : cfg_(cfg) {
+    for (int a = 0; a < Rank; ++a) {
+      const NeighborhoodAxis& ax = cfg_.axes[std::size_t(a)];
+      const std::string arg = "axes[" + std::to_string(a) + "].";
+      if (ax.kernel_size < 1)
+        switchyard::detail::fail_config(name, name, arg + "kernel_size", ax.kernel_size, ">= 1");
+      if (ax.dilation < 1)
+        switchyard::detail::fail_config(name, name, arg + "dilation", ax.dilation, ">= 1");
+      if (ax.stride < 1 || ax.stride > ax.kernel_size)
+        switchyard::detail::fail_config(
+            name, name, arg + "stride", ax.stride,
+            "1 <= stride <= kernel_size = " + std::to_string(ax.kernel_size));
+    }
+    if (cfg_.scale && !(std::isfinite(*cfg_.scale) && *cfg_.scale > 0))
+      switchyard::detail::fail_config(name, name, "scale", *cfg_.scale, "a finite value > 0");
+  }
+  const config_type& config() const noexcept { return cfg_; }
+
+  /// (query, key) pairs computed per (batch element, head) over a grid of `extents`
+  /// (neighborhood_pairs); with key_lengths ([B]) the sum over the batch of the pairs whose
+  /// key token index is below the element's length. Throws as forward for invalid extents.
+  std::int64_t pairs(std::array<std::int64_t, Rank> extents,
+                     std::span<const std::int64_t> key_lengths = {}) const {
+    check_neighborhood_axes(name, "pairs", extents, cfg_.axes);
+    if (key_lengths.empty()) return neighborhood_pairs(extents, cfg_.axes);
+    std::int64_t tokens = 1;
+    for (auto e : extents) tokens *= e;
+    std::int64_t total = 0;
+    for (const std::int64_t len : key_lengths) {
+      for (std::int64_t t = 0; t < tokens; ++t) {
+        std::array<std::int64_t, Rank> x{};
+        std::int64_t rest = t;
+        for (int a = Rank - 1; a >= 0; --a) {
+          x[a] = rest % extents[a];
+          rest /= extents[a];
+        }
+        std::array<AxisWindow, Rank> w{};
+        for (int a = 0; a < Rank; ++a) w[a] = neighborhood_window(extents[a], x[a], cfg_.axes[a]);
+        // Walk the key rows of the window (all axes but the last); clip the last axis.
+        std::array<std::int64_t, Rank> idx{};
+        while (true) {
+          std::int64_t row = 0;
+          for (int a = 0; a + 1 < Rank; ++a)
+            row = row * extents[a] + w[a].start + idx[a] * cfg_.axes[a].dilation;
+          const std::int64_t base = row * extents[Rank - 1];
+          const AxisWindow& z = w[Rank - 1];
+          const std::int64_t dz = cfg_.axes[Rank - 1].dilation;
+          const std::int64_t lim = len - base - z.start;  // keys z.start + m*dz < len - base
+          total += std::clamp<std::int64_t>(lim > 0 ? (lim + dz - 1) / dz : 0, 0, z.count);
+          int a = Rank - 2;
+          for (; a >= 0; --a) {
+            if (++idx[a] < w[a].count) break;
+            idx[a] = 0;
+          }
+          if (a < 0) break;
+        }
+      }
+    }
+    return total;
+  }
+
+  /// extents: the token grid [L], [X, Y] or [X, Y, Z]. q: [B, tokens, H, D] with tokens the
+  /// product of the extents - NATTEN's [B, X, Y, (Z,) H, D] layout, row-major, seen as one
+  /// token axis (a reshape, no copy); k and v: [B, tokens, H_kv, D] (H_kv dividing H); out:
+  /// like q. key_lengths: empty or [B], each in [0, tokens]. Any strides; out must not share
+  /// memory with q, k, v. Throws shape_error / config_error naming the argument and shapes
+  /// (kernel_size * dilation > extent, ...).
+  void forward(std::array<std::int64_t, Rank> extents, ConstView<T, 4> q, ConstView<T, 4> k,
+               ConstView<T, 4> v, View<T, 4> out,
+               std::span<const std::int64_t> key_lengths = {}) const {
+    const std::string_view fn = "forward";
+    check_neighborhood_axes(name, fn, extents, cfg_.axes);
+    const std::int64_t tokens = core::bounded_product(std::span<const std::int64_t>(extents));
+    if (tokens < 0) {
+      switchyard::detail::fail_shape(name, fn, "extents", switchyard::detail::format_shape(extents),
+                                     "extents whose product fits in memory");
+    }
+    if (q.extent(1) != tokens) {
+      switchyard::detail::fail_shape(
+          name, fn, "q", switchyard::detail::format_shape({"B", "tokens", "H", "D"}, q.shape()),
+          "[B, tokens=" + std::to_string(tokens) + ", H, D]",
+          "tokens = the product of the extents " + switchyard::detail::format_shape(extents));
+    }
+    const auto a = structured_detail::make_args<T>(name, fn, q, k, v, out, cfg_.scale);
+    const neighborhood_detail::Grid<Rank> grid(extents, cfg_.axes);
+    const std::int64_t B = a.B, Hkv = a.Hkv, D = a.D;
+    if (!key_lengths.empty() || key_lengths.data()) {
+      const Mask<T> m{KeyLengths{key_lengths}};
+      m.validate(name, fn, B, grid.tokens, grid.tokens);
+    }
+    const std::int64_t N = grid.packed_size();
+    const std::int64_t C_last = grid.C[Rank - 1];
+    const std::int64_t NB = C_last <= 1024 ? C_last : 512;
+    structured_detail::check_pack<T, Arch>(name, fn, a, N, NB);
+    kernels::SparseKeyPack<T, Arch> pack(B * Hkv, N, NB, D);
+    kernels::sparse_pack_all<Arch>(
+        a, pack, [&](std::int64_t, std::int64_t, std::int64_t p) { return grid.token(p); },
+        [&](std::int64_t, std::int64_t) { return N; });
+
+    using Tl = kernels::detail::DenseTiling<T, Arch>;
+    const Shape2 shape = choose_tile(grid, Tl::MR, Tl::L);
+    // Compact window of every (group, compact coordinate) per axis, looked up by the tiles.
+    Tables tables;
+    for (int ax = 0; ax < Rank; ++ax) {
+      auto& tab = tables[std::size_t(ax)];
+      tab.resize(std::size_t(grid.d[ax] * grid.C[ax]));
+      for (std::int64_t g = 0; g < grid.d[ax]; ++g)
+        for (std::int64_t c = 0; c < grid.C[ax]; ++c)
+          if (c * grid.d[ax] + g < grid.L[ax])
+            tab[std::size_t(g * grid.C[ax] + c)] = compact_window(grid, ax, g, c);
+    }
+    // Tiles: per group, per leading compact row (axes before the last two), per b-block of the
+    // second-to-last axis, per a-block of the last axis.
+    const std::int64_t Cz = grid.C[Rank - 1];
+    const std::int64_t Cy = Rank >= 2 ? grid.C[Rank - 2] : 1;
+    const std::int64_t tz = num_chunks(Cz, shape.a), ty = num_chunks(Cy, shape.b);
+    const std::int64_t lead = grid.per_group / (Cz * Cy);
+    const std::int64_t tiles = grid.groups * lead * ty * tz;
+    kernels::sparse_attention(
+        Arch{}, a, pack, tiles, std::max<std::int64_t>(1, 256 / Tl::MR),
+        [&](std::int64_t b, std::int64_t, std::int64_t t, kernels::QueryTile& tile) {
+          make_tile(grid, tables, shape, t, tz, ty,
+                    key_lengths.empty() ? grid.tokens : key_lengths[b], tile);
+        });
+  }
+
+  /// As above, returning a new [B, tokens, H, D] tensor.
+  core::Tensor<T> forward(std::array<std::int64_t, Rank> extents, ConstView<T, 4> q,
+                          ConstView<T, 4> k, ConstView<T, 4> v,
+                          std::span<const std::int64_t> key_lengths = {}) const {
+    core::Tensor<T> out(q.shape());
+    forward(extents, q, k, v, out.template view<4>(), key_lengths);
+    return out;
+  }
+
+ private:
+  struct Shape2 {
+    std::int64_t a = 1, b = 1;  // queries along the last axis, along the one before
+  };
+  using Tables = std::array<std::vector<AxisWindow>, Rank>;
+
+  // Window of compact coordinate c of group g along axis ax, in compact coordinates.
+  AxisWindow compact_window(const neighborhood_detail::Grid<Rank>& grid, int ax, std::int64_t g,
+                            std::int64_t c) const noexcept {
+    const AxisWindow w = neighborhood_window(grid.L[ax], c * grid.d[ax] + g, cfg_.axes[ax]);
+    return {(w.start - g) / grid.d[ax], w.count};
+  }
+
+  // Union length of the windows of `n` consecutive compact queries from c0 along axis ax.
+  std::int64_t union_len(const neighborhood_detail::Grid<Rank>& grid, int ax, std::int64_t c0,
+                         std::int64_t n) const noexcept {
+    const std::int64_t lg = (grid.L[ax] + grid.d[ax] - 1) / grid.d[ax];  // group 0
+    std::int64_t lo = std::numeric_limits<std::int64_t>::max(), hi = 0;
+    for (std::int64_t c = c0; c < std::min(lg, c0 + n); ++c) {
+      const AxisWindow w = compact_window(grid, ax, 0, c);
+      lo = std::min(lo, w.start);
+      hi = std::max(hi, w.start + w.count);
+    }
+    return hi > lo ? hi - lo : 0;
+  }
+
+  // The tile shape with the fewest key lanes per query at interior positions (aligned tiles,
+  // as the executor cuts them): lanes = key rows x registers per run.
+  Shape2 choose_tile(const neighborhood_detail::Grid<Rank>& grid, std::int64_t MR,
+                     std::int64_t L) const {
+    const std::int64_t Cz = grid.C[Rank - 1];
+    Shape2 best{std::min(MR, Cz), 1};
+    double best_cost = std::numeric_limits<double>::infinity();
+    for (std::int64_t b = 1; b <= (Rank >= 2 ? MR : 1); ++b)
+      for (std::int64_t a = 1; a * b <= MR; ++a) {
+        if (2 * a * b < MR) continue;  // would run row by row
+        if (a > Cz || (Rank >= 2 && b > grid.C[Rank - 2])) continue;
+        double lanes = 0;
+        int samples = 0;
+        const std::int64_t zmid = Cz / 2 / a * a;
+        const std::int64_t ymid = Rank >= 2 ? grid.C[Rank - 2] / 2 / b * b : 0;
+        for (std::int64_t s = 0; s < 4; ++s) {
+          const std::int64_t z0 = std::min(zmid + s * a, Cz - a);
+          const std::int64_t regs =
+              num_chunks(std::max<std::int64_t>(1, union_len(grid, Rank - 1, z0, a)), L);
+          std::int64_t rows = 1;
+          if (Rank >= 2) {
+            const std::int64_t y0 = std::min(ymid + s * b, grid.C[Rank - 2] - b);
+            rows = union_len(grid, Rank - 2, y0, b);
+          }
+          lanes += double(regs * L * rows);
+          ++samples;
+        }
+        const double cost = lanes / samples / double(a * b);
+        if (cost < best_cost) {
+          best_cost = cost;
+          best = {a, b};
+        }
+      }
+    return best;
+  }
+
+  // Tile t: rows and runs (see the file comment). len: keys with token index >= len masked.
+  void make_tile(const neighborhood_detail::Grid<Rank>& grid, const Tables& tables, Shape2 sh,
+                 std::int64_t t, std::int64_t tz, std::int64_t ty, std::int64_t len,
+                 kernels::QueryTile& tile) const {
+    const std::int64_t Cz = grid.C[Rank - 1];
+    const std::int64_t Cy = Rank >= 2 ? grid.C[Rank - 2] : 1;
+    const std::int64_t zt = t % tz, yt = (t / tz) % ty, rest = t / (tz * ty);
+    const std::int64_t lead_n = grid.per_group / (Cz * Cy);
+    const std::int64_t lead = rest % lead_n, g = rest / lead_n;
+    // Group coordinates per axis and the leading compact coordinates (3D: axis 0).
+    std::array<std::int64_t, Rank> gc{}, lc{};
+    {
+      std::int64_t gg = g;
+      for (int a = Rank - 1; a >= 0; --a) {
+        gc[a] = gg % grid.d[a];
+        gg /= grid.d[a];
+      }
+      if (Rank == 3) lc[0] = lead;
+    }
+    // Valid compact extent of this group per axis.
+    std::array<std::int64_t, Rank> lg{};
+    for (int a = 0; a < Rank; ++a) lg[a] = (grid.L[a] - gc[a] + grid.d[a] - 1) / grid.d[a];
+    if (Rank == 3 && lc[0] >= lg[0]) return;
+    // Rows: (yb, za) with compact coords y = yt*b + yb, z = zt*a + za.
+    struct RowGeo {
+      std::array<AxisWindow, Rank> w;  // compact windows
+    };
+    std::array<RowGeo, kernels::max_tile_rows> geo{};
+    for (std::int64_t yb = 0; yb < sh.b; ++yb)
+      for (std::int64_t za = 0; za < sh.a; ++za) {
+        std::array<std::int64_t, Rank> c = lc;
+        c[Rank - 1] = zt * sh.a + za;
+        if (Rank >= 2) c[Rank - 2] = yt * sh.b + yb;
+        bool valid = true;
+        for (int a = 0; a < Rank; ++a) valid = valid && c[a] < lg[a];
+        if (!valid) continue;
+        const int r = tile.n_rows++;
+        std::int64_t tok = 0;
+        for (int a = 0; a < Rank; ++a) tok = tok * grid.L[a] + c[a] * grid.d[a] + gc[a];
+        tile.rows[r] = tok;
+        for (int a = 0; a < Rank; ++a)
+          geo[r].w[a] = tables[std::size_t(a)][std::size_t(gc[a] * grid.C[a] + c[a])];
+      }
+    if (tile.n_rows == 0) return;
+    // Union of the rows' windows per axis.
+    std::array<std::int64_t, Rank> ulo{}, uhi{};
+    for (int a = 0; a < Rank; ++a) {
+      ulo[a] = std::numeric_limits<std::int64_t>::max();
+      uhi[a] = 0;
+      for (int r = 0; r < tile.n_rows; ++r) {
+        ulo[a] = std::min(ulo[a], geo[r].w[a].start);
+        uhi[a] = std::max(uhi[a], geo[r].w[a].start + geo[r].w[a].count);
+      }
+    }
+    // One run per key row (compact leading coordinates) of the union.
+    std::array<std::int64_t, Rank> kr = ulo;
+    while (true) {
+      std::int64_t row_base = g;  // packed index of the row's first key
+      for (int a = 0; a + 1 < Rank; ++a) row_base = row_base * grid.C[a] + kr[a];
+      row_base *= Cz;
+      // Key token index of compact z: base_tok + z * dz + gz; masked when >= len.
+      std::int64_t base_tok = 0;
+      for (int a = 0; a + 1 < Rank; ++a)
+        base_tok = base_tok * grid.L[a] + kr[a] * grid.d[a] + gc[a];
+      base_tok = base_tok * grid.L[Rank - 1] + gc[Rank - 1];
+      const std::int64_t dz = grid.d[Rank - 1];
+      const std::int64_t zlim = len > base_tok ? (len - base_tok + dz - 1) / dz : 0;
+      kernels::TileRun run;
+      run.begin = row_base + ulo[Rank - 1];
+      run.end = row_base + std::min(uhi[Rank - 1], zlim);
+      bool any = false;
+      for (int r = 0; r < tile.n_rows; ++r) {
+        bool in = true;
+        for (int a = 0; a + 1 < Rank; ++a)
+          in = in && kr[a] >= geo[r].w[a].start && kr[a] < geo[r].w[a].start + geo[r].w[a].count;
+        const AxisWindow& z = geo[r].w[Rank - 1];
+        const std::int64_t e = std::min(z.start + z.count, zlim);
+        if (in && z.start < e) {
+          run.rows[r] = {row_base + z.start, row_base + e};
+          any = true;
+        }
+      }
+      if (any && run.begin < run.end) tile.runs.push_back(run);
+      int a = Rank - 2;
+      for (; a >= 0; --a) {
+        if (++kr[a] < uhi[a]) break;
+        kr[a] = ulo[a];
+      }
+      if (a < 0) break;
+    }
+  }
+
+  config_type cfg_;
+};
+
+}  // namespace attention
+}  // namespace v0
+}  // namespace switchyard

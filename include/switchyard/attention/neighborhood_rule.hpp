@@ -1,0 +1,157 @@
+#pragma once
+// Which keys a query sees in neighbourhood attention (NATTEN semantics), one spatial axis at a
+// time; the neighbourhood of a token is the product of its per-axis windows.
+//
+// The rule, per axis of length L with kernel_size k, dilation d, stride s (NATTEN,
+// SHI-Labs/NATTEN src/natten/backends/flex.py, get_na_flex_mask -> single_dim_tiling_mask, and
+// the "Neighborhood attention" section of the fixtures README):
+//
+// - Dilation groups. Position x belongs to group g = x mod d and has group coordinate
+//   i = x / d; group g holds Lg = ceil((L - g) / d) positions. A query only sees keys of its
+//   own group, and everything below happens in group coordinates.
+// - Stride (GNA, Hassani et al. 2025, "Generalized Neighborhood Attention"). Queries are cut
+//   into tiles of s consecutive group coordinates, [s*floor(i/s), s*floor(i/s) + s). Every
+//   query of a tile uses the tile's leader:
+//     non-causal: leader = min(s*floor(i/s) + floor(s/2), Lg - 1)   (the centre query; for
+//                 even s the right one of the two centres; clipped to the group's end)
+//     causal:     leader = min(s*floor(i/s) + s - 1, Lg - 1)        (the last query)
+//   With s = 1 the leader is the query itself.
+// - Non-causal window. left = floor(k/2), right = k - 1 - left (even k: one fewer on the
+//   right, as NATTEN). centre = clamp(leader, left, Lg - 1 - right); the keys are
+//   [centre - left, centre + right]: exactly k of them, SHIFTED at the borders, never
+//   truncated. All queries of a tile share this window.
+// - Causal window. Keys j with leader - (k - 1) <= j <= i: the window starts where the
+//   leader's causal window starts but ends at the query itself (a key after the query is
+//   never seen). Truncated at the start of the group, so early queries see fewer keys.
+//
+// Kernel sizes must be odd (a window centred on its query), as NATTEN's neighbourhood kernels
+// required until its flex backend, which also takes even sizes (natten/utils/checks.py); the
+// window formula above covers even k (one key fewer on the right), but layers reject it.
+// kernel_size * dilation <= L and stride <= kernel_size as NATTEN's check_args_against_input.
+// kernel_size = 1 (each query sees itself) is accepted.
+#include <algorithm>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "switchyard/core/error.hpp"
+
+namespace switchyard {
+inline namespace v0 {
+namespace attention {
+
+/// Neighbourhood parameters of one spatial axis (NATTEN's kernel_size, dilation, stride,
+/// is_causal for that axis).
+struct NeighborhoodAxis {
+  std::int64_t kernel_size = 1;
+  std::int64_t dilation = 1;
+  std::int64_t stride = 1;
+  bool is_causal = false;
+};
+
+/// Keys start, start + dilation, ..., start + (count - 1) * dilation along one axis, in the
+/// axis's original coordinates, ascending.
+struct AxisWindow {
+  std::int64_t start = 0;
+  std::int64_t count = 0;
+};
+
+/// The window of query position q (0 <= q < length) along one axis, by the rule at the top
+/// of this file. Preconditions (check_neighborhood_axes): 1 <= kernel_size,
+/// kernel_size * dilation <= length, 1 <= stride <= kernel_size.
+/// Non-causal: count == kernel_size always; causal: 1 <= count <= kernel_size.
+inline AxisWindow neighborhood_window(std::int64_t length, std::int64_t q,
+                                      const NeighborhoodAxis& a) noexcept {
+  const std::int64_t d = a.dilation, k = a.kernel_size, s = a.stride;
+  const std::int64_t g = q % d;                      // dilation group
+  const std::int64_t i = q / d;                      // coordinate inside the group
+  const std::int64_t lg = (length - g + d - 1) / d;  // positions in the group
+  const std::int64_t tile = (i / s) * s;
+  std::int64_t first = 0, count = 0;
+  if (a.is_causal) {
+    const std::int64_t leader = std::min(tile + s - 1, lg - 1);
+    first = std::max<std::int64_t>(0, leader - (k - 1));
+    count = i - first + 1;  // >= 1 because stride <= kernel_size
+  } else {
+    const std::int64_t left = k / 2, right = k - 1 - left;
+    const std::int64_t leader = std::min(tile + s / 2, lg - 1);
+    // max/min, not std::clamp: no precondition on the bounds, so no UB on unchecked input.
+    const std::int64_t centre = std::max(left, std::min(leader, lg - 1 - right));
+    first = centre - left;
+    count = k;
+  }
+  return {first * d + g, count};
+}
+
+/// Throws unless `axes` describe a valid neighbourhood over a token grid of `extents`
+/// (one axis per extent, row-major, e.g. [X, Y] for 2D). Messages read
+///   "layer::fn: argument 'axes[1].kernel_size' = 9 is invalid; expected ... (extents [8, 8])".
+/// shape_error: axes.size() != extents.size(). config_error, per axis a: kernel_size < 1 or
+/// even; dilation < 1; kernel_size * dilation > extents[a] (NATTEN: the product of kernel size and
+/// dilation cannot exceed the input size; this also covers kernel_size > extents[a]);
+/// stride < 1 or stride > kernel_size. Whether is_causal is allowed is the layer's decision.
+inline void check_neighborhood_axes(std::string_view layer, std::string_view fn,
+                                    std::span<const std::int64_t> extents,
+                                    std::span<const NeighborhoodAxis> axes) {
+  const std::string ext = "extents " + switchyard::detail::format_shape(extents);
+  if (axes.size() != extents.size()) {
+    switchyard::detail::fail_shape(
+        layer, fn, "axes", "[" + std::to_string(axes.size()) + " axes]",
+        "one axis per spatial extent, " + std::to_string(extents.size()) + " for " + ext);
+  }
+  for (std::size_t n = 0; n < axes.size(); ++n) {
+    const NeighborhoodAxis& a = axes[n];
+    const std::int64_t len = extents[n];
+    const std::string arg = "axes[" + std::to_string(n) + "].";
+    const std::string where = " (axis " + std::to_string(n) + " of " + ext + ")";
+    if (a.kernel_size < 1) {
+      switchyard::detail::fail_config(layer, fn, arg + "kernel_size", a.kernel_size,
+                                      ">= 1" + where);
+    }
+    if (a.kernel_size % 2 == 0) {
+      switchyard::detail::fail_config(
+          layer, fn, arg + "kernel_size", a.kernel_size,
+          "an odd size (a window centred on its query, as NATTEN's kernels require)" + where);
+    }
+    if (a.dilation < 1) {
+      switchyard::detail::fail_config(layer, fn, arg + "dilation", a.dilation, ">= 1" + where);
+    }
+    if (a.kernel_size > len) {
+      switchyard::detail::fail_config(layer, fn, arg + "kernel_size", a.kernel_size,
+                                      "<= the axis length " + std::to_string(len) + where);
+    }
+    // Dividing avoids overflow of kernel_size * dilation for absurd values.
+    if (a.dilation > len / a.kernel_size) {
+      switchyard::detail::fail_config(layer, fn, arg + "dilation", a.dilation,
+                                      "kernel_size * dilation <= the axis length (kernel_size " +
+                                          std::to_string(a.kernel_size) + ", length " +
+                                          std::to_string(len) + ")" + where);
+    }
+    if (a.stride < 1 || a.stride > a.kernel_size) {
+      switchyard::detail::fail_config(
+          layer, fn, arg + "stride", a.stride,
+          "1 <= stride <= kernel_size = " + std::to_string(a.kernel_size) + where);
+    }
+  }
+}
+
+/// (query, key) pairs computed per (batch, head) by neighbourhood attention over a grid of
+/// `extents`: the sum over all query tokens of the product of their per-axis window counts.
+/// It factorises, so it is computed as the product over axes of the per-axis sums of counts
+/// (O(sum of extents)). Preconditions: check_neighborhood_axes passed.
+inline std::int64_t neighborhood_pairs(std::span<const std::int64_t> extents,
+                                       std::span<const NeighborhoodAxis> axes) {
+  std::int64_t pairs = 1;
+  for (std::size_t n = 0; n < extents.size() && n < axes.size(); ++n) {
+    std::int64_t sum = 0;
+    for (std::int64_t q = 0; q < extents[n]; ++q)
+      sum += neighborhood_window(extents[n], q, axes[n]).count;
+    pairs *= sum;
+  }
+  return pairs;
+}
+
+}  // namespace attention
+}  // namespace v0
+}  // namespace switchyard
