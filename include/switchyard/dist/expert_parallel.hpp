@@ -167,6 +167,9 @@ class ExpertParallelMoE {
                 std::to_string(ranks_) + " ranks (every rank holds at least one expert)";
     else if (cfg_.chunks < 1)
       problem = "chunks = " + std::to_string(cfg_.chunks) + " (expected >= 1)";
+    else if (cfg_.layer.d_model > std::numeric_limits<int>::max())
+      problem = "d_model = " + std::to_string(cfg_.layer.d_model) +
+                " (expected <= 2^31 - 1: an MPI row type counts d_model elements in an int)";
     else if (!valid_)
       problem = invalid_reason_;
     const moe::MoELayerConfig& l = cfg_.layer;
@@ -190,15 +193,16 @@ class ExpertParallelMoE {
         "d_ff",       "num_shared_experts", "shared_d_ff",
         "activation", "output_softmax",     "router_fingerprint",
         "chunks"};
+    std::array<bool, fields> reported{};  // each field named once, with the first rank differing
     for (int r = 0; r < ranks_; ++r) {
       const std::int64_t* theirs = all.data() + static_cast<std::size_t>(r) * fields;
       if (theirs[0]) bad_ranks += (bad_ranks.empty() ? "" : ", ") + std::to_string(r);
       for (int f = 1; f < fields; ++f) {
-        if (theirs[f] != all[static_cast<std::size_t>(f)] &&
-            disagree.find(field_names[f]) == std::string::npos)
-          disagree += std::string(disagree.empty() ? "" : ", ") + field_names[f] +
-                      " (rank 0: " + std::to_string(all[static_cast<std::size_t>(f)]) + ", rank " +
-                      std::to_string(r) + ": " + std::to_string(theirs[f]) + ")";
+        if (theirs[f] == all[static_cast<std::size_t>(f)] || reported[f]) continue;
+        reported[f] = true;
+        disagree += std::string(disagree.empty() ? "" : ", ") + field_names[f] +
+                    " (rank 0: " + std::to_string(all[static_cast<std::size_t>(f)]) + ", rank " +
+                    std::to_string(r) + ": " + std::to_string(theirs[f]) + ")";
       }
     }
     if (!problem.empty() || !bad_ranks.empty() || !disagree.empty()) {
