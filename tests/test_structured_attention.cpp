@@ -361,7 +361,7 @@ namespace {
 
 // Runs NeighborhoodAttention<Rank> on [B, extents..., H, D] and compares it with the brute-force
 // reference (neighborhood_reference_keys + ref_masked_attention over the flattened tokens).
-template <int Rank, class T>
+template <int Rank, class T, class Arch = simd::default_arch>
 void check_neighborhood(std::array<std::int64_t, Rank> ext, std::array<NeighborhoodAxis, Rank> axes,
                         std::int64_t B, std::int64_t H, std::int64_t Hkv, std::int64_t D,
                         bool lengths, std::uint32_t seed) {
@@ -373,7 +373,7 @@ void check_neighborhood(std::array<std::int64_t, Rank> ext, std::array<Neighborh
   std::vector<std::int64_t> len(std::size_t(B), tokens);
   if (lengths)
     for (std::int64_t b = 0; b < B; ++b) len[std::size_t(b)] = tokens - 3 - 7 * b;
-  const NeighborhoodAttention<Rank, T> na({.axes = axes});
+  const NeighborhoodAttention<Rank, T, Arch> na({.axes = axes});
   const auto got =
       na.forward(ext, q.template view<4>(), k.template view<4>(), v.template view<4>(),
                  lengths ? std::span<const std::int64_t>(len) : std::span<const std::int64_t>());
@@ -529,6 +529,49 @@ TEST_CASE("neighborhood attention is bit-identical for 1 and 2 threads",
   {
     ScopedNumThreads t(2);
     two = na.forward({20, 24}, q.view<4>(), k.view<4>(), k.view<4>());
+  }
+  CHECK(same_bits(one, two));
+}
+
+// Non-causal, stride 1, no key lengths: the row kernel (neighborhood_kernels.hpp) on SIMD archs,
+// the tile executor on scalar. Shapes with interior tiles and border tiles along the last axis
+// (lane windows shifted differently), partial tiles (extent not a multiple of the lanes),
+// dilation groups of unequal size, odd extents before the last axis (a query row without a
+// pair), GQA, and D not a multiple of the P . V register block.
+TEMPLATE_TEST_CASE("neighborhood row kernel matches the reference on every arch",
+                   "[neighborhood][arch]", float, double) {
+  simd::for_each_arch([](auto arch) {
+    using A = decltype(arch);
+    CAPTURE(A::name());
+    check_neighborhood<2, TestType, A>({7, 70}, {NeighborhoodAxis{3}, NeighborhoodAxis{5}}, 1, 4, 2,
+                                       24, false, 91);
+    check_neighborhood<2, TestType, A>({9, 43}, {NeighborhoodAxis{5, 1}, NeighborhoodAxis{7, 2}}, 2,
+                                       2, 2, 80, false, 92);
+    check_neighborhood<2, TestType, A>({12, 35}, {NeighborhoodAxis{3, 2}, NeighborhoodAxis{13}}, 1,
+                                       2, 1, 16, false, 93);
+    check_neighborhood<3, TestType, A>(
+        {5, 6, 37}, {NeighborhoodAxis{3}, NeighborhoodAxis{3, 2}, NeighborhoodAxis{9, 2}}, 1, 2, 2,
+        32, false, 94);
+    check_neighborhood<3, TestType, A>(
+        {3, 7, 20}, {NeighborhoodAxis{3}, NeighborhoodAxis{5}, NeighborhoodAxis{1}}, 1, 2, 1, 8,
+        false, 95);
+  });
+}
+
+TEST_CASE("neighborhood row kernel is bit-identical for 1 and 2 threads",
+          "[neighborhood][threads]") {
+  const auto q = inputs<float>({2, 11 * 40, 4, 32}, 96);
+  const auto k = inputs<float>({2, 11 * 40, 2, 32}, 97);
+  const NeighborhoodAttention<2, float> na(
+      {.axes = {NeighborhoodAxis{5, 2, 1, false}, NeighborhoodAxis{9, 1, 1, false}}});
+  core::Tensor<float> one, two;
+  {
+    ScopedNumThreads t(1);
+    one = na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
+  }
+  {
+    ScopedNumThreads t(2);
+    two = na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
   }
   CHECK(same_bits(one, two));
 }

@@ -637,17 +637,21 @@ class BlockSparseAttention {
     check_heads(mask, H, "pairs");
     std::int64_t total = 0;
     const std::int64_t QB = mask.query_blocks(), T_ = mask.num_queries, S = mask.num_keys;
+    // A mask shared by all heads is counted once and multiplied (H is not looped over).
     for (std::int64_t b = 0; b < mask.batch; ++b)
-      for (std::int64_t h = 0; h < H; ++h)
+      for (std::int64_t h = 0; h < mask.heads; ++h)
         for (std::int64_t qb = 0; qb < QB; ++qb)
           for (std::int32_t kb : mask.of(b, h, qb)) {
-            const std::int64_t k0 = kb * mask.key_block, k1 = std::min(S, k0 + mask.key_block);
+            const std::int64_t k0 = kb * mask.key_block;
+            const std::int64_t k1 = k0 + std::min(mask.key_block, S - k0);
             for (std::int64_t i = qb * mask.query_block;
                  i < std::min(T_, (qb + 1) * mask.query_block); ++i) {
               const std::int64_t hi = cfg_.causal ? std::min(k1, i + S - T_ + 1) : k1;
               total += std::max<std::int64_t>(0, hi - k0);
             }
           }
+    if (mask.heads == 1 && core::mul_overflows(total, H, total))
+      switchyard::detail::fail_config(name, "pairs", "H", H, "a head count whose pairs fit int64");
     return total;
   }
 
@@ -670,14 +674,17 @@ class BlockSparseAttention {
     using Tl = kernels::detail::DenseTiling<T, Arch>;
     constexpr std::int64_t MR = Tl::MR;
     // Keys in natural order, blocks of key_block rounded to whole registers (at most 1024).
-    const std::int64_t NB = std::min<std::int64_t>(1024, core::round_up(mask.key_block, Tl::L));
+    // (Clamped before rounding: a huge key_block must not overflow; L divides 1024.)
+    const std::int64_t NB = core::round_up(std::min<std::int64_t>(1024, mask.key_block), Tl::L);
     structured_detail::check_pack<T, Arch>(name, fn, a, a.S, NB);
     kernels::SparseKeyPack<T, Arch> pack(a.B * a.Hkv, a.S, NB, a.D);
     kernels::sparse_pack_all<Arch>(
         a, pack, [](std::int64_t, std::int64_t, std::int64_t p) { return p; },
         [&](std::int64_t, std::int64_t) { return a.S; });
     const std::int64_t QB = mask.query_blocks();
-    const std::int64_t tiles_per_qb = num_chunks(mask.query_block, MR);
+    // A query block holds at most T queries (query_block may be far larger than T).
+    const std::int64_t tiles_per_qb =
+        num_chunks(std::min<std::int64_t>(mask.query_block, std::max<std::int64_t>(a.T_q, 1)), MR);
     const std::int64_t off = a.S - a.T_q;
     kernels::sparse_attention(
         Arch{}, a, pack, QB * tiles_per_qb, std::max<std::int64_t>(1, 256 / MR),
@@ -690,7 +697,7 @@ class BlockSparseAttention {
           for (std::int32_t kb : mask.of(b, h, qb)) {
             kernels::TileRun run;
             run.begin = kb * mask.key_block;
-            run.end = std::min(a.S, run.begin + mask.key_block);
+            run.end = run.begin + std::min(mask.key_block, a.S - run.begin);
             for (int r = 0; r < tile.n_rows; ++r)
               run.rows[r] = {run.begin,
                              cfg_.causal ? std::min(run.end, i0 + r + off + 1) : run.end};

@@ -97,7 +97,9 @@ struct MobaPartition {
 
   int rank() const noexcept { return static_cast<int>(extents.size()); }
   /// Blocks along axis a: ceil(extents[a] / block[a]).
-  std::int64_t blocks_along(int a) const noexcept { return (extents[a] + block[a] - 1) / block[a]; }
+  std::int64_t blocks_along(int a) const noexcept {
+    return extents[a] / block[a] + (extents[a] % block[a] != 0);  // no overflow for huge blocks
+  }
   /// S, the product of the extents.
   std::int64_t num_keys() const noexcept {
     std::int64_t n = 1;
@@ -127,7 +129,7 @@ struct MobaPartition {
     for (int b = rank() - 1; b > a; --b) rest /= blocks_along(b);
     const std::int64_t c = rest % blocks_along(a);
     lo = c * block[a];
-    hi = std::min(extents[a], lo + block[a]);
+    hi = lo + std::min(block[a], extents[a] - lo);  // lo + block[a] may not be representable
   }
   /// Number of keys in block n.
   std::int64_t block_size(std::int64_t n) const noexcept {
@@ -208,13 +210,45 @@ inline void check_moba_partition(std::string_view layer, std::string_view fn,
   }
 }
 
+/// Throws unless `sel` is a well-formed selection over `num_blocks` blocks: extents >= 0,
+/// offsets of batch * heads * queries + 1 entries from 0 to blocks.size(), non-decreasing,
+/// block indices in [0, num_blocks) (shape_error / config_error naming `sel`).
+inline void check_moba_selection(std::string_view layer, std::string_view fn,
+                                 const MobaSelection& sel, std::int64_t num_blocks) {
+  const std::int64_t rows = core::bounded_product({sel.batch, sel.heads, sel.queries}, 8);
+  if (rows < 0 || sel.num_blocks != num_blocks || std::int64_t(sel.offsets.size()) != rows + 1) {
+    const std::int64_t got[4] = {sel.batch, sel.heads, sel.queries, sel.num_blocks};
+    switchyard::detail::fail_shape(
+        layer, fn, "sel", switchyard::detail::format_shape({"B", "H", "T", "N"}, got),
+        "[B, H, T, N=" + std::to_string(num_blocks) + "] with B * H * T + 1 offsets (" +
+            std::to_string(sel.offsets.size()) + " given)");
+  }
+  if (sel.offsets[0] != 0 || sel.offsets.back() != std::int64_t(sel.blocks.size()))
+    switchyard::detail::fail_config(
+        layer, fn, "sel.offsets", sel.offsets.back(),
+        "offsets from 0 to blocks.size() = " + std::to_string(sel.blocks.size()));
+  for (std::size_t i = 1; i < sel.offsets.size(); ++i)
+    if (sel.offsets[i] < sel.offsets[i - 1])
+      switchyard::detail::fail_config(layer, fn, "sel.offsets[" + std::to_string(i) + "]",
+                                      sel.offsets[i], "non-decreasing offsets");
+  for (const std::int32_t b : sel.blocks)
+    if (b < 0 || b >= num_blocks)
+      switchyard::detail::fail_config(layer, fn, "sel.blocks", b,
+                                      "a block in [0, " + std::to_string(num_blocks) + ")");
+}
+
 /// Query-keys pairs attended per the selection, summed over batch, heads and queries: the
 /// sizes of the selected blocks, except that with `causal` the own block only counts its keys
-/// <= t (the other selected blocks of a causal selection lie entirely before t).
+/// <= t (the other selected blocks of a causal selection lie entirely before t). Throws for a
+/// malformed partition (check_moba_partition) or a selection that does not match it.
 inline std::int64_t moba_pairs(const MobaSelection& sel, const MobaPartition& part, bool causal) {
+  const std::int64_t keys =
+      part.extents.empty() || part.block.size() != part.extents.size()
+          ? -1
+          : core::bounded_product(std::span<const std::int64_t>(part.extents), 1);
+  check_moba_partition("MoBA", "moba_pairs", part, keys);
   const std::int64_t nb = part.num_blocks();
-  std::vector<std::int64_t> size(static_cast<std::size_t>(nb));
-  for (std::int64_t n = 0; n < nb; ++n) size[n] = part.block_size(n);
+  check_moba_selection("MoBA", "moba_pairs", sel, nb);
   const bool has_own = sel.queries == part.num_keys();
   std::vector<KeyRun> runs;
   std::int64_t pairs = 0;
@@ -227,7 +261,7 @@ inline std::int64_t moba_pairs(const MobaSelection& sel, const MobaPartition& pa
           for (const KeyRun& r : runs)
             pairs += std::clamp<std::int64_t>(t - r.begin + 1, 0, r.count);
         } else {
-          pairs += size[n];
+          pairs += part.block_size(n);  // O(rank): no table of every block
         }
       }
     }

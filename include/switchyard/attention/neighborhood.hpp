@@ -16,6 +16,12 @@
 // stride tile share one window, so tiles aligned to it compute no masked pair at all.
 // Key lengths (optional, [B]): keys whose flattened token index is >= key_lengths[b] are
 // masked (padding at the end of the flattened sequence).
+// Row kernel (neighborhood_kernels.hpp): 2D and 3D calls that are non-causal with stride 1 on
+// every axis and have no key lengths run instead on tiles of L adjacent queries along the last
+// axis, one per SIMD lane, two query rows along the axis before it at a time (they share all key
+// rows but one, and each key load serves both); keys are packed per row of a dilation group
+// with zero padding around it, into a buffer the calling thread keeps between calls (about 1.5
+// to 2.5 times the size of K and V). Scalar Arch and 1D use the tile executor.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -27,6 +33,7 @@
 #include <vector>
 
 #include "switchyard/attention/block_sparse.hpp"
+#include "switchyard/attention/neighborhood_kernels.hpp"
 #include "switchyard/attention/neighborhood_rule.hpp"
 
 namespace switchyard {
@@ -76,6 +83,27 @@ struct Grid {
     return t;
   }
 };
+
+// Development switch: false routes every call to the tile executor.
+inline constexpr bool row_kernel_enabled = true;
+
+// Per-thread buffers of the row kernel, reused across calls.
+template <class T>
+struct RowWorkspace {
+  kernels::detail::aligned_vector<T> qt[2], s[2], o, l, first;
+  std::vector<std::int64_t> rows[2];
+  std::vector<const T*> v_rows[2];
+};
+template <class T, class Arch>
+kernels::NeighborhoodRowPack<T, Arch>& row_pack() {
+  static thread_local kernels::NeighborhoodRowPack<T, Arch> pack;
+  return pack;
+}
+template <class T, class Arch>
+RowWorkspace<T>& row_workspace() {
+  static thread_local RowWorkspace<T> ws;
+  return ws;
+}
 
 }  // namespace neighborhood_detail
 
@@ -180,6 +208,13 @@ class NeighborhoodAttention {
       const Mask<T> m{KeyLengths{key_lengths}};
       m.validate(name, fn, B, grid.tokens, grid.tokens);
     }
+    if (use_row_kernel(!key_lengths.empty() || key_lengths.data())) {
+      const std::int64_t W = kernels::NeighborhoodRowPack<T, Arch>::width(grid.C[Rank - 1]);
+      structured_detail::check_pack<T, Arch>(name, fn, a, grid.packed_size() / grid.C[Rank - 1] * W,
+                                             W);
+      forward_rows(grid, a);
+      return;
+    }
     const std::int64_t N = grid.packed_size();
     const std::int64_t C_last = grid.C[Rank - 1];
     const std::int64_t NB = C_last <= 1024 ? C_last : 512;
@@ -226,6 +261,200 @@ class NeighborhoodAttention {
   }
 
  private:
+  // Whether forward runs on the row kernel (neighborhood_kernels.hpp): 2D or 3D, a SIMD Arch,
+  // every axis non-causal with stride 1, no key lengths, and a window that fits the tile buffer.
+  // Everything else runs on the tile executor (block_sparse.hpp).
+  bool use_row_kernel(bool lengths) const noexcept {
+    if constexpr (simd::is_scalar_v<Arch> || Rank < 2) {
+      return false;
+    } else {
+      if (!neighborhood_detail::row_kernel_enabled || lengths) return false;
+      std::int64_t rows = 1;
+      for (int a = 0; a < Rank; ++a) {
+        const NeighborhoodAxis& ax = cfg_.axes[std::size_t(a)];
+        if (ax.is_causal || ax.stride != 1) return false;
+        if (a + 1 < Rank) rows *= ax.kernel_size;
+      }
+      constexpr std::int64_t L = kernels::detail::Reg<T, Arch>::lanes;
+      return rows * (cfg_.axes[Rank - 1].kernel_size + 2 * L) * L <= (std::int64_t(1) << 18);
+    }
+  }
+
+  // The row kernel over all (b, h): tiles of L adjacent queries along the last axis of one
+  // dilation group's row, a fixed partition of (b, h, block of tiles).
+  void forward_rows(const neighborhood_detail::Grid<Rank>& grid,
+                    const kernels::SparseAttentionArgs<T>& a) const {
+    if constexpr (!simd::is_scalar_v<Arch>) {
+      using Pack = kernels::NeighborhoodRowPack<T, Arch>;
+      constexpr std::int64_t L = Pack::L;
+      constexpr T log2e = T(1.44269504088896340736);
+      const std::int64_t Cz = grid.C[Rank - 1];
+      const std::int64_t NR = grid.packed_size() / Cz, rows_per_group = grid.per_group / Cz;
+      const std::int64_t D = a.D;
+      // Reused by the calling thread across calls (no page faults for a repeated shape); a
+      // reference, so the workers' lambdas below see the caller's pack, not their own.
+      Pack& pack = neighborhood_detail::row_pack<T, Arch>();
+      pack.reset(a.B * a.Hkv, NR, Cz, D);
+      const std::int64_t Dp = pack.Dp;
+      parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
+        const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
+        pack.pack(task, a.k + b * a.k_stride[0] + hk * a.k_stride[2], a.k_stride[1], a.k_stride[3],
+                  a.v + b * a.v_stride[0] + hk * a.v_stride[2], a.v_stride[1], a.v_stride[3],
+                  [&](std::int64_t r, std::int64_t x) { return grid.token(r * Cz + x); });
+      });
+      // Compact windows of the leading axes.
+      std::array<std::vector<AxisWindow>, Rank> tables;
+      for (int ax = 0; ax + 1 < Rank; ++ax) {
+        auto& tab = tables[std::size_t(ax)];
+        tab.resize(std::size_t(grid.d[ax] * grid.C[ax]));
+        for (std::int64_t g = 0; g < grid.d[ax]; ++g)
+          for (std::int64_t c = 0; c < grid.C[ax]; ++c)
+            if (c * grid.d[ax] + g < grid.L[ax])
+              tab[std::size_t(g * grid.C[ax] + c)] = compact_window(grid, ax, g, c);
+      }
+      // Tiles: pairs of query rows along the second-to-last axis (they share all key rows
+      // but one), times blocks of L along the last axis.
+      const std::int64_t Cy = grid.C[Rank - 2], cols = NR / Cy, pairs_y = num_chunks(Cy, 2);
+      const std::int64_t tz = num_chunks(Cz, L), tiles = cols * pairs_y * tz;
+      constexpr std::int64_t per = 8;
+      const std::int64_t blocks = num_chunks(tiles, per), group = a.H / a.Hkv;
+      const std::int64_t kz = cfg_.axes[Rank - 1].kernel_size, left = kz / 2;
+      const std::int64_t dz = grid.d[Rank - 1];
+      const T qscale = a.scale * log2e;
+      parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
+        const std::int64_t blk = task % blocks, bh = task / blocks;
+        const std::int64_t b = bh / a.H, h = bh % a.H, head = b * a.Hkv + h / group;
+        auto& ws = neighborhood_detail::row_workspace<T, Arch>();
+        for (auto& q : ws.qt) q.resize(std::size_t(std::max<std::int64_t>(1, D) * L));
+        ws.o.resize(std::size_t(L * Dp));
+        ws.l.resize(std::size_t(L));
+        ws.first.resize(std::size_t(L));
+        const T* qb = a.q + b * a.q_stride[0] + h * a.q_stride[2];
+        T* ob = a.out + b * a.out_stride[0] + h * a.out_stride[2];
+        for (std::int64_t t = blk * per; t < std::min(tiles, (blk + 1) * per); ++t) {
+          const std::int64_t z0 = (t % tz) * L, yp = (t / tz) % pairs_y, col = t / (tz * pairs_y);
+          const std::int64_t g = col / (cols / grid.groups);
+          std::array<std::int64_t, Rank> gc{}, c{}, lg{};
+          for (std::int64_t ax = Rank - 1, gg = g; ax >= 0; --ax) {
+            gc[std::size_t(ax)] = gg % grid.d[ax];
+            gg /= grid.d[ax];
+          }
+          c[Rank - 2] = 2 * yp;
+          for (std::int64_t ax = Rank - 3, rest = col % (cols / grid.groups); ax >= 0; --ax) {
+            c[std::size_t(ax)] = rest % grid.C[ax];
+            rest /= grid.C[ax];
+          }
+          bool valid = true;
+          for (int ax = 0; ax < Rank; ++ax) {
+            lg[std::size_t(ax)] = (grid.L[ax] - gc[std::size_t(ax)] + grid.d[ax] - 1) / grid.d[ax];
+            if (ax + 1 < Rank) valid = valid && c[std::size_t(ax)] < lg[std::size_t(ax)];
+          }
+          const std::int64_t lgz = lg[Rank - 1], nvalid = std::min(L, lgz - z0);
+          if (!valid || nvalid <= 0) continue;
+          const int n_q = c[Rank - 2] + 1 < lg[Rank - 2] ? 2 : 1;  // query rows of the tile
+          // Lanes: window start along the last axis relative to the lane, and their range.
+          std::int64_t rel[L];
+          for (std::int64_t j = 0; j < L; ++j) {
+            const std::int64_t jj = std::min(j, nvalid - 1);
+            rel[j] = std::clamp<std::int64_t>(z0 + jj - left, 0, lgz - kz) - jj;
+          }
+          const std::int64_t omin = *std::min_element(rel, rel + L);
+          const std::int64_t omax = *std::max_element(rel, rel + L);
+          const std::int64_t NO = omax - omin + kz;
+          const std::int64_t s_row = kernels::na_score_row_stride<Arch, T>(NO);
+          for (std::int64_t j = 0; j < L; ++j) ws.first[std::size_t(j)] = T(rel[j] - omin);
+          std::int64_t tok0[2] = {0, 0};
+          for (int m = 0; m < n_q; ++m) {
+            std::array<std::int64_t, Rank> cm = c;
+            cm[Rank - 2] += m;
+            // Key rows of query row m: the product of the leading axes' windows, row-major
+            // (ascending packed rows).
+            std::array<AxisWindow, Rank> w{};
+            std::int64_t n_rows = 1;
+            for (int ax = 0; ax + 1 < Rank; ++ax) {
+              w[std::size_t(ax)] =
+                  tables[std::size_t(ax)]
+                        [std::size_t(gc[std::size_t(ax)] * grid.C[ax] + cm[std::size_t(ax)])];
+              n_rows *= w[std::size_t(ax)].count;
+            }
+            auto& rows = ws.rows[m];
+            auto& vr = ws.v_rows[m];
+            rows.resize(std::size_t(n_rows));
+            vr.resize(std::size_t(n_rows));
+            for (std::int64_t i = 0; i < n_rows; ++i) {
+              std::int64_t row = 0;
+              for (std::int64_t ax = 0, rest = i, span = n_rows; ax + 1 < Rank; ++ax) {
+                span /= w[std::size_t(ax)].count;
+                row = row * grid.C[ax] + w[std::size_t(ax)].start + rest / span;
+                rest %= span;
+              }
+              rows[std::size_t(i)] = g * rows_per_group + row;
+              vr[std::size_t(i)] = pack.v_row(head, rows[std::size_t(i)]) + omin * Dp;
+            }
+            ws.s[m].resize(std::size_t(n_rows * s_row));
+            // q^T of the lanes (zeros past the row's end), pre-scaled.
+            std::int64_t tk = 0;
+            for (int ax = 0; ax + 1 < Rank; ++ax)
+              tk = tk * grid.L[ax] + cm[std::size_t(ax)] * grid.d[ax] + gc[std::size_t(ax)];
+            tok0[m] = tk * grid.L[Rank - 1] + z0 * dz + gc[Rank - 1];
+            T* qt = ws.qt[m].data();
+            {  // the queries of the next tile (same rows, next block; or the next pair's rows)
+              const std::int64_t next =
+                  z0 + L < lgz ? tok0[m] + L * dz
+                               : tok0[m] - z0 * dz + 2 * grid.d[Rank - 2] * grid.L[Rank - 1];
+              if (next + (L - 1) * dz < grid.tokens)
+                for (std::int64_t j = 0; j < L; ++j)
+                  for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T)))
+                    __builtin_prefetch(qb + (next + j * dz) * a.q_stride[1] + d * a.q_stride[3]);
+            }
+            for (std::int64_t j = 0; j < L; ++j) {
+              const T* src = qb + (tok0[m] + j * dz) * a.q_stride[1];
+              for (std::int64_t d = 0; d < D; ++d)
+                qt[d * L + j] = j < nvalid ? src[d * a.q_stride[3]] * qscale : T(0);
+            }
+          }
+          // Scores: a key row both query rows see is scored for both at once.
+          const std::int64_t n0 = std::int64_t(ws.rows[0].size());
+          const std::int64_t n1 = n_q == 2 ? std::int64_t(ws.rows[1].size()) : 0;
+          for (std::int64_t i0 = 0, i1 = 0; i0 < n0 || i1 < n1;) {
+            const std::int64_t r0 = i0 < n0 ? ws.rows[0][std::size_t(i0)] : -1;
+            const std::int64_t r1 = i1 < n1 ? ws.rows[1][std::size_t(i1)] : -1;
+            if (r0 >= 0 && r0 == r1) {
+              kernels::na_score_row(Arch{}, ws.qt[0].data(), ws.qt[1].data(), D,
+                                    pack.k_row(head, r0) + omin, pack.W, NO,
+                                    ws.s[0].data() + i0 * s_row, ws.s[1].data() + i1 * s_row);
+              ++i0;
+              ++i1;
+            } else if (r0 >= 0 && (r1 < 0 || r0 < r1)) {
+              kernels::na_score_row(Arch{}, ws.qt[0].data(), static_cast<const T*>(nullptr), D,
+                                    pack.k_row(head, r0) + omin, pack.W, NO,
+                                    ws.s[0].data() + i0 * s_row, static_cast<T*>(nullptr));
+              ++i0;
+            } else {
+              kernels::na_score_row(Arch{}, ws.qt[1].data(), static_cast<const T*>(nullptr), D,
+                                    pack.k_row(head, r1) + omin, pack.W, NO,
+                                    ws.s[1].data() + i1 * s_row, static_cast<T*>(nullptr));
+              ++i1;
+            }
+          }
+          for (int m = 0; m < n_q; ++m) {
+            const kernels::NeighborhoodTile<T> tile{
+                ws.v_rows[m].data(), std::int64_t(ws.rows[m].size()), NO, kz, ws.first.data(),
+                omin != omax};
+            kernels::na_softmax_value(Arch{}, tile, Dp, ws.s[m].data(), ws.o.data(), ws.l.data());
+            for (std::int64_t j = 0; j < nvalid; ++j)
+              kernels::online_softmax_finish(Arch{}, ws.o.data() + j * Dp, D, ws.l[std::size_t(j)],
+                                             ob + (tok0[m] + j * dz) * a.out_stride[1],
+                                             a.out_stride[3]);
+          }
+        }
+      });
+    } else {
+      (void)grid;
+      (void)a;
+    }
+  }
+
   struct Shape2 {
     std::int64_t a = 1, b = 1;  // queries along the last axis, along the one before
   };

@@ -31,11 +31,13 @@
 // kernel_size = 1 (each query sees itself) is accepted.
 #include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <span>
 #include <string>
 #include <string_view>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -99,6 +101,14 @@ inline void check_neighborhood_axes(std::string_view layer, std::string_view fn,
     switchyard::detail::fail_shape(
         layer, fn, "axes", "[" + std::to_string(axes.size()) + " axes]",
         "one axis per spatial extent, " + std::to_string(extents.size()) + " for " + ext);
+  }
+  // Extents of real grids: pairs() and the executors loop over positions, so a size no tensor
+  // could have is refused here rather than looped over.
+  if (core::bounded_product(extents, 1) < 0 ||
+      std::any_of(extents.begin(), extents.end(),
+                  [](std::int64_t e) { return e > std::numeric_limits<std::int32_t>::max(); })) {
+    switchyard::detail::fail_shape(layer, fn, "extents", switchyard::detail::format_shape(extents),
+                                   "extents <= 2^31 - 1 whose product fits in memory");
   }
   for (std::size_t n = 0; n < axes.size(); ++n) {
     const NeighborhoodAxis& a = axes[n];

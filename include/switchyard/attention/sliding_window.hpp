@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
 #include <span>
 #include <string>
@@ -91,14 +92,29 @@ class SlidingWindowAttention {
   std::int64_t pairs(std::int64_t B, std::int64_t T_q, std::int64_t S,
                      std::span<const std::int64_t> key_lengths = {}) const {
     check_lengths("pairs", B, T_q, S, key_lengths);
-    std::int64_t total = 0;
-    for (std::int64_t b = 0; b < B; ++b) {
-      const std::int64_t len = key_lengths.empty() ? S : key_lengths[std::size_t(b)];
+    // The count loops over the queries: sizes no tensor could have are refused, not looped over.
+    constexpr std::int64_t most = std::numeric_limits<std::int32_t>::max();
+    if (B < 0 || T_q < 0 || S > most) {
+      const std::int64_t got[3] = {B, T_q, S};
+      switchyard::detail::fail_shape(name, "pairs",
+                                     switchyard::detail::format_shape({"B", "T", "S"}, got),
+                                     "B, T >= 0 and S <= 2^31 - 1", "sizes of real tensors");
+    }
+    const auto sequence = [&](std::int64_t len) {
+      std::int64_t n = 0;
       for (std::int64_t i = 0; i < T_q; ++i) {
         const auto vis = sliding_detail::visible(cfg_, i + S - T_q, len);
-        total += vis.sink_end + (vis.hi - vis.lo);
+        n += vis.sink_end + (vis.hi - vis.lo);
       }
+      return n;
+    };
+    std::int64_t total = 0;
+    if (key_lengths.empty()) {  // every sequence alike: one count times B
+      if (core::mul_overflows(sequence(S), B, total))
+        switchyard::detail::fail_config(name, "pairs", "B", B, "a batch whose pairs fit int64");
+      return total;
     }
+    for (std::int64_t b = 0; b < B; ++b) total += sequence(key_lengths[std::size_t(b)]);
     return total;
   }
 

@@ -92,8 +92,9 @@ void parallel_for(std::int64_t num_tasks, Task&& task) {
 }
 
 /// Number of fixed-size chunks covering n items; chunk c is [c*chunk, min(n, (c+1)*chunk)).
+/// 0 for n <= 0 or chunk <= 0; never overflows (a chunk near INT64_MAX gives 1).
 constexpr std::int64_t num_chunks(std::int64_t n, std::int64_t chunk) noexcept {
-  return chunk > 0 ? (n + chunk - 1) / chunk : 0;
+  return chunk > 0 && n > 0 ? n / chunk + (n % chunk != 0) : 0;
 }
 
 }  // namespace v0
