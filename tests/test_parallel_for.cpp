@@ -1,5 +1,7 @@
 #include <atomic>
 #include <catch2/catch.hpp>
+#include <cstdint>
+#include <limits>
 #include <thread>
 #include <vector>
 
@@ -37,6 +39,13 @@ TEST_CASE("parallel_for with zero tasks does nothing; num_chunks covers the rang
   REQUIRE(num_chunks(10, 4) == 3);
   REQUIRE(num_chunks(8, 4) == 2);
   REQUIRE(num_chunks(0, 4) == 0);
+  // No overflow for chunks or counts near the int64 limit; nothing for n <= 0 or chunk <= 0.
+  const std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  REQUIRE(num_chunks(16, big) == 1);
+  REQUIRE(num_chunks(big, big) == 1);
+  REQUIRE(num_chunks(big, 2) == big / 2 + 1);
+  REQUIRE(num_chunks(-5, 4) == 0);
+  REQUIRE(num_chunks(5, 0) == 0);
 }
 
 TEST_CASE("ScopedNumThreads is per calling thread: scopes ending out of order restore each",

@@ -5,9 +5,11 @@
 // Tolerance: outputs are compared with max|got - ref| <= 2e-5 * max(1, max|ref|) in float
 // (the fused kernel sums D = 16..64 products and a few hundred exponentials in float with a
 // ~2 ulp exp2: observed errors are a few 1e-7..1e-6) and 1e-12 in double.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <switchyard/attention/block_sparse.hpp>
 #include <switchyard/attention/moba.hpp>
@@ -789,4 +791,61 @@ TEST_CASE("MoBA errors name the layer, argument and shapes", "[moba][errors]") {
   core::Tensor<float> out16({1, 16, 2, 8});
   REQUIRE_THROWS_WITH(moba.execute(sel, q16.view<4>(), k.view<4>(), k.view<4>(), out16.view<4>()),
                       Contains("'sel'") && Contains("[B=1, H=2, T=32, N=4]"));
+}
+
+TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a huge allocation",
+          "[errors][hostile]") {
+  const std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  const auto q = uniform_tensor<float>({1, 16, 2, 8}, 1);
+  const auto k = uniform_tensor<float>({1, 16, 2, 8}, 2);
+  core::Tensor<float> out({1, 16, 2, 8});
+  using NA2 = NeighborhoodAttention<2, float>;
+  const NA2 na({.axes = {NeighborhoodAxis{3}, NeighborhoodAxis{3}}});
+  // Grids no tensor could hold: refused before pairs() or forward loop over them.
+  REQUIRE_THROWS_WITH(na.pairs({big / 2, 4}), Contains("NeighborhoodAttention::pairs") &&
+                                                  Contains("'extents'") &&
+                                                  Contains("[4611686018427387903, 4]"));
+  REQUIRE_THROWS_WITH(na.forward({big, 3}, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
+                      Contains("'extents'"));
+  REQUIRE_THROWS_WITH(na.forward({-4, -4}, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
+                      Contains("'extents'") && Contains("[-4, -4]"));
+  // Sliding window: a huge batch is counted once per sequence and checked, not looped over.
+  const SlidingWindowAttention<float> sw({.window = 4});
+  REQUIRE(sw.pairs(3, 16, 16) == 3 * sw.pairs(1, 16, 16));
+  REQUIRE_THROWS_WITH(sw.pairs(big, 16, 16),
+                      Contains("SlidingWindowAttention::pairs") && Contains("'B'"));
+  REQUIRE_THROWS_WITH(sw.pairs(1, 16, big), Contains("'S'") || Contains("S=9223372036854775807"));
+  // Windows, chunks and blocks larger than the sequence behave as "everything".
+  const SlidingWindowAttention<float> all_window({.window = big, .sinks = big});
+  const SlidingWindowAttention<float> all_chunk({.chunk = big});
+  const SlidingWindowAttention<float> causal_dense({.window = 16});
+  const auto dense = causal_dense.forward(q.view<4>(), k.view<4>(), k.view<4>());
+  for (const auto* layer : {&all_window, &all_chunk}) {
+    const auto got = layer->forward(q.view<4>(), k.view<4>(), k.view<4>());
+    REQUIRE(std::equal(got.begin(), got.end(), dense.begin()));
+  }
+  // Block-sparse: blocks far larger than T and S; pairs over a shared mask times a huge H.
+  BlockMask mask{.num_queries = 16, .num_keys = 16, .query_block = big, .key_block = big};
+  mask.offsets = {0, 1};
+  mask.indices = {0};
+  const BlockSparseAttention<float> bs;
+  REQUIRE(bs.pairs(mask, 2) == 2 * 16 * 16);
+  REQUIRE_NOTHROW(bs.forward(q.view<4>(), k.view<4>(), k.view<4>(), mask, out.view<4>()));
+  REQUIRE_THROWS_WITH(bs.pairs(mask, big),
+                      Contains("BlockSparseAttention::pairs") && Contains("'H'"));
+  // MoBA: huge blocks (one block), a partition too large, a selection that does not match.
+  const MobaAttention<float> one_block({.block_size = big, .top_k = 1});
+  REQUIRE_NOTHROW(one_block.forward(q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()));
+  const MobaAttention<float> moba({.block_size = 4, .top_k = 2});
+  MobaSelection sel;
+  moba.route(q.view<4>(), k.view<4>(), sel);
+  REQUIRE_THROWS_WITH(moba.pairs(sel, big), Contains("MoBA::moba_pairs") && Contains("partition"));
+  REQUIRE_THROWS_WITH(moba.pairs(sel, 20), Contains("MoBA::moba_pairs") && Contains("'sel'"));
+  MobaSelection bad = sel;
+  bad.blocks[0] = 7;
+  REQUIRE_THROWS_WITH(moba.pairs(bad, 16), Contains("'sel.blocks' = 7"));
+  MobaPartition huge;
+  huge.extents = {big, big};
+  huge.block = {1, 1};
+  REQUIRE_THROWS_WITH(moba.route(q.view<4>(), k.view<4>(), huge, sel), Contains("'partition'"));
 }
