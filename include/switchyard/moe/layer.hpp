@@ -307,8 +307,8 @@ class MoELayer {
     core::detail::check_no_alias(name, fn, "out", out, "x", x);
     if (tokens == 0) return;
     const Layout l = layout(tokens, plan.nnz(), false);
-    const std::int64_t slots = std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads(),
-                                                                               l.max_tasks));
+    const std::int64_t slots =
+        std::max<std::int64_t>(1, std::min<std::int64_t>(num_threads(), l.max_tasks));
     const std::size_t bytes = 64 + l.fixed + std::size_t(slots) * l.slot_bytes;
     std::unique_ptr<std::byte[]> ws(new std::byte[bytes]);
     std::byte* base = align64(ws.get());
@@ -356,8 +356,8 @@ class MoELayer {
                               "rows = nnz + num_shared_experts * T, D = d_model");
     if (rows > 0 && (out.stride(0) != d || out.stride(1) != 1)) {
       switchyard::detail::fail_shape(
-          name, fn, arg, "[strides=" + std::to_string(out.stride(0)) + "," +
-                             std::to_string(out.stride(1)) + "]",
+          name, fn, arg,
+          "[strides=" + std::to_string(out.stride(0)) + "," + std::to_string(out.stride(1)) + "]",
           "[strides=" + std::to_string(d) + ",1]", "contiguous rows");
     }
   }
@@ -565,9 +565,8 @@ class MoELayer {
 
   // Every expert's (and shared expert's) output rows into out [nnz + S * T, d].
   template <class W>
-  void compute_outputs(const plan_type& plan, const ConstView<T, 2>& x,
-                       const MoELayerWeights<W>& w, const Layout& l, std::byte* base,
-                       std::int64_t slots_fit, T* out) const {
+  void compute_outputs(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
+                       const Layout& l, std::byte* base, std::int64_t slots_fit, T* out) const {
     Task* tasks = reinterpret_cast<Task*>(base + l.tasks);
     std::byte* slot_base = base + l.fixed;
     if (l.decode) {
@@ -635,8 +634,8 @@ class MoELayer {
   // then output-chunk tasks, then b2 / softmax per row.
   template <class W>
   void run_decode(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
-                  const Layout& l, std::byte* base, std::byte* slot_base,
-                  std::int64_t slots_fit, T* const out) const {
+                  const Layout& l, std::byte* base, std::byte* slot_base, std::int64_t slots_fit,
+                  T* const out) const {
     using G = kernels::GemmTile<Arch, T>;
     const std::int64_t tokens = plan.num_tokens, nnz = plan.nnz();
     const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
