@@ -25,6 +25,7 @@
 
 // attention layers
 #include "switchyard/attention/bilevel_routing.hpp"
+#include "switchyard/attention/block_sparse.hpp"
 #include "switchyard/attention/bilevel_routing_ref.hpp"
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/attention/dense_ref.hpp"
@@ -34,9 +35,15 @@
 #include "switchyard/attention/linear_ref.hpp"
 #include "switchyard/attention/mask.hpp"
 #include "switchyard/attention/mixture_of_heads.hpp"
+#include "switchyard/attention/moba.hpp"
+#include "switchyard/attention/moba_select.hpp"
+#include "switchyard/attention/neighborhood.hpp"
+#include "switchyard/attention/neighborhood_kernels.hpp"
+#include "switchyard/attention/neighborhood_rule.hpp"
 #include "switchyard/attention/plan.hpp"
 #include "switchyard/attention/plan_executor.hpp"
 #include "switchyard/attention/routing_kmeans.hpp"
+#include "switchyard/attention/sliding_window.hpp"
 
 // token merging
 #include "switchyard/tokens/merge_bipartite.hpp"
