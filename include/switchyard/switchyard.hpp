@@ -25,8 +25,8 @@
 
 // attention layers
 #include "switchyard/attention/bilevel_routing.hpp"
-#include "switchyard/attention/block_sparse.hpp"
 #include "switchyard/attention/bilevel_routing_ref.hpp"
+#include "switchyard/attention/block_sparse.hpp"
 #include "switchyard/attention/dense.hpp"
 #include "switchyard/attention/dense_ref.hpp"
 #include "switchyard/attention/kv_cache.hpp"

@@ -41,8 +41,9 @@
 // VMoBA sorts all C blocks with the own and invalid ones set to 0, so when the cutoff lands on
 // a block of norm 0 (the minimum) it may take an arbitrary zero entry (torch.sort is not
 // stable); we take the lowest-index valid candidate of norm 0. Only that corner differs.
-// top_k is not used in threshold mode. VMoBA's "global" selection modes (block, overall,
-// head_global) are not implemented.
+// top_k is not used in threshold mode. The threshold applies per (batch, head, query), VMoBA's
+// default "query_head" mode; its other modes (block, overall, head_global) pool the gates of
+// many queries into one threshold and are a different routing rule, not offered here.
 //
 // Determinism: results are identical for any thread count (work split per (b, h), fixed).
 #include <algorithm>
