@@ -90,9 +90,9 @@ inline constexpr bool row_kernel_enabled = true;
 // Per-thread buffers of the row kernel, reused across calls.
 template <class T>
 struct RowWorkspace {
-  kernels::detail::aligned_vector<T> qt[2], s[2], o, l, first;
+  kernels::detail::aligned_vector<T> qt[2], s[2], o[2], l[2], first;
   std::vector<std::int64_t> rows[2];
-  std::vector<const T*> v_rows[2];
+  std::vector<kernels::NeighborhoodValueRow<T>> pv;
 };
 template <class T, class Arch>
 kernels::NeighborhoodRowPack<T, Arch>& row_pack() {
@@ -326,8 +326,8 @@ class NeighborhoodAttention {
         const std::int64_t b = bh / a.H, h = bh % a.H, head = b * a.Hkv + h / group;
         auto& ws = neighborhood_detail::row_workspace<T, Arch>();
         for (auto& q : ws.qt) q.resize(std::size_t(std::max<std::int64_t>(1, D) * L));
-        ws.o.resize(std::size_t(L * Dp));
-        ws.l.resize(std::size_t(L));
+        for (auto& o : ws.o) o.resize(std::size_t(L * Dp));
+        for (auto& l : ws.l) l.resize(std::size_t(L));
         ws.first.resize(std::size_t(L));
         const T* qb = a.q + b * a.q_stride[0] + h * a.q_stride[2];
         T* ob = a.out + b * a.out_stride[0] + h * a.out_stride[2];
@@ -378,9 +378,7 @@ class NeighborhoodAttention {
               n_rows *= w[std::size_t(ax)].count;
             }
             auto& rows = ws.rows[m];
-            auto& vr = ws.v_rows[m];
             rows.resize(std::size_t(n_rows));
-            vr.resize(std::size_t(n_rows));
             for (std::int64_t i = 0; i < n_rows; ++i) {
               std::int64_t row = 0;
               for (std::int64_t ax = 0, rest = i, span = n_rows; ax + 1 < Rank; ++ax) {
@@ -389,7 +387,6 @@ class NeighborhoodAttention {
                 rest %= span;
               }
               rows[std::size_t(i)] = g * rows_per_group + row;
-              vr[std::size_t(i)] = pack.v_row(head, rows[std::size_t(i)]) + omin * Dp;
             }
             ws.s[m].resize(std::size_t(n_rows * s_row));
             // q^T of the lanes (zeros past the row's end), pre-scaled.
@@ -407,46 +404,54 @@ class NeighborhoodAttention {
                   for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T)))
                     __builtin_prefetch(qb + (next + j * dz) * a.q_stride[1] + d * a.q_stride[3]);
             }
-            for (std::int64_t j = 0; j < L; ++j) {
-              const T* src = qb + (tok0[m] + j * dz) * a.q_stride[1];
+            const T* q0 = qb + tok0[m] * a.q_stride[1];
+            if (nvalid == L && a.q_stride[3] == 1 &&
+                kernels::na_transpose_rows<T, Arch>(q0, dz * a.q_stride[1], qt, L, D)) {
+              const auto sv = xsimd::batch<T, Arch>(qscale);
               for (std::int64_t d = 0; d < D; ++d)
-                qt[d * L + j] = j < nvalid ? src[d * a.q_stride[3]] * qscale : T(0);
+                (xsimd::batch<T, Arch>::load_aligned(qt + d * L) * sv).store_aligned(qt + d * L);
+            } else {
+              for (std::int64_t j = 0; j < L; ++j) {
+                const T* src = q0 + j * dz * a.q_stride[1];
+                for (std::int64_t d = 0; d < D; ++d)
+                  qt[d * L + j] = j < nvalid ? src[d * a.q_stride[3]] * qscale : T(0);
+              }
             }
           }
-          // Scores: a key row both query rows see is scored for both at once.
+          // Scores: a key row both query rows see is scored for both at once (and its V rows
+          // serve both in P . V).
           const std::int64_t n0 = std::int64_t(ws.rows[0].size());
           const std::int64_t n1 = n_q == 2 ? std::int64_t(ws.rows[1].size()) : 0;
+          ws.pv.clear();
           for (std::int64_t i0 = 0, i1 = 0; i0 < n0 || i1 < n1;) {
             const std::int64_t r0 = i0 < n0 ? ws.rows[0][std::size_t(i0)] : -1;
             const std::int64_t r1 = i1 < n1 ? ws.rows[1][std::size_t(i1)] : -1;
-            if (r0 >= 0 && r0 == r1) {
-              kernels::na_score_row(Arch{}, ws.qt[0].data(), ws.qt[1].data(), D,
-                                    pack.k_row(head, r0) + omin, pack.W, NO,
-                                    ws.s[0].data() + i0 * s_row, ws.s[1].data() + i1 * s_row);
-              ++i0;
-              ++i1;
-            } else if (r0 >= 0 && (r1 < 0 || r0 < r1)) {
-              kernels::na_score_row(Arch{}, ws.qt[0].data(), static_cast<const T*>(nullptr), D,
-                                    pack.k_row(head, r0) + omin, pack.W, NO,
-                                    ws.s[0].data() + i0 * s_row, static_cast<T*>(nullptr));
-              ++i0;
-            } else {
-              kernels::na_score_row(Arch{}, ws.qt[1].data(), static_cast<const T*>(nullptr), D,
-                                    pack.k_row(head, r1) + omin, pack.W, NO,
-                                    ws.s[1].data() + i1 * s_row, static_cast<T*>(nullptr));
-              ++i1;
-            }
+            const bool in0 = r0 >= 0 && (r1 < 0 || r0 <= r1);
+            const bool in1 = r1 >= 0 && (r0 < 0 || r1 <= r0);
+            const std::int64_t r = in0 ? r0 : r1;
+            T* const s0 = in0 ? ws.s[0].data() + i0 * s_row : nullptr;
+            T* const s1 = in1 ? ws.s[1].data() + i1 * s_row : nullptr;
+            kernels::na_score_row(Arch{}, in0 ? ws.qt[0].data() : ws.qt[1].data(),
+                                  in0 && in1 ? ws.qt[1].data() : nullptr, D,
+                                  pack.k_row(head, r) + omin, pack.W, NO, in0 ? s0 : s1,
+                                  in0 ? s1 : nullptr);
+            ws.pv.push_back({pack.v_row(head, r) + omin * Dp, s0, s1});
+            i0 += in0;
+            i1 += in1;
           }
           for (int m = 0; m < n_q; ++m) {
-            const kernels::NeighborhoodTile<T> tile{
-                ws.v_rows[m].data(), std::int64_t(ws.rows[m].size()), NO, kz, ws.first.data(),
-                omin != omax};
-            kernels::na_softmax_value(Arch{}, tile, Dp, ws.s[m].data(), ws.o.data(), ws.l.data());
-            for (std::int64_t j = 0; j < nvalid; ++j)
-              kernels::online_softmax_finish(Arch{}, ws.o.data() + j * Dp, D, ws.l[std::size_t(j)],
-                                             ob + (tok0[m] + j * dz) * a.out_stride[1],
-                                             a.out_stride[3]);
+            const kernels::NeighborhoodTile<T> tile{std::int64_t(ws.rows[m].size()), NO, kz,
+                                                    ws.first.data(), omin != omax};
+            kernels::na_softmax(Arch{}, tile, ws.s[m].data(), ws.l[m].data());
           }
+          const kernels::NeighborhoodTile<T> tile{0, NO, kz, ws.first.data(), omin != omax};
+          kernels::na_value(Arch{}, tile, ws.pv.data(), std::int64_t(ws.pv.size()), Dp,
+                            ws.o[0].data(), n_q == 2 ? ws.o[1].data() : nullptr);
+          for (int m = 0; m < n_q; ++m)
+            for (std::int64_t j = 0; j < nvalid; ++j)
+              kernels::online_softmax_finish(
+                  Arch{}, ws.o[m].data() + j * Dp, D, ws.l[m][std::size_t(j)],
+                  ob + (tok0[m] + j * dz) * a.out_stride[1], a.out_stride[3]);
         }
       });
     } else {

@@ -19,17 +19,44 @@
 #include <algorithm>
 #include <cstdint>
 #include <limits>
+#include <type_traits>
 
 #include "switchyard/attention/attention_tiles.hpp"
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/online_softmax.hpp"
+#include "switchyard/core/simd/transpose.hpp"
 
 SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
+
+/// dst[c * ldd + j] = src[j * lds + c] for j < L rows (the register width) and c < D, through
+/// register transposes of L x L blocks where the build has them (float, AVX-512 or AVX); returns
+/// false, writing nothing, where it does not (the caller transposes element by element).
+template <class T, class Arch>
+bool na_transpose_rows(const T* src, std::int64_t lds, T* dst, std::int64_t ldd,
+                       std::int64_t D) noexcept {
+  constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
+  if constexpr (std::is_same_v<T, float> && L == 16) {
+#if defined(__AVX512F__)
+    if (D % 16 != 0) return false;
+    for (std::int64_t c = 0; c < D; c += 16)
+      transpose16x16(Arch{}, src + c, lds, dst + c * ldd, ldd);
+    return true;
+#endif
+  } else if constexpr (std::is_same_v<T, float> && L == 8) {
+#if defined(__AVX__)
+    if (D % 8 != 0) return false;
+    for (std::int64_t c = 0; c < D; c += 8) transpose8x8(Arch{}, src + c, lds, dst + c * ldd, ldd);
+    return true;
+#endif
+  }
+  (void)src, (void)lds, (void)dst, (void)ldd, (void)D;
+  return false;
+}
 
 /// Keys and values of every (b, kv head), per last-axis row of a dilation group: row r holds
 /// compact positions x in [-P, W - P), K^T [D][W] and V [W][Dp]; positions that are not keys of
@@ -93,8 +120,11 @@ struct NeighborhoodRowPack {
             std::fill_n(vdst, Dp, T(0));
           } else {
             const T* vsrc = v + tok * vs;
-            if (vd == 1) {
-              std::copy_n(vsrc, D, vdst);
+            if (vd == 1) {  // a vector loop: a memmove call per key costs more than the copy
+              std::int64_t d = 0;
+              for (; d + L <= D; d += L)
+                xsimd::batch<T, Arch>::load_unaligned(vsrc + d).store_aligned(vdst + d);
+              for (; d < D; ++d) vdst[d] = vsrc[d];
             } else {
               for (std::int64_t d = 0; d < D; ++d) vdst[d] = vsrc[d * vd];
             }
@@ -102,7 +132,16 @@ struct NeighborhoodRowPack {
         }
         bool full = n == XB;
         for (std::int64_t i = 0; i < n; ++i) full = full && src[i];
-        if (full) {  // the common case: XB keys, no padding
+        // Evenly spaced keys (the common case) take register transposes, L keys at a time.
+        bool even = full && kd == 1;
+        for (std::int64_t i = 1; even && i < n; ++i) even = src[i] - src[i - 1] == src[1] - src[0];
+        if (even) {
+          const std::int64_t step = n > 1 ? src[1] - src[0] : 0;
+          for (std::int64_t i = 0; even && i < XB; i += L)
+            even = na_transpose_rows<T, Arch>(src[i], step, k0 + P + x0 + i, W, D);
+          if (even) continue;
+        }
+        if (full) {  // XB keys, no padding
           for (std::int64_t d = 0; d < D; ++d) {
             T* kdst = k0 + d * W + P + x0;
             for (std::int64_t i = 0; i < XB; ++i) kdst[i] = src[i][d * kd];
@@ -121,7 +160,6 @@ struct NeighborhoodRowPack {
 /// One neighborhood tile (see the file comment): L query lanes, `n_rows` key rows.
 template <class T>
 struct NeighborhoodTile {
-  const T* const* v_rows;      ///< per key row: V at the tile's first position x0 (stride Dp)
   std::int64_t n_rows = 0;     ///< key rows
   std::int64_t n_offsets = 0;  ///< offsets computed per row (kernel_size inside the grid)
   std::int64_t kernel = 0;     ///< kernel size along the last axis
@@ -131,15 +169,33 @@ struct NeighborhoodTile {
 
 namespace detail {
 
+// Keeps v in a register: without it the compiler folds one unaligned load into each FMA
+// that uses v, and a key vector shared by two query tiles is loaded twice (most of these
+// loads cross a cache line, so the score loop becomes load-bound).
+template <class V>
+inline void keep_in_register(V& v) noexcept {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  asm("" : "+v"(v.data));
+#else
+  (void)v;
+#endif
+}
+
+// 32 vector registers (AVX-512) rather than 16.
+template <class T, class Arch>
+inline constexpr bool na_wide = Reg<T, Arch>::lanes * sizeof(T) == 64;
+
 // Offsets per score group (accumulators kept in registers, plus q and k).
 template <class T, class Arch>
-inline constexpr int na_offsets_per_group = DenseTiling<T, Arch>::wide ? 24 : 12;
+inline constexpr int na_offsets_per_group = na_wide<T, Arch> ? 24 : 12;
 template <class T, class Arch>
-inline constexpr int na_offsets_per_group2 = DenseTiling<T, Arch>::wide ? 14 : 6;
-// Adjacent queries per P . V group and registers of D per accumulator row.
+inline constexpr int na_offsets_per_group2 = na_wide<T, Arch> ? 14 : 6;
+// Adjacent queries per P . V group and registers of D per accumulator row (two query rows'
+// accumulators: 2 x G x NV registers).
 template <class T, class Arch>
-inline constexpr int na_pv_queries = DenseTiling<T, Arch>::wide ? 4 : 2;
-inline constexpr int na_pv_regs = 4;
+inline constexpr int na_pv_queries = 2;
+template <class T, class Arch>
+inline constexpr int na_pv_regs = na_wide<T, Arch> ? 4 : 2;
 
 // s[o * L .. + L) = sum_d qt[d * L .. + L) * k[d * W + o .. + L) for o < OG.
 template <class Arch, class T, int OG>
@@ -192,7 +248,8 @@ inline void na_score_offsets2(const T* qt0, const T* qt1, std::int64_t D, const 
     const T* kd = k + d * W;
 #pragma GCC unroll 32
     for (int o = 0; o < OG; ++o) {
-      const auto kv = xsimd::batch<T, Arch>::load_unaligned(kd + o);
+      auto kv = xsimd::batch<T, Arch>::load_unaligned(kd + o);
+      keep_in_register(kv);
       acc0[o] = R::fma(q0, kv, acc0[o]);
       acc1[o] = R::fma(q1, kv, acc1[o]);
     }
@@ -214,33 +271,6 @@ inline void na_score_dispatch2(int n, const T* qt0, const T* qt1, std::int64_t D
     }
   }
   na_score_offsets2<Arch, T, OG>(qt0, qt1, D, k, W, s0, s1);
-}
-
-// o[j][c .. c + NV*L) += sum over rows, t of p(j, t) * v[j + t] for the G lanes j0 .. j0+G-1:
-// lane j0 + g reads its p at buffer index (G - 1) + t - g of each row (padding reads 0).
-template <class Arch, class T, int G, int NV>
-inline void na_value_group(const T* s, std::int64_t s_row, std::int64_t steps, int j0,
-                           const T* const* v_rows, std::int64_t n_rows, std::int64_t Dp,
-                           std::int64_t c, T* o) noexcept {
-  using R = Reg<T, Arch>;
-  constexpr std::int64_t L = R::lanes;
-  typename R::V acc[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int n = 0; n < NV; ++n) acc[g][n] = R::zero();
-  for (std::int64_t r = 0; r < n_rows; ++r) {
-    const T* sr = s + r * s_row + j0 + (G - 1) * L;
-    const T* vr = v_rows[r] + j0 * Dp + c;
-    for (std::int64_t t = 0; t < steps; ++t) {
-      typename R::V vv[NV];
-      for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
-      for (int g = 0; g < G; ++g) {
-        const auto pb = R::splat(sr[(t - g) * L + g]);
-        for (int n = 0; n < NV; ++n) acc[g][n] = R::fma(pb, vv[n], acc[g][n]);
-      }
-    }
-  }
-  for (int g = 0; g < G; ++g)
-    for (int n = 0; n < NV; ++n) R::store(o + (j0 + g) * Dp + c + n * L, acc[g][n]);
 }
 
 }  // namespace detail
@@ -284,18 +314,15 @@ void na_score_row(Arch, const T* qt0, const T* qt1, std::int64_t D, const T* k, 
   }
 }
 
-/// Softmax and P . V of one tile whose scores are in s (key row r at
-/// r * na_score_row_stride, filled by na_score_row): o [L][Dp] unnormalised outputs, l [L] softmax
-/// sums (out = o / l).
+/// Softmax of one tile whose scores are in s (key row r at r * na_score_row_stride, filled by
+/// na_score_row), in place: s becomes p = 2^(s - max) per lane (0 outside each lane's window),
+/// l [L] the softmax sums.
 template <class Arch, class T>
-void na_softmax_value(Arch, const NeighborhoodTile<T>& t, std::int64_t Dp, T* s, T* o,
-                      T* l) noexcept {
-  static_assert(!simd::is_scalar_v<Arch>, "na_softmax_value: SIMD archs only");
+void na_softmax(Arch, const NeighborhoodTile<T>& t, T* s, T* l) noexcept {
+  static_assert(!simd::is_scalar_v<Arch>, "na_softmax: SIMD archs only");
   using V = xsimd::batch<T, Arch>;
   constexpr std::int64_t L = V::size;
   constexpr int G = detail::na_pv_queries<T, Arch>;
-  constexpr int NV = detail::na_pv_regs;
-  static_assert(L % G == 0);
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const std::int64_t NO = t.n_offsets;
   const std::int64_t pad = G - 1, s_row = (NO + 2 * pad) * L;
@@ -323,14 +350,92 @@ void na_softmax_value(Arch, const NeighborhoodTile<T>& t, std::int64_t Dp, T* s,
       sum += e;
     }
   sum.store_unaligned(l);
-  // P . V, G adjacent lanes at a time, key-major.
+}
+
+/// One key row of a tile pair's P . V (na_value): V at the tiles' first position (stride Dp)
+/// and the p rows of the query rows that see it (null for one that does not).
+template <class T>
+struct NeighborhoodValueRow {
+  const T* v;
+  const T* p0;
+  const T* p1;
+};
+
+namespace detail {
+
+// o0 / o1 [L][Dp] columns [c, c + NV*L) of lanes j0 .. j0+G-1 = sum over rows, t in [t0, t1) of
+// p(j, t) * v[j + t], for the two query rows at once: each V load serves G lanes of both.
+// Lane j0 + g reads its p at (G - 1) + t - g of each p row (padding and masked offsets read 0).
+template <class Arch, class T, int G, int NV>
+inline void na_value_group(const NeighborhoodValueRow<T>* rows, std::int64_t n_rows,
+                           std::int64_t t0, std::int64_t t1, int j0, std::int64_t Dp,
+                           std::int64_t c, T* o0, T* o1) noexcept {
+  using R = Reg<T, Arch>;
+  constexpr std::int64_t L = R::lanes;
+  typename R::V acc0[G][NV], acc1[G][NV];
+  for (int g = 0; g < G; ++g)
+    for (int n = 0; n < NV; ++n) acc0[g][n] = acc1[g][n] = R::zero();
+  const std::int64_t at = j0 + (G - 1) * L;  // p index of lane j0 at t = 0
+  for (std::int64_t r = 0; r < n_rows; ++r) {
+    const T* vr = rows[r].v + j0 * Dp + c;
+    const T* p0 = rows[r].p0;
+    const T* p1 = rows[r].p1;
+    if (p0 && p1) {
+      for (std::int64_t t = t0; t < t1; ++t) {
+        typename R::V vv[NV];
+        for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
+        for (int g = 0; g < G; ++g) {
+          const auto a = R::splat(p0[at + (t - g) * L + g]);
+          const auto b = R::splat(p1[at + (t - g) * L + g]);
+          for (int n = 0; n < NV; ++n) {
+            acc0[g][n] = R::fma(a, vv[n], acc0[g][n]);
+            acc1[g][n] = R::fma(b, vv[n], acc1[g][n]);
+          }
+        }
+      }
+    } else {
+      const T* p = p0 ? p0 : p1;
+      auto& acc = p0 ? acc0 : acc1;
+      for (std::int64_t t = t0; t < t1; ++t) {
+        typename R::V vv[NV];
+        for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
+        for (int g = 0; g < G; ++g) {
+          const auto a = R::splat(p[at + (t - g) * L + g]);
+          for (int n = 0; n < NV; ++n) acc[g][n] = R::fma(a, vv[n], acc[g][n]);
+        }
+      }
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int n = 0; n < NV; ++n) {
+      R::store(o0 + (j0 + g) * Dp + c + n * L, acc0[g][n]);
+      if (o1) R::store(o1 + (j0 + g) * Dp + c + n * L, acc1[g][n]);
+    }
+}
+
+}  // namespace detail
+
+/// P . V of a tile pair (two query rows with the same lanes, `t` describing either: the same
+/// offsets and lane windows) after na_softmax: o0 / o1 [L][Dp] unnormalised outputs (o1 null when
+/// there is one query row). Adjacent lanes at a time, key-major, over the union of their windows
+/// only (at the borders adjacent lanes' windows coincide instead of shifting by one).
+template <class Arch, class T>
+void na_value(Arch, const NeighborhoodTile<T>& t, const NeighborhoodValueRow<T>* rows,
+              std::int64_t n_rows, std::int64_t Dp, T* o0, T* o1) noexcept {
+  static_assert(!simd::is_scalar_v<Arch>, "na_value: SIMD archs only");
+  constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
+  constexpr int G = detail::na_pv_queries<T, Arch>;
+  constexpr int NV = detail::na_pv_regs<T, Arch>;
+  static_assert(L % G == 0);
   for (int j0 = 0; j0 < int(L); j0 += G) {
+    const std::int64_t t0 = t.masked ? std::int64_t(t.first[j0]) : 0;
+    const std::int64_t t1 =
+        t.masked ? std::int64_t(t.first[j0 + G - 1]) + G - 1 + t.kernel : t.n_offsets + G - 1;
     std::int64_t c = 0;
     for (; c + NV * L <= Dp; c += NV * L)
-      detail::na_value_group<Arch, T, G, NV>(s, s_row, NO + G - 1, j0, t.v_rows, t.n_rows, Dp, c,
-                                             o);
+      detail::na_value_group<Arch, T, G, NV>(rows, n_rows, t0, t1, j0, Dp, c, o0, o1);
     for (; c < Dp; c += L)
-      detail::na_value_group<Arch, T, G, 1>(s, s_row, NO + G - 1, j0, t.v_rows, t.n_rows, Dp, c, o);
+      detail::na_value_group<Arch, T, G, 1>(rows, n_rows, t0, t1, j0, Dp, c, o0, o1);
   }
 }
 
