@@ -560,7 +560,7 @@ TEMPLATE_TEST_CASE("neighborhood row kernel matches the reference on every arch"
   });
 }
 
-TEST_CASE("neighborhood row kernel is bit-identical for 1 and 2 threads",
+TEST_CASE("neighborhood row kernel is bit-identical for 1, 2 and 8 threads",
           "[neighborhood][threads]") {
   const auto q = inputs<float>({2, 11 * 40, 4, 32}, 96);
   const auto k = inputs<float>({2, 11 * 40, 2, 32}, 97);
@@ -576,6 +576,14 @@ TEST_CASE("neighborhood row kernel is bit-identical for 1 and 2 threads",
     two = na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
   }
   CHECK(same_bits(one, two));
+  // More threads than (b, kv head) pairs: every head packed first, tiles split across threads
+  // (the other schedule; 1 and 2 threads pack and run one kv head per task).
+  core::Tensor<float> eight;
+  {
+    ScopedNumThreads t(8);
+    eight = na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
+  }
+  CHECK(same_bits(one, eight));
 }
 
 TEST_CASE("neighborhood errors name the layer, argument and shapes", "[neighborhood][errors]") {

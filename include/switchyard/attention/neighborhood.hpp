@@ -291,17 +291,14 @@ class NeighborhoodAttention {
       const std::int64_t Cz = grid.C[Rank - 1];
       const std::int64_t NR = grid.packed_size() / Cz, rows_per_group = grid.per_group / Cz;
       const std::int64_t D = a.D;
-      // Reused by the calling thread across calls (no page faults for a repeated shape); a
-      // reference, so the workers' lambdas below see the caller's pack, not their own.
-      Pack& pack = neighborhood_detail::row_pack<T, Arch>();
-      pack.reset(a.B * a.Hkv, NR, Cz, D);
-      const std::int64_t Dp = pack.Dp;
-      parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
+      const std::int64_t Dp = core::round_up(std::max<std::int64_t>(D, 1), L);
+      // Packs (b, kv head) `task` into head `slot` of `pack`.
+      const auto pack_head = [&](Pack& pack, std::int64_t slot, std::int64_t task) {
         const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
-        pack.pack(task, a.k + b * a.k_stride[0] + hk * a.k_stride[2], a.k_stride[1], a.k_stride[3],
+        pack.pack(slot, a.k + b * a.k_stride[0] + hk * a.k_stride[2], a.k_stride[1], a.k_stride[3],
                   a.v + b * a.v_stride[0] + hk * a.v_stride[2], a.v_stride[1], a.v_stride[3],
                   [&](std::int64_t r, std::int64_t x) { return grid.token(r * Cz + x); });
-      });
+      };
       // Compact windows of the leading axes.
       std::array<std::vector<AxisWindow>, Rank> tables;
       for (int ax = 0; ax + 1 < Rank; ++ax) {
@@ -321,9 +318,9 @@ class NeighborhoodAttention {
       const std::int64_t kz = cfg_.axes[Rank - 1].kernel_size, left = kz / 2;
       const std::int64_t dz = grid.d[Rank - 1];
       const T qscale = a.scale * log2e;
-      parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
-        const std::int64_t blk = task % blocks, bh = task / blocks;
-        const std::int64_t b = bh / a.H, h = bh % a.H, head = b * a.Hkv + h / group;
+      // Tiles [t_begin, t_end) of query head (b, h), whose keys are head `head` of `pack`.
+      const auto run_tiles = [&](const Pack& pack, std::int64_t head, std::int64_t b,
+                                 std::int64_t h, std::int64_t t_begin, std::int64_t t_end) {
         auto& ws = neighborhood_detail::row_workspace<T, Arch>();
         for (auto& q : ws.qt) q.resize(std::size_t(std::max<std::int64_t>(1, D) * L));
         for (auto& o : ws.o) o.resize(std::size_t(L * Dp));
@@ -331,7 +328,7 @@ class NeighborhoodAttention {
         ws.first.resize(std::size_t(L));
         const T* qb = a.q + b * a.q_stride[0] + h * a.q_stride[2];
         T* ob = a.out + b * a.out_stride[0] + h * a.out_stride[2];
-        for (std::int64_t t = blk * per; t < std::min(tiles, (blk + 1) * per); ++t) {
+        for (std::int64_t t = t_begin; t < t_end; ++t) {
           const std::int64_t z0 = (t % tz) * L, yp = (t / tz) % pairs_y, col = t / (tz * pairs_y);
           const std::int64_t g = col / (cols / grid.groups);
           std::array<std::int64_t, Rank> gc{}, c{}, lg{};
@@ -453,7 +450,30 @@ class NeighborhoodAttention {
                   Arch{}, ws.o[m].data() + j * Dp, D, ws.l[m][std::size_t(j)],
                   ob + (tok0[m] + j * dz) * a.out_stride[1], a.out_stride[3]);
         }
-      });
+      };
+      if (a.B * a.Hkv >= num_threads()) {
+        // Enough (b, kv head) pairs for every thread: each packs one into its own buffer and
+        // runs that head's query heads right away, while the pack is still in cache.
+        parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
+          Pack& pack = neighborhood_detail::row_pack<T, Arch>();  // this worker's
+          pack.reset(1, NR, Cz, D);
+          pack_head(pack, 0, task);
+          const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
+          for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h)
+            run_tiles(pack, 0, b, h, 0, tiles);
+        });
+      } else {
+        // Fewer heads than threads: pack them all, then split every head's tiles into blocks.
+        // The caller's buffer, reused across calls (no page faults for a repeated shape).
+        Pack& pack = neighborhood_detail::row_pack<T, Arch>();
+        pack.reset(a.B * a.Hkv, NR, Cz, D);
+        parallel_for(a.B * a.Hkv, [&](std::int64_t task) { pack_head(pack, task, task); });
+        parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
+          const std::int64_t blk = task % blocks, bh = task / blocks;
+          const std::int64_t b = bh / a.H, h = bh % a.H;
+          run_tiles(pack, b * a.Hkv + h / group, b, h, blk * per, std::min(tiles, (blk + 1) * per));
+        });
+      }
     } else {
       (void)grid;
       (void)a;

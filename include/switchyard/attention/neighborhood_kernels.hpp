@@ -6,16 +6,18 @@
 // [D][W], and V [W][Dp], with zero padding around the row's keys, so the key of lane j at
 // offset o along the last axis (compact position x0 + j + o) is lane j of one unaligned load
 // at x0 + o, for every lane at once: a tile scores L pairs per FMA.
-// Per key row of the tile's window (the rows of the leading axes' windows, the same for all
-// its queries) and per d: one load of q^T[d] (the L queries, pre-scaled by scale * log2(e)),
-// and per offset o one load of keys and one FMA into accumulator o. Interior tiles compute
-// exactly kernel_size offsets per row, every lane a real pair; at the borders of the last axis
-// windows shift differently per lane, so a tile computes the union of offsets and masks each
-// lane to its own window (-inf).
+// Tiles come in pairs of query rows (adjacent along the second-to-last axis, the same lanes):
+// their key rows are the same but one at each end.
+// Per key row and per d: one load of q^T[d] per query row (the L queries, pre-scaled by
+// scale * log2(e)), and per offset o one load of keys, kept in a register, and one FMA per query
+// row that sees the key row. Interior tiles compute exactly kernel_size offsets per row, every
+// lane a real pair; at the borders of the last axis windows shift differently per lane, so a
+// tile scores the union of offsets and masks each lane to its own window (-inf).
 // The window (all rows x offsets) fits in a buffer, so the softmax is exact in one pass,
-// lane-wise: max, p = 2^(s - max), sum. P . V runs G adjacent queries at a time key-major:
-// adjacent queries' windows are one key apart, so each V row loaded serves G queries (lanes
-// outside their window read a zero p from the buffer's padding or mask).
+// lane-wise: max, p = 2^(s - max), sum. P . V runs G adjacent queries of both query rows at a
+// time, key-major: adjacent queries' windows are one key apart (or the same, at a border), so
+// each V row loaded serves 2 x G queries over the union of the G windows only (lanes outside
+// their window read a zero p from the buffer's padding or mask).
 #include <algorithm>
 #include <cstdint>
 #include <limits>
