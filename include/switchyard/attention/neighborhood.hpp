@@ -91,7 +91,8 @@ inline constexpr bool row_kernel_enabled = true;
 template <class T>
 struct RowWorkspace {
   kernels::detail::aligned_vector<T> qt[2], s[2], o[2], l[2], first;
-  std::vector<std::int64_t> rows[2];
+  kernels::detail::aligned_vector<std::int32_t> idx;
+  std::vector<std::int64_t> rows[2], key0, lo;
   std::vector<kernels::NeighborhoodValueRow<T>> pv;
 };
 template <class T, class Arch>
@@ -326,6 +327,9 @@ class NeighborhoodAttention {
         for (auto& o : ws.o) o.resize(std::size_t(L * Dp));
         for (auto& l : ws.l) l.resize(std::size_t(L));
         ws.first.resize(std::size_t(L));
+        ws.key0.resize(std::size_t(L));
+        ws.lo.resize(std::size_t(L));
+        ws.idx.resize(std::size_t(kz * L));
         const T* qb = a.q + b * a.q_stride[0] + h * a.q_stride[2];
         T* ob = a.out + b * a.out_stride[0] + h * a.out_stride[2];
         for (std::int64_t t = t_begin; t < t_end; ++t) {
@@ -357,9 +361,26 @@ class NeighborhoodAttention {
           }
           const std::int64_t omin = *std::min_element(rel, rel + L);
           const std::int64_t omax = *std::max_element(rel, rel + L);
-          const std::int64_t NO = omax - omin + kz;
+          // Interior tiles score kernel_size offsets, every lane a real pair. Border tiles
+          // (lanes' windows shift differently) score each lane's own window in window order
+          // where two-source permutes can gather it from 2L keys (exact), else the union of
+          // offsets, masked per lane.
+          const std::int64_t start0 = rel[0], spread = (L - 1 + rel[L - 1]) - start0;
+          const bool exact = omin != omax && kernels::na_has_exact_border<Arch, T>() &&
+                             spread + kz <= 2 * L && start0 + 2 * L <= pack.W - Pack::P;
+          const bool masked = omin != omax && !exact;
+          const std::int64_t NO = exact ? kz : omax - omin + kz;
           const std::int64_t s_row = kernels::na_score_row_stride<Arch, T>(NO);
-          for (std::int64_t j = 0; j < L; ++j) ws.first[std::size_t(j)] = T(rel[j] - omin);
+          for (std::int64_t j = 0; j < L; ++j) {
+            ws.first[std::size_t(j)] = exact ? T(0) : T(rel[j] - omin);
+            ws.key0[std::size_t(j)] = exact ? j + rel[j] - start0 : j;
+            ws.lo[std::size_t(j)] = exact ? 0 : rel[j] - omin;
+          }
+          if (exact)
+            for (std::int64_t i = 0; i < kz; ++i)
+              for (std::int64_t j = 0; j < L; ++j)
+                ws.idx[std::size_t(i * L + j)] = std::int32_t(ws.key0[std::size_t(j)] + i);
+          const std::int64_t base = exact ? start0 : omin;  // key position of V / K pointers
           std::int64_t tok0[2] = {0, 0};
           for (int m = 0; m < n_q; ++m) {
             std::array<std::int64_t, Rank> cm = c;
@@ -428,20 +449,28 @@ class NeighborhoodAttention {
             const std::int64_t r = in0 ? r0 : r1;
             T* const s0 = in0 ? ws.s[0].data() + i0 * s_row : nullptr;
             T* const s1 = in1 ? ws.s[1].data() + i1 * s_row : nullptr;
-            kernels::na_score_row(Arch{}, in0 ? ws.qt[0].data() : ws.qt[1].data(),
-                                  in0 && in1 ? ws.qt[1].data() : nullptr, D,
-                                  pack.k_row(head, r) + omin, pack.W, NO, in0 ? s0 : s1,
-                                  in0 ? s1 : nullptr);
-            ws.pv.push_back({pack.v_row(head, r) + omin * Dp, s0, s1});
+            const T* q_first = in0 ? ws.qt[0].data() : ws.qt[1].data();
+            const T* q_second = in0 && in1 ? ws.qt[1].data() : nullptr;
+            if constexpr (kernels::na_has_exact_border<Arch, T>()) {
+              if (exact)
+                kernels::na_score_row_exact(Arch{}, q_first, q_second, D,
+                                            pack.k_row(head, r) + base, pack.W, kz, ws.idx.data(),
+                                            in0 ? s0 : s1, in0 ? s1 : nullptr);
+            }
+            if (!exact)
+              kernels::na_score_row(Arch{}, q_first, q_second, D, pack.k_row(head, r) + base,
+                                    pack.W, NO, in0 ? s0 : s1, in0 ? s1 : nullptr);
+            ws.pv.push_back({pack.v_row(head, r) + base * Dp, s0, s1});
             i0 += in0;
             i1 += in1;
           }
           for (int m = 0; m < n_q; ++m) {
             const kernels::NeighborhoodTile<T> tile{std::int64_t(ws.rows[m].size()), NO, kz,
-                                                    ws.first.data(), omin != omax};
+                                                    ws.first.data(), masked};
             kernels::na_softmax(Arch{}, tile, ws.s[m].data(), ws.l[m].data());
           }
-          const kernels::NeighborhoodTile<T> tile{0, NO, kz, ws.first.data(), omin != omax};
+          const kernels::NeighborhoodTile<T> tile{
+              0, NO, kz, ws.first.data(), masked, ws.key0.data(), ws.lo.data()};
           kernels::na_value(Arch{}, tile, ws.pv.data(), std::int64_t(ws.pv.size()), Dp,
                             ws.o[0].data(), n_q == 2 ? ws.o[1].data() : nullptr);
           for (int m = 0; m < n_q; ++m)

@@ -11,8 +11,11 @@
 // Per key row and per d: one load of q^T[d] per query row (the L queries, pre-scaled by
 // scale * log2(e)), and per offset o one load of keys, kept in a register, and one FMA per query
 // row that sees the key row. Interior tiles compute exactly kernel_size offsets per row, every
-// lane a real pair; at the borders of the last axis windows shift differently per lane, so a
-// tile scores the union of offsets and masks each lane to its own window (-inf).
+// lane a real pair. At the borders of the last axis windows shift differently per lane: with
+// AVX-512 (float) each lane's own window is gathered from 2L keys (two loads per d) by one
+// two-source permute per window position (na_score_row_exact), so border tiles score exactly
+// kernel_size per row too; elsewhere a border tile scores the union of offsets and masks each
+// lane to its own window (-inf).
 // The window (all rows x offsets) fits in a buffer, so the softmax is exact in one pass,
 // lane-wise: max, p = 2^(s - max), sum. P . V runs G adjacent queries of both query rows at a
 // time, key-major: adjacent queries' windows are one key apart (or the same, at a border), so
@@ -163,10 +166,14 @@ struct NeighborhoodRowPack {
 template <class T>
 struct NeighborhoodTile {
   std::int64_t n_rows = 0;     ///< key rows
-  std::int64_t n_offsets = 0;  ///< offsets computed per row (kernel_size inside the grid)
+  std::int64_t n_offsets = 0;  ///< scores per row and lane (p indices)
   std::int64_t kernel = 0;     ///< kernel size along the last axis
-  const T* first;              ///< [L] first offset of each lane's window (as T)
-  bool masked = false;         ///< lanes' windows differ (border tile): mask per lane
+  const T* first;              ///< [L] first p index of each lane's window (as T)
+  bool masked = false;         ///< p indices outside [first, first + kernel) are masked
+  /// [L] key of each lane's p index 0 (relative to the key rows' V pointers: p index i of lane
+  /// j is key key0[j] + i), and [L] its first p index in its window (first, as integers).
+  const std::int64_t* key0 = nullptr;
+  const std::int64_t* lo = nullptr;
 };
 
 namespace detail {
@@ -316,6 +323,103 @@ void na_score_row(Arch, const T* qt0, const T* qt1, std::int64_t D, const T* k, 
   }
 }
 
+#if defined(__AVX512F__)
+namespace detail {
+
+// s*[i * 16 .. + 16) = sum_d qt*[d * 16 .. + 16) * k[d * W + idx_i[lane]] for i < OG: each lane's
+// own window, gathered from 32 keys (two loads per d) by one two-source permute per offset.
+template <int OG, bool Two>
+inline void na_score_exact(const float* qt0, const float* qt1, std::int64_t D, const float* k,
+                           std::int64_t W, const std::int32_t* idx, float* s0, float* s1) noexcept {
+  __m512 acc0[OG], acc1[OG];
+  __m512i ix[OG];
+#pragma GCC unroll 32
+  for (int o = 0; o < OG; ++o) {
+    acc0[o] = acc1[o] = _mm512_setzero_ps();
+    ix[o] = _mm512_load_si512(idx + o * 16);
+  }
+  for (std::int64_t d = 0; d < D; ++d) {
+    const __m512 q0 = _mm512_load_ps(qt0 + d * 16);
+    const __m512 q1 = Two ? _mm512_load_ps(qt1 + d * 16) : q0;
+    const __m512 lo = _mm512_loadu_ps(k + d * W), hi = _mm512_loadu_ps(k + d * W + 16);
+#pragma GCC unroll 32
+    for (int o = 0; o < OG; ++o) {
+      const __m512 kv = _mm512_permutex2var_ps(lo, ix[o], hi);
+      acc0[o] = _mm512_fmadd_ps(q0, kv, acc0[o]);
+      if constexpr (Two) acc1[o] = _mm512_fmadd_ps(q1, kv, acc1[o]);
+    }
+  }
+#pragma GCC unroll 32
+  for (int o = 0; o < OG; ++o) {
+    _mm512_store_ps(s0 + o * 16, acc0[o]);
+    if constexpr (Two) _mm512_store_ps(s1 + o * 16, acc1[o]);
+  }
+}
+
+template <int OG, bool Two>
+inline void na_score_exact_dispatch(int n, const float* qt0, const float* qt1, std::int64_t D,
+                                    const float* k, std::int64_t W, const std::int32_t* idx,
+                                    float* s0, float* s1) noexcept {
+  if constexpr (OG > 1) {
+    if (n < OG) {
+      na_score_exact_dispatch<OG - 1, Two>(n, qt0, qt1, D, k, W, idx, s0, s1);
+      return;
+    }
+  }
+  na_score_exact<OG, Two>(qt0, qt1, D, k, W, idx, s0, s1);
+}
+
+}  // namespace detail
+#endif
+
+/// Whether na_score_row_exact runs for (T, Arch): float on AVX-512.
+template <class Arch, class T>
+constexpr bool na_has_exact_border() noexcept {
+#if defined(__AVX512F__)
+  return std::is_same_v<T, float> && detail::Reg<T, Arch>::lanes == 16;
+#else
+  return false;
+#endif
+}
+
+/// Scores of one key row for a border tile in window order: p index i of lane j is the key at
+/// k[idx[i * L + j]] (idx < 2L: the 2L keys from k cover every lane's window), for i < kernel,
+/// into s0 (and s1 when qt1 is not null), as na_score_row does for offsets. Only where
+/// na_has_exact_border().
+template <class Arch, class T>
+void na_score_row_exact(Arch, const T* qt0, const T* qt1, std::int64_t D, const T* k,
+                        std::int64_t W, std::int64_t kernel, const std::int32_t* idx, T* s0,
+                        T* s1) noexcept {
+  static_assert(na_has_exact_border<Arch, T>(), "na_score_row_exact: float on AVX-512 only");
+#if defined(__AVX512F__)
+  constexpr std::int64_t L = 16;
+  constexpr int G = detail::na_pv_queries<T, Arch>;
+  const std::int64_t pad = G - 1;
+  for (T* sr : {s0, s1}) {
+    if (!sr) continue;
+    for (std::int64_t i = 0; i < pad * L; ++i) {
+      sr[i] = T(0);
+      sr[(pad + kernel) * L + i] = T(0);
+    }
+  }
+  // Registers: 2 x OG accumulators (one query row: OG), OG indices, q, two key loads.
+  constexpr int OG2 = 8, OG1 = 12;
+  const int og = qt1 ? OG2 : OG1;
+  const std::int64_t groups = (kernel + og - 1) / og, per = (kernel + groups - 1) / groups;
+  for (std::int64_t o0 = 0; o0 < kernel; o0 += per) {
+    const int n = int(std::min(per, kernel - o0));
+    if (qt1)
+      detail::na_score_exact_dispatch<OG2, true>(n, qt0, qt1, D, k, W, idx + o0 * L,
+                                                 s0 + (pad + o0) * L, s1 + (pad + o0) * L);
+    else
+      detail::na_score_exact_dispatch<OG1, false>(n, qt0, nullptr, D, k, W, idx + o0 * L,
+                                                  s0 + (pad + o0) * L, nullptr);
+  }
+#else
+  (void)qt0, (void)qt1, (void)D, (void)k, (void)W, (void)kernel, (void)idx, (void)s0, (void)s1;
+#endif
+}
+
 /// Softmax of one tile whose scores are in s (key row r at r * na_score_row_stride, filled by
 /// na_score_row), in place: s becomes p = 2^(s - max) per lane (0 outside each lane's window),
 /// l [L] the softmax sums.
@@ -365,21 +469,23 @@ struct NeighborhoodValueRow {
 
 namespace detail {
 
-// o0 / o1 [L][Dp] columns [c, c + NV*L) of lanes j0 .. j0+G-1 = sum over rows, t in [t0, t1) of
-// p(j, t) * v[j + t], for the two query rows at once: each V load serves G lanes of both.
-// Lane j0 + g reads its p at (G - 1) + t - g of each p row (padding and masked offsets read 0).
+// o0 / o1 [L][Dp] columns [c, c + NV*L) of lanes j0 .. j0+G-1 = sum over rows, keys t in
+// [t0, t1) of p(j, t - key0[j]) * v[t], for the two query rows at once: each V load serves G
+// lanes of both. Keys outside a lane's window read 0 (the p rows' padding, or masked scores).
 template <class Arch, class T, int G, int NV>
 inline void na_value_group(const NeighborhoodValueRow<T>* rows, std::int64_t n_rows,
-                           std::int64_t t0, std::int64_t t1, int j0, std::int64_t Dp,
-                           std::int64_t c, T* o0, T* o1) noexcept {
+                           const std::int64_t* key0, std::int64_t t0, std::int64_t t1, int j0,
+                           std::int64_t Dp, std::int64_t c, T* o0, T* o1) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
   typename R::V acc0[G][NV], acc1[G][NV];
   for (int g = 0; g < G; ++g)
     for (int n = 0; n < NV; ++n) acc0[g][n] = acc1[g][n] = R::zero();
-  const std::int64_t at = j0 + (G - 1) * L;  // p index of lane j0 at t = 0
+  // Buffer index of lane j0 + g's p for key x: at[g] + x * L.
+  std::int64_t at[G];
+  for (int g = 0; g < G; ++g) at[g] = (G - 1 - key0[j0 + g]) * L + j0 + g;
   for (std::int64_t r = 0; r < n_rows; ++r) {
-    const T* vr = rows[r].v + j0 * Dp + c;
+    const T* vr = rows[r].v + c;
     const T* p0 = rows[r].p0;
     const T* p1 = rows[r].p1;
     if (p0 && p1) {
@@ -387,8 +493,8 @@ inline void na_value_group(const NeighborhoodValueRow<T>* rows, std::int64_t n_r
         typename R::V vv[NV];
         for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
         for (int g = 0; g < G; ++g) {
-          const auto a = R::splat(p0[at + (t - g) * L + g]);
-          const auto b = R::splat(p1[at + (t - g) * L + g]);
+          const auto a = R::splat(p0[at[g] + t * L]);
+          const auto b = R::splat(p1[at[g] + t * L]);
           for (int n = 0; n < NV; ++n) {
             acc0[g][n] = R::fma(a, vv[n], acc0[g][n]);
             acc1[g][n] = R::fma(b, vv[n], acc1[g][n]);
@@ -402,7 +508,7 @@ inline void na_value_group(const NeighborhoodValueRow<T>* rows, std::int64_t n_r
         typename R::V vv[NV];
         for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
         for (int g = 0; g < G; ++g) {
-          const auto a = R::splat(p[at + (t - g) * L + g]);
+          const auto a = R::splat(p[at[g] + t * L]);
           for (int n = 0; n < NV; ++n) acc[g][n] = R::fma(a, vv[n], acc[g][n]);
         }
       }
@@ -430,14 +536,14 @@ void na_value(Arch, const NeighborhoodTile<T>& t, const NeighborhoodValueRow<T>*
   constexpr int NV = detail::na_pv_regs<T, Arch>;
   static_assert(L % G == 0);
   for (int j0 = 0; j0 < int(L); j0 += G) {
-    const std::int64_t t0 = t.masked ? std::int64_t(t.first[j0]) : 0;
-    const std::int64_t t1 =
-        t.masked ? std::int64_t(t.first[j0 + G - 1]) + G - 1 + t.kernel : t.n_offsets + G - 1;
+    // The union of the G lanes' windows (their starts never decrease along the lanes).
+    const std::int64_t t0 = t.key0[j0] + t.lo[j0];
+    const std::int64_t t1 = t.key0[j0 + G - 1] + t.lo[j0 + G - 1] + t.kernel;
     std::int64_t c = 0;
     for (; c + NV * L <= Dp; c += NV * L)
-      detail::na_value_group<Arch, T, G, NV>(rows, n_rows, t0, t1, j0, Dp, c, o0, o1);
+      detail::na_value_group<Arch, T, G, NV>(rows, n_rows, t.key0, t0, t1, j0, Dp, c, o0, o1);
     for (; c < Dp; c += L)
-      detail::na_value_group<Arch, T, G, 1>(rows, n_rows, t0, t1, j0, Dp, c, o0, o1);
+      detail::na_value_group<Arch, T, G, 1>(rows, n_rows, t.key0, t0, t1, j0, Dp, c, o0, o1);
   }
 }
 
