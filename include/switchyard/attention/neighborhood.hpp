@@ -20,8 +20,9 @@
 // every axis and have no key lengths run instead on tiles of L adjacent queries along the last
 // axis, one per SIMD lane, two query rows along the axis before it at a time (they share all key
 // rows but one, and each key load serves both); keys are packed per row of a dilation group
-// with zero padding around it, into a buffer the calling thread keeps between calls (about 1.5
-// to 2.5 times the size of K and V). Scalar Arch and 1D use the tile executor.
+// with zero padding around it, into per-thread buffers kept between calls: one KV head's, packed
+// and used right away, when every thread has a (batch, KV head) of its own; else every head's
+// (about 1.5 to 2.5 times the size of K and V). Scalar Arch and 1D use the tile executor.
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -282,7 +283,8 @@ class NeighborhoodAttention {
   }
 
   // The row kernel over all (b, h): tiles of L adjacent queries along the last axis of one
-  // dilation group's row, a fixed partition of (b, h, block of tiles).
+  // dilation group's row, two rows at a time, in a fixed partition (per (b, kv head), or per
+  // (b, h, block of tiles)), so results do not depend on the thread count.
   void forward_rows(const neighborhood_detail::Grid<Rank>& grid,
                     const kernels::SparseAttentionArgs<T>& a) const {
     if constexpr (!simd::is_scalar_v<Arch>) {
