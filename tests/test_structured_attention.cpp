@@ -562,34 +562,21 @@ TEMPLATE_TEST_CASE("neighborhood row kernel matches the reference on every arch"
 
 TEST_CASE("neighborhood row kernel is bit-identical for any thread count and schedule",
           "[neighborhood][threads]") {
-  const auto q = inputs<float>({2, 11 * 40, 4, 32}, 96);
-  const auto k = inputs<float>({2, 11 * 40, 2, 32}, 97);
   const NeighborhoodAttention<2, float> na(
       {.axes = {NeighborhoodAxis{5, 2, 1, false}, NeighborhoodAxis{9, 1, 1, false}}});
-  core::Tensor<float> one, two;
-  {
-    ScopedNumThreads t(1);
-    one = na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
-  }
-  {
-    ScopedNumThreads t(2);
-    two = na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
-  }
-  CHECK(same_bits(one, two));
+  const auto forward = [&](int threads, const core::Tensor<float>& q,
+                           const core::Tensor<float>& k) {
+    ScopedNumThreads t(threads);
+    return na.forward({11, 40}, q.view<4>(), k.view<4>(), k.view<4>());
+  };
+  const auto q = inputs<float>({2, 11 * 40, 4, 32}, 96);
+  const auto k = inputs<float>({2, 11 * 40, 2, 32}, 97);
+  CHECK(same_bits(forward(1, q, k), forward(2, q, k)));
   // More threads than (b, kv head) pairs (here 2): every head is packed first and the tiles
   // are split across threads, the other schedule; 1 thread packs and runs one kv head per task.
   const auto q1 = inputs<float>({1, 11 * 40, 4, 32}, 98);
   const auto k1 = inputs<float>({1, 11 * 40, 2, 32}, 99);
-  core::Tensor<float> per_head, all_heads;
-  {
-    ScopedNumThreads t(1);
-    per_head = na.forward({11, 40}, q1.view<4>(), k1.view<4>(), k1.view<4>());
-  }
-  {
-    ScopedNumThreads t(3);
-    all_heads = na.forward({11, 40}, q1.view<4>(), k1.view<4>(), k1.view<4>());
-  }
-  CHECK(same_bits(per_head, all_heads));
+  CHECK(same_bits(forward(1, q1, k1), forward(3, q1, k1)));
 }
 
 TEST_CASE("neighborhood errors name the layer, argument and shapes", "[neighborhood][errors]") {
