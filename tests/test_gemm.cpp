@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/gemm_bf16.hpp"
 #include "switchyard/core/half.hpp"
 #include "switchyard/core/linear.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -534,4 +535,186 @@ TEST_CASE("core::linear errors name linear, the argument and both shapes",
                    ConstView<float, 2>(w.data(), {10, 6}),
                    View<float, 2>(y.data(), {std::int64_t(1) << 40, 10}, {0, 0})),
       Catch::Contains("core::linear"));
+}
+
+// ---- bf16 operands, float accumulation (core/gemm_bf16.hpp) ------------------------------
+// Reference: the same bf16 values widened exactly, summed in double. Every product of two
+// bf16 is exact in float, so the only errors are float additions: |C - C_ref| <=
+// (K + 1) * 2^-24 * (sum_p |a_ip b_pj| + |beta c_ij|) for normal data.
+
+namespace {
+
+std::vector<core::Bf16Path> bf16_paths_here() {
+  std::vector<core::Bf16Path> paths;
+  for (auto p : {core::Bf16Path::amx, core::Bf16Path::avx512_bf16, core::Bf16Path::widen}) {
+    if (core::bf16_path_available(p)) {
+      paths.push_back(p);
+    } else {
+      WARN("gemm_bf16 path " << core::bf16_path_name(p) << " skipped: not in this build or CPU");
+    }
+  }
+  return paths;
+}
+
+struct Bf16Case {
+  std::int64_t m, n, k;
+  core::Trans ta, tb;
+};
+
+// op(A) [m, k] and op(B) [k, n] stored as the case says, random bf16 in [-2, 2].
+struct Bf16Operands {
+  std::vector<bf16> a, b;
+  Bf16Case cs;
+  explicit Bf16Operands(const Bf16Case& c, std::uint32_t seed) : cs(c) {
+    std::mt19937 gen(seed);
+    std::uniform_real_distribution<float> ud(-2.0f, 2.0f);
+    a.resize(std::size_t(c.m * c.k));
+    b.resize(std::size_t(c.k * c.n));
+    for (auto& x : a) x = bf16::from_float(ud(gen));
+    for (auto& x : b) x = bf16::from_float(ud(gen));
+  }
+  ConstView<bf16, 2> av() const {
+    return cs.ta == core::Trans::no ? ConstView<bf16, 2>(a.data(), {cs.m, cs.k})
+                                    : ConstView<bf16, 2>(a.data(), {cs.k, cs.m});
+  }
+  ConstView<bf16, 2> bv() const {
+    return cs.tb == core::Trans::no ? ConstView<bf16, 2>(b.data(), {cs.k, cs.n})
+                                    : ConstView<bf16, 2>(b.data(), {cs.n, cs.k});
+  }
+  double opa(std::int64_t i, std::int64_t p) const {
+    return to_float(cs.ta == core::Trans::no ? a[std::size_t(i * cs.k + p)]
+                                             : a[std::size_t(p * cs.m + i)]);
+  }
+  double opb(std::int64_t p, std::int64_t j) const {
+    return to_float(cs.tb == core::Trans::no ? b[std::size_t(p * cs.n + j)]
+                                             : b[std::size_t(j * cs.k + p)]);
+  }
+};
+
+// Checks c against beta * c0 + op(A) op(B) within the float-accumulation bound.
+void check_bf16_result(const Bf16Operands& in, const std::vector<float>& c0, float beta,
+                       const std::vector<float>& c) {
+  const Bf16Case& cs = in.cs;
+  const double u = std::ldexp(1.0, -24);
+  std::int64_t bad = 0;
+  for (std::int64_t i = 0; i < cs.m; ++i)
+    for (std::int64_t j = 0; j < cs.n; ++j) {
+      const double old = beta == 0.0f ? 0.0 : double(beta) * c0[std::size_t(i * cs.n + j)];
+      double ref = old, mag = std::fabs(old);
+      for (std::int64_t p = 0; p < cs.k; ++p) {
+        const double t = in.opa(i, p) * in.opb(p, j);
+        ref += t;
+        mag += std::fabs(t);
+      }
+      const double err = std::fabs(double(c[std::size_t(i * cs.n + j)]) - ref);
+      if (!(err <= double(cs.k + 1) * u * mag + 1e-30)) ++bad;
+    }
+  CHECK(bad == 0);
+}
+
+}  // namespace
+
+TEST_CASE("gemm_bf16 matches a double reference on every available path", "[gemm][bf16]") {
+  using core::Trans;
+  const Bf16Case cases[] = {
+      {1, 1, 1, Trans::no, Trans::no},       {32, 32, 32, Trans::no, Trans::no},
+      {33, 31, 65, Trans::no, Trans::yes},   {100, 70, 77, Trans::yes, Trans::no},
+      {65, 33, 600, Trans::yes, Trans::yes}, {7, 600, 33, Trans::no, Trans::yes},
+      {300, 40, 530, Trans::no, Trans::no},  // one past the k block and the row block
+  };
+  for (core::Bf16Path path : bf16_paths_here()) {
+    for (const Bf16Case& cs : cases) {
+      for (float beta : {0.0f, 0.5f}) {
+        INFO("path " << core::bf16_path_name(path) << " m " << cs.m << " n " << cs.n << " k "
+                     << cs.k << " ta " << int(cs.ta) << " tb " << int(cs.tb) << " beta " << beta);
+        const Bf16Operands in(cs, std::uint32_t(cs.m * 7 + cs.n * 3 + cs.k));
+        std::vector<float> c0(std::size_t(cs.m * cs.n));
+        for (std::size_t i = 0; i < c0.size(); ++i)
+          c0[i] = beta == 0.0f ? std::numeric_limits<float>::quiet_NaN() : float(i % 7) - 3.0f;
+        std::vector<float> c = c0;
+        core::gemm_bf16(in.av(), cs.ta, in.bv(), cs.tb, View<float, 2>(c.data(), {cs.m, cs.n}),
+                        beta, path);
+        check_bf16_result(in, c0, beta, c);
+      }
+    }
+  }
+}
+
+TEST_CASE("gemm_bf16: a hand-worked 2x2 product and K = 0", "[gemm][bf16]") {
+  // [1 2; 3 4] x [0.5 -1; 0.25 2] = [1 3; 2.5 5]: every value exact in bf16 and float.
+  const std::vector<bf16> a = {bf16::from_float(1), bf16::from_float(2), bf16::from_float(3),
+                               bf16::from_float(4)};
+  const std::vector<bf16> b = {bf16::from_float(0.5f), bf16::from_float(-1),
+                               bf16::from_float(0.25f), bf16::from_float(2)};
+  for (core::Bf16Path path : bf16_paths_here()) {
+    INFO("path " << core::bf16_path_name(path));
+    std::vector<float> c = {10, 20, 30, 40};
+    core::gemm_bf16(ConstView<bf16, 2>(a.data(), {2, 2}), core::Trans::no,
+                    ConstView<bf16, 2>(b.data(), {2, 2}), core::Trans::no,
+                    View<float, 2>(c.data(), {2, 2}), 1.0f, path);
+    CHECK(c == std::vector<float>{11, 23, 32.5f, 45});
+    // K = 0: C = beta C, and beta = 0 clears NaN.
+    std::vector<float> d = {1, std::numeric_limits<float>::quiet_NaN()};
+    core::gemm_bf16(ConstView<bf16, 2>(a.data(), {1, 0}), core::Trans::no,
+                    ConstView<bf16, 2>(b.data(), {0, 2}), core::Trans::no,
+                    View<float, 2>(d.data(), {1, 2}), 0.0f, path);
+    CHECK(d == std::vector<float>{0, 0});
+  }
+}
+
+TEST_CASE("gemm_bf16 gives the same bits for 1 and 2 threads and a strided C", "[gemm][bf16]") {
+  const Bf16Case cs{300, 600, 200, core::Trans::no, core::Trans::yes};
+  const Bf16Operands in(cs, 11);
+  for (core::Bf16Path path : bf16_paths_here()) {
+    INFO("path " << core::bf16_path_name(path));
+    std::vector<float> c1(std::size_t(cs.m * cs.n)), c2 = c1;
+    std::vector<float> ct(std::size_t(cs.m * cs.n));  // C as the transpose of a [n, m] buffer
+    {
+      ScopedNumThreads one(1);
+      core::gemm_bf16(in.av(), cs.ta, in.bv(), cs.tb, View<float, 2>(c1.data(), {cs.m, cs.n}), 0.0f,
+                      path);
+    }
+    {
+      ScopedNumThreads two(2);
+      core::gemm_bf16(in.av(), cs.ta, in.bv(), cs.tb, View<float, 2>(c2.data(), {cs.m, cs.n}), 0.0f,
+                      path);
+      core::gemm_bf16(in.av(), cs.ta, in.bv(), cs.tb,
+                      View<float, 2>(ct.data(), {cs.m, cs.n}, {1, cs.m}), 0.0f, path);
+    }
+    CHECK(std::memcmp(c1.data(), c2.data(), c1.size() * sizeof(float)) == 0);
+    std::int64_t differ = 0;
+    for (std::int64_t i = 0; i < cs.m; ++i)
+      for (std::int64_t j = 0; j < cs.n; ++j)
+        differ += ct[std::size_t(j * cs.m + i)] != c1[std::size_t(i * cs.n + j)];
+    CHECK(differ == 0);
+    check_bf16_result(in, c1, 0.0f, c1);
+  }
+}
+
+TEST_CASE("gemm_bf16 errors name gemm_bf16, the argument and the shapes", "[gemm][bf16][errors]") {
+  std::vector<bf16> a(6), b(6);
+  std::vector<float> c(4);
+  const ConstView<bf16, 2> a23(a.data(), {2, 3}), b32(b.data(), {3, 2}), b23(b.data(), {2, 3});
+  const View<float, 2> c22(c.data(), {2, 2});
+  CHECK_THROWS_WITH(core::gemm_bf16(a23, core::Trans::no, b23, core::Trans::no, c22),
+                    Catch::Contains("gemm_bf16") && Catch::Contains("'b'") &&
+                        Catch::Contains("inner dimensions differ"));
+  CHECK_THROWS_AS(
+      core::gemm_bf16(a23, core::Trans::no, b32, core::Trans::no, View<float, 2>(c.data(), {2, 1})),
+      shape_error);
+  CHECK_THROWS_WITH(core::gemm_bf16(a23, core::Trans::no, b32, core::Trans::no, c22,
+                                    std::numeric_limits<float>::quiet_NaN()),
+                    Catch::Contains("gemm_bf16") && Catch::Contains("beta"));
+  // C sharing memory with A.
+  std::vector<float> shared(8);
+  const ConstView<bf16, 2> a_in_c(reinterpret_cast<const bf16*>(shared.data()), {2, 3});
+  CHECK_THROWS_WITH(core::gemm_bf16(a_in_c, core::Trans::no, b32, core::Trans::no,
+                                    View<float, 2>(shared.data(), {2, 2})),
+                    Catch::Contains("gemm_bf16") && Catch::Contains("'c'"));
+  for (auto p : {core::Bf16Path::amx, core::Bf16Path::avx512_bf16}) {
+    if (core::bf16_path_available(p)) continue;
+    CHECK_THROWS_WITH(core::gemm_bf16(a23, core::Trans::no, b32, core::Trans::no, c22, 0.0f, p),
+                      Catch::Contains("gemm_bf16") && Catch::Contains("'path'") &&
+                          Catch::Contains(core::bf16_path_name(p)));
+  }
 }

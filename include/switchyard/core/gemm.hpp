@@ -43,9 +43,10 @@ inline std::string op_shape(std::int64_t r, std::int64_t c, const char* rn, cons
 }
 
 /// Validates shapes and returns {M, N, K}; throws shape_error naming gemm and the argument.
-template <class T>
+/// T: the operands' element type; C: the result's (float for bf16 operands).
+template <class T, class C = T>
 std::array<std::int64_t, 3> gemm_check(std::string_view fn, const ConstView<T, 2>& a, Trans ta,
-                                       const ConstView<T, 2>& b, Trans tb, const View<T, 2>& c) {
+                                       const ConstView<T, 2>& b, Trans tb, const View<C, 2>& c) {
   check_shape("core", fn, "a", a, {"rows", "cols"}, {-1, -1});
   check_shape("core", fn, "b", b, {"rows", "cols"}, {-1, -1});
   const std::int64_t m = ta == Trans::no ? a.extent(0) : a.extent(1);
@@ -67,7 +68,7 @@ std::array<std::int64_t, 3> gemm_check(std::string_view fn, const ConstView<T, 2
   // that exist.
   switchyard::detail::checked_size("core", fn, "a", {m, k}, sizeof(T));
   switchyard::detail::checked_size("core", fn, "b", {k, n}, sizeof(T));
-  switchyard::detail::checked_size("core", fn, "c", {m, n}, sizeof(T));
+  switchyard::detail::checked_size("core", fn, "c", {m, n}, sizeof(C));
   check_no_alias("core", fn, "c", c, "a", a, "C is written while A is still read");
   check_no_alias("core", fn, "c", c, "b", b, "C is written while B is still read");
   return {m, n, k};
