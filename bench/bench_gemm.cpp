@@ -12,6 +12,7 @@
 
 #include "support/peak.hpp"
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/gemm_bf16.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 
@@ -90,15 +91,45 @@ void BM_OpenBLAS(benchmark::State& state) {
 }
 #endif
 
+// bf16 operands (the same random values rounded), float C, through one gemm_bf16 path; B is
+// nn.Linear's [N, K] layout. %peak is of the fp32 FMA peak, so it reads as "times fp32".
+void BM_OursBf16(benchmark::State& state, core::Bf16Path path) {
+  const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  if (!core::bf16_path_available(path)) {
+    state.SkipWithError("path not in this build or CPU");
+    return;
+  }
+  std::vector<bf16> a(std::size_t(m * k)), b(std::size_t(n * k));
+  std::mt19937 gen(7);
+  std::uniform_real_distribution<float> ud(-1.0f, 1.0f);
+  for (auto* x : {&a, &b})
+    for (auto& e : *x) e = bf16::from_float(ud(gen));
+  Tensor<float> c({m, n});
+  ScopedNumThreads one(1);  // single-thread, like the other rows
+  const double t0 = switchyard_bench::detail::thread_seconds();
+  for (auto _ : state) {
+    core::gemm_bf16(ConstView<bf16, 2>(a.data(), {m, k}), core::Trans::no,
+                    ConstView<bf16, 2>(b.data(), {n, k}), core::Trans::yes, c.view<2>(), 0.0f,
+                    path);
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, m, n, k, switchyard_bench::detail::thread_seconds() - t0);
+  state.SetLabel(core::bf16_path_name(path));
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"M", "N", "K"});
   for (std::int64_t s : {256, 512, 1024}) b->Args({s, s, s});
   b->Args({512, 2816, 1024});  // MoE expert up-projection (tokens x d_ff x d_model)
   b->Args({512, 1024, 2816});  // and its down-projection
+  b->Args({4096, 4096, 4096});
   b->Unit(benchmark::kMillisecond);
 }
 
 BENCHMARK(BM_Ours)->Apply(shapes);
+BENCHMARK_CAPTURE(BM_OursBf16, amx, core::Bf16Path::amx)->Apply(shapes);
+BENCHMARK_CAPTURE(BM_OursBf16, avx512_bf16, core::Bf16Path::avx512_bf16)->Apply(shapes);
+BENCHMARK_CAPTURE(BM_OursBf16, widen, core::Bf16Path::widen)->Apply(shapes);
 BENCHMARK(BM_Eigen)->Apply(shapes);
 #if SWITCHYARD_BENCH_HAVE_BLAS
 BENCHMARK(BM_OpenBLAS)->Apply(shapes);

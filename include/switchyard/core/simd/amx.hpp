@@ -62,6 +62,9 @@ class AmxTileScope {
       cfg.bytes_per_row[t] = 64;
       cfg.rows[t] = 16;
     }
+    // gcc 12 does not see LDTILECFG read its operand and drops the stores above as dead
+    // (the tiles then fault): the empty asm takes the address and clobbers memory.
+    asm volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
   }
   ~AmxTileScope() { _tile_release(); }
