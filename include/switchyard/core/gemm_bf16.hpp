@@ -13,6 +13,7 @@
 #include <array>
 #include <cstdint>
 #include <memory>
+#include <new>
 #include <string>
 #include <vector>
 
@@ -68,6 +69,11 @@ inline constexpr std::int64_t bf16_mc = 256;
 inline constexpr std::int64_t bf16_nc_task = 512;
 inline constexpr std::int64_t bf16_b_block_bytes = std::int64_t(32) << 20;
 
+/// Frees storage from ::operator new(bytes, align_val_t{64}).
+struct AlignedFree {
+  void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{64}); }
+};
+
 /// One 32 x 32 block of sums (row-major, contiguous) through `path`'s kernel.
 inline void bf16_block(Bf16Path path, std::int64_t steps, const bf16* ap, const bf16* bp,
                        float* acc, bool accumulate) noexcept {
@@ -96,7 +102,11 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
   const std::int64_t nc_fit = bf16_b_block_bytes / (steps_k * S * std::int64_t(sizeof(bf16)));
   const std::int64_t nc_max =
       std::min(round_up(n, B), std::max(bf16_nc_task, nc_fit / bf16_nc_task * bf16_nc_task));
-  std::unique_ptr<bf16[]> bpack(new bf16[std::size_t(round_up(nc_max, B) * steps_k * S)]);
+  // 64-byte aligned (a tile row that straddles two cache lines halves the tiles' feed rate),
+  // and not zeroed: packing writes every element.
+  const std::unique_ptr<bf16, AlignedFree> bpack_storage(static_cast<bf16*>(::operator new(
+      std::size_t(round_up(nc_max, B) * steps_k * S) * sizeof(bf16), std::align_val_t{64})));
+  bf16* const bpack = bpack_storage.get();
   for (std::int64_t j0 = 0; j0 < n; j0 += nc_max) {
     const std::int64_t nc = std::min(nc_max, n - j0);
     const std::int64_t panels = num_chunks(nc, B);
@@ -104,7 +114,7 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
     parallel_for(num_chunks(panels, 8), [&](std::int64_t t) {
       const std::int64_t q0 = t * 8 * B, qn = std::min(8 * B, nc - q0);
       kernels::pack_bf16_b(b + (j0 + q0) * csb, rsb, csb, k, qn, steps_k,
-                           bpack.get() + (q0 / B) * steps_k * kernels::bf16_panel_step);
+                           bpack + (q0 / B) * steps_k * kernels::bf16_panel_step);
     });
     // Tasks: row blocks, split into column groups only where there are fewer row blocks
     // than two per thread. A task packs its rows of A once, for all of k, and runs its
@@ -116,8 +126,8 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
     parallel_for(blocks_m * groups, [&](std::int64_t t) {
       const std::int64_t i0 = (t / groups) * bf16_mc, mc = std::min(bf16_mc, m - i0);
       const std::int64_t bm = num_chunks(mc, B);
-      thread_local std::vector<bf16> apack;
-      thread_local std::vector<float> acc;
+      thread_local std::vector<bf16, xsimd::aligned_allocator<bf16, 64>> apack;
+      thread_local std::vector<float, xsimd::aligned_allocator<float, 64>> acc;
       apack.resize(std::size_t(bm * steps_k * kernels::bf16_panel_step));
       acc.resize(std::size_t(bf16_mc * bf16_nc_task));
       kernels::pack_bf16_a(a + i0 * rsa, rsa, csa, mc, k, steps_k, apack.data());
@@ -138,7 +148,7 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
               for (std::int64_t ib = 0; ib < bm; ++ib)
                 bf16_block(
                     path, steps, apack.data() + (ib * steps_k + p0 / S) * kernels::bf16_panel_step,
-                    bpack.get() + ((jt / B + jb) * steps_k + p0 / S) * kernels::bf16_panel_step,
+                    bpack + ((jt / B + jb) * steps_k + p0 / S) * kernels::bf16_panel_step,
                     acc.data() + (ib * bn + jb) * B * B, p0 > 0);
           }
         }
