@@ -88,10 +88,64 @@ inline void bf16_block(Bf16Path path, std::int64_t steps, const bf16* ap, const 
   (void)path, (void)steps, (void)ap, (void)bp, (void)acc, (void)accumulate;
 }
 
-/// The AMX / AVX512-BF16 loop nest (shapes already checked, m, n, k > 0). B is packed for all
-/// of k, a column block at a time (at most ~32 MiB), and shared by every task; each task owns a
-/// [256, 512] region of C and runs every k block over it in turn, so the region stays in L2
-/// between k blocks instead of streaming C from memory once per k block.
+}  // namespace detail
+
+/// bf16 values gemm_bf16_packed's operands take: op(A) [m, k] as kernels::pack_bf16_a leaves
+/// it, op(B) [k, n] as kernels::pack_bf16_b leaves it (both zero-padded to 32).
+constexpr std::int64_t bf16_packed_a_size(std::int64_t m, std::int64_t k) noexcept {
+  return round_up(m, kernels::bf16_block) * round_up(k, kernels::bf16_step);
+}
+constexpr std::int64_t bf16_packed_b_size(std::int64_t k, std::int64_t n) noexcept {
+  return round_up(n, kernels::bf16_block) * round_up(k, kernels::bf16_step);
+}
+
+/// C [m, n] (strides rsc, csc) = A B + beta C from packed operands (steps = ceil(k / 32) each),
+/// on the calling thread, through `path` (amx or avx512_bf16, available). 32 x 32 blocks of
+/// sums are kept contiguous in a per-thread buffer (tile loads and stores stay in L1 / L2
+/// whatever C's leading dimension) and written once, one rounding with beta C; C's old values
+/// are not read when beta is 0. Blocks: 256 rows x 512 columns, k in blocks of 256.
+inline void gemm_bf16_packed(Bf16Path path, std::int64_t m, std::int64_t n, std::int64_t k,
+                             const bf16* ap, const bf16* bp, float* c, std::int64_t rsc,
+                             std::int64_t csc, float beta) {
+  constexpr std::int64_t B = kernels::bf16_block, S = kernels::bf16_step;
+  constexpr std::int64_t P = kernels::bf16_panel_step;
+  const std::int64_t steps_k = num_chunks(k, S);
+  thread_local std::vector<float, xsimd::aligned_allocator<float, 64>> acc;
+  acc.resize(std::size_t(detail::bf16_mc * detail::bf16_nc_task));
+#if SWITCHYARD_HAS_AMX
+  std::unique_ptr<simd::AmxTileScope> tiles;
+  if (path == Bf16Path::amx) tiles = std::make_unique<simd::AmxTileScope>();
+#endif
+  for (std::int64_t i0 = 0; i0 < m; i0 += detail::bf16_mc) {
+    const std::int64_t mc = std::min(detail::bf16_mc, m - i0), bm = num_chunks(mc, B);
+    for (std::int64_t j0 = 0; j0 < n; j0 += detail::bf16_nc_task) {
+      const std::int64_t nt = std::min(detail::bf16_nc_task, n - j0), bn = num_chunks(nt, B);
+      for (std::int64_t p0 = 0; p0 < k; p0 += detail::bf16_kc) {
+        const std::int64_t steps = num_chunks(std::min(detail::bf16_kc, k - p0), S);
+        for (std::int64_t jb = 0; jb < bn; ++jb)
+          for (std::int64_t ib = 0; ib < bm; ++ib)
+            detail::bf16_block(path, steps, ap + ((i0 / B + ib) * steps_k + p0 / S) * P,
+                               bp + ((j0 / B + jb) * steps_k + p0 / S) * P,
+                               acc.data() + (ib * bn + jb) * B * B, p0 > 0);
+      }
+      for (std::int64_t i = 0; i < mc; ++i) {
+        float* crow = c + (i0 + i) * rsc + j0 * csc;
+        const float* arow = acc.data() + (i / B) * bn * B * B + (i % B) * B;
+        for (std::int64_t j = 0; j < nt; ++j) {
+          const float sum = arow[(j / B) * B * B + j % B];
+          crow[j * csc] = beta == 0.0f ? sum : sum + beta * crow[j * csc];
+        }
+      }
+    }
+  }
+}
+
+namespace detail {
+
+/// The AMX / AVX512-BF16 path of gemm_bf16 (shapes already checked, m, n, k > 0). B is packed
+/// for all of k, a column block at a time (at most ~32 MiB), and shared by every task; a task
+/// packs its 256 rows of A once, for all of k, and runs gemm_bf16_packed over its columns, so
+/// each [256, 512] region of sums stays in L2 across the k blocks.
 inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std::int64_t csa,
                             const bf16* b, std::int64_t rsb, std::int64_t csb, float* c,
                             std::int64_t rsc, std::int64_t csc, std::int64_t m, std::int64_t n,
@@ -117,51 +171,24 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
                            bpack + (q0 / B) * steps_k * kernels::bf16_panel_step);
     });
     // Tasks: row blocks, split into column groups only where there are fewer row blocks
-    // than two per thread. A task packs its rows of A once, for all of k, and runs its
-    // column slices one after the other.
+    // than two per thread.
     const std::int64_t blocks_m = num_chunks(m, bf16_mc), slices = num_chunks(nc, bf16_nc_task);
     const std::int64_t groups =
         std::clamp<std::int64_t>(num_chunks(2 * num_threads(), blocks_m), 1, slices);
     const std::int64_t per_group = num_chunks(slices, groups);
     parallel_for(blocks_m * groups, [&](std::int64_t t) {
       const std::int64_t i0 = (t / groups) * bf16_mc, mc = std::min(bf16_mc, m - i0);
-      const std::int64_t bm = num_chunks(mc, B);
+      const std::int64_t s0 = (t % groups) * per_group;
+      const std::int64_t s_end = std::min(slices, s0 + per_group);
+      if (s0 >= s_end) return;
       thread_local std::vector<bf16, xsimd::aligned_allocator<bf16, 64>> apack;
-      thread_local std::vector<float, xsimd::aligned_allocator<float, 64>> acc;
-      apack.resize(std::size_t(bm * steps_k * kernels::bf16_panel_step));
-      acc.resize(std::size_t(bf16_mc * bf16_nc_task));
-      kernels::pack_bf16_a(a + i0 * rsa, rsa, csa, mc, k, steps_k, apack.data());
-      const std::int64_t s_end = std::min(slices, (t % groups + 1) * per_group);
-      for (std::int64_t slice = (t % groups) * per_group; slice < s_end; ++slice) {
-        const std::int64_t jt = slice * bf16_nc_task, nt = std::min(bf16_nc_task, nc - jt);
-        // The slice's sums, block by block (32 x 32 contiguous floats): tile loads and
-        // stores stay in L1 / L2 whatever C's leading dimension.
-        const std::int64_t bn = num_chunks(nt, B);
-        {
-#if SWITCHYARD_HAS_AMX
-          std::unique_ptr<simd::AmxTileScope> tiles;
-          if (path == Bf16Path::amx) tiles = std::make_unique<simd::AmxTileScope>();
-#endif
-          for (std::int64_t p0 = 0; p0 < k; p0 += bf16_kc) {
-            const std::int64_t steps = num_chunks(std::min(bf16_kc, k - p0), S);
-            for (std::int64_t jb = 0; jb < bn; ++jb)
-              for (std::int64_t ib = 0; ib < bm; ++ib)
-                bf16_block(
-                    path, steps, apack.data() + (ib * steps_k + p0 / S) * kernels::bf16_panel_step,
-                    bpack + ((jt / B + jb) * steps_k + p0 / S) * kernels::bf16_panel_step,
-                    acc.data() + (ib * bn + jb) * B * B, p0 > 0);
-          }
-        }
-        // C = sums + beta C, one rounding; C's old values are not read when beta is 0.
-        for (std::int64_t i = 0; i < mc; ++i) {
-          float* crow = c + (i0 + i) * rsc + (j0 + jt) * csc;
-          const float* arow = acc.data() + (i / B) * bn * B * B + (i % B) * B;
-          for (std::int64_t j = 0; j < nt; ++j) {
-            const float sum = arow[(j / B) * B * B + j % B];
-            crow[j * csc] = beta == 0.0f ? sum : sum + beta * crow[j * csc];
-          }
-        }
-      }
+      apack.resize(std::size_t(bf16_packed_a_size(mc, k)));
+      kernels::pack_bf16_a(a + i0 * rsa, rsa, csa, nullptr, mc, k, steps_k, apack.data());
+      const std::int64_t jt = s0 * bf16_nc_task;
+      const std::int64_t nt = std::min(s_end * bf16_nc_task, nc) - jt;
+      gemm_bf16_packed(path, mc, nt, k, apack.data(),
+                       bpack + (jt / B) * steps_k * kernels::bf16_panel_step,
+                       c + i0 * rsc + (j0 + jt) * csc, rsc, csc, beta);
     });
   }
 }

@@ -13,6 +13,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/half.hpp"
@@ -38,27 +39,33 @@ inline constexpr bool avx512_bf16_compiled =
     false;
 #endif
 
-/// Packs op(A)(i, p) = a[i * rsa + p * csa], i < m, p < k, into panels of 32 rows by `steps`
-/// steps of 32 (zeros past m and k): panel i / 32 at dst + (i / 32) * steps * 1024.
-inline void pack_bf16_a(const bf16* a, std::int64_t rsa, std::int64_t csa, std::int64_t m,
-                        std::int64_t k, std::int64_t steps, bf16* dst) noexcept {
+/// Packs op(A)(i, p) = a[r(i) * rsa + p * csa], i < m, p < k, r(i) = rows ? rows[i] : i (a
+/// token gather), into panels of 32 rows by `steps` steps of 32 (zeros past m and k): panel
+/// i / 32 at dst + (i / 32) * steps * 1024. S: bf16 (copied) or float (rounded to the nearest
+/// bf16, ties to even, as bf16::from_float).
+template <class S>
+void pack_bf16_a(const S* a, std::int64_t rsa, std::int64_t csa, const std::int32_t* rows,
+                 std::int64_t m, std::int64_t k, std::int64_t steps, bf16* dst) noexcept {
+  static_assert(std::is_same_v<S, bf16> || std::is_same_v<S, float>);
   for (std::int64_t i0 = 0; i0 < m; i0 += bf16_block) {
     bf16* panel = dst + (i0 / bf16_block) * steps * bf16_panel_step;
-    for (std::int64_t s = 0; s < steps; ++s) {
-      const std::int64_t p0 = s * bf16_step, kn = std::clamp<std::int64_t>(k - p0, 0, bf16_step);
-      for (std::int64_t r = 0; r < bf16_block; ++r) {
+    for (std::int64_t r = 0; r < bf16_block; ++r) {
+      const std::int64_t i = i0 + r;
+      const S* src = i < m ? a + (rows ? std::int64_t(rows[i]) : i) * rsa : nullptr;
+      for (std::int64_t s = 0; s < steps; ++s) {
         // Row r of the panel: tile r / 16, row r % 16.
         bf16* out = panel + s * bf16_panel_step + (r / 16) * 512 + (r % 16) * bf16_step;
-        const std::int64_t i = i0 + r;
+        const std::int64_t p0 = s * bf16_step;
+        const std::int64_t kn = src ? std::clamp<std::int64_t>(k - p0, 0, bf16_step) : 0;
         std::int64_t p = 0;
-        if (i < m) {
-          const bf16* src = a + i * rsa + p0 * csa;
+        if constexpr (std::is_same_v<S, bf16>) {
           if (csa == 1) {
-            std::memcpy(out, src, std::size_t(kn) * sizeof(bf16));
+            std::memcpy(out, src + p0, std::size_t(kn) * sizeof(bf16));
             p = kn;
-          } else {
-            for (; p < kn; ++p) out[p] = src[p * csa];
           }
+          for (; p < kn; ++p) out[p] = src[(p0 + p) * csa];
+        } else {
+          for (; p < kn; ++p) out[p] = bf16::from_float(src[(p0 + p) * csa]);
         }
         for (; p < bf16_step; ++p) out[p] = bf16{};
       }
