@@ -19,6 +19,7 @@
 
 #include "support/peak.hpp"
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/gemm_bf16.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/layer.hpp"
@@ -116,6 +117,80 @@ void BM_MoELayerVsDense(benchmark::State& state) {
 }
 
 BENCHMARK(BM_MoELayerVsDense)
+    ->ArgNames({"T", "E", "K", "F"})
+    ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
+    ->Args({4096, 8, 2, 2816})  // Mixtral-like
+    ->Args({4096, 64, 8, 512})  // OLMoE-like
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+
+// bf16 experts (the same random weights rounded) on one thread, interleaved in one run: the
+// float layer on float weights, the float layer on bf16 weights (widened while packing), and
+// the layer with bf16_compute (bf16 operands through gemm_bf16_packed: AMX or AVX512-BF16).
+// Counters: GFLOP/s of each (active flops 2 * nnz * d * F * 3), speedup = float weights' time /
+// bf16_compute's time, %peak_fp32 of bf16_compute. Skipped where no bf16 tile path exists.
+// Names end in /T/E/K/F.
+void BM_MoELayerBf16(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  const std::int64_t f = state.range(3), d = 1024;
+  if (core::bf16_best_path() == core::Bf16Path::widen) {
+    state.SkipWithError("no bf16 tile path (AMX or AVX512-BF16) in this build and CPU");
+    return;
+  }
+  ScopedNumThreads one(1);
+  const auto plan = random_topk_plan(tokens, experts, k, 42);
+  const Tensor<float> x = uniform({tokens, d}, 1, 1.0f);
+  const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
+  const Tensor<float> w1 = uniform({experts, f, d}, 2, s1), w3 = uniform({experts, f, d}, 3, s1);
+  const Tensor<float> w2 = uniform({experts, d, f}, 4, s2);
+  const auto to_bf16 = [](const Tensor<float>& t) {
+    std::vector<bf16> v(std::size_t(t.numel()));
+    for (std::int64_t i = 0; i < t.numel(); ++i) v[std::size_t(i)] = bf16::from_float(t.data()[i]);
+    return v;
+  };
+  const std::vector<bf16> w1b = to_bf16(w1), w3b = to_bf16(w3), w2b = to_bf16(w2);
+  moe::MoELayerWeights<float> wf;
+  wf.experts.w1 = w1;
+  wf.experts.w3 = w3;
+  wf.experts.w2 = w2;
+  moe::MoELayerWeights<bf16> wb;
+  wb.experts.w1 = ConstView<bf16, 3>(w1b.data(), {experts, f, d});
+  wb.experts.w3 = ConstView<bf16, 3>(w3b.data(), {experts, f, d});
+  wb.experts.w2 = ConstView<bf16, 3>(w2b.data(), {experts, d, f});
+  const moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+  const moe::MoELayer<float> layer16(
+      {.d_model = d, .d_ff = f, .num_experts = experts, .bf16_compute = true});
+  Tensor<float> y({tokens, d});
+  std::vector<std::byte> ws(layer.workspace_bytes(plan));
+  double float_s = 0, widen_s = 0, bf16_s = 0;
+  for (auto _ : state) {
+    const double t0 = switchyard_bench::detail::thread_seconds();
+    layer.execute(plan, x, wf, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t1 = switchyard_bench::detail::thread_seconds();
+    layer.execute(plan, x, wb, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t2 = switchyard_bench::detail::thread_seconds();
+    layer16.execute(plan, x, wb, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t3 = switchyard_bench::detail::thread_seconds();
+    state.SetIterationTime(t3 - t2);
+    float_s += t1 - t0;
+    widen_s += t2 - t1;
+    bf16_s += t3 - t2;
+  }
+  const double gflop = 2.0 * double(plan.nnz()) * double(d) * double(f) * 3.0 * 1e-9;
+  const double n = double(state.iterations());
+  state.counters["float_GFLOP/s"] = gflop * n / float_s;
+  state.counters["bf16_weights_float_GFLOP/s"] = gflop * n / widen_s;
+  state.counters["bf16_compute_GFLOP/s"] = gflop * n / bf16_s;
+  state.counters["speedup"] = float_s / bf16_s;
+  state.counters["%peak_fp32"] =
+      100.0 * gflop * n / bf16_s / switchyard_bench::fp32_fma_peak_gflops();
+  state.SetLabel(core::bf16_path_name(core::bf16_best_path()));
+}
+
+BENCHMARK(BM_MoELayerBf16)
     ->ArgNames({"T", "E", "K", "F"})
     ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
     ->Args({4096, 8, 2, 2816})  // Mixtral-like

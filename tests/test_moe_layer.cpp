@@ -16,6 +16,7 @@
 
 #include "support/compare.hpp"
 #include "support/fixtures.hpp"
+#include "switchyard/core/gemm_bf16.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/moe/experts.hpp"
@@ -791,4 +792,122 @@ TEST_CASE("MoELayer: per-expert view and bf16 errors name the argument", "[moe][
   const Tensor<float> g = random_tensor<float>({2, d}, 8);
   REQUIRE_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<float>{routed.view(), {}, g}),
                       Contains("'shared_gate'"));
+}
+
+namespace {
+
+/// One SwiGLU expert on a bf16-rounded x row, in double: out[i] and sum_j |h_j w2[i][j]|
+/// (the scale of the error that rounding h to bf16 may add).
+void ref_swiglu_bf16_input(const OwnedExperts<float>& w, std::int64_t e,
+                           const std::vector<double>& x, std::vector<double>& out,
+                           std::vector<double>& mag) {
+  const std::int64_t d = w.w1.extent(2), f = w.w1.extent(1);
+  std::vector<double> h(static_cast<std::size_t>(f));
+  for (std::int64_t j = 0; j < f; ++j) {
+    double a = 0, b = 0;
+    for (std::int64_t p = 0; p < d; ++p) {
+      a += x[std::size_t(p)] * w.w1(e, j, p);
+      b += x[std::size_t(p)] * w.w3(e, j, p);
+    }
+    h[std::size_t(j)] = a / (1 + std::exp(-a)) * b;
+  }
+  out.assign(std::size_t(d), 0.0);
+  mag.assign(std::size_t(d), 0.0);
+  for (std::int64_t i = 0; i < d; ++i)
+    for (std::int64_t j = 0; j < f; ++j) {
+      out[std::size_t(i)] += h[std::size_t(j)] * w.w2(e, i, j);
+      mag[std::size_t(i)] += std::abs(h[std::size_t(j)] * w.w2(e, i, j));
+    }
+}
+
+}  // namespace
+
+TEST_CASE("MoELayer bf16_compute matches a double reference on bf16-rounded activations",
+          "[moe][layer][bf16]") {
+  if (core::bf16_best_path() == core::Bf16Path::widen) {
+    WARN("bf16_compute skipped: no bf16 tile path (AMX or AVX512-BF16) in this build and CPU");
+    CHECK_THROWS_WITH(
+        moe::MoELayer<float>({.d_model = 8, .d_ff = 8, .num_experts = 2, .bf16_compute = true}),
+        Catch::Contains("MoELayer") && Catch::Contains("bf16_compute"));
+    return;
+  }
+  // d and F not multiples of 32; F over one hidden chunk (512), so chunks accumulate; 101
+  // tokens run the prefill path.
+  const std::int64_t experts = 3, k = 2, d = 40, f = 530, tokens = 101;
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 5);
+  const auto routed =
+      rounded_to_bf16(random_experts<float>(experts, d, f, Activation::swiglu, false, 15));
+  const auto shared =
+      rounded_to_bf16(random_experts<float>(1, d, f, Activation::swiglu, false, 25));
+  const RandomRouting r = random_routing(tokens, experts, k, 35);
+  const auto plan = plan_from_routing<float>(r, experts, k);
+  // Reference: x rounded to bf16 as the layer rounds it, everything else exact. The layer also
+  // rounds each hidden value to bf16 (relative error <= 2^-9) and sums in float, so each output
+  // is within 2^-8 * sum |gate h_j w2_ij| of the reference.
+  std::vector<double> want(std::size_t(tokens * d), 0.0), bound(std::size_t(tokens * d), 0.0);
+  std::vector<double> xt(static_cast<std::size_t>(d)), o, mag;
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    if (!r.keep_token[t]) continue;
+    for (std::int64_t p = 0; p < d; ++p) xt[std::size_t(p)] = to_float(bf16::from_float(x(t, p)));
+    const auto add = [&](double gate) {
+      for (std::int64_t i = 0; i < d; ++i) {
+        want[std::size_t(t * d + i)] += gate * o[std::size_t(i)];
+        bound[std::size_t(t * d + i)] += std::abs(gate) * mag[std::size_t(i)] * std::ldexp(1.0, -8);
+      }
+    };
+    ref_swiglu_bf16_input(shared, 0, xt, o, mag);
+    add(1.0);
+    for (const Choice& c : r.choices[t])
+      if (c.expert >= 0 && c.kept) {
+        ref_swiglu_bf16_input(routed, c.expert, xt, o, mag);
+        add(c.weight);
+      }
+  }
+  moe::MoELayer<float> layer({.d_model = d,
+                              .d_ff = f,
+                              .num_experts = experts,
+                              .num_shared_experts = 1,
+                              .bf16_compute = true});
+  PerExpert<bf16> routed_b(routed), shared_b(shared);
+  const moe::MoELayerWeights<bf16> w16{routed_b.view, shared_b.view};
+  const moe::TokenMask mask{r.keep_token};
+  Tensor<float> y1({tokens, d}), y2({tokens, d});
+  {
+    ScopedNumThreads one(1);
+    layer.execute(plan, x, w16, y1.view<2>(), mask);
+  }
+  {
+    ScopedNumThreads two(2);
+    layer.execute(plan, x, w16, y2.view<2>(), mask);
+  }
+  REQUIRE(std::equal(y1.begin(), y1.end(), y2.begin()));
+  std::int64_t bad = 0;
+  double worst = 0;  // largest error as a fraction of its bound
+  for (std::int64_t i = 0; i < tokens * d; ++i) {
+    const double err = std::abs(double(y1.data()[i]) - want[std::size_t(i)]);
+    bad += err > bound[std::size_t(i)] + 1e-7;
+    if (bound[std::size_t(i)] > 0) worst = std::max(worst, err / bound[std::size_t(i)]);
+  }
+  CAPTURE(worst);
+  CHECK(bad == 0);
+  // Not the float path: rounding the activations must show somewhere.
+  const moe::MoELayer<float> float_layer(
+      {.d_model = d, .d_ff = f, .num_experts = experts, .num_shared_experts = 1});
+  const Tensor<float> y_float = float_layer.execute(plan, x, w16, mask);
+  CHECK(!std::equal(y1.begin(), y1.end(), y_float.begin()));
+}
+
+TEST_CASE("MoELayer bf16_compute with float or f16 weights is a config_error",
+          "[moe][layer][bf16][errors]") {
+  if (core::bf16_best_path() == core::Bf16Path::widen) return;  // construction throws (above)
+  const std::int64_t d = 8, f = 8, tokens = 100;
+  const auto routed = random_experts<float>(2, d, f, Activation::swiglu, false, 3);
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 4);
+  const RandomRouting r = random_routing(tokens, 2, 1, 5);
+  const auto plan = plan_from_routing<float>(r, 2, 1);
+  const moe::MoELayer<float> layer(
+      {.d_model = d, .d_ff = f, .num_experts = 2, .bf16_compute = true});
+  CHECK_THROWS_WITH(layer.execute(plan, x, moe::MoELayerWeights<float>{routed.view()}),
+                    Catch::Contains("MoELayer") && Catch::Contains("bf16_compute") &&
+                        Catch::Contains("bf16 weights"));
 }

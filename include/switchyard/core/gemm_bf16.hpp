@@ -71,7 +71,7 @@ inline constexpr std::int64_t bf16_b_block_bytes = std::int64_t(32) << 20;
 
 /// Frees storage from ::operator new(bytes, align_val_t{64}).
 struct AlignedFree {
-  void operator()(void* p) const noexcept { ::operator delete(p, std::align_val_t{64}); }
+  void operator()(void* p) const noexcept { ::operator delete (p, std::align_val_t{64}); }
 };
 
 /// One 32 x 32 block of sums (row-major, contiguous) through `path`'s kernel.
@@ -158,7 +158,7 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
       std::min(round_up(n, B), std::max(bf16_nc_task, nc_fit / bf16_nc_task * bf16_nc_task));
   // 64-byte aligned (a tile row that straddles two cache lines halves the tiles' feed rate),
   // and not zeroed: packing writes every element.
-  const std::unique_ptr<bf16, AlignedFree> bpack_storage(static_cast<bf16*>(::operator new(
+  const std::unique_ptr<bf16, AlignedFree> bpack_storage(static_cast<bf16*>(::operator new (
       std::size_t(round_up(nc_max, B) * steps_k * S) * sizeof(bf16), std::align_val_t{64})));
   bf16* const bpack = bpack_storage.get();
   for (std::int64_t j0 = 0; j0 < n; j0 += nc_max) {

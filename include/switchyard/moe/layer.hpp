@@ -49,6 +49,7 @@
 
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/gemm_bf16.hpp"
 #include "switchyard/core/half.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -79,6 +80,13 @@ struct MoELayerConfig {
   /// few tokens keep every thread streaming weights); larger ones the prefill path (tokens split
   /// across tasks). Both give the same bits; 0 always runs the prefill path.
   std::int64_t decode_max_tokens = 64;
+  /// With bf16 weights, prefill-shaped plans run the expert GEMMs on bf16 operands through
+  /// core::gemm_bf16_packed's fastest tile path (AMX, else AVX512-BF16): each tile's rows of x
+  /// and its hidden activation are rounded to bf16 (nearest, ties to even) before their GEMM;
+  /// sums, activation, bias and combine stay float. Decode-shaped plans keep the float path
+  /// (they stream the weights once either way). Needs a tile path in this build and CPU
+  /// (core::bf16_best_path() != widen) and bf16 weights (config_error otherwise).
+  bool bf16_compute = false;
 };
 
 /// Routed experts [E, ...] and shared experts [S, ...], of the layer's activation.
@@ -174,6 +182,10 @@ class MoELayer {
         cfg.activation != Activation::relu)
       switchyard::detail::fail_config(name, fn, "activation", static_cast<int>(cfg.activation),
                                       "swiglu, gelu or relu");
+    if (cfg.bf16_compute && core::bf16_best_path() == core::Bf16Path::widen)
+      switchyard::detail::fail_config(name, fn, "bf16_compute", "true",
+                                      "false here: no bf16 tile path (AMX or AVX512-BF16) in this "
+                                      "build and CPU");
     if (cfg_.shared_d_ff == 0) cfg_.shared_d_ff = cfg_.d_ff;
     // Plans hold expert ids as int32; per-expert weight panels [d_ff, d_model] are packed
     // into scratch, so their sizes must be representable.
@@ -505,6 +517,9 @@ class MoELayer {
             "the decode path packs the rows of every active expert");
       }
     }
+    if (cfg_.bf16_compute && !std::is_same_v<W, bf16>)
+      switchyard::detail::fail_config(name, fn, "bf16_compute", "true",
+                                      "bf16 weights (these are float or f16)");
     detail::check_expert_weights(name, fn, "", w.experts, E, d, cfg_.d_ff, cfg_.activation);
     if (S > 0) {
       detail::check_expert_weights(name, fn, "shared.", w.shared, S, d, cfg_.shared_d_ff,
@@ -853,6 +868,13 @@ class MoELayer {
     const T* b3 = bias_row(ew.b3, e, 0);
     T* const g = sc.g;
     T* const u = sc.u;
+    if constexpr (std::is_same_v<W, bf16> && std::is_same_v<T, float>) {
+      if (cfg_.bf16_compute) {
+        run_ffn_bf16(xa, x.stride(0), x.stride(1), rows, R, F, w1, w3, w2, b1, b3, g, u, o);
+        finish_rows(ew, e, R, o);
+        return;
+      }
+    }
     // The tile's gathered rows of x, packed once for every hidden chunk and both projections.
     kernels::pack_a_all(Arch{}, xa, x.stride(0), x.stride(1), rows, R, d, sc.ax);
     for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
@@ -877,6 +899,13 @@ class MoELayer {
                                         w2.stride(1), d, fc, sc.bp);
       kernels::gemm_packed(Arch{}, R, d, fc, sc.ah, sc.bp, f0 == 0 ? T(0) : T(1), o, d);
     }
+    finish_rows(ew, e, R, o);
+  }
+
+  // + b2 and the optional softmax over each of the R output rows at o.
+  template <class W>
+  void finish_rows(const ExpertWeights<W>& ew, std::int64_t e, std::int64_t R, T* o) const {
+    const std::int64_t d = cfg_.d_model;
     const T* b2 = bias_row(ew.b2, e, 0);
     if (b2 || cfg_.output_softmax) {
       for (std::int64_t r = 0; r < R; ++r) {
@@ -884,6 +913,50 @@ class MoELayer {
         if (b2) kernels::axpy(Arch{}, T(1), b2, orow, d);
         if (cfg_.output_softmax) kernels::softmax_row(Arch{}, orow, orow, d);
       }
+    }
+  }
+
+  // The expert FFN of one tile on bf16 operands (bf16_compute): the same chunks as the float
+  // path, through core::gemm_bf16_packed. x rows (gathered by `rows` when non-null) and each
+  // hidden chunk are rounded to bf16 while packed; g and u hold float sums. The packs live in
+  // per-thread buffers (allocated on a thread's first tile).
+  void run_ffn_bf16(const float* xa, std::int64_t rsx, std::int64_t csx, const std::int32_t* rows,
+                    std::int64_t R, std::int64_t F, const ConstView<bf16, 2>& w1,
+                    const ConstView<bf16, 2>& w3, const ConstView<bf16, 2>& w2, const float* b1,
+                    const float* b3, float* g, float* u, float* o) const {
+    const std::int64_t d = cfg_.d_model;
+    const Activation act = cfg_.activation;
+    const core::Bf16Path path = core::bf16_best_path();
+    using Buffer = std::vector<bf16, xsimd::aligned_allocator<bf16, 64>>;
+    thread_local Buffer xp, hp, wp;
+    xp.resize(std::size_t(core::bf16_packed_a_size(R, d)));
+    hp.resize(std::size_t(core::bf16_packed_a_size(R, ff_chunk)));
+    wp.resize(std::size_t(
+        std::max(core::bf16_packed_b_size(d, ff_chunk), core::bf16_packed_b_size(ff_chunk, d))));
+    const std::int64_t steps_d = num_chunks(d, kernels::bf16_step);
+    kernels::pack_bf16_a(xa, rsx, csx, rows, R, d, steps_d, xp.data());
+    for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
+      const std::int64_t fc = std::min(ff_chunk, F - f0);
+      // op(B)(p, j) = w1[f0 + j][p], p < d, j < fc
+      kernels::pack_bf16_b(w1.data() + f0 * w1.stride(0), w1.stride(1), w1.stride(0), d, fc,
+                           steps_d, wp.data());
+      core::gemm_bf16_packed(path, R, fc, d, xp.data(), wp.data(), g, fc, 1, 0.0f);
+      if (act == Activation::swiglu) {
+        kernels::pack_bf16_b(w3.data() + f0 * w3.stride(0), w3.stride(1), w3.stride(0), d, fc,
+                             steps_d, wp.data());
+        core::gemm_bf16_packed(path, R, fc, d, xp.data(), wp.data(), u, fc, 1, 0.0f);
+      }
+      for (std::int64_t r = 0; r < R; ++r) {
+        kernels::expert_activation(Arch{}, act, g + r * fc,
+                                   act == Activation::swiglu ? u + r * fc : nullptr,
+                                   b1 ? b1 + f0 : nullptr, b3 ? b3 + f0 : nullptr, fc);
+      }
+      // op(B)(p, j) = w2[j][f0 + p], p < fc, j < d; chunks after the first accumulate.
+      const std::int64_t steps_f = num_chunks(fc, kernels::bf16_step);
+      kernels::pack_bf16_a(g, fc, std::int64_t(1), nullptr, R, fc, steps_f, hp.data());
+      kernels::pack_bf16_b(w2.data() + f0 * w2.stride(1), w2.stride(1), w2.stride(0), fc, d,
+                           steps_f, wp.data());
+      core::gemm_bf16_packed(path, R, d, fc, hp.data(), wp.data(), o, d, 1, f0 == 0 ? 0.0f : 1.0f);
     }
   }
 
