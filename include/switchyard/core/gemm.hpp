@@ -1,8 +1,8 @@
 #pragma once
 // GEMM on views: C = alpha * op(A) * op(B) + beta * C, on switchyard's own packed
-// micro-kernel (core/simd/gemm_kernel.hpp). Serial inside; callers parallelise over
-// independent tiles, or use gemm_parallel, whose fixed tiling gives the same bits
-// for every thread count.
+// micro-kernel (core/simd/gemm_kernel.hpp). gemm is serial; gemm_parallel runs the same loop
+// nest with the threads sharing each packed block of B, and gives gemm's bits for every
+// thread count.
 #include <algorithm>
 #include <array>
 #include <cstddef>
@@ -11,6 +11,7 @@
 #include <span>
 #include <string>
 #include <type_traits>
+#include <vector>
 
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
@@ -129,16 +130,24 @@ void gemm(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
   detail::gemm_run<T, Arch>(a, ta, b, tb, c, alpha, beta, m, n, k, ws.get());
 }
 
-/// Row and column extents of the fixed C tiles gemm_parallel hands to threads;
-/// multiples of every register tile, and independent of the thread count.
-inline constexpr std::int64_t gemm_parallel_tile_m = 168;
-inline constexpr std::int64_t gemm_parallel_tile_n = 512;
+namespace detail {
 
-/// gemm over fixed [168, 512] tiles of C run with parallel_for: the result has the
-/// same bits for any thread count. The tiles are multiples of every register tile,
-/// so the micro-tile grid is gemm's and the result also equals gemm's bit for bit.
-/// Shapes as gemm: a: [M, K] or [K, M]; b: [K, N] or [N, K]; c: [M, N]. Each tile
-/// allocates its own packing workspace.
+/// 64-byte aligned scratch of T, reused by the calling thread across calls.
+template <class T>
+T* thread_scratch(std::size_t elems) {
+  thread_local std::vector<T, xsimd::aligned_allocator<T, 64>> buf;
+  if (buf.size() < elems) buf.resize(elems);
+  return buf.data();
+}
+
+}  // namespace detail
+
+/// gemm with every thread working on the same packed blocks of B (GotoBLAS's scheme): per
+/// (column block, k block) the threads pack B's kc x nc block together, then split the rows of
+/// C, each packing its own rows of A. Every element is summed as gemm sums it (k blocks in
+/// ascending order, beta on the first), so the result equals gemm's bit for bit and does not
+/// depend on the thread count. Shapes as gemm: a: [M, K] or [K, M]; b: [K, N] or [N, K];
+/// c: [M, N]. Allocates the shared B block; A blocks live in per-thread buffers.
 template <class T, class Arch = simd::default_arch>
 void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
                    ConstView<std::type_identity_t<T>, 2> b, Trans tb, View<T, 2> c,
@@ -146,21 +155,64 @@ void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
   // Plain variables, not a structured binding: clang 14 cannot capture bindings.
   const std::array<std::int64_t, 3> mnk = detail::gemm_check<T>("gemm_parallel", a, ta, b, tb, c);
   const std::int64_t m = mnk[0], n = mnk[1], k = mnk[2];
-  const std::int64_t tiles_m = num_chunks(m, gemm_parallel_tile_m);
-  const std::int64_t tiles_n = num_chunks(n, gemm_parallel_tile_n);
-  const std::size_t elems = kernels::gemm_workspace_elems<Arch, T>(
-      Arch{}, std::min(m, gemm_parallel_tile_m), std::min(n, gemm_parallel_tile_n), k);
-  parallel_for(tiles_m * tiles_n, [&](std::int64_t t) {
-    const std::int64_t i0 = (t / tiles_n) * gemm_parallel_tile_m;
-    const std::int64_t j0 = (t % tiles_n) * gemm_parallel_tile_n;
-    const std::int64_t mt = std::min(gemm_parallel_tile_m, m - i0);
-    const std::int64_t nt = std::min(gemm_parallel_tile_n, n - j0);
-    const ConstView<T, 2> at = ta == Trans::no ? a.slice(0, i0, i0 + mt) : a.slice(1, i0, i0 + mt);
-    const ConstView<T, 2> bt = tb == Trans::no ? b.slice(1, j0, j0 + nt) : b.slice(0, j0, j0 + nt);
-    const View<T, 2> ct = c.slice(0, i0, i0 + mt).slice(1, j0, j0 + nt);
-    std::unique_ptr<T[]> ws(new T[elems]);  // tasks must not throw: bad_alloc terminates
-    detail::gemm_run<T, Arch>(at, ta, bt, tb, ct, alpha, beta, mt, nt, k, ws.get());
-  });
+  using G = kernels::GemmTile<Arch, T>;
+  const int threads = num_threads();
+  if (threads <= 1 || m <= G::mr) {
+    const std::size_t elems = kernels::gemm_workspace_elems<Arch, T>(Arch{}, m, n, k);
+    detail::gemm_run<T, Arch>(a, ta, b, tb, c, alpha, beta, m, n, k,
+                              detail::thread_scratch<T>(elems));
+    return;
+  }
+  const std::int64_t rsa = ta == Trans::no ? a.stride(0) : a.stride(1);
+  const std::int64_t csa = ta == Trans::no ? a.stride(1) : a.stride(0);
+  const std::int64_t rsb = tb == Trans::no ? b.stride(0) : b.stride(1);
+  const std::int64_t csb = tb == Trans::no ? b.stride(1) : b.stride(0);
+  const std::int64_t rsc = c.stride(0), csc = c.stride(1);
+  if (k == 0 || alpha == T(0)) {  // C = beta C, without reading A or B
+    kernels::gemm(Arch{}, m, n, k, alpha, a.data(), rsa, csa, nullptr, b.data(), rsb, csb, beta,
+                  c.data(), rsc, csc, detail::thread_scratch<T>(1));
+    return;
+  }
+  const std::int64_t kc_max = std::min<std::int64_t>(k, G::kc);
+  const std::int64_t nc_max = std::min<std::int64_t>(round_up(n, G::nr), G::nc);
+  std::vector<T, xsimd::aligned_allocator<T, 64>> bpack(std::size_t(kc_max * nc_max));
+  // Row tasks: whole register panels, about four per thread for balance.
+  const std::int64_t panels_m = num_chunks(m, G::mr);
+  const std::int64_t rows_per_task =
+      G::mr * num_chunks(panels_m, std::min<std::int64_t>(panels_m, 4 * threads));
+  const std::int64_t tasks_m = num_chunks(m, rows_per_task);
+  const std::int64_t mc_max = std::min<std::int64_t>(round_up(rows_per_task, G::mr), G::mc);
+  for (std::int64_t j0 = 0; j0 < n; j0 += G::nc) {
+    const std::int64_t nc = std::min<std::int64_t>(G::nc, n - j0);
+    const std::int64_t panels_n = num_chunks(nc, G::nr);
+    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
+      const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+      const T beta_eff = p0 == 0 ? beta : T(1);
+      parallel_for(num_chunks(panels_n, 4), [&](std::int64_t t) {
+        const std::int64_t q0 = t * 4 * G::nr, qn = std::min<std::int64_t>(4 * G::nr, nc - q0);
+        kernels::detail::pack_b<Arch, G::nr>(Arch{}, b.data(), rsb, csb, p0, kc, j0 + q0, qn,
+                                             bpack.data() + q0 * kc);
+      });
+      parallel_for(tasks_m, [&](std::int64_t t) {
+        T* apack = detail::thread_scratch<T>(std::size_t(mc_max * kc_max));
+        const std::int64_t r_end = std::min(m, (t + 1) * rows_per_task);
+        for (std::int64_t i0 = t * rows_per_task; i0 < r_end; i0 += G::mc) {
+          const std::int64_t mc = std::min<std::int64_t>(G::mc, r_end - i0);
+          kernels::detail::pack_a<Arch, G::mr>(Arch{}, a.data(), rsa, csa, nullptr, i0, mc, p0, kc,
+                                               apack);
+          for (std::int64_t ib = 0; ib < mc; ib += G::mr) {
+            const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, mc - ib));
+            for (std::int64_t jb = 0; jb < nc; jb += G::nr) {
+              const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, nc - jb));
+              kernels::detail::micro_kernel(Arch{}, kc, apack + ib * kc, bpack.data() + jb * kc, mr,
+                                            nr, alpha, beta_eff,
+                                            c.data() + (i0 + ib) * rsc + (j0 + jb) * csc, rsc, csc);
+            }
+          }
+        }
+      });
+    }
+  }
 }
 
 }  // namespace core

@@ -11,7 +11,7 @@
 // Every element of C is summed by one accumulator lane in ascending k within a
 // kc block, block after block: the sum order is fixed by kc alone. (Full tiles
 // and edge tiles round the final alpha/beta update separately, so callers that
-// split C for threads use a fixed partition; see core::gemm_parallel.)
+// split C for threads keep gemm's micro-tile grid; see core::gemm_parallel.)
 //
 // Arbitrary strides (row and column, in elements) for A, B and C; transposes
 // are strides. Packing A can gather rows through an index list, so the MoE
