@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <numeric>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "support/peak.hpp"
@@ -27,6 +28,12 @@
 #include "switchyard/moe/router.hpp"
 #include "switchyard/moe/router_topk.hpp"
 #include "switchyard/moe/soft_moe.hpp"
+
+#if SWITCHYARD_BENCH_HAVE_BLAS
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int);  // not in every cblas.h
+extern "C" char* openblas_get_corename(void);
+#endif
 
 namespace {
 
@@ -123,6 +130,96 @@ BENCHMARK(BM_MoELayerVsDense)
     ->Args({4096, 64, 8, 512})  // OLMoE-like
     ->UseManualTime()
     ->Unit(benchmark::kMillisecond);
+
+#if SWITCHYARD_BENCH_HAVE_BLAS
+// MoELayer against the loop a PyTorch user writes (Hugging Face's Mixtral / OLMoE blocks): per
+// expert, gather its tokens' rows of x, three GEMMs through OpenBLAS (cblas_sgemm, 1 thread,
+// nn.Linear weights transposed), SiLU(g) * u, and scatter-add gate * out into y. Same plan,
+// weights and x, one thread, interleaved in one run. Counters: GFLOP/s of each, speedup =
+// reference time / layer time. OpenBLAS 0.3.21 needs OPENBLAS_CORETYPE on CPUs it does not
+// know (the label names the kernels it ran). Names end in /T/E/K/F.
+void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
+  const std::int64_t tokens = state.range(0), experts = state.range(1), k = state.range(2);
+  const std::int64_t f = state.range(3), d = 1024;
+  ScopedNumThreads one(1);
+  openblas_set_num_threads(1);
+  const auto plan = random_topk_plan(tokens, experts, k, 42);
+  const Tensor<float> x = uniform({tokens, d}, 1, 1.0f);
+  const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
+  const Tensor<float> w1 = uniform({experts, f, d}, 2, s1), w3 = uniform({experts, f, d}, 3, s1);
+  const Tensor<float> w2 = uniform({experts, d, f}, 4, s2);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+  moe::MoELayerWeights<float> w;
+  w.experts.w1 = w1;
+  w.experts.w3 = w3;
+  w.experts.w2 = w2;
+  Tensor<float> y({tokens, d}), y_ref({tokens, d});
+  std::vector<std::byte> ws(layer.workspace_bytes(plan));
+  // The reference loop's buffers, sized for the largest expert.
+  std::int64_t most = 1;
+  for (std::int64_t e = 0; e < experts; ++e) most = std::max(most, plan.expert_size(e));
+  std::vector<float> xe(std::size_t(most * d)), g(std::size_t(most * f)), u(std::size_t(most * f));
+  std::vector<float> oe(std::size_t(most * d));
+  const auto reference_loop = [&] {
+    std::fill(y_ref.begin(), y_ref.end(), 0.0f);
+    for (std::int64_t e = 0; e < experts; ++e) {
+      const std::int64_t n = plan.expert_size(e), off = plan.expert_offsets[std::size_t(e)];
+      if (n == 0) continue;
+      for (std::int64_t i = 0; i < n; ++i)  // x[idx]
+        std::copy_n(x.data() + plan.token_index[std::size_t(off + i)] * d, d, xe.data() + i * d);
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(f), int(d), 1.0f, xe.data(),
+                  int(d), w1.data() + e * f * d, int(d), 0.0f, g.data(), int(f));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(f), int(d), 1.0f, xe.data(),
+                  int(d), w3.data() + e * f * d, int(d), 0.0f, u.data(), int(f));
+      for (std::int64_t i = 0; i < n * f; ++i) {
+        const float a = g[std::size_t(i)];
+        g[std::size_t(i)] = a / (1.0f + std::exp(-a)) * u[std::size_t(i)];
+      }
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(n), int(d), int(f), 1.0f, g.data(),
+                  int(f), w2.data() + e * d * f, int(f), 0.0f, oe.data(), int(d));
+      for (std::int64_t i = 0; i < n; ++i) {  // y.index_add_(0, idx, gate * out)
+        float* yr = y_ref.data() + plan.token_index[std::size_t(off + i)] * d;
+        const float gate = plan.gate[std::size_t(off + i)];
+        for (std::int64_t j = 0; j < d; ++j) yr[j] += gate * oe[std::size_t(i * d + j)];
+      }
+    }
+  };
+  double layer_s = 0, ref_s = 0;
+  for (auto _ : state) {
+    const double t0 = switchyard_bench::detail::thread_seconds();
+    layer.execute(plan, x, w, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t1 = switchyard_bench::detail::thread_seconds();
+    reference_loop();
+    benchmark::ClobberMemory();
+    const double t2 = switchyard_bench::detail::thread_seconds();
+    state.SetIterationTime(t1 - t0);
+    layer_s += t1 - t0;
+    ref_s += t2 - t1;
+  }
+  // The two must agree (a benchmark of a wrong loop would prove nothing).
+  double err = 0, scale = 0;
+  for (std::int64_t i = 0; i < y.numel(); ++i) {
+    err = std::max(err, double(std::abs(y.data()[i] - y_ref.data()[i])));
+    scale = std::max(scale, double(std::abs(y_ref.data()[i])));
+  }
+  if (!(err <= 1e-4 * scale)) state.SkipWithError("the layer and the reference loop disagree");
+  const double gflop = 2.0 * double(plan.nnz()) * double(d) * double(f) * 3.0 * 1e-9;
+  const double n = double(state.iterations());
+  state.counters["GFLOP/s"] = gflop * n / layer_s;
+  state.counters["reference_GFLOP/s"] = gflop * n / ref_s;
+  state.counters["speedup"] = ref_s / layer_s;
+  state.SetLabel(std::string("core=") + openblas_get_corename());
+}
+
+BENCHMARK(BM_MoELayerVsReferenceLoop)
+    ->ArgNames({"T", "E", "K", "F"})
+    ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
+    ->Args({4096, 8, 2, 2816})  // Mixtral-like
+    ->Args({4096, 64, 8, 512})  // OLMoE-like
+    ->UseManualTime()
+    ->Unit(benchmark::kMillisecond);
+#endif
 
 // bf16 experts (the same random weights rounded) on one thread, interleaved in one run: the
 // float layer on float weights, the float layer on bf16 weights (widened while packing), and

@@ -624,6 +624,9 @@ TEST_CASE("gemm_bf16 matches a double reference on every available path", "[gemm
       {33, 31, 65, Trans::no, Trans::yes},   {100, 70, 77, Trans::yes, Trans::no},
       {65, 33, 600, Trans::yes, Trans::yes}, {7, 600, 33, Trans::no, Trans::yes},
       {300, 40, 530, Trans::no, Trans::no},  // one past the k block and the row block
+      {3, 5, 16424, Trans::no, Trans::yes},  // past a k super-block (the packs' bound)
+      {4100, 3, 5, Trans::no, Trans::no},    // past the widening path's row block
+      {3, 4100, 5, Trans::yes, Trans::yes},  // and its column block
   };
   for (core::Bf16Path path : bf16_paths_here()) {
     for (const Bf16Case& cs : cases) {

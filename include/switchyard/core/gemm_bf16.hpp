@@ -68,6 +68,7 @@ inline constexpr std::int64_t bf16_kc = 256;
 inline constexpr std::int64_t bf16_mc = 256;
 inline constexpr std::int64_t bf16_nc_task = 512;
 inline constexpr std::int64_t bf16_b_block_bytes = std::int64_t(32) << 20;
+inline constexpr std::int64_t bf16_k_super = 16384;
 
 /// Frees storage from ::operator new(bytes, align_val_t{64}).
 struct AlignedFree {
@@ -151,69 +152,89 @@ inline void gemm_bf16_tiles(Bf16Path path, const bf16* a, std::int64_t rsa, std:
                             std::int64_t rsc, std::int64_t csc, std::int64_t m, std::int64_t n,
                             std::int64_t k, float beta) {
   constexpr std::int64_t B = kernels::bf16_block, S = kernels::bf16_step;
-  const std::int64_t steps_k = num_chunks(k, S);
-  // Columns per packed B block: K x nc bf16 within bf16_b_block_bytes, whole task slices.
-  const std::int64_t nc_fit = bf16_b_block_bytes / (steps_k * S * std::int64_t(sizeof(bf16)));
+  // k in super-blocks of at most bf16_k_super, so the packs stay bounded for any K (the sums
+  // of one super-block are added to C before the next).
+  const std::int64_t k_super = std::min(round_up(k, S), bf16_k_super);
+  const std::int64_t steps_max = k_super / S;
+  // Columns per packed B block: k_super x nc bf16 within bf16_b_block_bytes, whole slices.
+  const std::int64_t nc_fit = bf16_b_block_bytes / (k_super * std::int64_t(sizeof(bf16)));
   const std::int64_t nc_max =
       std::min(round_up(n, B), std::max(bf16_nc_task, nc_fit / bf16_nc_task * bf16_nc_task));
   // 64-byte aligned (a tile row that straddles two cache lines halves the tiles' feed rate),
   // and not zeroed: packing writes every element.
   const std::unique_ptr<bf16, AlignedFree> bpack_storage(static_cast<bf16*>(::operator new (
-      std::size_t(round_up(nc_max, B) * steps_k * S) * sizeof(bf16), std::align_val_t{64})));
+      std::size_t(round_up(nc_max, B) * k_super) * sizeof(bf16), std::align_val_t{64})));
   bf16* const bpack = bpack_storage.get();
-  for (std::int64_t j0 = 0; j0 < n; j0 += nc_max) {
-    const std::int64_t nc = std::min(nc_max, n - j0);
-    const std::int64_t panels = num_chunks(nc, B);
-    // Panels packed in parallel, 8 at a time.
-    parallel_for(num_chunks(panels, 8), [&](std::int64_t t) {
-      const std::int64_t q0 = t * 8 * B, qn = std::min(8 * B, nc - q0);
-      kernels::pack_bf16_b(b + (j0 + q0) * csb, rsb, csb, k, qn, steps_k,
-                           bpack + (q0 / B) * steps_k * kernels::bf16_panel_step);
-    });
-    // Tasks: row blocks, split into column groups only where there are fewer row blocks
-    // than two per thread.
-    const std::int64_t blocks_m = num_chunks(m, bf16_mc), slices = num_chunks(nc, bf16_nc_task);
-    const std::int64_t groups =
-        std::clamp<std::int64_t>(num_chunks(2 * num_threads(), blocks_m), 1, slices);
-    const std::int64_t per_group = num_chunks(slices, groups);
-    parallel_for(blocks_m * groups, [&](std::int64_t t) {
-      const std::int64_t i0 = (t / groups) * bf16_mc, mc = std::min(bf16_mc, m - i0);
-      const std::int64_t s0 = (t % groups) * per_group;
-      const std::int64_t s_end = std::min(slices, s0 + per_group);
-      if (s0 >= s_end) return;
-      thread_local std::vector<bf16, xsimd::aligned_allocator<bf16, 64>> apack;
-      apack.resize(std::size_t(bf16_packed_a_size(mc, k)));
-      kernels::pack_bf16_a(a + i0 * rsa, rsa, csa, nullptr, mc, k, steps_k, apack.data());
-      const std::int64_t jt = s0 * bf16_nc_task;
-      const std::int64_t nt = std::min(s_end * bf16_nc_task, nc) - jt;
-      gemm_bf16_packed(path, mc, nt, k, apack.data(),
-                       bpack + (jt / B) * steps_k * kernels::bf16_panel_step,
-                       c + i0 * rsc + (j0 + jt) * csc, rsc, csc, beta);
-    });
+  for (std::int64_t k0 = 0; k0 < k; k0 += k_super) {
+    const std::int64_t kk = std::min(k_super, k - k0), steps_k = num_chunks(kk, S);
+    const float beta_k = k0 == 0 ? beta : 1.0f;
+    const bf16* const ak = a + k0 * csa;
+    const bf16* const bk = b + k0 * rsb;
+    for (std::int64_t j0 = 0; j0 < n; j0 += nc_max) {
+      const std::int64_t nc = std::min(nc_max, n - j0);
+      const std::int64_t panels = num_chunks(nc, B);
+      // Panels packed in parallel, 8 at a time.
+      parallel_for(num_chunks(panels, 8), [&](std::int64_t t) {
+        const std::int64_t q0 = t * 8 * B, qn = std::min(8 * B, nc - q0);
+        kernels::pack_bf16_b(bk + (j0 + q0) * csb, rsb, csb, kk, qn, steps_k,
+                             bpack + (q0 / B) * steps_k * kernels::bf16_panel_step);
+      });
+      // Tasks: row blocks, split into column groups only where there are fewer row blocks
+      // than two per thread.
+      const std::int64_t blocks_m = num_chunks(m, bf16_mc);
+      const std::int64_t slices = num_chunks(nc, bf16_nc_task);
+      const std::int64_t groups =
+          std::clamp<std::int64_t>(num_chunks(2 * num_threads(), blocks_m), 1, slices);
+      const std::int64_t per_group = num_chunks(slices, groups);
+      parallel_for(blocks_m * groups, [&](std::int64_t t) {
+        const std::int64_t i0 = (t / groups) * bf16_mc, mc = std::min(bf16_mc, m - i0);
+        const std::int64_t s0 = (t % groups) * per_group;
+        const std::int64_t s_end = std::min(slices, s0 + per_group);
+        if (s0 >= s_end) return;
+        thread_local std::vector<bf16, xsimd::aligned_allocator<bf16, 64>> apack;
+        apack.resize(std::size_t(bf16_mc * steps_max * S));
+        kernels::pack_bf16_a(ak + i0 * rsa, rsa, csa, nullptr, mc, kk, steps_k, apack.data());
+        const std::int64_t jt = s0 * bf16_nc_task;
+        const std::int64_t nt = std::min(s_end * bf16_nc_task, nc) - jt;
+        gemm_bf16_packed(path, mc, nt, kk, apack.data(),
+                         bpack + (jt / B) * steps_k * kernels::bf16_panel_step,
+                         c + i0 * rsc + (j0 + jt) * csc, rsc, csc, beta_k);
+      });
+    }
   }
 }
 
-/// The widening path: k blocks of op(A) and op(B) widened to float, then gemm_parallel.
+/// The widening path: blocks of op(A) (up to 4096 rows) and op(B) (up to 4096 columns), 256
+/// values of k at a time, widened to float, then gemm_parallel on each block of C. Bounded
+/// buffers (8 MiB) for any shape.
 template <class Arch>
 void gemm_bf16_widen(const bf16* a, std::int64_t rsa, std::int64_t csa, const bf16* b,
                      std::int64_t rsb, std::int64_t csb, const View<float, 2>& c, std::int64_t m,
                      std::int64_t n, std::int64_t k, float beta) {
-  constexpr std::int64_t kc_max = 256;
+  constexpr std::int64_t kc_max = 256, block = 4096;
   const std::int64_t kc0 = std::min(kc_max, k);
-  std::unique_ptr<float[]> aw(new float[std::size_t(m * kc0)]), bw(new float[std::size_t(kc0 * n)]);
-  for (std::int64_t p0 = 0; p0 < k; p0 += kc_max) {
-    const std::int64_t kc = std::min(kc_max, k - p0);
-    parallel_for(m, [&](std::int64_t i) {
-      for (std::int64_t p = 0; p < kc; ++p)
-        aw[std::size_t(i * kc + p)] = to_float(a[i * rsa + (p0 + p) * csa]);
-    });
-    parallel_for(kc, [&](std::int64_t p) {
-      for (std::int64_t j = 0; j < n; ++j)
-        bw[std::size_t(p * n + j)] = to_float(b[(p0 + p) * rsb + j * csb]);
-    });
-    gemm_parallel<float, Arch>(ConstView<float, 2>(aw.get(), {m, kc}), Trans::no,
-                               ConstView<float, 2>(bw.get(), {kc, n}), Trans::no, c, 1.0f,
-                               p0 == 0 ? beta : 1.0f);
+  std::unique_ptr<float[]> aw(new float[std::size_t(std::min(m, block) * kc0)]);
+  std::unique_ptr<float[]> bw(new float[std::size_t(kc0 * std::min(n, block))]);
+  for (std::int64_t j0 = 0; j0 < n; j0 += block) {
+    const std::int64_t nb = std::min(block, n - j0);
+    for (std::int64_t i0 = 0; i0 < m; i0 += block) {
+      const std::int64_t mb = std::min(block, m - i0);
+      const View<float, 2> cb = c.slice(0, i0, i0 + mb).slice(1, j0, j0 + nb);
+      for (std::int64_t p0 = 0; p0 < k; p0 += kc_max) {
+        const std::int64_t kc = std::min(kc_max, k - p0);
+        parallel_for(mb, [&](std::int64_t i) {
+          for (std::int64_t p = 0; p < kc; ++p)
+            aw[std::size_t(i * kc + p)] = to_float(a[(i0 + i) * rsa + (p0 + p) * csa]);
+        });
+        parallel_for(kc, [&](std::int64_t p) {
+          for (std::int64_t j = 0; j < nb; ++j)
+            bw[std::size_t(p * nb + j)] = to_float(b[(p0 + p) * rsb + (j0 + j) * csb]);
+        });
+        gemm_parallel<float, Arch>(ConstView<float, 2>(aw.get(), {mb, kc}), Trans::no,
+                                   ConstView<float, 2>(bw.get(), {kc, nb}), Trans::no, cb, 1.0f,
+                                   p0 == 0 ? beta : 1.0f);
+      }
+    }
   }
 }
 
