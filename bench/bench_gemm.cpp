@@ -117,6 +117,46 @@ void BM_OursBf16(benchmark::State& state, core::Bf16Path path) {
   state.SetLabel(core::bf16_path_name(path));
 }
 
+// Two threads (wall time): gemm_parallel against OpenBLAS with two threads, square sizes.
+// %peak is of two cores' fp32 FMA peak. Names end in /M/N/K.
+void BM_OursTwoThreads(benchmark::State& state) {
+  const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  Inputs in(m, n, k);
+  ScopedNumThreads two(2);
+  for (auto _ : state) {
+    core::gemm_parallel<float>(in.a.view<2>(), core::Trans::no, in.b.view<2>(), core::Trans::no,
+                               in.c.view<2>());
+    benchmark::ClobberMemory();
+  }
+  const double flops = 2.0 * double(m) * double(n) * double(k);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+}
+
+#if SWITCHYARD_BENCH_HAVE_BLAS
+void BM_OpenBLASTwoThreads(benchmark::State& state) {
+  const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  openblas_set_num_threads(2);
+  Inputs in(m, n, k);
+  for (auto _ : state) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f,
+                in.a.data(), int(k), in.b.data(), int(n), 0.0f, in.c.data(), int(n));
+    benchmark::ClobberMemory();
+  }
+  openblas_set_num_threads(1);
+  const double flops = 2.0 * double(m) * double(n) * double(k);
+  state.counters["GFLOP/s"] =
+      benchmark::Counter(flops * 1e-9, benchmark::Counter::kIsIterationInvariantRate);
+  state.SetLabel(std::string("core=") + openblas_get_corename());
+}
+#endif
+
+void square_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "N", "K"});
+  for (std::int64_t s : {1024, 4096}) b->Args({s, s, s});
+  b->UseRealTime()->Unit(benchmark::kMillisecond);
+}
+
 void shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"M", "N", "K"});
   for (std::int64_t s : {256, 512, 1024}) b->Args({s, s, s});
@@ -130,9 +170,11 @@ BENCHMARK(BM_Ours)->Apply(shapes);
 BENCHMARK_CAPTURE(BM_OursBf16, amx, core::Bf16Path::amx)->Apply(shapes);
 BENCHMARK_CAPTURE(BM_OursBf16, avx512_bf16, core::Bf16Path::avx512_bf16)->Apply(shapes);
 BENCHMARK_CAPTURE(BM_OursBf16, widen, core::Bf16Path::widen)->Apply(shapes);
+BENCHMARK(BM_OursTwoThreads)->Apply(square_shapes);
 BENCHMARK(BM_Eigen)->Apply(shapes);
 #if SWITCHYARD_BENCH_HAVE_BLAS
 BENCHMARK(BM_OpenBLAS)->Apply(shapes);
+BENCHMARK(BM_OpenBLASTwoThreads)->Apply(square_shapes);
 #endif
 
 }  // namespace

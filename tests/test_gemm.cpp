@@ -459,7 +459,10 @@ TEST_CASE("core::linear with float, bf16 and f16 weights matches a naive double 
   struct Case {
     std::int64_t m, n, k;
   };
-  for (const Case c : {Case{1, 72, 40}, Case{37, 5, 333}, Case{16, 130, 16}, Case{3, 33, 0}}) {
+  // Every route: weights streamed (few rows), y^T = w x^T (few outputs: 5, and 40 over two
+  // tasks of rows), gemm_parallel (many rows, float weights; bf16 / f16 weights stream).
+  for (const Case c : {Case{1, 72, 40}, Case{37, 5, 333}, Case{16, 130, 16}, Case{3, 33, 0},
+                       Case{300, 40, 150}, Case{530, 300, 70}}) {
     CAPTURE(c.m, c.n, c.k);
     // Weights are multiples of 1/64 in [-1, 1]: exact in float, bf16 and f16 alike.
     std::vector<float> x(std::size_t(c.m * c.k)), w(std::size_t(c.n * c.k));

@@ -19,6 +19,7 @@
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/gemm.hpp"
+#include "switchyard/core/linear.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/softmax.hpp"
@@ -61,7 +62,7 @@ void router_logits(ConstView<T, 2> x, ConstView<T, 2> router_weight, View<T, 2> 
   core::detail::check_no_alias("moe", "router_logits", "logits", logits, "router_weight",
                                router_weight);
   if (x.extent(0) == 0) return;
-  core::gemm<T, Arch>(x, core::Trans::no, router_weight, core::Trans::yes, logits, T(1), T(0));
+  core::linear<Arch>(x, router_weight, logits);
 }
 
 template <class T, class Arch = simd::default_arch>
