@@ -18,6 +18,7 @@
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <map>
 #include <numeric>
@@ -25,9 +26,11 @@
 #include <utility>
 #include <vector>
 
+#include "support/peak.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/rng.hpp"
 #include "switchyard/core/tensor.hpp"
+#include "switchyard/moe/router.hpp"
 #include "switchyard/moe/router_capacity.hpp"
 #include "switchyard/moe/router_expert_choice.hpp"
 #include "switchyard/moe/router_grouped_topk.hpp"
@@ -38,6 +41,11 @@
 #include "switchyard/moe/router_relu.hpp"
 #include "switchyard/moe/router_top_p.hpp"
 #include "switchyard/moe/router_topk.hpp"
+
+#if SWITCHYARD_BENCH_HAVE_BLAS
+#include <cblas.h>
+extern "C" void openblas_set_num_threads(int);  // not in every cblas.h
+#endif
 
 namespace {
 using switchyard::ConstView;
@@ -210,7 +218,106 @@ void register_shape(std::int64_t T, std::int64_t E, std::int64_t k) {
   });
 }
 
+#if SWITCHYARD_BENCH_HAVE_BLAS
+/// What a PyTorch user's router runs (Hugging Face's Mixtral / OLMoE blocks), in C++: logits =
+/// F.linear(x, W) (sgemm through OpenBLAS), softmax over experts, torch.topk (a partial sort
+/// per row), renormalise, then per expert torch.where over the one-hot mask (a scan of every
+/// token's choices) to list its tokens. Output: the same plan fields ours fills.
+void pytorch_like_route(ConstView<float, 2> x, ConstView<float, 2> w, std::int64_t k,
+                        std::vector<float>& logits, std::vector<std::int32_t>& order,
+                        moe::DispatchPlan<float>& plan) {
+  const std::int64_t tokens = x.extent(0), d = x.extent(1), experts = w.extent(0);
+  logits.resize(std::size_t(tokens * experts));
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(tokens), int(experts), int(d), 1.0f,
+              x.data(), int(d), w.data(), int(d), 0.0f, logits.data(), int(experts));
+  plan.reset(tokens, experts, k);
+  order.resize(std::size_t(experts));
+  for (std::int64_t t = 0; t < tokens; ++t) {
+    float* p = logits.data() + t * experts;
+    const float m = *std::max_element(p, p + experts);
+    float sum = 0;
+    for (std::int64_t e = 0; e < experts; ++e) sum += p[e] = std::exp(p[e] - m);
+    for (std::int64_t e = 0; e < experts; ++e) p[e] /= sum;
+    std::iota(order.begin(), order.end(), 0);
+    std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                      [&](std::int32_t a, std::int32_t b) { return p[a] > p[b]; });
+    float top = 0;
+    for (std::int64_t s = 0; s < k; ++s) top += p[order[s]];
+    for (std::int64_t s = 0; s < k; ++s) {
+      plan.choice_expert[t * k + s] = order[s];
+      plan.choice_weight[t * k + s] = p[order[s]] / top;
+    }
+  }
+  plan.token_index.clear();
+  plan.slot.clear();
+  plan.gate.clear();
+  for (std::int64_t e = 0; e < experts; ++e) {
+    for (std::int64_t t = 0; t < tokens; ++t)
+      for (std::int64_t s = 0; s < k; ++s)
+        if (plan.choice_expert[t * k + s] == e) {
+          plan.token_index.push_back(std::int32_t(t));
+          plan.slot.push_back(std::int32_t(s));
+          plan.gate.push_back(plan.choice_weight[t * k + s]);
+        }
+    plan.expert_offsets[e + 1] = std::int64_t(plan.token_index.size());
+  }
+}
+
+/// Router including its logits GEMM: ours (moe::router_logits, then TopKRouter with Mixtral's
+/// renormalisation) against pytorch_like_route, interleaved in one run on one thread, x [T, d
+/// 2048] and an nn.Linear router weight [E, d]. Counters: tokens/s of each and speedup =
+/// PyTorch-like time / ours. Names: route_with_logits/T/E/k (not route/..., which the chart
+/// reads).
+void register_route_with_logits(std::int64_t T, std::int64_t E, std::int64_t k) {
+  const std::string name = "route_with_logits/T:" + std::to_string(T) + "/E:" + std::to_string(E) +
+                           "/k:" + std::to_string(k);
+  benchmark::RegisterBenchmark(
+      name.c_str(),
+      [=](benchmark::State& state) {
+        switchyard::ScopedNumThreads one(1);
+        openblas_set_num_threads(1);
+        constexpr std::int64_t d = 2048;
+        Tensor<float> x({T, d}), w({E, d});
+        switchyard::core::fill_normal<float>(x.view<2>(), 2026, 21);
+        switchyard::core::fill_normal<float>(w.view<2>(), {.mean = 0, .stddev = 0.02}, 2026, 22);
+        const moe::TopKRouter<float> router({.num_experts = E, .top_k = k, .renormalize = true});
+        Tensor<float> logits({T, E});
+        moe::DispatchPlan<float> ours, ref;
+        std::vector<float> ref_logits;
+        std::vector<std::int32_t> order;
+        double ours_s = 0, ref_s = 0;
+        for (auto _ : state) {
+          const double t0 = switchyard_bench::detail::thread_seconds();
+          moe::router_logits<float>(x.view<2>(), w.view<2>(), logits.view<2>());
+          router.route(logits.view<2>(), ours);
+          benchmark::ClobberMemory();
+          const double t1 = switchyard_bench::detail::thread_seconds();
+          pytorch_like_route(x.view<2>(), w.view<2>(), k, ref_logits, order, ref);
+          benchmark::ClobberMemory();
+          const double t2 = switchyard_bench::detail::thread_seconds();
+          state.SetIterationTime(t1 - t0);
+          ours_s += t1 - t0;
+          ref_s += t2 - t1;
+        }
+        // Both must route alike (ties aside, which random normal logits do not have).
+        if (ours.expert_offsets != ref.expert_offsets || ours.token_index != ref.token_index)
+          state.SkipWithError("ours and the PyTorch-like router disagree");
+        const double n = double(state.iterations()) * double(T);
+        state.counters["tokens/s"] = n / ours_s;
+        state.counters["pytorch_like_tokens/s"] = n / ref_s;
+        state.counters["speedup"] = ref_s / ours_s;
+      })
+      ->UseManualTime()
+      ->Unit(benchmark::kMicrosecond);
+}
+#endif
+
 const bool registered = [] {
+#if SWITCHYARD_BENCH_HAVE_BLAS
+  for (std::int64_t E : {8, 64, 256})
+    for (std::int64_t k : {2, 8})
+      if (k < E) register_route_with_logits(4096, E, k);
+#endif
   for (std::int64_t T : {512, 4096, 16384}) {
     for (std::int64_t E : {8, 64, 256}) {
       for (std::int64_t k : {1, 2, 8}) {
