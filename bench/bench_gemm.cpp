@@ -13,6 +13,7 @@
 #include "support/peak.hpp"
 #include "switchyard/core/gemm.hpp"
 #include "switchyard/core/gemm_bf16.hpp"
+#include "switchyard/core/linear.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/tensor.hpp"
 
@@ -151,6 +152,43 @@ void BM_OpenBLASTwoThreads(benchmark::State& state) {
 }
 #endif
 
+// Router logits: x [M, K] times an nn.Linear weight [N, K] with few outputs, 1 thread:
+// core::linear (y^T = w x^T for N <= 256) against cblas_sgemm (NoTrans, Trans). Names end in
+// /M/N/K.
+void BM_LinearFewOutputs(benchmark::State& state) {
+  const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  Inputs in(m, n, k);  // b [k, n] holds the weight's values, read as w [n, k]
+  ScopedNumThreads one(1);
+  const double t0 = switchyard_bench::detail::thread_seconds();
+  for (auto _ : state) {
+    core::linear(in.a.view<2>(), ConstView<float, 2>(in.b.data(), {n, k}), in.c.view<2>());
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, m, n, k, switchyard_bench::detail::thread_seconds() - t0);
+}
+
+#if SWITCHYARD_BENCH_HAVE_BLAS
+void BM_OpenBLASFewOutputs(benchmark::State& state) {
+  const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
+  openblas_set_num_threads(1);
+  Inputs in(m, n, k);
+  const double t0 = switchyard_bench::detail::thread_seconds();
+  for (auto _ : state) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, in.a.data(),
+                int(k), in.b.data(), int(k), 0.0f, in.c.data(), int(n));
+    benchmark::ClobberMemory();
+  }
+  set_counters(state, m, n, k, switchyard_bench::detail::thread_seconds() - t0);
+  state.SetLabel(std::string("core=") + openblas_get_corename());
+}
+#endif
+
+void few_output_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"M", "N", "K"});
+  for (std::int64_t e : {8, 64, 256}) b->Args({4096, e, 2048});
+  b->Unit(benchmark::kMillisecond);
+}
+
 void square_shapes(benchmark::internal::Benchmark* b) {
   b->ArgNames({"M", "N", "K"});
   for (std::int64_t s : {1024, 4096}) b->Args({s, s, s});
@@ -171,10 +209,12 @@ BENCHMARK_CAPTURE(BM_OursBf16, amx, core::Bf16Path::amx)->Apply(shapes);
 BENCHMARK_CAPTURE(BM_OursBf16, avx512_bf16, core::Bf16Path::avx512_bf16)->Apply(shapes);
 BENCHMARK_CAPTURE(BM_OursBf16, widen, core::Bf16Path::widen)->Apply(shapes);
 BENCHMARK(BM_OursTwoThreads)->Apply(square_shapes);
+BENCHMARK(BM_LinearFewOutputs)->Apply(few_output_shapes);
 BENCHMARK(BM_Eigen)->Apply(shapes);
 #if SWITCHYARD_BENCH_HAVE_BLAS
 BENCHMARK(BM_OpenBLAS)->Apply(shapes);
 BENCHMARK(BM_OpenBLASTwoThreads)->Apply(square_shapes);
+BENCHMARK(BM_OpenBLASFewOutputs)->Apply(few_output_shapes);
 #endif
 
 }  // namespace
