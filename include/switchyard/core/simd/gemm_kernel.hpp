@@ -20,10 +20,12 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/transpose.hpp"
 
 // gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
 // kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
@@ -82,6 +84,30 @@ void pack_a(Arch, const T* a, std::int64_t rsa, std::int64_t csa, const std::int
             std::int64_t i0, std::int64_t m, std::int64_t p0, std::int64_t kc, T* dst) noexcept {
   for (std::int64_t ib = 0; ib < m; ib += MR) {
     const int mr = static_cast<int>(std::min<std::int64_t>(MR, m - ib));
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> && MR <= 16 && std::is_base_of_v<xsimd::avx512f, Arch>) {
+      if (mr == MR && csa == 1) {
+        // 16 values of k of the panel's rows at a time: one register transpose, each output
+        // row (one k) storing its MR lanes, instead of MR x 16 scalar moves.
+        const T* src[MR];
+        for (int r = 0; r < MR; ++r) {
+          const std::int64_t i = i0 + ib + r;
+          src[r] = a + (rows ? std::int64_t(rows[i]) : i) * rsa + p0;
+        }
+        std::int64_t p = 0;
+        for (; p + 16 <= kc; p += 16) {
+          __m512 v[16];
+          for (int r = 0; r < 16; ++r)
+            v[r] = r < MR ? _mm512_loadu_ps(src[r] + p) : _mm512_setzero_ps();
+          transpose16x16_registers(Arch{}, v, dst + p * MR, MR, __mmask16((1u << MR) - 1));
+        }
+        for (; p < kc; ++p)
+          for (int r = 0; r < MR; ++r) dst[p * MR + r] = src[r][p];
+        dst += MR * kc;
+        continue;
+      }
+    }
+#endif
     for (int r = 0; r < mr; ++r) {
       const std::int64_t i = i0 + ib + r;
       const T* src = a + (rows ? std::int64_t(rows[i]) : i) * rsa + p0 * csa;

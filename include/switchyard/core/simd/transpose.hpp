@@ -13,12 +13,13 @@ inline namespace v0 {
 namespace kernels {
 
 #if defined(__AVX512F__)
-/// dst[q * ldd + r] = src[r * lds + q] for a 16 x 16 float block.
+/// dst[q * ldd + i] = lane q of r[i]: the 16 x 16 block held in registers (row i in r[i]),
+/// transposed into memory; each output row stores only the lanes in `lanes` (a packing of
+/// fewer than 16 rows stores their width). r is clobbered.
 template <class Arch>
-void transpose16x16(Arch, const float* src, std::int64_t lds, float* dst,
-                    std::int64_t ldd) noexcept {
-  __m512 r[16], t[16];
-  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+void transpose16x16_registers(Arch, __m512 (&r)[16], float* dst, std::int64_t ldd,
+                              __mmask16 lanes = 0xFFFF) noexcept {
+  __m512 t[16];
   for (int i = 0; i < 8; ++i) {
     t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
     t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
@@ -29,17 +30,33 @@ void transpose16x16(Arch, const float* src, std::int64_t lds, float* dst,
     r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
     r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
   }
+  const auto store = [&](float* p, __m512 v) {
+    if (lanes == 0xFFFF) {
+      _mm512_storeu_ps(p, v);
+    } else {
+      _mm512_mask_storeu_ps(p, lanes, v);
+    }
+  };
   // r[4i + j], 128-bit lane L: rows 4i..4i+3 of column 4L + j.
   for (int j = 0; j < 4; ++j) {
     const __m512 a = _mm512_shuffle_f32x4(r[j], r[4 + j], 0x88);
     const __m512 b = _mm512_shuffle_f32x4(r[j], r[4 + j], 0xDD);
     const __m512 c = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0x88);
     const __m512 d = _mm512_shuffle_f32x4(r[8 + j], r[12 + j], 0xDD);
-    _mm512_storeu_ps(dst + (0 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0x88));
-    _mm512_storeu_ps(dst + (8 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0xDD));
-    _mm512_storeu_ps(dst + (4 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0x88));
-    _mm512_storeu_ps(dst + (12 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0xDD));
+    store(dst + (0 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0x88));
+    store(dst + (8 + j) * ldd, _mm512_shuffle_f32x4(a, c, 0xDD));
+    store(dst + (4 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0x88));
+    store(dst + (12 + j) * ldd, _mm512_shuffle_f32x4(b, d, 0xDD));
   }
+}
+
+/// dst[q * ldd + r] = src[r * lds + q] for a 16 x 16 float block.
+template <class Arch>
+void transpose16x16(Arch arch, const float* src, std::int64_t lds, float* dst,
+                    std::int64_t ldd) noexcept {
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * lds);
+  transpose16x16_registers(arch, r, dst, ldd);
 }
 #endif
 
