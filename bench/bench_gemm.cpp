@@ -77,19 +77,24 @@ void BM_Eigen(benchmark::State& state) {
 }
 
 #if SWITCHYARD_BENCH_HAVE_BLAS
-void BM_OpenBLAS(benchmark::State& state) {
+/// cblas_sgemm on one thread; w_layout: B is an nn.Linear weight [N, K] (CblasTrans), else
+/// [K, N].
+void run_openblas(benchmark::State& state, bool w_layout) {
   const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
   openblas_set_num_threads(1);
   Inputs in(m, n, k);
   const double t0 = switchyard_bench::detail::thread_seconds();
   for (auto _ : state) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, int(m), int(n), int(k), 1.0f,
-                in.a.data(), int(k), in.b.data(), int(n), 0.0f, in.c.data(), int(n));
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, w_layout ? CblasTrans : CblasNoTrans, int(m), int(n),
+                int(k), 1.0f, in.a.data(), int(k), in.b.data(), w_layout ? int(k) : int(n), 0.0f,
+                in.c.data(), int(n));
     benchmark::ClobberMemory();
   }
   set_counters(state, m, n, k, switchyard_bench::detail::thread_seconds() - t0);
   state.SetLabel(std::string("core=") + openblas_get_corename());
 }
+
+void BM_OpenBLAS(benchmark::State& state) { run_openblas(state, false); }
 #endif
 
 // bf16 operands (the same random values rounded), float C, through one gemm_bf16 path; B is
@@ -168,19 +173,7 @@ void BM_LinearFewOutputs(benchmark::State& state) {
 }
 
 #if SWITCHYARD_BENCH_HAVE_BLAS
-void BM_OpenBLASFewOutputs(benchmark::State& state) {
-  const std::int64_t m = state.range(0), n = state.range(1), k = state.range(2);
-  openblas_set_num_threads(1);
-  Inputs in(m, n, k);
-  const double t0 = switchyard_bench::detail::thread_seconds();
-  for (auto _ : state) {
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, int(m), int(n), int(k), 1.0f, in.a.data(),
-                int(k), in.b.data(), int(k), 0.0f, in.c.data(), int(n));
-    benchmark::ClobberMemory();
-  }
-  set_counters(state, m, n, k, switchyard_bench::detail::thread_seconds() - t0);
-  state.SetLabel(std::string("core=") + openblas_get_corename());
-}
+void BM_OpenBLASFewOutputs(benchmark::State& state) { run_openblas(state, true); }
 #endif
 
 void few_output_shapes(benchmark::internal::Benchmark* b) {

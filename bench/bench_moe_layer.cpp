@@ -73,22 +73,42 @@ moe::DispatchPlan<float> random_topk_plan(std::int64_t tokens, std::int64_t expe
   return moe::make_token_choice_plan<float, std::int32_t>(experts, idx, wts);
 }
 
+/// One benchmark shape: a top-k plan over random logits, x [T, d] and SwiGLU expert weights
+/// (uniform, scaled by 1/sqrt(fan-in)), fixed seeds, and the layer's float weight views.
+struct MoECase {
+  std::int64_t tokens, experts, f, d;
+  moe::DispatchPlan<float> plan;
+  Tensor<float> x, w1, w3, w2;
+  moe::MoELayerWeights<float> weights;
+  MoECase(std::int64_t tokens_, std::int64_t experts_, std::int64_t k, std::int64_t f_,
+          std::int64_t d_)
+      : tokens(tokens_),
+        experts(experts_),
+        f(f_),
+        d(d_),
+        plan(random_topk_plan(tokens_, experts_, k, 42)),
+        x(uniform({tokens_, d_}, 1, 1.0f)),
+        w1(uniform({experts_, f_, d_}, 2, 1.0f / std::sqrt(float(d_)))),
+        w3(uniform({experts_, f_, d_}, 3, 1.0f / std::sqrt(float(d_)))),
+        w2(uniform({experts_, d_, f_}, 4, 1.0f / std::sqrt(float(f_)))) {
+    weights.experts.w1 = w1;
+    weights.experts.w3 = w3;
+    weights.experts.w2 = w2;
+  }
+};
+
 void BM_MoELayerVsDense(benchmark::State& state) {
   const std::int64_t tokens = state.range(0), experts = state.range(1), k = state.range(2);
   const std::int64_t f = state.range(3), d = 1024;
   ScopedNumThreads one(1);
 
-  const auto plan = random_topk_plan(tokens, experts, k, 42);
+  const MoECase mc(tokens, experts, k, f, d);
+  const auto& plan = mc.plan;
+  const auto& x = mc.x;
+  const auto& w = mc.weights;
   const std::int64_t nnz = plan.nnz();
-  const Tensor<float> x = uniform({tokens, d}, 1, 1.0f);
   const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
-  const Tensor<float> w1 = uniform({experts, f, d}, 2, s1), w3 = uniform({experts, f, d}, 3, s1);
-  const Tensor<float> w2 = uniform({experts, d, f}, 4, s2);
   moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
-  moe::MoELayerWeights<float> w;
-  w.experts.w1 = w1;
-  w.experts.w3 = w3;
-  w.experts.w2 = w2;
   Tensor<float> y({tokens, d});
   std::vector<std::byte> ws(layer.workspace_bytes(plan));
 
@@ -143,16 +163,12 @@ void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
   const std::int64_t f = state.range(3), d = 1024;
   ScopedNumThreads one(1);
   openblas_set_num_threads(1);
-  const auto plan = random_topk_plan(tokens, experts, k, 42);
-  const Tensor<float> x = uniform({tokens, d}, 1, 1.0f);
-  const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
-  const Tensor<float> w1 = uniform({experts, f, d}, 2, s1), w3 = uniform({experts, f, d}, 3, s1);
-  const Tensor<float> w2 = uniform({experts, d, f}, 4, s2);
+  const MoECase mc(tokens, experts, k, f, d);
+  const auto& plan = mc.plan;
+  const auto& x = mc.x;
+  const auto& w = mc.weights;
+  const auto &w1 = mc.w1, &w3 = mc.w3, &w2 = mc.w2;
   moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
-  moe::MoELayerWeights<float> w;
-  w.experts.w1 = w1;
-  w.experts.w3 = w3;
-  w.experts.w2 = w2;
   Tensor<float> y({tokens, d}), y_ref({tokens, d});
   std::vector<std::byte> ws(layer.workspace_bytes(plan));
   // The reference loop's buffers, sized for the largest expert.
@@ -235,21 +251,17 @@ void BM_MoELayerBf16(benchmark::State& state) {
     return;
   }
   ScopedNumThreads one(1);
-  const auto plan = random_topk_plan(tokens, experts, k, 42);
-  const Tensor<float> x = uniform({tokens, d}, 1, 1.0f);
-  const float s1 = 1.0f / std::sqrt(float(d)), s2 = 1.0f / std::sqrt(float(f));
-  const Tensor<float> w1 = uniform({experts, f, d}, 2, s1), w3 = uniform({experts, f, d}, 3, s1);
-  const Tensor<float> w2 = uniform({experts, d, f}, 4, s2);
+  const MoECase mc(tokens, experts, k, f, d);
+  const auto& plan = mc.plan;
+  const auto& x = mc.x;
+  const auto& wf = mc.weights;
+  const auto &w1 = mc.w1, &w3 = mc.w3, &w2 = mc.w2;
   const auto to_bf16 = [](const Tensor<float>& t) {
     std::vector<bf16> v(std::size_t(t.numel()));
     for (std::int64_t i = 0; i < t.numel(); ++i) v[std::size_t(i)] = bf16::from_float(t.data()[i]);
     return v;
   };
   const std::vector<bf16> w1b = to_bf16(w1), w3b = to_bf16(w3), w2b = to_bf16(w2);
-  moe::MoELayerWeights<float> wf;
-  wf.experts.w1 = w1;
-  wf.experts.w3 = w3;
-  wf.experts.w2 = w2;
   moe::MoELayerWeights<bf16> wb;
   wb.experts.w1 = ConstView<bf16, 3>(w1b.data(), {experts, f, d});
   wb.experts.w3 = ConstView<bf16, 3>(w3b.data(), {experts, f, d});
