@@ -97,6 +97,16 @@ struct MoECase {
   }
 };
 
+/// The MoE shapes, /T/E/K/F: Mixtral-like (short batch and long), OLMoE-like.
+void moe_shapes(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"T", "E", "K", "F"})
+      ->Args({512, 8, 2, 2816})
+      ->Args({4096, 8, 2, 2816})
+      ->Args({4096, 64, 8, 512})
+      ->UseManualTime()
+      ->Unit(benchmark::kMillisecond);
+}
+
 void BM_MoELayerVsDense(benchmark::State& state) {
   const std::int64_t tokens = state.range(0), experts = state.range(1), k = state.range(2);
   const std::int64_t f = state.range(3), d = 1024;
@@ -143,13 +153,7 @@ void BM_MoELayerVsDense(benchmark::State& state) {
   state.counters["%peak"] = 100.0 * gflop * n / moe_s / switchyard_bench::fp32_fma_peak_gflops();
 }
 
-BENCHMARK(BM_MoELayerVsDense)
-    ->ArgNames({"T", "E", "K", "F"})
-    ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
-    ->Args({4096, 8, 2, 2816})  // Mixtral-like
-    ->Args({4096, 64, 8, 512})  // OLMoE-like
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MoELayerVsDense)->Apply(moe_shapes);
 
 #if SWITCHYARD_BENCH_HAVE_BLAS
 // MoELayer against the loop a PyTorch user writes (Hugging Face's Mixtral / OLMoE blocks): per
@@ -228,13 +232,7 @@ void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
   state.SetLabel(std::string("core=") + openblas_get_corename());
 }
 
-BENCHMARK(BM_MoELayerVsReferenceLoop)
-    ->ArgNames({"T", "E", "K", "F"})
-    ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
-    ->Args({4096, 8, 2, 2816})  // Mixtral-like
-    ->Args({4096, 64, 8, 512})  // OLMoE-like
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MoELayerVsReferenceLoop)->Apply(moe_shapes);
 #endif
 
 // bf16 experts (the same random weights rounded) on one thread, interleaved in one run: the
@@ -299,13 +297,7 @@ void BM_MoELayerBf16(benchmark::State& state) {
   state.SetLabel(core::bf16_path_name(core::bf16_best_path()));
 }
 
-BENCHMARK(BM_MoELayerBf16)
-    ->ArgNames({"T", "E", "K", "F"})
-    ->Args({512, 8, 2, 2816})   // Mixtral-like, short batch
-    ->Args({4096, 8, 2, 2816})  // Mixtral-like
-    ->Args({4096, 64, 8, 512})  // OLMoE-like
-    ->UseManualTime()
-    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_MoELayerBf16)->Apply(moe_shapes);
 
 // Soft MoE (moe/soft_moe.hpp) beside the sparse top-2 MoE layer at equal expert FLOPs, one
 // thread, in one run. Sparse: router logits GEMM [T, d] x [d, E], TopKRouter top-2, then
