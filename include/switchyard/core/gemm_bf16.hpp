@@ -5,10 +5,10 @@
 //  - Bf16Path::amx: TDPBF16PS tiles (builds targeting AMX, Linux granting the tile state);
 //  - Bf16Path::avx512_bf16: VDPBF16PS (builds targeting AVX512-BF16);
 //  - Bf16Path::widen: bf16 widened to float block by block, then the float GEMM (any build).
-// The first two share a GotoBLAS-style loop nest: B packed once per (k block, column block)
-// and shared by every thread, A packed per task (256 rows x 512 k: stays in L2), 32 x 32
-// blocks of C accumulated in place. Every element of C is summed in the same order for any
-// thread count, so results do not depend on it.
+// The first two share a GotoBLAS-style loop nest: B packed once per column block (k in
+// super-blocks of 16384) and shared by every thread, A packed per task of 256 rows, 32 x 32
+// blocks of sums kept contiguous per thread and added to C once. Every element of C is summed in
+// the same order for any thread count, so results do not depend on it.
 #include <algorithm>
 #include <array>
 #include <cstdint>
@@ -30,6 +30,8 @@
 namespace switchyard {
 inline namespace v0 {
 namespace core {
+// The arch namespace (simd/arch.hpp): the paths compiled in differ with the instruction set.
+inline namespace SWITCHYARD_ARCH_NS {
 
 /// The compute paths of gemm_bf16.
 enum class Bf16Path { amx, avx512_bf16, widen };
@@ -60,7 +62,7 @@ inline Bf16Path bf16_best_path() noexcept {
   return Bf16Path::widen;
 }
 
-namespace detail {
+namespace bf16_detail {
 
 /// Blocking of the tile paths: k per packed A block, rows and columns of C per task, and the
 /// most bytes of B packed at once.
@@ -89,7 +91,7 @@ inline void bf16_block(Bf16Path path, std::int64_t steps, const bf16* ap, const 
   (void)path, (void)steps, (void)ap, (void)bp, (void)acc, (void)accumulate;
 }
 
-}  // namespace detail
+}  // namespace bf16_detail
 
 /// bf16 values gemm_bf16_packed's operands take: op(A) [m, k] as kernels::pack_bf16_a leaves
 /// it, op(B) [k, n] as kernels::pack_bf16_b leaves it (both zero-padded to 32).
@@ -112,22 +114,22 @@ inline void gemm_bf16_packed(Bf16Path path, std::int64_t m, std::int64_t n, std:
   constexpr std::int64_t P = kernels::bf16_panel_step;
   const std::int64_t steps_k = num_chunks(k, S);
   thread_local std::vector<float, xsimd::aligned_allocator<float, 64>> acc;
-  acc.resize(std::size_t(detail::bf16_mc * detail::bf16_nc_task));
+  acc.resize(std::size_t(bf16_detail::bf16_mc * bf16_detail::bf16_nc_task));
 #if SWITCHYARD_HAS_AMX
   std::unique_ptr<simd::AmxTileScope> tiles;
   if (path == Bf16Path::amx) tiles = std::make_unique<simd::AmxTileScope>();
 #endif
-  for (std::int64_t i0 = 0; i0 < m; i0 += detail::bf16_mc) {
-    const std::int64_t mc = std::min(detail::bf16_mc, m - i0), bm = num_chunks(mc, B);
-    for (std::int64_t j0 = 0; j0 < n; j0 += detail::bf16_nc_task) {
-      const std::int64_t nt = std::min(detail::bf16_nc_task, n - j0), bn = num_chunks(nt, B);
-      for (std::int64_t p0 = 0; p0 < k; p0 += detail::bf16_kc) {
-        const std::int64_t steps = num_chunks(std::min(detail::bf16_kc, k - p0), S);
+  for (std::int64_t i0 = 0; i0 < m; i0 += bf16_detail::bf16_mc) {
+    const std::int64_t mc = std::min(bf16_detail::bf16_mc, m - i0), bm = num_chunks(mc, B);
+    for (std::int64_t j0 = 0; j0 < n; j0 += bf16_detail::bf16_nc_task) {
+      const std::int64_t nt = std::min(bf16_detail::bf16_nc_task, n - j0), bn = num_chunks(nt, B);
+      for (std::int64_t p0 = 0; p0 < k; p0 += bf16_detail::bf16_kc) {
+        const std::int64_t steps = num_chunks(std::min(bf16_detail::bf16_kc, k - p0), S);
         for (std::int64_t jb = 0; jb < bn; ++jb)
           for (std::int64_t ib = 0; ib < bm; ++ib)
-            detail::bf16_block(path, steps, ap + ((i0 / B + ib) * steps_k + p0 / S) * P,
-                               bp + ((j0 / B + jb) * steps_k + p0 / S) * P,
-                               acc.data() + (ib * bn + jb) * B * B, p0 > 0);
+            bf16_detail::bf16_block(path, steps, ap + ((i0 / B + ib) * steps_k + p0 / S) * P,
+                                    bp + ((j0 / B + jb) * steps_k + p0 / S) * P,
+                                    acc.data() + (ib * bn + jb) * B * B, p0 > 0);
       }
       for (std::int64_t i = 0; i < mc; ++i) {
         float* crow = c + (i0 + i) * rsc + j0 * csc;
@@ -141,7 +143,7 @@ inline void gemm_bf16_packed(Bf16Path path, std::int64_t m, std::int64_t n, std:
   }
 }
 
-namespace detail {
+namespace bf16_detail {
 
 /// The AMX / AVX512-BF16 path of gemm_bf16 (shapes already checked, m, n, k > 0). B is packed
 /// for all of k, a column block at a time (at most ~32 MiB), and shared by every task; a task
@@ -238,7 +240,7 @@ void gemm_bf16_widen(const bf16* a, std::int64_t rsa, std::int64_t csa, const bf
   }
 }
 
-}  // namespace detail
+}  // namespace bf16_detail
 
 /// C = op(A) op(B) + beta C with bf16 operands, accumulated in float.
 /// a: [M, K] (or [K, M] with ta = yes); b: [K, N] (or [N, K] with tb = yes: nn.Linear's
@@ -273,13 +275,14 @@ void gemm_bf16(ConstView<bf16, 2> a, Trans ta, ConstView<bf16, 2> b, Trans tb, V
   const std::int64_t rsb = tb == Trans::no ? b.stride(0) : b.stride(1);
   const std::int64_t csb = tb == Trans::no ? b.stride(1) : b.stride(0);
   if (path == Bf16Path::widen) {
-    detail::gemm_bf16_widen<Arch>(a.data(), rsa, csa, b.data(), rsb, csb, c, m, n, k, beta);
+    bf16_detail::gemm_bf16_widen<Arch>(a.data(), rsa, csa, b.data(), rsb, csb, c, m, n, k, beta);
   } else {
-    detail::gemm_bf16_tiles(path, a.data(), rsa, csa, b.data(), rsb, csb, c.data(), c.stride(0),
-                            c.stride(1), m, n, k, beta);
+    bf16_detail::gemm_bf16_tiles(path, a.data(), rsa, csa, b.data(), rsb, csb, c.data(),
+                                 c.stride(0), c.stride(1), m, n, k, beta);
   }
 }
 
+}  // namespace SWITCHYARD_ARCH_NS
 }  // namespace core
 }  // namespace v0
 }  // namespace switchyard

@@ -11,6 +11,8 @@
 // cleanly when the kernel or a VM refuses.
 #include <cstdint>
 
+#include "switchyard/core/simd/arch.hpp"
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
 #define SWITCHYARD_HAS_AMX 1
 #include <immintrin.h>
@@ -23,6 +25,8 @@
 namespace switchyard {
 inline namespace v0 {
 namespace simd {
+// The arch namespace (simd/arch.hpp): TUs built for other instruction sets get other symbols.
+inline namespace SWITCHYARD_ARCH_NS {
 
 /// Whether this translation unit was compiled with the AMX tile and bf16 instructions.
 inline constexpr bool amx_compiled = SWITCHYARD_HAS_AMX != 0;
@@ -73,6 +77,7 @@ class AmxTileScope {
 };
 #endif
 
+}  // namespace SWITCHYARD_ARCH_NS
 }  // namespace simd
 }  // namespace v0
 }  // namespace switchyard

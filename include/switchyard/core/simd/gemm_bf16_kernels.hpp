@@ -25,6 +25,8 @@ SWITCHYARD_DIAGNOSTIC_PUSH
 namespace switchyard {
 inline namespace v0 {
 namespace kernels {
+// The arch namespace (simd/arch.hpp): these plain functions differ with the instruction set.
+inline namespace SWITCHYARD_ARCH_NS {
 
 /// Rows / columns of a C block, k per step, and bf16 values per packed step of a panel.
 inline constexpr std::int64_t bf16_block = 32;
@@ -191,6 +193,7 @@ inline void avx512_bf16_block(std::int64_t steps, const bf16* a, const bf16* b, 
 }
 #endif
 
+}  // namespace SWITCHYARD_ARCH_NS
 }  // namespace kernels
 }  // namespace v0
 }  // namespace switchyard
