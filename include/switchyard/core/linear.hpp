@@ -52,7 +52,7 @@ template <class Arch, class T, class W>
 void linear_skinny_n(const ConstView<T, 2>& x, const ConstView<W, 2>& w, const View<T, 2>& y) {
   using G = kernels::GemmTile<Arch, T>;
   const std::int64_t m = x.extent(0), k = x.extent(1), n = w.extent(0);
-  // w as T, rows contiguous (a copy of at most NR - 1 rows), then packed as the A operand.
+  // w as T, rows contiguous (at most linear_skinny_cols rows), then packed as the A operand.
   std::unique_ptr<T[]> wt(new T[std::size_t(n * k)]);
   for (std::int64_t j = 0; j < n; ++j)
     for (std::int64_t p = 0; p < k; ++p) wt[std::size_t(j * k + p)] = T(to_float(w(j, p)));
@@ -79,7 +79,8 @@ void linear_skinny_n(const ConstView<T, 2>& x, const ConstView<W, 2>& w, const V
 /// T = float) as bf16 / f16. Any strides for x, w and y; y is overwritten and must not share
 /// memory with x or w. M = 0 or N = 0 does nothing; K = 0 gives zeros.
 /// Allocates one packed copy of x (M x K) and a kc x NR block per thread, never a copy of w
-/// (N < NR: a float copy of w's N rows; M > linear_gemm_rows: gemm_parallel's B blocks).
+/// (N <= linear_skinny_cols and M >= NR: a copy of w as T, packed; M > linear_gemm_rows:
+/// gemm_parallel's B blocks).
 /// Throws shape_error naming "linear", the argument and both shapes on mismatched extents,
 /// aliasing, or sizes whose byte counts overflow.
 /// Views of const or mutable elements are accepted alike (x and w are only read).
