@@ -195,21 +195,9 @@ void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
       });
       parallel_for(tasks_m, [&](std::int64_t t) {
         T* apack = detail::thread_scratch<T>(std::size_t(mc_max * kc_max));
-        const std::int64_t r_end = std::min(m, (t + 1) * rows_per_task);
-        for (std::int64_t i0 = t * rows_per_task; i0 < r_end; i0 += G::mc) {
-          const std::int64_t mc = std::min<std::int64_t>(G::mc, r_end - i0);
-          kernels::detail::pack_a<Arch, G::mr>(Arch{}, a.data(), rsa, csa, nullptr, i0, mc, p0, kc,
-                                               apack);
-          for (std::int64_t ib = 0; ib < mc; ib += G::mr) {
-            const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, mc - ib));
-            for (std::int64_t jb = 0; jb < nc; jb += G::nr) {
-              const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, nc - jb));
-              kernels::detail::micro_kernel(Arch{}, kc, apack + ib * kc, bpack.data() + jb * kc, mr,
-                                            nr, alpha, beta_eff,
-                                            c.data() + (i0 + ib) * rsc + (j0 + jb) * csc, rsc, csc);
-            }
-          }
-        }
+        kernels::detail::gemm_rows(Arch{}, t * rows_per_task, std::min(m, (t + 1) * rows_per_task),
+                                   p0, kc, j0, nc, alpha, a.data(), rsa, csa, nullptr, bpack.data(),
+                                   beta_eff, c.data(), rsc, csc, apack);
       });
     }
   }

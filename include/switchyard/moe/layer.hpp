@@ -18,8 +18,8 @@
 //    into a [nnz + S*T, d] buffer at the tile's CSR rows; then + b2 and the optional softmax.
 //    Tiles are large (all rows of an expert up to row_tile) so that packing the expert's
 //    weights, the cost that grows with E rather than with tokens, is paid once per tile.
-//    On one thread this runs at 0.8-0.93x the GFLOP/s of dense GEMMs doing the same work
-//    (bench/bench_moe_layer.cpp).
+//    On one thread this runs at 0.72-0.93x the GFLOP/s of dense GEMMs doing the same work
+//    (bench/bench_moe_layer.cpp; Zen 4 and Emerald Rapids).
 //    Decode-shaped plans (T <= config().decode_max_tokens) split the weights instead of the
 //    tokens, so that one token keeps every thread streaming weights: per active expert (and shared
 //    expert) its gathered rows of x are packed once; then tasks of (expert, decode_ff_chunk

@@ -28,9 +28,6 @@ namespace simd {
 // The arch namespace (simd/arch.hpp): TUs built for other instruction sets get other symbols.
 inline namespace SWITCHYARD_ARCH_NS {
 
-/// Whether this translation unit was compiled with the AMX tile and bf16 instructions.
-inline constexpr bool amx_compiled = SWITCHYARD_HAS_AMX != 0;
-
 /// Whether AMX tiles can be used now: compiled in, and Linux granted this process the tile
 /// state (requested on the first call; thread-safe; later calls return the cached answer).
 inline bool amx_usable() noexcept {

@@ -237,6 +237,31 @@ void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n,
   }
 }
 
+/// Rows [i_begin, i_end) of C's columns [j0, j0 + nc) against the packed kc x nc block of B
+/// (bpack, from pack_b): op(A)'s rows packed mc at a time into apack (mc x kc elements), then
+/// every register tile. The inner loops of the packed GEMM, shared by kernels::gemm (all rows)
+/// and core::gemm_parallel (a task's rows).
+template <class Arch, class T>
+void gemm_rows(Arch arch, std::int64_t i_begin, std::int64_t i_end, std::int64_t p0,
+               std::int64_t kc, std::int64_t j0, std::int64_t nc, T alpha, const T* a,
+               std::int64_t rsa, std::int64_t csa, const std::int32_t* a_rows, const T* bpack,
+               T beta_eff, T* c, std::int64_t rsc, std::int64_t csc, T* apack) noexcept {
+  using G = GemmTile<Arch, T>;
+  for (std::int64_t i0 = i_begin; i0 < i_end; i0 += G::mc) {
+    const std::int64_t mc = std::min<std::int64_t>(G::mc, i_end - i0);
+    pack_a<Arch, G::mr>(arch, a, rsa, csa, a_rows, i0, mc, p0, kc, apack);
+    for (std::int64_t ib = 0; ib < mc; ib += G::mr) {
+      const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, mc - ib));
+      const T* ap = apack + ib * kc;
+      for (std::int64_t jb = 0; jb < nc; jb += G::nr) {
+        const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, nc - jb));
+        micro_kernel(arch, kc, ap, bpack + jb * kc, mr, nr, alpha, beta_eff,
+                     c + (i0 + ib) * rsc + (j0 + jb) * csc, rsc, csc);
+      }
+    }
+  }
+}
+
 using core::round_up;
 
 template <class T>
@@ -278,19 +303,8 @@ void gemm(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, co
       const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
       const T beta_eff = p0 == 0 ? beta : T(1);
       detail::pack_b<Arch, G::nr>(arch, b, rsb, csb, p0, kc, j0, nc, bpack);
-      for (std::int64_t i0 = 0; i0 < m; i0 += G::mc) {
-        const std::int64_t mc = std::min<std::int64_t>(G::mc, m - i0);
-        detail::pack_a<Arch, G::mr>(arch, a, rsa, csa, a_rows, i0, mc, p0, kc, apack);
-        for (std::int64_t ib = 0; ib < mc; ib += G::mr) {
-          const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, mc - ib));
-          const T* ap = apack + ib * kc;
-          for (std::int64_t jb = 0; jb < nc; jb += G::nr) {
-            const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, nc - jb));
-            detail::micro_kernel(arch, kc, ap, bpack + jb * kc, mr, nr, alpha, beta_eff,
-                                 c + (i0 + ib) * rsc + (j0 + jb) * csc, rsc, csc);
-          }
-        }
-      }
+      detail::gemm_rows(arch, 0, m, p0, kc, j0, nc, alpha, a, rsa, csa, a_rows, bpack, beta_eff, c,
+                        rsc, csc, apack);
     }
   }
 }
