@@ -168,8 +168,10 @@ void check_problem(const Problem& p, std::uint32_t seed) {
 TEMPLATE_TEST_CASE("dense attention: fused matches the reference for many shapes and masks",
                    "[dense]", float, double) {
   // {B, T, S, H, H_kv, D}: T or S = 1; odd sizes; S around every lane count,
-  // score group (up to 64) and key block (128); D in {16, 32, 64, 80, 128} and odd;
-  // GQA 8/2; T != S; a query block boundary (256+ rows).
+  // score group (up to 64) and key block (512); S past a key chunk (1024 keys at D 64 in
+  // float, 512 in double or at D 128 and up), so several tiles take turns over each chunk;
+  // D in {16, 32, 64, 80, 128, 200} and odd; GQA 8/2; T != S; a query block boundary
+  // (256+ rows).
   const auto p = GENERATE(values<Problem>({
       {1, 1, 1, 1, 1, 16},
       {1, 1, 37, 2, 2, 32},
@@ -184,6 +186,9 @@ TEMPLATE_TEST_CASE("dense attention: fused matches the reference for many shapes
       {2, 13, 11, 3, 3, 5},
       {1, 11, 33, 2, 1, 17},
       {1, 263, 40, 1, 1, 8},
+      {1, 14, 513, 1, 1, 64},
+      {1, 40, 1100, 2, 1, 64},
+      {1, 9, 700, 1, 1, 200},
   }));
   check_problem<TestType>(p, 11);
 }
@@ -443,8 +448,8 @@ void check_key_mass(const Problem& p, std::uint32_t seed) {
 
 TEMPLATE_TEST_CASE("dense attention: key mass matches the reference, output unchanged",
                    "[dense][key_mass]", float, double) {
-  // GQA groups of 1, 2 and 4; S across key blocks (128); T across query blocks (~256 rows);
-  // odd D; T = 1.
+  // GQA groups of 1, 2 and 4; S across key blocks (512) and key chunks (1024 / 512);
+  // T across query blocks (~256 rows); odd D; T = 1.
   const auto p = GENERATE(values<Problem>({
       {1, 1, 37, 2, 2, 32},
       {2, 5, 15, 2, 1, 16},
@@ -452,6 +457,7 @@ TEMPLATE_TEST_CASE("dense attention: key mass matches the reference, output unch
       {1, 9, 130, 4, 1, 17},
       {2, 13, 11, 3, 3, 5},
       {1, 263, 40, 2, 1, 8},
+      {1, 20, 1100, 2, 1, 64},
   }));
   check_key_mass<TestType>(p, 31);
 }

@@ -99,17 +99,24 @@ struct DenseTiling {
   static constexpr int MR = simd::is_scalar_v<Arch> ? 4 : (wide ? 6 : 6);
   static constexpr int NV = simd::is_scalar_v<Arch> ? 4 : (wide ? 4 : 2);
   static constexpr std::int64_t G = NV * L;  // keys per score micro-tile
-  static constexpr std::int64_t KB = 128;    // keys per online-softmax block (multiple of G)
+  static constexpr std::int64_t KB = 512;    // keys per online-softmax block (multiple of G)
   static constexpr std::int64_t rows_per_task = MR * ((256 + MR - 1) / MR);
+  // Keys per chunk that every tile of a task visits before the next chunk: K and V of a chunk
+  // take about 512 KiB, half of the smallest L2 we run on (1 MiB per core), whole KB blocks.
+  static constexpr std::int64_t key_chunk(std::int64_t D) noexcept {
+    const std::int64_t bytes_per_key = 2 * std::max<std::int64_t>(D, 1) * std::int64_t(sizeof(T));
+    return std::max<std::int64_t>(1, (std::int64_t(512) << 10) / bytes_per_key / KB) * KB;
+  }
   static_assert(KB % G == 0);
 };
 
 using core::round_up;
 
 // s[r][0 .. G) = sum_d qp[r][d] * kt[d][0 .. G) for r < MR; kt: one key group.
+// row_max (or null): per row, MR registers of running lane-wise maxima, updated with the scores.
 template <class Arch, class T, int MR, int NV>
-inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s,
-                       std::int64_t s_stride) noexcept {
+inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s, std::int64_t s_stride,
+                       typename Reg<T, Arch>::V* row_max = nullptr) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
   typename R::V acc[MR][NV];
@@ -125,12 +132,25 @@ inline void score_tile(const T* qp, std::int64_t D, const T* kt, T* s,
   }
   for (int r = 0; r < MR; ++r)
     for (int n = 0; n < NV; ++n) R::store(s + r * s_stride + n * L, acc[r][n]);
+  if constexpr (!simd::is_scalar_v<Arch>) {
+    if (row_max)
+      for (int r = 0; r < MR; ++r)
+        for (int n = 0; n < NV; ++n) row_max[r] = xsimd::max(row_max[r], acc[r][n]);
+  }
 }
 
-// Per-thread buffers of one query tile (a few KiB), reused across calls.
+// Per-thread buffers of one task (a few hundred KiB at most), reused across calls: the
+// online-softmax state of every row of the task (scaled q, running max m and sum l,
+// accumulator o), one tile's scores, and the task's list of tiles.
 template <class T>
 struct DenseTileWorkspace {
+  struct Tile {
+    std::int64_t i0, rows;  // query rows [i0, i0 + rows)
+    int M;                  // rows of the register tile (MR, or 1 for a lone tail row)
+    std::int64_t state;     // first state row (rows past `rows` are zero padding)
+  };
   aligned_vector<T> qp, s, o, m, l, alpha;
+  std::vector<Tile> tiles;
 };
 
 template <class T, class Arch>
@@ -187,6 +207,10 @@ struct DensePacked {
 
 // One task: batch b, head h, query rows [i_begin, i_end). mass (or null): the task's partial
 // key mass [S], zero on entry; the rows' probabilities are added to it.
+// Keys are visited in chunks of Tl::key_chunk(D) (K and V of a chunk fit in L2), each chunk by
+// every tile of the task in turn, so a chunk is read from memory once per task rather than once
+// per tile. Each row still sees the same blocks of KB keys in the same order: the chunking changes
+// no bit of the result.
 template <class Arch, class T, bool Causal, bool Bias>
 void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& packed,
                           std::int64_t b, std::int64_t h, std::int64_t i_begin, std::int64_t i_end,
@@ -204,101 +228,155 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& 
   std::int64_t s_end = a.key_lengths ? a.key_lengths[b] : a.S;
   if constexpr (Causal) s_end = std::min(s_end, std::max<std::int64_t>(0, i_end + a.causal_offset));
 
+  // Tiles: whole MR-row tiles; the tail as one padded tile when at least half full, else row by
+  // row (decoding, T = 1, computes no padding rows).
   auto& ws = dense_tile_workspace<T, Arch>();
-  ws.qp.resize(std::size_t(std::max<std::int64_t>(1, MR * D)));
+  ws.tiles.clear();
+  std::int64_t i0 = i_begin, state_rows = 0;
+  for (; i0 + MR <= i_end; i0 += MR, state_rows += MR) ws.tiles.push_back({i0, MR, MR, state_rows});
+  const std::int64_t rest = i_end - i0;
+  if (2 * rest >= MR) {
+    ws.tiles.push_back({i0, rest, MR, state_rows});
+    state_rows += MR;
+  } else {
+    for (std::int64_t r = 0; r < rest; ++r) ws.tiles.push_back({i0 + r, 1, 1, state_rows++});
+  }
+  ws.qp.resize(std::size_t(std::max<std::int64_t>(1, state_rows * D)));
+  ws.o.resize(std::size_t(std::max<std::int64_t>(1, state_rows * Dp)));
+  ws.m.resize(std::size_t(state_rows));
+  ws.l.resize(std::size_t(state_rows));
   ws.s.resize(std::size_t(MR * KB));
-  ws.o.resize(std::size_t(std::max<std::int64_t>(1, MR * Dp)));
-  ws.m.resize(MR);
-  ws.l.resize(MR);
   ws.alpha.resize(MR);
   const T* const kt = packed.k_head(b, hk);
   const T* const vp = packed.v_head(b, hk);
 
   const T qscale = a.scale * log2e;
-  // One tile of M query rows [i0, i0 + rows), rows <= M; rows past `rows` are zero padding.
-  const auto tile = [&]<int M>(std::int64_t i0, std::int64_t rows) {
-    // Keys this tile can see.
-    std::int64_t tile_end = s_end;
-    if constexpr (Causal) {
-      tile_end = std::min(tile_end, std::max<std::int64_t>(0, i0 + rows + a.causal_offset));
-    }
+  // Keys tile t can see.
+  const auto tile_end = [&](const typename DenseTileWorkspace<T>::Tile& t) {
+    std::int64_t end = s_end;
+    if constexpr (Causal)
+      end = std::min(end, std::max<std::int64_t>(0, t.i0 + t.rows + a.causal_offset));
+    return end;
+  };
+  // Scaled q rows of tile t (zero padding rows), m = -inf, l = 0, o = 0.
+  const auto start = [&]<int M>(const typename DenseTileWorkspace<T>::Tile& t) {
     for (int r = 0; r < M; ++r) {
-      T* qd = ws.qp.data() + r * D;
-      if (r < rows) {
-        const T* src = a.q + b * a.q_stride[0] + (i0 + r) * a.q_stride[1] + h * a.q_stride[2];
+      T* qd = ws.qp.data() + (t.state + r) * D;
+      if (r < t.rows) {
+        const T* src = a.q + b * a.q_stride[0] + (t.i0 + r) * a.q_stride[1] + h * a.q_stride[2];
         for (std::int64_t d = 0; d < D; ++d) qd[d] = src[d * a.q_stride[3]] * qscale;
       } else {
         std::fill_n(qd, D, T(0));
       }
-      ws.m[r] = neg_inf;
-      ws.l[r] = T(0);
+      ws.m[std::size_t(t.state + r)] = neg_inf;
+      ws.l[std::size_t(t.state + r)] = T(0);
     }
-    std::fill(ws.o.begin(), ws.o.begin() + M * Dp, T(0));
-
-    // Masked base-2 scores of keys [j0, j0 + nk) into ws.s (the key-mass pass recomputes them
-    // through this same code, so they are the very values the softmax saw).
-    const auto block_scores = [&](std::int64_t j0, std::int64_t nk) {
-      const std::int64_t nk_pad = round_up(nk, G);
-      for (std::int64_t g = 0; g < nk_pad; g += G) {
-        score_tile<Arch, T, M, NV>(ws.qp.data(), D, kt + (j0 + g) * D, ws.s.data() + g, KB);
+    std::fill_n(ws.o.data() + t.state * Dp, M * Dp, T(0));
+  };
+  // Masked base-2 scores of tile t for keys [j0, j0 + nk) into ws.s (the key-mass pass
+  // recomputes them through this same code, so they are the very values the softmax saw).
+  // row_max (or null: masks applied): M registers that receive the lane-wise row maxima of
+  // a block of unmasked keys.
+  const auto block_scores = [&]<int M>(const typename DenseTileWorkspace<T>::Tile& t,
+                                       std::int64_t j0, std::int64_t nk,
+                                       typename Reg<T, Arch>::V* row_max = nullptr) {
+    const std::int64_t nk_pad = round_up(nk, G);
+    const T* qp = ws.qp.data() + t.state * D;
+    for (std::int64_t g = 0; g < nk_pad; g += G) {
+      score_tile<Arch, T, M, NV>(qp, D, kt + (j0 + g) * D, ws.s.data() + g, KB, row_max);
+    }
+    if (row_max) return;
+    for (int r = 0; r < M; ++r) {
+      T* srow = ws.s.data() + r * KB;
+      std::fill(srow + nk, srow + nk_pad, neg_inf);
+      if (r >= t.rows) continue;
+      const std::int64_t i = t.i0 + r;
+      if constexpr (Bias) {
+        const T* brow = a.bias + i * a.bias_stride[0] + j0 * a.bias_stride[1];
+        for (std::int64_t j = 0; j < nk; ++j) srow[j] += brow[j * a.bias_stride[1]] * log2e;
       }
-      for (int r = 0; r < M; ++r) {
-        T* srow = ws.s.data() + r * KB;
-        std::fill(srow + nk, srow + nk_pad, neg_inf);
-        if (r >= rows) continue;
-        const std::int64_t i = i0 + r;
-        if constexpr (Bias) {
-          const T* brow = a.bias + i * a.bias_stride[0] + j0 * a.bias_stride[1];
-          for (std::int64_t j = 0; j < nk; ++j) srow[j] += brow[j * a.bias_stride[1]] * log2e;
-        }
-        if constexpr (Causal) {
-          const std::int64_t first_masked = std::max<std::int64_t>(0, i + a.causal_offset + 1 - j0);
-          for (std::int64_t j = first_masked; j < nk; ++j) srow[j] = neg_inf;
+      if constexpr (Causal) {
+        const std::int64_t first_masked = std::max<std::int64_t>(0, i + a.causal_offset + 1 - j0);
+        for (std::int64_t j = first_masked; j < nk; ++j) srow[j] = neg_inf;
+      }
+    }
+  };
+  constexpr bool unmasked = !Causal && !Bias && !simd::is_scalar_v<Arch>;
+  // Tile t over keys [from, to): blocks of KB keys starting at multiples of KB.
+  const auto run_keys = [&]<int M>(const typename DenseTileWorkspace<T>::Tile& t, std::int64_t from,
+                                   std::int64_t to) {
+    T* const o = ws.o.data() + t.state * Dp;
+    for (std::int64_t j0 = from; j0 < to; j0 += KB) {
+      const std::int64_t nk = std::min(KB, to - j0);
+      const std::int64_t nk_pad = round_up(nk, G);
+      // Blocks no mask touches take their row maxima from the score registers.
+      bool softmax_done = false;
+      if constexpr (unmasked) {
+        if (nk == nk_pad) {
+          typename Reg<T, Arch>::V row_max[M];
+          for (int r = 0; r < M; ++r) row_max[r] = Reg<T, Arch>::splat(neg_inf);
+          block_scores.template operator()<M>(t, j0, nk, row_max);
+          for (int r = 0; r < M; ++r) {
+            ws.alpha[r] = online_softmax_update_with_max(
+                Arch{}, ws.s.data() + r * KB, nk, simd::hmax(row_max[r]),
+                ws.m[std::size_t(t.state + r)], ws.l[std::size_t(t.state + r)]);
+          }
+          softmax_done = true;
         }
       }
-    };
-
-    for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
-      const std::int64_t nk = std::min(KB, tile_end - j0);
-      const std::int64_t nk_pad = round_up(nk, G);
-      block_scores(j0, nk);
-      for (int r = 0; r < M; ++r) {
-        ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, nk_pad, ws.m[r], ws.l[r]);
+      if (!softmax_done) {
+        block_scores.template operator()<M>(t, j0, nk);
+        for (int r = 0; r < M; ++r) {
+          ws.alpha[r] =
+              online_softmax_update(Arch{}, ws.s.data() + r * KB, nk_pad,
+                                    ws.m[std::size_t(t.state + r)], ws.l[std::size_t(t.state + r)]);
+        }
       }
       std::int64_t c = 0;
       for (; c + NV * L <= Dp; c += NV * L) {
         value_tile<Arch, T, M, NV>(ws.s.data(), KB, ws.alpha.data(), nk, vp + j0 * Dp + c, Dp,
-                                   ws.o.data() + c, Dp);
+                                   o + c, Dp);
       }
       for (; c < Dp; c += L) {
-        value_tile<Arch, T, M, 1>(ws.s.data(), KB, ws.alpha.data(), nk, vp + j0 * Dp + c, Dp,
-                                  ws.o.data() + c, Dp);
-      }
-    }
-    for (std::int64_t r = 0; r < rows; ++r) {
-      online_softmax_finish(Arch{}, ws.o.data() + r * Dp, D, ws.l[r],
-                            out_bh + (i0 + r) * a.out_stride[1], a.out_stride[3]);
-    }
-    if (!mass) return;
-    // Key mass: p = 2^(s - m) / l with the rows' final m and l, summed in row order.
-    for (std::int64_t j0 = 0; j0 < tile_end; j0 += KB) {
-      const std::int64_t nk = std::min(KB, tile_end - j0);
-      block_scores(j0, nk);
-      for (std::int64_t r = 0; r < rows; ++r) {
-        if (!(ws.l[r] > T(0))) continue;  // the row saw no key
-        add_key_mass<Arch>(ws.s.data() + r * KB, nk, ws.m[r], T(1) / ws.l[r], mass + j0);
+        value_tile<Arch, T, M, 1>(ws.s.data(), KB, ws.alpha.data(), nk, vp + j0 * Dp + c, Dp, o + c,
+                                  Dp);
       }
     }
   };
-  std::int64_t i0 = i_begin;
-  for (; i0 + MR <= i_end; i0 += MR) tile.template operator()<MR>(i0, MR);
-  // Tail: a padded tile when at least half full, else row by row (decoding, T = 1).
-  const std::int64_t rest = i_end - i0;
-  if (2 * rest >= MR) {
-    tile.template operator()<MR>(i0, rest);
-  } else {
-    for (std::int64_t r = 0; r < rest; ++r) tile.template operator()<1>(i0 + r, 1);
+  // Out rows of tile t, then (optionally) its key mass: p = 2^(s - m) / l with the rows' final m
+  // and l, summed in row order.
+  const auto finish = [&]<int M>(const typename DenseTileWorkspace<T>::Tile& t) {
+    for (std::int64_t r = 0; r < t.rows; ++r) {
+      online_softmax_finish(Arch{}, ws.o.data() + (t.state + r) * Dp, D,
+                            ws.l[std::size_t(t.state + r)], out_bh + (t.i0 + r) * a.out_stride[1],
+                            a.out_stride[3]);
+    }
+    if (!mass) return;
+    const std::int64_t end = tile_end(t);
+    for (std::int64_t j0 = 0; j0 < end; j0 += KB) {
+      const std::int64_t nk = std::min(KB, end - j0);
+      block_scores.template operator()<M>(t, j0, nk);
+      for (std::int64_t r = 0; r < t.rows; ++r) {
+        const T l = ws.l[std::size_t(t.state + r)];
+        if (!(l > T(0))) continue;  // the row saw no key
+        add_key_mass<Arch>(ws.s.data() + r * KB, nk, ws.m[std::size_t(t.state + r)], T(1) / l,
+                           mass + j0);
+      }
+    }
+  };
+  const auto each_tile = [&](auto&& f) {
+    for (const auto& t : ws.tiles)
+      t.M == MR ? f.template operator()<MR>(t) : f.template operator()<1>(t);
+  };
+
+  each_tile(start);
+  const std::int64_t chunk = Tl::key_chunk(D);
+  for (std::int64_t c0 = 0; c0 < s_end; c0 += chunk) {
+    each_tile([&]<int M>(const typename DenseTileWorkspace<T>::Tile& t) {
+      run_keys.template operator()<M>(t, c0, std::min(c0 + chunk, tile_end(t)));
+    });
   }
+  each_tile(finish);
 }
 
 }  // namespace detail

@@ -82,26 +82,12 @@ inline double exp2_nonpositive(double x) noexcept { return simd::exp(x * 0.69314
 
 namespace kernels {
 
-/// s: [n] scores of one row in base-2 units; m, l: the row's running max and
-/// sum (start at -inf and 0). Overwrites s with p_j = 2^(s_j - m'), updates m and
-/// l, and returns alpha = 2^(m - m'), the factor the caller multiplies its
-/// accumulator row by before adding sum_j p_j v_j. NaN scores give NaN.
+/// online_softmax_update (below) for a caller that already knows block_max, the
+/// largest of s[0 .. n) (attention's score tile takes it from its registers).
 template <class Arch, class T>
-T online_softmax_update(Arch, T* s, std::int64_t n, T& m, T& l) noexcept {
+T online_softmax_update_with_max(Arch, T* s, std::int64_t n, T block_max, T& m, T& l) noexcept {
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
-  T block_max = neg_inf;
   std::int64_t j = 0;
-  if constexpr (!simd::is_scalar_v<Arch>) {
-    using V = xsimd::batch<T, Arch>;
-    constexpr std::int64_t L = V::size;
-    if (n >= L) {
-      V mv(neg_inf);
-      for (; j + L <= n; j += L) mv = xsimd::max(mv, V::load_unaligned(s + j));
-      block_max = simd::hmax(mv);
-    }
-  }
-  for (; j < n; ++j) block_max = std::max(block_max, s[j]);
-
   const T m_new = std::max(m, block_max);
   if (m_new == neg_inf) {  // nothing seen yet: keep m = -inf, l = 0
     for (std::int64_t i = 0; i < n; ++i) s[i] = T(0);
@@ -138,6 +124,28 @@ T online_softmax_update(Arch, T* s, std::int64_t n, T& m, T& l) noexcept {
   l = l * alpha + sum;
   m = m_new;
   return alpha;
+}
+
+/// s: [n] scores of one row in base-2 units; m, l: the row's running max and
+/// sum (start at -inf and 0). Overwrites s with p_j = 2^(s_j - m'), updates m and
+/// l, and returns alpha = 2^(m - m'), the factor the caller multiplies its
+/// accumulator row by before adding sum_j p_j v_j. NaN scores give NaN.
+template <class Arch, class T>
+T online_softmax_update(Arch, T* s, std::int64_t n, T& m, T& l) noexcept {
+  constexpr T neg_inf = -std::numeric_limits<T>::infinity();
+  T block_max = neg_inf;
+  std::int64_t j = 0;
+  if constexpr (!simd::is_scalar_v<Arch>) {
+    using V = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = V::size;
+    if (n >= L) {
+      V mv(neg_inf);
+      for (; j + L <= n; j += L) mv = xsimd::max(mv, V::load_unaligned(s + j));
+      block_max = simd::hmax(mv);
+    }
+  }
+  for (; j < n; ++j) block_max = std::max(block_max, s[j]);
+  return online_softmax_update_with_max(Arch{}, s, n, block_max, m, l);
 }
 
 /// acc: [d]; out: [d] with element stride out_stride. out = acc / l, or exact
