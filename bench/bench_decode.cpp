@@ -12,7 +12,8 @@
 // Counters: GB/s = bytes the step must read (K and V of every cached position; the active
 // experts' w1, w3, w2) / wall time; bw_fraction = GB/s / triad_GB/s; tokens/s = new tokens per
 // second. Threads: the switchyard default (all hardware threads). Wall time (UseRealTime).
-// Names: BM_DecodeAttention/B/S/T_new, BM_MoEDecode/shape/T (shape 0 Mixtral-like: d 2048,
+// Names: BM_DecodeAttention/B/S/T_new (BM_DecodeAttentionBf16Cache: a KVCache<float, bf16>,
+// whose steps read half the bytes), BM_MoEDecode/shape/T (shape 0 Mixtral-like: d 2048,
 // F 7168, E 8, k 2; shape 1 OLMoE-like: d 2048, F 1024, E 64, k 8),
 // BM_MoEDecodeWeightForm/shape/T/form (form 0 stacked float, 1 one float tensor per expert,
 // 2 one bf16 tensor per expert: the layouts of Hugging Face checkpoints).
@@ -88,19 +89,21 @@ void BM_Triad(benchmark::State& state) {
 
 constexpr std::int64_t H = 32, Hkv = 8, D = 128;
 
-// Independent caches of B sequences holding S positions each, more than 4x L3 in total.
-std::vector<std::unique_ptr<attention::KVCache<float>>> make_caches(std::int64_t B,
-                                                                    std::int64_t S) {
-  const std::int64_t bytes = B * S * Hkv * D * 4 * 2;
+// Independent caches of B sequences holding S positions each, more than 4x L3 in total; stored
+// as Stored (float, or bf16: KVCache<float, bf16>).
+template <class Stored = float>
+std::vector<std::unique_ptr<attention::KVCache<float, Stored>>> make_caches(std::int64_t B,
+                                                                            std::int64_t S) {
+  const std::int64_t bytes = B * S * Hkv * D * std::int64_t(sizeof(Stored)) * 2;
   const std::int64_t n = std::max<std::int64_t>(1, (4 * l3_bytes() + bytes - 1) / bytes);
-  std::vector<std::unique_ptr<attention::KVCache<float>>> caches;
+  std::vector<std::unique_ptr<attention::KVCache<float, Stored>>> caches;
   const std::int64_t block = std::min<std::int64_t>(S, 1024);
   Tensor<float> kv({B, block, Hkv, D});
   std::mt19937 gen(1);
   std::normal_distribution<float> nd(0.0f, 1.0f);
   for (auto& x : kv) x = nd(gen);
   for (std::int64_t i = 0; i < n; ++i) {
-    caches.push_back(std::make_unique<attention::KVCache<float>>(B, Hkv, D, S));
+    caches.push_back(std::make_unique<attention::KVCache<float, Stored>>(B, Hkv, D, S));
     for (std::int64_t s = 0; s < S; s += block) {
       const std::int64_t m = std::min(block, S - s);
       caches.back()->append(kv.view<4>().slice(1, 0, m), kv.view<4>().slice(1, 0, m));
@@ -121,10 +124,11 @@ void report(benchmark::State& state, double bytes_per_step, double tokens_per_st
   state.counters["threads"] = num_threads();
 }
 
-void BM_DecodeAttention(benchmark::State& state) {
+template <class Stored>
+void decode_attention(benchmark::State& state) {
   const std::int64_t B = state.range(0), S = state.range(1), Tn = state.range(2);
   triad_gbps();
-  auto caches = make_caches(B, S);
+  auto caches = make_caches<Stored>(B, S);
   Tensor<float> q({B, Tn, H, D}), out({B, Tn, H, D});
   std::mt19937 gen(2);
   std::normal_distribution<float> nd(0.0f, 1.0f);
@@ -137,10 +141,13 @@ void BM_DecodeAttention(benchmark::State& state) {
     attn.decode(q.view<4>(), *caches[i++ % caches.size()], out.view<4>());
     seconds += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   }
-  const double bytes = double(B * S * Hkv * D) * 4 * 2;
+  const double bytes = double(B * S * Hkv * D) * double(sizeof(Stored)) * 2;
   report(state, bytes, double(B * Tn), seconds);
   state.counters["caches"] = double(caches.size());
 }
+void BM_DecodeAttention(benchmark::State& state) { decode_attention<float>(state); }
+// The same steps on a bf16 cache: half the bytes per step, widened in the kernels.
+void BM_DecodeAttentionBf16Cache(benchmark::State& state) { decode_attention<bf16>(state); }
 
 // Today's prefill kernel as a decode step: forward over the cache's positions with T = 1 and
 // CausalMask{S - 1} (it packs K and V on every call).
@@ -302,6 +309,11 @@ void attention_args(benchmark::internal::Benchmark* b) {
 
 BENCHMARK(BM_Triad)->Iterations(1)->UseRealTime()->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_DecodeAttention)
+    ->Apply(attention_args)
+    ->UseRealTime()
+    ->MinTime(1.0)
+    ->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_DecodeAttentionBf16Cache)
     ->Apply(attention_args)
     ->UseRealTime()
     ->MinTime(1.0)

@@ -28,8 +28,8 @@ using test_support::random_tensor;
 namespace {
 
 // Fills a cache with per-sequence lengths lens[b] (every head), from k, v: [B, S, H_kv, D].
-template <class T>
-void fill_cache(KVCache<T>& cache, const Tensor<T>& k, const Tensor<T>& v,
+template <class T, class S>
+void fill_cache(KVCache<T, S>& cache, const Tensor<T>& k, const Tensor<T>& v,
                 const std::vector<std::int64_t>& lens) {
   const auto kv = k.template view<4>();
   const auto vv = v.template view<4>();
@@ -342,6 +342,185 @@ TEST_CASE("Prefill in chunks, then decode, equals one causal forward", "[decode]
   for (std::int64_t i = 0; i < full.numel(); ++i)
     e = std::max(e, double(std::abs(full.data()[i] - inc.data()[i])));
   CHECK(e < 1e-5);
+}
+
+// x rounded to the nearest bf16 (ties to even), as a float tensor.
+Tensor<float> bf16_rounded(const Tensor<float>& x) {
+  Tensor<float> r = x;
+  for (auto& e : r) e = to_float(bf16::from_float(e));
+  return r;
+}
+
+TEST_CASE("KVCache<float, bf16>: append rounds to bf16, keep moves the stored rows", "[kv_cache]") {
+  KVCache<float, bf16> cache(2, 3, 5, 8);
+  CHECK(cache.row_stride() == 32);  // 64 bytes of bf16
+  // Values that round differently: ties go to the even upper half, others to the nearest.
+  Tensor<float> k({2, 4, 3, 5}), v({2, 4, 3, 5});
+  std::mt19937 gen(5);
+  std::uniform_real_distribution<float> u(-3.0f, 3.0f);
+  for (auto& x : k) x = u(gen);
+  for (auto& x : v) x = u(gen);
+  k.data()[0] = 1.0f + 0x1p-8f;             // a tie between 1 and 1 + 2^-7: rounds to even, 1
+  k.data()[1] = 1.0f + 0x1p-8f + 0x1p-20f;  // just past the tie: 1 + 2^-7
+  cache.append(k.view<4>(), v.view<4>());
+  CHECK(cache.keys(0, 0)(0, 0).bits == 0x3F80);
+  CHECK(cache.keys(0, 0)(0, 1).bits == 0x3F81);
+  for (std::int64_t b = 0; b < 2; ++b)
+    for (std::int64_t h = 0; h < 3; ++h)
+      for (std::int64_t j = 0; j < 4; ++j)
+        for (std::int64_t d = 0; d < 5; ++d) {
+          CHECK(cache.keys(b, h)(j, d) == bf16::from_float(k.view<4>()(b, j, h, d)));
+          CHECK(cache.values_as_sequence(4)(b, j, h, d) ==
+                bf16::from_float(v.view<4>()(b, j, h, d)));
+        }
+  KVKeepPlan plan;
+  plan.offsets = {0, 1, 2, 3, 5, 5, 6};
+  plan.positions = {3, 0, 2, 1, 3, 0};
+  cache.keep(plan);
+  CHECK(cache.length(0, 0) == 1);
+  CHECK(cache.length(1, 0) == 2);
+  CHECK(cache.length(1, 1) == 0);
+  for (std::int64_t d = 0; d < 5; ++d) {
+    CHECK(cache.keys(0, 0)(0, d) == bf16::from_float(k.view<4>()(0, 3, 0, d)));
+    CHECK(cache.values(1, 0)(1, d) == bf16::from_float(v.view<4>()(1, 3, 0, d)));
+  }
+  // Storage errors are those of the float cache.
+  const auto bad = random_tensor<float>({2, 1, 3, 4}, 4);
+  CHECK_THROWS_AS(cache.append(bad.view<4>(), bad.view<4>()), shape_error);
+  CHECK_THROWS_AS((KVCache<float, bf16>(1, 1, 1, 0)), config_error);
+}
+
+TEST_CASE("DenseAttention::decode on a bf16 cache: every arch, reference and float-cache bits",
+          "[decode][bf16]") {
+  // The cache stores bf16(k), bf16(v); decoding widens them exactly, so the result is the
+  // float decode of the rounded values: the same bits as a float cache holding them (the
+  // summation order does not depend on the stored type), and the long-double reference on
+  // them within the float tolerance.
+  const std::vector<DecodeCase> cases = {
+      {1, 4, 4, 16, 1, {7}, false, false, false},
+      {2, 8, 2, 40, 1, {300, 1}, false, true, false},
+      {2, 6, 3, 33, 3, {5, 700}, true, true, false},
+      {1, 8, 2, 128, 2, {1100}, false, true, true},
+  };
+  for (const auto& c : cases) {
+    const std::int64_t S = *std::max_element(c.lens.begin(), c.lens.end());
+    DYNAMIC_SECTION("B=" << c.B << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D
+                         << " Tn=" << c.Tn << " S=" << S) {
+      const auto q = random_tensor<float>({c.B, c.Tn, c.H, c.D}, 51);
+      const auto k = random_tensor<float>({c.B, S, c.Hkv, c.D}, 52);
+      const auto v = random_tensor<float>({c.B, S, c.Hkv, c.D}, 53);
+      const auto kr = bf16_rounded(k), vr = bf16_rounded(v);
+      const std::int64_t cap = S + 3;
+      KVCache<float, bf16> cache(c.B, c.Hkv, c.D, cap);
+      KVCache<float> rounded(c.B, c.Hkv, c.D, cap);
+      fill_cache(cache, k, v, c.lens);
+      fill_cache(rounded, kr, vr, c.lens);
+      Tensor<float> bias({c.H, c.Tn, cap});
+      std::mt19937 gen(54);
+      std::uniform_real_distribution<double> u(-2.0, 2.0);
+      for (auto& x : bias) x = float(u(gen));
+      std::vector<std::uint8_t> active;
+      if (c.active)
+        for (std::int64_t i = 0; i < c.B * c.Tn * c.H; ++i) active.push_back(i % 3 != 1);
+      const double scale = 1.0 / std::sqrt(double(c.D));
+      const auto want =
+          decode_reference(q, kr, vr, c.lens, scale, c.bias ? &bias : nullptr, active);
+      simd::for_each_arch([&](auto arch) {
+        using Arch = decltype(arch);
+        CAPTURE(Arch::name());
+        Tensor<float> mass({c.B, c.Hkv, cap}), mass_f({c.B, c.Hkv, cap});
+        DecodeOptions<float> opts;
+        if (c.bias) opts.bias = bias.view<3>();
+        if (c.mass) opts.key_mass = mass.view<3>();
+        opts.active_heads = active;
+        Tensor<float> out({c.B, c.Tn, c.H, c.D}), out_f({c.B, c.Tn, c.H, c.D});
+        const DenseAttention<float, Arch> attn;
+        attn.decode(q.view<4>(), cache, out.view<4>(), opts);
+        CHECK(max_err(out, want.out) < 2e-5);
+        if (c.mass) opts.key_mass = mass_f.view<3>();
+        attn.decode(q.view<4>(), rounded, out_f.view<4>(), opts);
+        CHECK(std::equal(out.begin(), out.end(), out_f.begin()));
+        if (c.mass) {
+          for (std::int64_t b = 0; b < c.B; ++b)
+            for (std::int64_t h = 0; h < c.Hkv; ++h)
+              for (std::int64_t j = 0; j < c.lens[std::size_t(b)]; ++j) {
+                CHECK(mass.view<3>()(b, h, j) == mass_f.view<3>()(b, h, j));
+                CHECK(std::abs(mass.view<3>()(b, h, j) -
+                               want.mass[std::size_t((b * c.Hkv + h) * S + j)]) < 1e-5);
+              }
+        }
+      });
+    }
+  }
+}
+
+TEST_CASE("bf16 cache: prefill in chunks through forward, then decode, equals one forward",
+          "[decode][bf16]") {
+  const std::int64_t B = 2, H = 4, Hkv = 2, D = 32, T = 150;
+  const auto q = random_tensor<float>({B, T, H, D}, 61);
+  const auto k = random_tensor<float>({B, T, Hkv, D}, 62);
+  const auto v = random_tensor<float>({B, T, Hkv, D}, 63);
+  const auto kr = bf16_rounded(k), vr = bf16_rounded(v);
+  DenseAttention<float> attn;
+  Tensor<float> full({B, T, H, D}), inc({B, T, H, D});
+  attn.forward(q.view<4>(), kr.view<4>(), vr.view<4>(), full.view<4>(), CausalMask{});
+  KVCache<float, bf16> cache(B, Hkv, D, T);
+  std::int64_t t0 = 0;
+  for (std::int64_t n : {70, 60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}) {
+    cache.append(k.view<4>().slice(1, t0, t0 + n), v.view<4>().slice(1, t0, t0 + n));
+    const auto qc = q.view<4>().slice(1, t0, t0 + n);
+    const auto oc = inc.view<4>().slice(1, t0, t0 + n);
+    if (n > 1) {
+      attn.forward(qc, cache.keys_as_sequence(t0 + n), cache.values_as_sequence(t0 + n), oc,
+                   CausalMask{t0});
+      // The bf16 forward packs the very floats a forward on the rounded values packs.
+      Tensor<float> oc_f({B, n, H, D});
+      attn.forward(qc, kr.view<4>().slice(1, 0, t0 + n), vr.view<4>().slice(1, 0, t0 + n),
+                   oc_f.view<4>(), CausalMask{t0});
+      for (std::int64_t b = 0; b < B; ++b)
+        for (std::int64_t t = 0; t < n; ++t)
+          for (std::int64_t h = 0; h < H; ++h)
+            for (std::int64_t d = 0; d < D; ++d)
+              REQUIRE(oc(b, t, h, d) == oc_f.view<4>()(b, t, h, d));
+    } else {
+      attn.decode(qc, cache, oc);
+    }
+    t0 += n;
+  }
+  double e = 0;
+  for (std::int64_t i = 0; i < full.numel(); ++i)
+    e = std::max(e, double(std::abs(full.data()[i] - inc.data()[i])));
+  CHECK(e < 1e-5);
+}
+
+TEST_CASE("bf16 K and V: errors name the layer and the argument", "[decode][bf16][errors]") {
+  DenseAttention<float> attn;
+  KVCache<float, bf16> cache(2, 2, 8, 16);
+  const auto kv = random_tensor<float>({2, 3, 2, 8}, 71);
+  cache.append(kv.view<4>(), kv.view<4>());
+  const auto q = random_tensor<float>({2, 1, 4, 8}, 72);
+  Tensor<float> out({2, 1, 4, 8});
+  const auto q_d = random_tensor<float>({2, 1, 4, 9}, 73);
+  CHECK_THROWS_AS(attn.decode(q_d.view<4>(), cache, out.view<4>()), shape_error);
+  const auto q_four = random_tensor<float>({2, 4, 4, 8}, 74);
+  Tensor<float> out_four({2, 4, 4, 8});
+  CHECK_THROWS_WITH(attn.decode(q_four.view<4>(), cache, out_four.view<4>()),
+                    Contains("holds 3 positions"));
+  // forward over bf16 views: k and v must agree with q and with each other.
+  const auto q3 = random_tensor<float>({2, 3, 4, 16}, 75);
+  Tensor<float> out3({2, 3, 4, 16});
+  CHECK_THROWS_WITH(attn.forward(q3.view<4>(), cache.keys_as_sequence(3),
+                                 cache.values_as_sequence(3), out3.view<4>()),
+                    Contains("DenseAttention::forward") && Contains("'k'"));
+  const auto q8 = random_tensor<float>({2, 3, 4, 8}, 76);
+  Tensor<float> out8({2, 3, 4, 8});
+  CHECK_THROWS_WITH(attn.forward(q8.view<4>(), cache.keys_as_sequence(3),
+                                 cache.values_as_sequence(2), out8.view<4>()),
+                    Contains("'v'"));
+  // Eviction policies take a bf16 cache like a float one.
+  StreamingLLMPolicy({.sinks = 1, .recent = 1}).evict(cache);
+  CHECK(cache.length(0) == 2);
+  CHECK(cache.keys(1, 1)(1, 0) == bf16::from_float(kv.view<4>()(1, 2, 1, 0)));
 }
 
 TEST_CASE("DenseAttention::decode errors", "[decode][errors]") {

@@ -5,8 +5,10 @@
 #include <cstdint>
 #include <vector>
 
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/online_softmax.hpp"
+#include "switchyard/core/simd/widen.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -23,6 +25,7 @@ struct Reg {
   static void store(T* p, const V& x) noexcept { x.store_aligned(p); }
   static V splat(T x) noexcept { return V(x); }
   static V fma(const V& a, const V& b, const V& c) noexcept { return xsimd::fma(a, b, c); }
+  static V load(const bf16* p) noexcept { return simd::load_widened<Arch>(p); }  // T = float
 };
 template <class T, class Arch>
 struct Reg<T, Arch, true> {
@@ -33,19 +36,21 @@ struct Reg<T, Arch, true> {
   static void store(T* p, V x) noexcept { *p = x; }
   static V splat(T x) noexcept { return x; }
   static V fma(V a, V b, V c) noexcept { return a * b + c; }
+  static V load(const bf16* p) noexcept { return to_float(*p); }
 };
 
 // o[r][0 .. NV*L) = o[r] * alpha[r] + sum_{j < nk} p[r][j] * vp[j][0 .. NV*L).
+// vp: values stored as T (64-byte aligned rows), or as bf16 for T = float (widened on load).
 // ahead (optional): n_ahead rows of ahead_stride elements the caller reads next; row j is
 // fetched into the cache while key j is accumulated (the decode kernel's next keys).
-template <class Arch, class T, int MR, int NV>
+template <class Arch, class T, int MR, int NV, class S = T>
 inline void value_tile(const T* p, std::int64_t p_stride, const T* alpha, std::int64_t nk,
-                       const T* vp, std::int64_t v_stride, T* o, std::int64_t o_stride,
-                       const T* ahead = nullptr, std::int64_t ahead_stride = 0,
+                       const S* vp, std::int64_t v_stride, T* o, std::int64_t o_stride,
+                       const S* ahead = nullptr, std::int64_t ahead_stride = 0,
                        std::int64_t n_ahead = 0) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
-  constexpr std::int64_t line = 64 / sizeof(T);
+  constexpr std::int64_t line = 64 / sizeof(S);
   typename R::V acc[MR][NV];
   for (int r = 0; r < MR; ++r) {
     const auto a = R::splat(alpha[r]);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "switchyard/attention/attention_tiles.hpp"
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
@@ -33,16 +34,18 @@ namespace switchyard {
 inline namespace v0 {
 namespace kernels {
 
-/// Raw description of one decode step (checked by DenseAttention::decode).
-template <class T>
+/// Raw description of one decode step (checked by DenseAttention::decode). S: the cache's
+/// storage type, T or bf16 (for T = float; widened as it is read).
+template <class T, class S = T>
 struct DecodeAttentionArgs {
   const T* q;  ///< [B, T_new, H, D], strides q_stride (elements)
   std::int64_t q_stride[4];
-  const T* k;  ///< cache storage [B, H_kv, capacity, Dp], 64-byte aligned rows, zero padding
-  const T* v;
-  std::int64_t capacity, Dp;
-  const std::int64_t* lengths;  ///< [B * H_kv], each >= T_new
-  T* out;                       ///< [B, T_new, H, D]
+  const S* k;  ///< cache storage [B, H_kv, capacity, kv_stride], 64-byte aligned rows, zero padding
+  const S* v;
+  std::int64_t capacity, kv_stride;  ///< kv_stride: elements of S per cached row, >= Dp
+  std::int64_t Dp;                   ///< D rounded up to 64 bytes of T: the rows computed on
+  const std::int64_t* lengths;       ///< [B * H_kv], each >= T_new
+  T* out;                            ///< [B, T_new, H, D]
   std::int64_t out_stride[4];
   std::int64_t B, T_new, H, Hkv, D;
   T scale;                  ///< multiplies q . k
@@ -73,16 +76,20 @@ inline constexpr std::int64_t decode_row_group = simd::is_scalar_v<Arch>
                                                      ? 1
                                                      : (simd::lanes_v<T, Arch> >= 16 ? 4 : 2);
 
-// s[i * s_stride + j] = q_i . k_j for i < n_rows (a multiple of decode_row_group; padding rows
-// are zeros), j < nk; q rows and k rows are Dp apart, 64-byte aligned and zero padded past D.
+// s[i * s_stride + j] = q_i . k_j over d < Dp for i < n_rows (a multiple of decode_row_group;
+// padding rows are zeros), j < nk; q rows are Dp apart, k rows ks apart (ks >= Dp), both
+// 64-byte aligned and zero padded past D; k stored as T, or as bf16 for T = float (widened on
+// load). Only Dp, never ks, sets the summation order: a bf16 cache gives the float cache's bits.
+// widened: Dp values of scratch (bf16 keys past the last whole group of keys).
 // Per group of RG rows and KG = L / RG keys: L accumulators, acc[u * RG + r] for key u and row
 // r, then one transpose-add (simd::hsum_rows) gives those L scores.
-// `ahead`: the rows (Dp apart) the caller reads next, the values of these keys: fetched into
+// `ahead`: the rows (ks apart) the caller reads next, the values of these keys: fetched into
 // the cache while the scores are computed, so K and V stream together rather than in turn.
-template <class Arch, class T>
-void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk, std::int64_t Dp,
-                   T* s, std::int64_t s_stride, const T* ahead) noexcept {
-  constexpr std::int64_t line = 64 / sizeof(T);
+template <class Arch, class T, class S>
+void decode_scores(const T* qp, std::int64_t n_rows, const S* k, std::int64_t nk, std::int64_t Dp,
+                   std::int64_t ks, T* s, std::int64_t s_stride, const S* ahead,
+                   T* widened) noexcept {
+  constexpr std::int64_t line = 64 / sizeof(S);
   std::int64_t j = 0;
   if constexpr (!simd::is_scalar_v<Arch>) {
     using V = xsimd::batch<T, Arch>;
@@ -90,8 +97,8 @@ void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk
     static_assert(RG * KG == L);
     alignas(64) T lanes[L];
     for (; j + KG <= nk; j += KG) {
-      const T* kb = k + j * Dp;
-      for (std::int64_t p = 0; p < KG * Dp; p += line) __builtin_prefetch(ahead + j * Dp + p, 0, 3);
+      const S* kb = k + j * ks;
+      for (std::int64_t p = 0; p < KG * ks; p += line) __builtin_prefetch(ahead + j * ks + p, 0, 3);
       for (std::int64_t i = 0; i < n_rows; i += RG) {
         const T* qi = qp + i * Dp;
         V acc[L];
@@ -100,7 +107,7 @@ void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk
           V qv[RG];
           for (std::int64_t r = 0; r < RG; ++r) qv[r] = V::load_aligned(qi + r * Dp + d);
           for (std::int64_t u = 0; u < KG; ++u) {
-            const V kv = V::load_aligned(kb + u * Dp + d);
+            const V kv = Reg<T, Arch>::load(kb + u * ks + d);
             for (std::int64_t r = 0; r < RG; ++r)
               acc[u * RG + r] = xsimd::fma(kv, qv[r], acc[u * RG + r]);
           }
@@ -111,15 +118,23 @@ void decode_scores(const T* qp, std::int64_t n_rows, const T* k, std::int64_t nk
       }
     }
   }
-  for (; j < nk; ++j)
+  for (; j < nk; ++j) {
+    const T* kj = nullptr;
+    if constexpr (std::is_same_v<S, T>) {
+      kj = k + j * ks;
+    } else {  // widened into a row of T, so dot sums in its own order (as for a float cache)
+      for (std::int64_t d = 0; d < Dp; ++d) widened[d] = to_float(k[j * ks + d]);
+      kj = widened;
+    }
     for (std::int64_t i = 0; i < n_rows; ++i)
-      s[i * s_stride + j] = dot(Arch{}, qp + i * Dp, k + j * Dp, Dp);
+      s[i * s_stride + j] = dot(Arch{}, qp + i * Dp, kj, Dp);
+  }
 }
 
 // Per-thread buffers of one task, reused across calls.
 template <class T>
 struct DecodeTaskWorkspace {
-  aligned_vector<T> qp, s, o;
+  aligned_vector<T> qp, s, o, widened;
   std::vector<T> m, l, alpha;
   std::vector<std::int64_t> rows;  // active rows (r = t * group + g) of the task's group
 };
@@ -146,15 +161,15 @@ DecodeCallWorkspace<T>& decode_call_workspace() {
   return ws;
 }
 
-template <class T>
-bool decode_row_active(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int64_t t,
+template <class T, class S>
+bool decode_row_active(const DecodeAttentionArgs<T, S>& a, std::int64_t b, std::int64_t t,
                        std::int64_t h) noexcept {
   return !a.active || a.active[(b * a.T_new + t) * a.H + h] != 0;
 }
 
 // One task: (b, hk), chunk of keys [j0, j1). Writes the rows' partials.
-template <class Arch, class T>
-void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int64_t hk,
+template <class Arch, class T, class S>
+void decode_chunk_task(const DecodeAttentionArgs<T, S>& a, std::int64_t b, std::int64_t hk,
                        std::int64_t j0, std::int64_t j1, T* part_o, T* part_ml, T* scores) {
   constexpr int MR = 4;  // query rows per value tile
   using R = Reg<T, Arch>;
@@ -182,6 +197,7 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
   ws.m.assign(std::size_t(na), neg_inf);
   ws.l.assign(std::size_t(na), T(0));
   ws.alpha.resize(std::size_t(na));
+  if constexpr (!std::is_same_v<S, T>) ws.widened.resize(std::size_t(Dp));
 
   // Queries scaled into base-2 units, D padded with zeros.
   const T qscale = a.scale * log2e;
@@ -194,12 +210,14 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
     std::fill(dst + a.D, dst + Dp, T(0));
     vis_end = std::max(vis_end, std::min(j1, first_new + t + 1));
   }
-  const T* kh = a.k + (b * a.Hkv + hk) * a.capacity * Dp;
-  const T* vh = a.v + (b * a.Hkv + hk) * a.capacity * Dp;
+  const std::int64_t ks = a.kv_stride;
+  const S* kh = a.k + (b * a.Hkv + hk) * a.capacity * ks;
+  const S* vh = a.v + (b * a.Hkv + hk) * a.capacity * ks;
 
   for (std::int64_t jb = j0; jb < vis_end; jb += KB) {
     const std::int64_t nk = std::min(KB, vis_end - jb);
-    decode_scores<Arch>(ws.qp.data(), na_pad, kh + jb * Dp, nk, Dp, ws.s.data(), KB, vh + jb * Dp);
+    decode_scores<Arch>(ws.qp.data(), na_pad, kh + jb * ks, nk, Dp, ks, ws.s.data(), KB,
+                        vh + jb * ks, ws.widened.data());
     for (std::int64_t i = 0; i < na; ++i) {
       const std::int64_t r = ws.rows[std::size_t(i)], t = r / group, h = hk * group + r % group;
       T* srow = ws.s.data() + i * KB;
@@ -221,12 +239,12 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
       std::int64_t c = 0;
       for (; c + NV * L <= Dp; c += NV * L) {
         const bool fetch = i == 0 && c == 0;
-        value_tile<Arch, T, M, NV>(p, KB, ws.alpha.data() + i, nk, vh + jb * Dp + c, Dp,
-                                   ws.o.data() + i * Dp + c, Dp, kh + (jb + nk) * Dp, Dp,
+        value_tile<Arch, T, M, NV>(p, KB, ws.alpha.data() + i, nk, vh + jb * ks + c, ks,
+                                   ws.o.data() + i * Dp + c, Dp, kh + (jb + nk) * ks, ks,
                                    fetch ? std::min(nk, next) : 0);
       }
       for (; c < Dp; c += L)
-        value_tile<Arch, T, M, 1>(p, KB, ws.alpha.data() + i, nk, vh + jb * Dp + c, Dp,
+        value_tile<Arch, T, M, 1>(p, KB, ws.alpha.data() + i, nk, vh + jb * ks + c, ks,
                                   ws.o.data() + i * Dp + c, Dp);
     };
     for (; i0 + MR <= na; i0 += MR) tile.template operator()<MR>(i0);
@@ -244,8 +262,8 @@ void decode_chunk_task(const DecodeAttentionArgs<T>& a, std::int64_t b, std::int
 
 /// Split-KV decode attention on Arch (see the file comment). Rows of inactive heads and rows
 /// that see no key get zeros. Bit-identical for any thread count.
-template <class Arch, class T>
-void decode_attention(Arch, const DecodeAttentionArgs<T>& a) {
+template <class Arch, class T, class S>
+void decode_attention(Arch, const DecodeAttentionArgs<T, S>& a) {
   if (a.B == 0 || a.T_new == 0 || a.H == 0) return;
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   const std::int64_t group = a.H / a.Hkv, n_rows = a.T_new * group, Dp = a.Dp;

@@ -56,14 +56,15 @@ inline namespace v0 {
 namespace kernels {
 
 /// Raw description of one dense attention call (checked by DenseAttention).
-/// Strides are in elements; dims: q/out [B, T, H, D], k/v [B, S, Hkv, D].
-template <class T>
+/// Strides are in elements; dims: q/out [B, T, H, D], k/v [B, S, Hkv, D]. KV: the type K and V
+/// are stored as, T or bf16 for T = float (widened while they are packed).
+template <class T, class KV = T>
 struct DenseAttentionArgs {
   const T* q;
   std::int64_t q_stride[4];
-  const T* k;
+  const KV* k;
   std::int64_t k_stride[4];
-  const T* v;
+  const KV* v;
   std::int64_t v_stride[4];
   T* out;
   std::int64_t out_stride[4];
@@ -82,8 +83,9 @@ struct DenseAttentionArgs {
 };
 
 /// Whether head h of batch element b is computed.
-template <class T>
-bool dense_head_active(const DenseAttentionArgs<T>& a, std::int64_t b, std::int64_t h) noexcept {
+template <class T, class KV>
+bool dense_head_active(const DenseAttentionArgs<T, KV>& a, std::int64_t b,
+                       std::int64_t h) noexcept {
   return !a.active || a.active[a.active_per_batch ? b * a.H + h : h] != 0;
 }
 
@@ -167,7 +169,8 @@ struct DensePacked {
   std::int64_t D, Dp, S, s_pad, Hkv;
   aligned_vector<T> kt, vp;
 
-  explicit DensePacked(const DenseAttentionArgs<T>& a)
+  template <class KV>
+  explicit DensePacked(const DenseAttentionArgs<T, KV>& a)
       : D(a.D), Dp(round_up(a.D, Tl::L)), S(a.S), s_pad(round_up(a.S, Tl::G)), Hkv(a.Hkv) {
     kt.resize(std::size_t(std::max<std::int64_t>(1, a.B * Hkv * s_pad * D)));
     vp.resize(std::size_t(std::max<std::int64_t>(1, a.B * Hkv * S * Dp)));
@@ -180,26 +183,28 @@ struct DensePacked {
   }
 
   // Packs keys [0, n) of (b, hk); later keys are never read.
-  void pack(const DenseAttentionArgs<T>& a, std::int64_t b, std::int64_t hk,
+  template <class KV>
+  void pack(const DenseAttentionArgs<T, KV>& a, std::int64_t b, std::int64_t hk,
             std::int64_t n) noexcept {
     constexpr std::int64_t G = Tl::G;
-    const T* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
-    const T* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
+    const KV* k_bh = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
+    const KV* v_bh = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
     T* const kt_bh = k_head(b, hk);
     for (std::int64_t g = 0; g < round_up(n, G); g += G) {
       T* dst = kt_bh + g * D;
       for (std::int64_t d = 0; d < D; ++d) {
-        const T* src = k_bh + g * a.k_stride[1] + d * a.k_stride[3];
+        const KV* src = k_bh + g * a.k_stride[1] + d * a.k_stride[3];
         const std::int64_t valid = std::min(G, n - g);
-        for (std::int64_t jj = 0; jj < valid; ++jj) dst[d * G + jj] = src[jj * a.k_stride[1]];
+        for (std::int64_t jj = 0; jj < valid; ++jj)
+          dst[d * G + jj] = T(to_float(src[jj * a.k_stride[1]]));
         for (std::int64_t jj = valid; jj < G; ++jj) dst[d * G + jj] = T(0);
       }
     }
     T* const vp_bh = v_head(b, hk);
     for (std::int64_t j = 0; j < n; ++j) {
-      const T* src = v_bh + j * a.v_stride[1];
+      const KV* src = v_bh + j * a.v_stride[1];
       T* dst = vp_bh + j * Dp;
-      for (std::int64_t d = 0; d < D; ++d) dst[d] = src[d * a.v_stride[3]];
+      for (std::int64_t d = 0; d < D; ++d) dst[d] = T(to_float(src[d * a.v_stride[3]]));
       for (std::int64_t d = D; d < Dp; ++d) dst[d] = T(0);
     }
   }
@@ -211,8 +216,8 @@ struct DensePacked {
 // every tile of the task in turn, so a chunk is read from memory once per task rather than once
 // per tile. Each row still sees the same blocks of KB keys in the same order: the chunking changes
 // no bit of the result.
-template <class Arch, class T, bool Causal, bool Bias>
-void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& packed,
+template <class Arch, class T, bool Causal, bool Bias, class KV>
+void dense_attention_task(const DenseAttentionArgs<T, KV>& a, DensePacked<T, Arch>& packed,
                           std::int64_t b, std::int64_t h, std::int64_t i_begin, std::int64_t i_end,
                           T* mass) {
   using Tl = DenseTiling<T, Arch>;
@@ -384,8 +389,8 @@ void dense_attention_task(const DenseAttentionArgs<T>& a, DensePacked<T, Arch>& 
 /// Fused dense attention on Arch: out[b,i,h] = softmax_j(scale * q.k_j + bias) v_j
 /// over the visible keys (see DenseAttentionArgs). Parallel over batch x heads x
 /// fixed query blocks; bit-identical for any thread count.
-template <class Arch, class T>
-void dense_attention(Arch, const DenseAttentionArgs<T>& a) {
+template <class Arch, class T, class KV>
+void dense_attention(Arch, const DenseAttentionArgs<T, KV>& a) {
   if (a.B == 0 || a.H == 0) return;
   const std::int64_t group = a.Hkv > 0 ? a.H / a.Hkv : 1;
   if (a.T_q == 0) {  // no query: every key's mass is 0
@@ -530,6 +535,22 @@ class DenseAttention {
   /// active_heads must hold H or B * H flags (shape_error).
   void forward(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v, View<T, 4> out,
                const attention::Mask<T>& mask = {}, const ForwardOptions<T>& opts = {}) const {
+    forward_stored(q, k, v, out, mask, opts);
+  }
+
+  /// As above with K and V stored as bf16 (a KVCache<float, bf16>'s keys_as_sequence, or
+  /// bf16 projections), for T = float: widened exactly while they are packed, so the result is
+  /// the float forward on the bf16 values.
+  void forward(ConstView<T, 4> q, ConstView<bf16, 4> k, ConstView<bf16, 4> v, View<T, 4> out,
+               const attention::Mask<T>& mask = {},
+               const ForwardOptions<T>& opts = {}) const requires std::is_same_v<T, float> {
+    forward_stored(q, k, v, out, mask, opts);
+  }
+
+ private:
+  template <class KV>
+  void forward_stored(ConstView<T, 4> q, ConstView<KV, 4> k, ConstView<KV, 4> v, View<T, 4> out,
+                      const attention::Mask<T>& mask, const ForwardOptions<T>& opts) const {
     const std::string_view fn = "forward";
     check(q, k, v, mask, opts);
     core::detail::check_shape<T, 4>(name, fn, "out", out, {"B", "T", "H", "D"}, q.shape(),
@@ -548,7 +569,7 @@ class DenseAttention {
       if (mask.bias)
         core::detail::check_no_alias(name, fn, "key_mass", km, "bias", mask.bias->bias);
     }
-    kernels::DenseAttentionArgs<T> a{};
+    kernels::DenseAttentionArgs<T, KV> a{};
     a.q = q.data();
     a.k = k.data();
     a.v = v.data();
@@ -591,13 +612,16 @@ class DenseAttention {
     kernels::dense_attention(Arch{}, a);
   }
 
+ public:
   /// Decoding against a KV cache: q [B, T_new, H, D] are the queries of the last T_new positions
   /// of each (sequence, KV head) of `cache` (append their keys and values first), 1 <= T_new
   /// <= max_decode_queries; query t sees cached keys j < length - T_new + t + 1 (causal inside
   /// the new block). out: [B, T_new, H, D], any strides, not sharing memory with q, the cache,
   /// the bias or the key mass. Split-KV (decode_kernels.hpp): K and V are read once, by all
-  /// threads; bit-identical for any thread count. Rows that see no key get zeros.
-  void decode(ConstView<T, 4> q, const KVCache<T>& cache, View<T, 4> out,
+  /// threads; bit-identical for any thread count. Rows that see no key get zeros. A bf16 cache
+  /// (KVCache<float, bf16>) is widened as it is read: half the bytes per step.
+  template <class S>
+  void decode(ConstView<T, 4> q, const KVCache<T, S>& cache, View<T, 4> out,
               const DecodeOptions<T>& opts = {}) const {
     const std::string_view fn = "decode";
     const std::int64_t B = cache.batch(), Hkv = cache.kv_heads(), D = cache.head_dim();
@@ -637,7 +661,7 @@ class DenseAttention {
                                      "[B * T_new * H=" + std::to_string(B * Tn * H) + "]",
                                      "one flag per (sequence, new query, head), or empty");
     }
-    const ConstView<T, 4> ks = cache.keys(), vs = cache.values();
+    const ConstView<S, 4> ks = cache.keys(), vs = cache.values();
     core::detail::check_no_alias(name, fn, "out", out, "q", q);
     core::detail::check_no_alias(name, fn, "out", out, "cache keys", ks);
     core::detail::check_no_alias(name, fn, "out", out, "cache values", vs);
@@ -662,12 +686,13 @@ class DenseAttention {
                                      sizeof(T));
     if (mass) switchyard::detail::checked_size(name, fn, "key_mass", {rows, keys}, sizeof(T));
 
-    kernels::DecodeAttentionArgs<T> a{};
+    kernels::DecodeAttentionArgs<T, S> a{};
     a.q = q.data();
     a.k = ks.data();
     a.v = vs.data();
     a.capacity = cap;
-    a.Dp = cache.row_stride();
+    a.kv_stride = cache.row_stride();
+    a.Dp = core::round_up(D, std::int64_t(64 / sizeof(T)));
     a.lengths = cache.lengths().data();
     a.out = out.data();
     for (int i = 0; i < 4; ++i) {
@@ -708,15 +733,16 @@ class DenseAttention {
     return !opts.key_mass.empty() || opts.key_mass.data();
   }
 
-  void check(ConstView<T, 4> q, ConstView<T, 4> k, ConstView<T, 4> v,
+  template <class KV>
+  void check(ConstView<T, 4> q, ConstView<KV, 4> k, ConstView<KV, 4> v,
              const attention::Mask<T>& mask, const ForwardOptions<T>& opts) const {
     const std::int64_t B = q.extent(0), Tq = q.extent(1), H = q.extent(2), D = q.extent(3);
     core::detail::check_shape<const T, 4>(name, "forward", "q", q, {"B", "T", "H", "D"},
                                           Shape<4>{-1, -1, -1, -1});
-    core::detail::check_shape<const T, 4>(name, "forward", "k", k, {"B", "S", "H_kv", "D"},
-                                          Shape<4>{B, -1, -1, D}, "k matches q in B and D");
-    core::detail::check_shape<const T, 4>(name, "forward", "v", v, {"B", "S", "H_kv", "D"},
-                                          k.shape(), "v has the shape of k");
+    core::detail::check_shape<const KV, 4>(name, "forward", "k", k, {"B", "S", "H_kv", "D"},
+                                           Shape<4>{B, -1, -1, D}, "k matches q in B and D");
+    core::detail::check_shape<const KV, 4>(name, "forward", "v", v, {"B", "S", "H_kv", "D"},
+                                           k.shape(), "v has the shape of k");
     const std::int64_t Hkv = k.extent(2);
     if ((Hkv == 0 && H > 0) || (Hkv > 0 && H % Hkv != 0)) {
       switchyard::detail::fail_shape(

@@ -1,10 +1,12 @@
 #pragma once
-// KVCache<T>: the keys and values one attention layer has seen, for autoregressive decoding.
+// KVCache<T, S>: the keys and values one attention layer has seen, for autoregressive decoding,
+// stored as S (T, or bf16 for T = float).
 //
-// Layout: K and V each [B, H_kv, capacity, Dp], Dp = D rounded up to 64 bytes, 64-byte aligned,
-// padding zero. Every (sequence, KV head) is one contiguous [capacity, Dp] block, so the decode
-// kernel (attention/decode.hpp) streams a chunk of keys and the same chunk of values as two
-// sequential reads, every row starting on a cache line (aligned vector loads for any D).
+// Layout: K and V each [B, H_kv, capacity, Dp], Dp = D rounded up to 64 bytes of S, 64-byte
+// aligned, padding zero. Every (sequence, KV head) is one contiguous [capacity, Dp] block, so the
+// decode kernel (attention/decode_kernels.hpp) streams a chunk of keys and the same chunk of
+// values as two sequential reads, every row starting on a cache line (aligned vector loads for
+// any D).
 //
 // Lengths are per (sequence, KV head): append() grows every head of a sequence together, and
 // keep() (eviction, token selection) may leave the heads of one sequence with different lengths.
@@ -15,10 +17,12 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "switchyard/core/alias.hpp"
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/half.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/view.hpp"
@@ -68,10 +72,18 @@ struct KVKeepPlan {
   }
 };
 
-template <class T>
+/// T: the compute type appended and attended in. S: the stored type, T itself, or bf16 for
+/// T = float (each appended value rounded to the nearest bf16, ties to even: half the memory
+/// and half the bytes a decode step reads; the attention kernels widen it exactly as they read).
+template <class T, class S = T>
 class KVCache {
+  static_assert(std::is_same_v<S, T> || (std::is_same_v<S, bf16> && std::is_same_v<T, float>),
+                "KVCache<T, S>: S is T, or bf16 for T = float");
+
  public:
   static constexpr std::string_view name = "KVCache";
+  using value_type = T;
+  using storage_type = S;
 
   /// Storage for `batch` sequences of up to `capacity` positions, `kv_heads` heads of
   /// `head_dim`. Throws config_error for a size < 1 and shape_error when the storage would
@@ -86,9 +98,9 @@ class KVCache {
     Dp_ = core::pad_extent(D_, row_align - 1) / row_align * row_align;
     // Elements of K (V the same); K and V together must fit core::max_buffer_bytes.
     const std::int64_t n = switchyard::detail::checked_size(name, fn, "capacity",
-                                                            {B_, Hkv_, cap_, Dp_}, 2 * sizeof(T));
-    k_.assign(std::size_t(n), T(0));
-    v_.assign(k_.size(), T(0));
+                                                            {B_, Hkv_, cap_, Dp_}, 2 * sizeof(S));
+    k_.assign(std::size_t(n), S{});
+    v_.assign(k_.size(), S{});
     len_.assign(std::size_t(B_ * Hkv_), 0);
   }
 
@@ -120,11 +132,11 @@ class KVCache {
   std::span<const std::int64_t> lengths() const noexcept { return len_; }
 
   /// All storage, [B, H_kv, capacity, D] (positions past a head's length are stale or zero).
-  ConstView<T, 4> keys() const noexcept { return {k_.data(), shape4(), strides4()}; }
-  ConstView<T, 4> values() const noexcept { return {v_.data(), shape4(), strides4()}; }
+  ConstView<S, 4> keys() const noexcept { return {k_.data(), shape4(), strides4()}; }
+  ConstView<S, 4> values() const noexcept { return {v_.data(), shape4(), strides4()}; }
   /// What is stored for (b, h): [length(b, h), D].
-  ConstView<T, 2> keys(std::int64_t b, std::int64_t h) const { return head_view(k_.data(), b, h); }
-  ConstView<T, 2> values(std::int64_t b, std::int64_t h) const {
+  ConstView<S, 2> keys(std::int64_t b, std::int64_t h) const { return head_view(k_.data(), b, h); }
+  ConstView<S, 2> values(std::int64_t b, std::int64_t h) const {
     return head_view(v_.data(), b, h);
   }
   /// Positions [0, n) of every head as one [B, n, H_kv, D] view: the layout
@@ -132,13 +144,13 @@ class KVCache {
   /// attended with forward(q, keys_as_sequence(len), values_as_sequence(len), out,
   /// CausalMask{len - T_chunk}). Positions past a head's length are stale. Throws config_error
   /// unless 0 <= n <= capacity.
-  ConstView<T, 4> keys_as_sequence(std::int64_t n) const { return as_sequence(k_.data(), n); }
-  ConstView<T, 4> values_as_sequence(std::int64_t n) const { return as_sequence(v_.data(), n); }
+  ConstView<S, 4> keys_as_sequence(std::int64_t n) const { return as_sequence(k_.data(), n); }
+  ConstView<S, 4> values_as_sequence(std::int64_t n) const { return as_sequence(v_.data(), n); }
   /// Raw storage of (b, h): capacity rows of row_stride() elements (for kernels).
-  const T* key_data(std::int64_t b, std::int64_t h) const noexcept {
+  const S* key_data(std::int64_t b, std::int64_t h) const noexcept {
     return k_.data() + (b * Hkv_ + h) * cap_ * Dp_;
   }
-  const T* value_data(std::int64_t b, std::int64_t h) const noexcept {
+  const S* value_data(std::int64_t b, std::int64_t h) const noexcept {
     return v_.data() + (b * Hkv_ + h) * cap_ * Dp_;
   }
 
@@ -202,8 +214,8 @@ class KVCache {
     }
     for (std::int64_t i = 0; i < heads; ++i) {
       const std::int64_t b0 = off[std::size_t(i)], n = off[std::size_t(i + 1)] - b0;
-      T* kh = k_.data() + i * cap_ * Dp_;
-      T* vh = v_.data() + i * cap_ * Dp_;
+      S* kh = k_.data() + i * cap_ * Dp_;
+      S* vh = v_.data() + i * cap_ * Dp_;
       // Ascending positions: the destination never passes the source, so moving forward is safe.
       for (std::int64_t j = 0; j < n; ++j) {
         const std::int64_t src = plan.positions[std::size_t(b0 + j)];
@@ -224,8 +236,16 @@ class KVCache {
   }
 
  private:
-  static constexpr std::int64_t row_align = std::max<std::int64_t>(1, 64 / sizeof(T));
-  using storage = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+  static constexpr std::int64_t row_align = std::max<std::int64_t>(1, 64 / sizeof(S));
+  using storage = std::vector<S, xsimd::aligned_allocator<S, 64>>;
+
+  static S to_storage(T x) noexcept {
+    if constexpr (std::is_same_v<S, T>) {
+      return x;
+    } else {
+      return bf16::from_float(x);
+    }
+  }
 
   Shape<4> shape4() const noexcept { return {B_, Hkv_, cap_, D_}; }
   Shape<4> strides4() const noexcept { return {Hkv_ * cap_ * Dp_, cap_ * Dp_, Dp_, 1}; }
@@ -242,12 +262,12 @@ class KVCache {
                                       "in [0, H_kv=" + std::to_string(Hkv_) + ")");
   }
 
-  ConstView<T, 2> head_view(const T* base, std::int64_t b, std::int64_t h) const {
+  ConstView<S, 2> head_view(const S* base, std::int64_t b, std::int64_t h) const {
     check_index("keys", b, h);
     return {base + (b * Hkv_ + h) * cap_ * Dp_, {len_[std::size_t(b * Hkv_ + h)], D_}, {Dp_, 1}};
   }
 
-  ConstView<T, 4> as_sequence(const T* base, std::int64_t n) const {
+  ConstView<S, 4> as_sequence(const S* base, std::int64_t n) const {
     if (n < 0 || n > cap_)
       switchyard::detail::fail_config(name, "keys_as_sequence", "n", n,
                                       "in [0, capacity=" + std::to_string(cap_) + "]");
@@ -269,8 +289,8 @@ class KVCache {
   template <int R>
   void check_sources(std::string_view fn, const ConstView<T, R>& k_new,
                      const ConstView<T, R>& v_new) const {
-    const ConstView<T, 1> ks(k_.data(), {std::int64_t(k_.size())});
-    const ConstView<T, 1> vs(v_.data(), {std::int64_t(v_.size())});
+    const ConstView<S, 1> ks(k_.data(), {std::int64_t(k_.size())});
+    const ConstView<S, 1> vs(v_.data(), {std::int64_t(v_.size())});
     core::detail::check_no_alias(name, fn, "k_new", k_new, "the cache's keys", ks,
                                  "appended data must not live in the cache");
     core::detail::check_no_alias(name, fn, "k_new", k_new, "the cache's values", vs,
@@ -286,12 +306,12 @@ class KVCache {
     const std::int64_t n = k_new.extent(0);
     for (std::int64_t h = 0; h < Hkv_; ++h) {
       std::int64_t& len = len_[std::size_t(b * Hkv_ + h)];
-      T* kd = k_.data() + ((b * Hkv_ + h) * cap_ + len) * Dp_;
-      T* vd = v_.data() + ((b * Hkv_ + h) * cap_ + len) * Dp_;
+      S* kd = k_.data() + ((b * Hkv_ + h) * cap_ + len) * Dp_;
+      S* vd = v_.data() + ((b * Hkv_ + h) * cap_ + len) * Dp_;
       for (std::int64_t t = 0; t < n; ++t, kd += Dp_, vd += Dp_) {
         for (std::int64_t d = 0; d < D_; ++d) {
-          kd[d] = k_new(t, h, d);
-          vd[d] = v_new(t, h, d);
+          kd[d] = to_storage(k_new(t, h, d));
+          vd[d] = to_storage(v_new(t, h, d));
         }
       }
       len += n;

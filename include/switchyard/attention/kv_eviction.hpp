@@ -46,8 +46,8 @@ namespace detail {
 
 // The plan skeleton: one (sequence, KV head) after another; `choose(i, len, out)` appends the
 // kept positions of head i (ascending).
-template <class T, class Choose>
-KVKeepPlan make_keep_plan(const KVCache<T>& cache, Choose&& choose) {
+template <class T, class S, class Choose>
+KVKeepPlan make_keep_plan(const KVCache<T, S>& cache, Choose&& choose) {
   KVKeepPlan plan;
   const std::int64_t heads = cache.batch() * cache.kv_heads();
   plan.lengths.assign(cache.lengths().begin(), cache.lengths().end());
@@ -83,8 +83,8 @@ inline void append_range(std::vector<std::int64_t>& out, std::int64_t begin, std
 
 // Throws shape_error unless mass is [B, H_kv, capacity] of the cache; config_error for NaN in
 // a head's stored positions.
-template <class T>
-void check_mass(std::string_view policy, std::string_view fn, const KVCache<T>& cache,
+template <class T, class S>
+void check_mass(std::string_view policy, std::string_view fn, const KVCache<T, S>& cache,
                 ConstView<T, 3> mass) {
   core::detail::check_shape<const T, 3>(policy, fn, "key_mass", mass, {"B", "H_kv", "S"},
                                         Shape<3>{cache.batch(), cache.kv_heads(), cache.capacity()},
@@ -120,8 +120,8 @@ class StreamingLLMPolicy {
   /// Positions kept per head: sinks + recent.
   std::int64_t budget() const noexcept { return cfg_.sinks + cfg_.recent; }
 
-  template <class T>
-  KVKeepPlan plan(const KVCache<T>& cache) const {
+  template <class T, class S>
+  KVKeepPlan plan(const KVCache<T, S>& cache) const {
     return detail::make_keep_plan(cache, [&](std::int64_t, std::int64_t len, auto& out) {
       if (len <= budget()) return detail::append_range(out, 0, len);
       detail::append_range(out, 0, cfg_.sinks);
@@ -129,8 +129,8 @@ class StreamingLLMPolicy {
     });
   }
   /// plan(cache) applied to the cache.
-  template <class T>
-  void evict(KVCache<T>& cache) const {
+  template <class T, class S>
+  void evict(KVCache<T, S>& cache) const {
     cache.keep(plan(cache));
   }
 
@@ -149,7 +149,8 @@ struct H2OConfig {
 template <class T>
 class H2OState {
  public:
-  explicit H2OState(const KVCache<T>& cache)
+  template <class S>
+  explicit H2OState(const KVCache<T, S>& cache)
       : scores_({cache.batch(), cache.kv_heads(), cache.capacity()}) {}
   View<T, 3> scores() noexcept { return scores_.template view<3>(); }
   ConstView<T, 3> scores() const noexcept { return scores_.template view<3>(); }
@@ -173,8 +174,8 @@ class H2OPolicy {
   std::int64_t budget() const noexcept { return cfg_.heavy + cfg_.recent; }
 
   /// Keep plan from the accumulated scores (state of this cache).
-  template <class T>
-  KVKeepPlan plan(const KVCache<T>& cache, const H2OState<T>& state) const {
+  template <class T, class S>
+  KVKeepPlan plan(const KVCache<T, S>& cache, const H2OState<T>& state) const {
     detail::check_mass(name, "plan", cache, state.scores());
     const auto sc = state.scores();
     std::vector<std::int64_t> order;
@@ -187,8 +188,8 @@ class H2OPolicy {
     });
   }
   /// Evicts and carries the kept positions' scores along (the others are dropped).
-  template <class T>
-  void evict(KVCache<T>& cache, H2OState<T>& state) const {
+  template <class T, class S>
+  void evict(KVCache<T, S>& cache, H2OState<T>& state) const {
     const KVKeepPlan p = plan(cache, state);
     cache.keep(p);
     p.apply(state.scores());
@@ -215,8 +216,9 @@ class TOVAPolicy {
 
   /// key_mass: [B, H_kv, capacity] from the decode step of one query per sequence (T_new = 1);
   /// every head of a sequence must hold the same positions (TOVA keeps the same ones for all).
-  template <class T>
-  KVKeepPlan plan(const KVCache<T>& cache, std::type_identity_t<ConstView<T, 3>> key_mass) const {
+  template <class T, class S>
+  KVKeepPlan plan(const KVCache<T, S>& cache,
+                  std::type_identity_t<ConstView<T, 3>> key_mass) const {
     detail::check_mass(name, "plan", cache, key_mass);
     const std::int64_t Hkv = cache.kv_heads();
     std::vector<std::int64_t> order, seq;
@@ -242,8 +244,8 @@ class TOVAPolicy {
       out.insert(out.end(), seq.begin(), seq.end());
     });
   }
-  template <class T>
-  void evict(KVCache<T>& cache, std::type_identity_t<ConstView<T, 3>> key_mass) const {
+  template <class T, class S>
+  void evict(KVCache<T, S>& cache, std::type_identity_t<ConstView<T, 3>> key_mass) const {
     cache.keep(plan(cache, key_mass));
   }
 
@@ -279,8 +281,9 @@ class SnapKVPolicy {
   /// key_mass: [B, H_kv, capacity], the attention of the last `window` queries of the prompt
   /// (DenseAttention::decode of those queries with DecodeOptions::key_mass, after the whole
   /// prompt is cached).
-  template <class T>
-  KVKeepPlan plan(const KVCache<T>& cache, std::type_identity_t<ConstView<T, 3>> key_mass) const {
+  template <class T, class S>
+  KVKeepPlan plan(const KVCache<T, S>& cache,
+                  std::type_identity_t<ConstView<T, 3>> key_mass) const {
     detail::check_mass(name, "plan", cache, key_mass);
     const std::int64_t W = cfg_.window, K = cfg_.kernel, half = K / 2;
     std::vector<std::int64_t> order;
@@ -304,8 +307,8 @@ class SnapKVPolicy {
       detail::append_range(out, n, len);
     });
   }
-  template <class T>
-  void evict(KVCache<T>& cache, std::type_identity_t<ConstView<T, 3>> key_mass) const {
+  template <class T, class S>
+  void evict(KVCache<T, S>& cache, std::type_identity_t<ConstView<T, 3>> key_mass) const {
     cache.keep(plan(cache, key_mass));
   }
 
