@@ -2,6 +2,7 @@
 // Register-level building blocks shared by the fused attention kernels (dense.hpp and the
 // split-KV decode kernel, decode_kernels.hpp): one register type per Arch (scalar: T), the
 // P . V tile update of the online softmax, and the per-key attention mass of a score row.
+#include <cmath>
 #include <cstdint>
 #include <vector>
 
@@ -35,7 +36,16 @@ struct Reg<T, Arch, true> {
   static V load(const T* p) noexcept { return *p; }
   static void store(T* p, V x) noexcept { *p = x; }
   static V splat(T x) noexcept { return x; }
-  static V fma(V a, V b, V c) noexcept { return a * b + c; }
+  // An explicit fused multiply-add where the target has one: `a * b + c` would be contracted
+  // into one, or not, as the compiler vectorises each instantiation (gnu++20 -O3), so the
+  // same values could round differently in two kernels of the same arch.
+  static V fma(V a, V b, V c) noexcept {
+#if defined(__FMA__)
+    return std::fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+  }
   static V load(const bf16* p) noexcept { return to_float(*p); }
 };
 
