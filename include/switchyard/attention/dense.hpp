@@ -8,13 +8,15 @@
 // 1. per (batch b, kv head): pack K transposed and key-group-major
 //    (Kt[g][d][G], G = NV registers of keys, zero padded) and V row-major with D
 //    padded to whole registers. Memory: about the size of K and V, per call.
-// 2. per (b, head h, block of ~256 query rows), per tile of MR query rows
-//    (Q pre-multiplied by scale * log2(e), so softmax uses exp2):
-//      for each block of up to KB keys the tile can see:
+// 2. per (b, head h, block of ~256 query rows), per chunk of keys whose K and V fit in L2
+//    (key_chunk), per tile of MR query rows (Q pre-multiplied by scale * log2(e), so softmax
+//    uses exp2; each row's softmax state is kept between chunks):
+//      for each block of up to KB keys of the chunk the tile can see:
 //        S_blk = Q_tile . K_blk^T      register-tiled, MR rows x G keys at a time
-//        mask S_blk (causal / bias / tail), online-softmax update of each row
+//        mask S_blk (causal / bias / tail), online-softmax update of each row (the row maxima
+//        of an unmasked block come from the score registers)
 //        O_tile = O_tile * alpha + P . V_blk   register-tiled, MR rows x NV registers of D
-//      out = O_tile / l
+//    then out = O_tile / l
 // Causal tiles stop at their last visible key and key lengths cut the key
 // range, so masked blocks cost nothing. A last tile under half full runs row by
 // row (decoding with T = 1 computes no padding rows).
