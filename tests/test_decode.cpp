@@ -97,6 +97,27 @@ struct DecodeCase {
   std::int64_t B, H, Hkv, D, Tn;
   std::vector<std::int64_t> lens;
   bool bias, mass, active;
+  std::int64_t S() const { return *std::max_element(lens.begin(), lens.end()); }
+  std::int64_t capacity() const { return S() + 3; }
+};
+
+// Random q [B, Tn, H, D], k, v [B, S, H_kv, D], a bias [H, Tn, capacity] in [-2, 2] (every
+// 7th draw -inf when masked_bias) and every third head inactive when c.active.
+struct DecodeInputs {
+  Tensor<float> q, k, v, bias;
+  std::vector<std::uint8_t> active;
+  DecodeInputs(const DecodeCase& c, std::uint32_t seed, bool masked_bias)
+      : q(random_tensor<float>({c.B, c.Tn, c.H, c.D}, seed)),
+        k(random_tensor<float>({c.B, c.S(), c.Hkv, c.D}, seed + 1)),
+        v(random_tensor<float>({c.B, c.S(), c.Hkv, c.D}, seed + 2)),
+        bias({c.H, c.Tn, c.capacity()}) {
+    std::mt19937 gen(seed + 3);
+    std::uniform_real_distribution<double> u(-2.0, 2.0);
+    for (auto& x : bias)
+      x = masked_bias && gen() % 7 == 0 ? -std::numeric_limits<float>::infinity() : float(u(gen));
+    if (c.active)
+      for (std::int64_t i = 0; i < c.B * c.Tn * c.H; ++i) active.push_back(i % 3 != 1);
+  }
 };
 
 }  // namespace
@@ -208,23 +229,14 @@ TEST_CASE("DenseAttention::decode matches a naive reference", "[decode]") {
       {1, 2, 2, 8, 64, {600}, false, true, false},
   };
   for (const auto& c : cases) {
-    const std::int64_t S = *std::max_element(c.lens.begin(), c.lens.end());
+    const std::int64_t S = c.S(), cap = c.capacity();
     DYNAMIC_SECTION("B=" << c.B << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D
                          << " Tn=" << c.Tn << " S=" << S) {
-      const auto q = random_tensor<float>({c.B, c.Tn, c.H, c.D}, 11);
-      const auto k = random_tensor<float>({c.B, S, c.Hkv, c.D}, 12);
-      const auto v = random_tensor<float>({c.B, S, c.Hkv, c.D}, 13);
-      const std::int64_t cap = S + 3;
+      const DecodeInputs in(c, 11, true);
+      const auto &q = in.q, &k = in.k, &v = in.v, &bias = in.bias;
+      const auto& active = in.active;
       KVCache<float> cache(c.B, c.Hkv, c.D, cap);
       fill_cache(cache, k, v, c.lens);
-      Tensor<float> bias({c.H, c.Tn, cap});
-      std::mt19937 gen(14);
-      std::uniform_real_distribution<double> u(-2.0, 2.0);
-      for (auto& x : bias)
-        x = gen() % 7 == 0 ? -std::numeric_limits<float>::infinity() : float(u(gen));
-      std::vector<std::uint8_t> active;
-      if (c.active)
-        for (std::int64_t i = 0; i < c.B * c.Tn * c.H; ++i) active.push_back(i % 3 != 1);
       Tensor<float> mass({c.B, c.Hkv, cap});
       for (auto& x : mass) x = -7.0f;  // untouched past the lengths
       DecodeOptions<float> opts;
@@ -403,25 +415,18 @@ TEST_CASE("DenseAttention::decode on a bf16 cache: every arch, reference and flo
       {1, 8, 2, 128, 2, {1100}, false, true, true},
   };
   for (const auto& c : cases) {
-    const std::int64_t S = *std::max_element(c.lens.begin(), c.lens.end());
+    const std::int64_t S = c.S(), cap = c.capacity();
     DYNAMIC_SECTION("B=" << c.B << " H=" << c.H << " Hkv=" << c.Hkv << " D=" << c.D
                          << " Tn=" << c.Tn << " S=" << S) {
-      const auto q = random_tensor<float>({c.B, c.Tn, c.H, c.D}, 51);
-      const auto k = random_tensor<float>({c.B, S, c.Hkv, c.D}, 52);
-      const auto v = random_tensor<float>({c.B, S, c.Hkv, c.D}, 53);
-      const auto kr = bf16_rounded(k), vr = bf16_rounded(v);
-      const std::int64_t cap = S + 3;
+      const DecodeInputs in(c, 51, false);
+      const auto& q = in.q;
+      const auto& bias = in.bias;
+      const auto& active = in.active;
+      const auto kr = bf16_rounded(in.k), vr = bf16_rounded(in.v);
       KVCache<float, bf16> cache(c.B, c.Hkv, c.D, cap);
       KVCache<float> rounded(c.B, c.Hkv, c.D, cap);
-      fill_cache(cache, k, v, c.lens);
+      fill_cache(cache, in.k, in.v, c.lens);
       fill_cache(rounded, kr, vr, c.lens);
-      Tensor<float> bias({c.H, c.Tn, cap});
-      std::mt19937 gen(54);
-      std::uniform_real_distribution<double> u(-2.0, 2.0);
-      for (auto& x : bias) x = float(u(gen));
-      std::vector<std::uint8_t> active;
-      if (c.active)
-        for (std::int64_t i = 0; i < c.B * c.Tn * c.H; ++i) active.push_back(i % 3 != 1);
       const double scale = 1.0 / std::sqrt(double(c.D));
       const auto want =
           decode_reference(q, kr, vr, c.lens, scale, c.bias ? &bias : nullptr, active);
