@@ -120,6 +120,30 @@ struct DecodeInputs {
   }
 };
 
+// Appends k, v [B, T, H_kv, D] to the empty cache in chunks of 70 and 60 attended through
+// forward over the cache (check(t0, n, that chunk of out) after each), then steps of 1
+// through decode, writing out [B, T, H, D].
+template <class S, class Check>
+void prefill_then_decode(const DenseAttention<float>& attn, const Tensor<float>& q,
+                         const Tensor<float>& k, const Tensor<float>& v, KVCache<float, S>& cache,
+                         Tensor<float>& out, Check&& check) {
+  std::int64_t t0 = 0;
+  for (std::int64_t n : {70, 60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}) {
+    cache.append(k.view<4>().slice(1, t0, t0 + n), v.view<4>().slice(1, t0, t0 + n));
+    const auto qc = q.view<4>().slice(1, t0, t0 + n);
+    const auto oc = out.view<4>().slice(1, t0, t0 + n);
+    if (n > 1) {
+      attn.forward(qc, cache.keys_as_sequence(t0 + n), cache.values_as_sequence(t0 + n), oc,
+                   CausalMask{t0});
+      check(t0, n, oc);
+    } else {
+      attn.decode(qc, cache, oc);
+    }
+    t0 += n;
+  }
+  REQUIRE(t0 == q.view<4>().extent(1));
+}
+
 }  // namespace
 
 TEST_CASE("KVCache: append, lengths, views, reset", "[kv_cache]") {
@@ -335,21 +359,7 @@ TEST_CASE("Prefill in chunks, then decode, equals one causal forward", "[decode]
   Tensor<float> full({B, T, H, D}), inc({B, T, H, D});
   attn.forward(q.view<4>(), k.view<4>(), v.view<4>(), full.view<4>(), CausalMask{});
   KVCache<float> cache(B, Hkv, D, T);
-  // Chunks of 70 and 60 through forward over the cache, then 20 steps of 1 through decode.
-  std::int64_t t0 = 0;
-  for (std::int64_t n : {70, 60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}) {
-    cache.append(k.view<4>().slice(1, t0, t0 + n), v.view<4>().slice(1, t0, t0 + n));
-    const auto qc = q.view<4>().slice(1, t0, t0 + n);
-    const auto oc = inc.view<4>().slice(1, t0, t0 + n);
-    if (n > 1) {
-      attn.forward(qc, cache.keys_as_sequence(t0 + n), cache.values_as_sequence(t0 + n), oc,
-                   CausalMask{t0});
-    } else {
-      attn.decode(qc, cache, oc);
-    }
-    t0 += n;
-  }
-  REQUIRE(t0 == T);
+  prefill_then_decode(attn, q, k, v, cache, inc, [](auto...) {});
   double e = 0;
   for (std::int64_t i = 0; i < full.numel(); ++i)
     e = std::max(e, double(std::abs(full.data()[i] - inc.data()[i])));
@@ -470,28 +480,18 @@ TEST_CASE("bf16 cache: prefill in chunks through forward, then decode, equals on
   Tensor<float> full({B, T, H, D}), inc({B, T, H, D});
   attn.forward(q.view<4>(), kr.view<4>(), vr.view<4>(), full.view<4>(), CausalMask{});
   KVCache<float, bf16> cache(B, Hkv, D, T);
-  std::int64_t t0 = 0;
-  for (std::int64_t n : {70, 60, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}) {
-    cache.append(k.view<4>().slice(1, t0, t0 + n), v.view<4>().slice(1, t0, t0 + n));
-    const auto qc = q.view<4>().slice(1, t0, t0 + n);
-    const auto oc = inc.view<4>().slice(1, t0, t0 + n);
-    if (n > 1) {
-      attn.forward(qc, cache.keys_as_sequence(t0 + n), cache.values_as_sequence(t0 + n), oc,
-                   CausalMask{t0});
-      // The bf16 forward packs the very floats a forward on the rounded values packs.
-      Tensor<float> oc_f({B, n, H, D});
-      attn.forward(qc, kr.view<4>().slice(1, 0, t0 + n), vr.view<4>().slice(1, 0, t0 + n),
-                   oc_f.view<4>(), CausalMask{t0});
-      for (std::int64_t b = 0; b < B; ++b)
-        for (std::int64_t t = 0; t < n; ++t)
-          for (std::int64_t h = 0; h < H; ++h)
-            for (std::int64_t d = 0; d < D; ++d)
-              REQUIRE(oc(b, t, h, d) == oc_f.view<4>()(b, t, h, d));
-    } else {
-      attn.decode(qc, cache, oc);
-    }
-    t0 += n;
-  }
+  // The bf16 forward packs the very floats a forward on the rounded values packs.
+  prefill_then_decode(
+      attn, q, k, v, cache, inc, [&](std::int64_t t0, std::int64_t n, const View<float, 4>& oc) {
+        Tensor<float> oc_f({B, n, H, D});
+        attn.forward(q.view<4>().slice(1, t0, t0 + n), kr.view<4>().slice(1, 0, t0 + n),
+                     vr.view<4>().slice(1, 0, t0 + n), oc_f.view<4>(), CausalMask{t0});
+        for (std::int64_t b = 0; b < B; ++b)
+          for (std::int64_t t = 0; t < n; ++t)
+            for (std::int64_t h = 0; h < H; ++h)
+              for (std::int64_t d = 0; d < D; ++d)
+                REQUIRE(oc(b, t, h, d) == oc_f.view<4>()(b, t, h, d));
+      });
   double e = 0;
   for (std::int64_t i = 0; i < full.numel(); ++i)
     e = std::max(e, double(std::abs(full.data()[i] - inc.data()[i])));
