@@ -183,6 +183,45 @@ TEST_CASE("sliding window decode over a KV cache matches the naive reference", "
   CHECK(max_err(prefill, std::vector<double>(got.begin(), got.end())) <= 2e-5);
 }
 
+TEST_CASE("sliding window decode over a bf16 cache: the float cache's bits on rounded K and V",
+          "[sliding][bf16]") {
+  // KVCache<float, bf16> rounds K and V once; the decode widens them exactly while packing, so
+  // it must give the very bits of a float cache holding the rounded values.
+  const std::int64_t B = 2, Hkv = 2, H = 4, D = 24, cap = 80, S = 61;
+  const auto row = GENERATE(table<std::int64_t, std::int64_t, std::int64_t, std::int64_t>(
+      {{8, 0, 4, 3}, {10, 16, 1, 7}, {200, 0, 0, 2}}));
+  const auto [window, chunk, sinks, Tn] = row;
+  CAPTURE(window, chunk, sinks, Tn);
+  const auto k = uniform_tensor<float>({B, S, Hkv, D}, 31);
+  const auto v = uniform_tensor<float>({B, S, Hkv, D}, 32);
+  core::Tensor<float> kr = k, vr = v;
+  for (auto& x : kr) x = to_float(bf16::from_float(x));
+  for (auto& x : vr) x = to_float(bf16::from_float(x));
+  KVCache<float, bf16> cache(B, Hkv, D, cap);
+  KVCache<float> rounded(B, Hkv, D, cap);
+  cache.append(k.view<4>(), v.view<4>());
+  rounded.append(kr.view<4>(), vr.view<4>());
+  const auto q = uniform_tensor<float>({B, Tn, H, D}, 33);
+  const SlidingWindowAttention<float> attn({.window = window, .chunk = chunk, .sinks = sinks});
+  core::Tensor<float> got({B, Tn, H, D}), want({B, Tn, H, D});
+  attn.decode(q.view<4>(), cache, got.view<4>());
+  attn.decode(q.view<4>(), rounded, want.view<4>());
+  CHECK(std::equal(got.begin(), got.end(), want.begin()));
+  // and the rounding is all that differs from the float cache
+  KVCache<float> exact(B, Hkv, D, cap);
+  exact.append(k.view<4>(), v.view<4>());
+  core::Tensor<float> full({B, Tn, H, D});
+  attn.decode(q.view<4>(), exact, full.view<4>());
+  double e = 0;
+  for (std::int64_t i = 0; i < got.numel(); ++i)
+    e = std::max(e, double(std::abs(got.data()[i] - full.data()[i])));
+  // Worst case: |q|, |k|, |v| <= 1, bf16 rounding <= 2^-9 relative, so each score moves by at
+  // most 24 * 2^-9 / sqrt(24) < 0.0096, each weight by a factor within e^(+-0.0192), and the
+  // output (a convex combination of v) by < 0.0194 + 2^-9 < 0.022.
+  CHECK(e > 0);
+  CHECK(e < 0.022);
+}
+
 TEST_CASE("sliding window is bit-identical for 1 and 2 threads", "[sliding][threads]") {
   const auto q = uniform_tensor<float>({2, 700, 4, 32}, 21);
   const auto k = uniform_tensor<float>({2, 700, 2, 32}, 22);

@@ -47,14 +47,15 @@ inline namespace v0 {
 namespace kernels {
 
 /// Raw operands of a structured attention call (checked by the layers). Strides in elements;
-/// q/out [B, T, H, D], k/v [B, S, Hkv, D].
-template <class T>
+/// q/out [B, T, H, D], k/v [B, S, Hkv, D]. KV: the type K and V are stored as, T or bf16 for
+/// T = float (a bf16 KV cache; widened while packed).
+template <class T, class KV = T>
 struct SparseAttentionArgs {
   const T* q;
   std::int64_t q_stride[4];
-  const T* k;
+  const KV* k;
   std::int64_t k_stride[4];
-  const T* v;
+  const KV* v;
   std::int64_t v_stride[4];
   T* out;
   std::int64_t out_stride[4];
@@ -233,10 +234,11 @@ struct SparseKeyPack {
     return k_head + (p / NB) * D * NBp + p % NB;
   }
 
-  /// Packs head `head` from k/v [S, D] of (b, hk) (element strides ks/kd, vs/vd): packed key p
-  /// is key token(p), or zeros where token(p) < 0 or p >= n (keys past n are never read).
-  template <class TokenOf>
-  void pack(std::int64_t head, const T* k, std::int64_t ks, std::int64_t kd, const T* v,
+  /// Packs head `head` from k/v [S, D] of (b, hk) (element strides ks/kd, vs/vd), stored as T
+  /// or bf16 (widened): packed key p is key token(p), or zeros where token(p) < 0 or p >= n
+  /// (keys past n are never read).
+  template <class KV, class TokenOf>
+  void pack(std::int64_t head, const KV* k, std::int64_t ks, std::int64_t kd, const KV* v,
             std::int64_t vs, std::int64_t vd, std::int64_t n, TokenOf&& token) noexcept {
     T* const kt_h = kt.data() + head * blocks * D * NBp;
     T* const vp_h = vp.data() + head * N * Dp;
@@ -250,10 +252,10 @@ struct SparseKeyPack {
         for (std::int64_t d = 0; d < Dp; ++d) vdst[d] = T(0);
         continue;
       }
-      const T* ksrc = k + tok * ks;
-      const T* vsrc = v + tok * vs;
-      for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = ksrc[d * kd];
-      for (std::int64_t d = 0; d < D; ++d) vdst[d] = vsrc[d * vd];
+      const KV* ksrc = k + tok * ks;
+      const KV* vsrc = v + tok * vs;
+      for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(to_float(ksrc[d * kd]));
+      for (std::int64_t d = 0; d < D; ++d) vdst[d] = T(to_float(vsrc[d * vd]));
     }
   }
 };
@@ -318,10 +320,11 @@ inline void score_group(const T* qp, std::int64_t D, const SparseChunk* ch, int 
 // Rows [r0, r0 + n) of `tile` (n <= M; rows past n are zero padding) of (b, h) over the packed
 // head (kh, vh). state: null = start fresh and write the rows to out; else continue each row's
 // state and store it back (stateful execution).
-template <class Arch, class T, int M>
-void sparse_micro_tile(const SparseAttentionArgs<T>& a, const T* kh, const T* vh, std::int64_t NB,
-                       std::int64_t NBp, std::int64_t b, std::int64_t h, const QueryTile& tile,
-                       int r0, int n, SparseTileWorkspace<T>& ws, const SparseRowState<T>* state) {
+template <class Arch, class T, int M, class KV>
+void sparse_micro_tile(const SparseAttentionArgs<T, KV>& a, const T* kh, const T* vh,
+                       std::int64_t NB, std::int64_t NBp, std::int64_t b, std::int64_t h,
+                       const QueryTile& tile, int r0, int n, SparseTileWorkspace<T>& ws,
+                       const SparseRowState<T>* state) {
   using Tl = DenseTiling<T, Arch>;
   constexpr int NV = Tl::NV;
   constexpr std::int64_t L = Tl::L, KB = Tl::KB, CB = KB / L;
@@ -405,8 +408,8 @@ void sparse_micro_tile(const SparseAttentionArgs<T>& a, const T* kh, const T* vh
 /// Runs one tile of (b, h) against packed head `head` of `pack`: a tile at least half full
 /// runs as one MR-row register tile, a smaller one row by row (decoding). state: see
 /// detail::sparse_micro_tile.
-template <class Arch, class T>
-void sparse_tile(const SparseAttentionArgs<T>& a, const SparseKeyPack<T, Arch>& pack,
+template <class Arch, class T, class KV>
+void sparse_tile(const SparseAttentionArgs<T, KV>& a, const SparseKeyPack<T, Arch>& pack,
                  std::int64_t head, std::int64_t b, std::int64_t h, const QueryTile& tile,
                  const SparseRowState<T>* state = nullptr) {
   using Tl = detail::DenseTiling<T, Arch>;
@@ -436,9 +439,9 @@ void sparse_tile(const SparseAttentionArgs<T>& a, const SparseKeyPack<T, Arch>& 
 
 /// Packs every (b, kv head) of a.k / a.v: head index b * Hkv + hk; token(b, hk, p) gives the
 /// key token of packed key p (< 0: padding), n(b, hk) how many packed keys are read.
-template <class Arch, class T, class TokenOf, class Count>
-void sparse_pack_all(const SparseAttentionArgs<T>& a, SparseKeyPack<T, Arch>& pack, TokenOf&& token,
-                     Count&& count) {
+template <class Arch, class T, class KV, class TokenOf, class Count>
+void sparse_pack_all(const SparseAttentionArgs<T, KV>& a, SparseKeyPack<T, Arch>& pack,
+                     TokenOf&& token, Count&& count) {
   parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
     const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
     pack.pack(task, a.k + b * a.k_stride[0] + hk * a.k_stride[2], a.k_stride[1], a.k_stride[3],
@@ -450,8 +453,8 @@ void sparse_pack_all(const SparseAttentionArgs<T>& a, SparseKeyPack<T, Arch>& pa
 /// The tile executor: for every (b, h), tiles 0 .. tiles_per_head - 1, each described by
 /// make_tile(b, h, tile_index, QueryTile&), against the packed head b * Hkv + h / (H / Hkv).
 /// Tasks are (b, h, block of tiles_per_task tiles): a fixed partition.
-template <class Arch, class T, class MakeTile>
-void sparse_attention(Arch, const SparseAttentionArgs<T>& a, const SparseKeyPack<T, Arch>& pack,
+template <class Arch, class T, class KV, class MakeTile>
+void sparse_attention(Arch, const SparseAttentionArgs<T, KV>& a, const SparseKeyPack<T, Arch>& pack,
                       std::int64_t tiles_per_head, std::int64_t tiles_per_task,
                       MakeTile&& make_tile) {
   if (a.B == 0 || a.H == 0 || tiles_per_head == 0) return;
@@ -522,9 +525,9 @@ kernels::SparseAttentionArgs<T> make_args(std::string_view layer, std::string_vi
 
 /// Throws shape_error when packing N keys per (b, kv head) in blocks of NB would pass
 /// core::max_buffer_bytes.
-template <class T, class Arch>
+template <class T, class Arch, class KV>
 void check_pack(std::string_view layer, std::string_view fn,
-                const kernels::SparseAttentionArgs<T>& a, std::int64_t N, std::int64_t NB) {
+                const kernels::SparseAttentionArgs<T, KV>& a, std::int64_t N, std::int64_t NB) {
   using Pack = kernels::SparseKeyPack<T, Arch>;
   const std::int64_t nb = std::max<std::int64_t>(1, NB);
   switchyard::detail::checked_size(layer, fn, "k",

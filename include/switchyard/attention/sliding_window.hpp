@@ -163,8 +163,10 @@ class SlidingWindowAttention {
   /// (sequence, KV head) of `cache` (append their keys first); query t sits at position
   /// length - T_new + t and sees the cached keys the rule gives with S = length. out:
   /// [B, T_new, H, D], not sharing memory with q or the cache. Reads only the visible keys
-  /// (sinks and the window). Throws shape_error / config_error.
-  void decode(ConstView<T, 4> q, const KVCache<T>& cache, View<T, 4> out) const {
+  /// (sinks and the window); a bf16 cache (KVCache<float, bf16>) is widened as they are
+  /// packed. Throws shape_error / config_error.
+  template <class S>
+  void decode(ConstView<T, 4> q, const KVCache<T, S>& cache, View<T, 4> out) const {
     const std::string_view fn = "decode";
     const std::int64_t B = cache.batch(), Hkv = cache.kv_heads(), D = cache.head_dim();
     core::detail::check_shape<const T, 4>(name, fn, "q", q, {"B", "T_new", "H", "D"},
@@ -184,8 +186,8 @@ class SlidingWindowAttention {
                              " (KV head " + std::to_string(h) + ") holds " +
                              std::to_string(cache.length(b, h)) + " positions, fewer than the " +
                              std::to_string(Tn) + " new queries (append their keys first)");
-    const ConstView<T, 4> ks = cache.keys_as_sequence(cache.capacity());
-    const ConstView<T, 4> vs = cache.values_as_sequence(cache.capacity());
+    const ConstView<S, 4> ks = cache.keys_as_sequence(cache.capacity());
+    const ConstView<S, 4> vs = cache.values_as_sequence(cache.capacity());
     core::detail::check_no_alias(name, fn, "out", out, "q", q);
     core::detail::check_no_alias(name, fn, "out", out, "cache keys", ks);
     core::detail::check_no_alias(name, fn, "out", out, "cache values", vs);
@@ -208,7 +210,7 @@ class SlidingWindowAttention {
         heads[std::size_t(b * Hkv + hk)] = {len, sink_n, start};
         N = std::max(N, sink_n + len - start);
       }
-    kernels::SparseAttentionArgs<T> a{};
+    kernels::SparseAttentionArgs<T, S> a{};
     a.q = q.data();
     a.k = ks.data();
     a.v = vs.data();
