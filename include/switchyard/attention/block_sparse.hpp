@@ -111,10 +111,13 @@ inline typename Reg<T, Arch>::V load_unaligned(const T* p) noexcept {
 }
 
 // s[r][n*L .. n*L + L) = sum_d qp[r][d] * kp[n][d * k_stride .. + L) for r < M, n < NV: the
-// score tile of dense.hpp with one key pointer per register (any alignment).
+// score tile of dense.hpp with one key pointer per register (any alignment). row_max (or null):
+// per row, a register of lane-wise maxima that takes the scores of each register n whose bit is
+// set in `unmasked` (registers whose lanes are masked later are left out).
 template <class Arch, class T, int M, int NV>
 inline void score_chunks(const T* qp, std::int64_t D, const T* const* kp, std::int64_t k_stride,
-                         T* s, std::int64_t s_stride) noexcept {
+                         T* s, std::int64_t s_stride, typename Reg<T, Arch>::V* row_max = nullptr,
+                         unsigned unmasked = 0) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
   typename R::V acc[M][NV];
@@ -130,6 +133,12 @@ inline void score_chunks(const T* qp, std::int64_t D, const T* const* kp, std::i
   }
   for (int r = 0; r < M; ++r)
     for (int n = 0; n < NV; ++n) R::store(s + r * s_stride + n * L, acc[r][n]);
+  if constexpr (!simd::is_scalar_v<Arch>) {
+    if (row_max)
+      for (int r = 0; r < M; ++r)
+        for (int n = 0; n < NV; ++n)
+          if (unmasked >> n & 1u) row_max[r] = xsimd::max(row_max[r], acc[r][n]);
+  }
 }
 
 // One chunk of a tile: packed keys [p, p + c), c <= L, scored into one register of lanes.
@@ -270,6 +279,8 @@ void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::in
   for (std::size_t ri = 0; ri < tile.runs.size(); ++ri) {
     const TileRun& run = tile.runs[ri];
     std::int64_t lo = std::numeric_limits<std::int64_t>::max(), hi = 0;
+    // [all_lo, all_hi): the keys every row sees; whole chunks inside it need no per-row test.
+    std::int64_t all_lo = 0, all_hi = std::numeric_limits<std::int64_t>::max();
     for (int r = r0; r < r0 + n; ++r) {
       const std::int64_t b = std::max(run.begin, run.rows[r].begin);
       const std::int64_t e = std::min(run.end, run.rows[r].end);
@@ -277,6 +288,8 @@ void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::in
         lo = std::min(lo, b);
         hi = std::max(hi, e);
       }
+      all_lo = std::max(all_lo, run.rows[r].begin);
+      all_hi = std::min(all_hi, run.rows[r].end);
     }
     if (lo >= hi) continue;
     const bool one_block = lo / NB == (hi - 1) / NB;
@@ -287,6 +300,11 @@ void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::in
       } else {
         const std::int64_t bstart = p / NB * NB, off = p - bstart;
         next = std::min({hi, bstart + NB, bstart + (off / L + 1) * L});
+      }
+      if (next - p == L && p >= all_lo && next <= all_hi) {
+        out.push_back({p, L, std::int32_t(ri), false});
+        p = next;
+        continue;
       }
       bool any = false, all = next - p == L;
       for (int r = r0; r < r0 + n; ++r) {
@@ -302,19 +320,25 @@ void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::in
   }
 }
 
-// Scores of chunks [i0, i0 + cnt) (cnt <= NV) into s at lane i0_local * L.
+// Scores of chunks [i0, i0 + cnt) (cnt <= NV) into s at lane i0_local * L; row_max (or null)
+// takes the scores of the unmasked chunks (score_chunks).
 template <class Arch, class T, int M, int NV>
 inline void score_group(const T* qp, std::int64_t D, const SparseChunk* ch, int cnt, const T* kh,
-                        std::int64_t NB, std::int64_t NBp, T* s, std::int64_t s_stride) noexcept {
+                        std::int64_t NB, std::int64_t NBp, T* s, std::int64_t s_stride,
+                        typename Reg<T, Arch>::V* row_max) noexcept {
   const T* kp[NV];
-  for (int n = 0; n < cnt; ++n) kp[n] = SparseKeyPack<T, Arch>::key_ptr(kh, ch[n].p, NB, D, NBp);
+  unsigned unmasked = 0;
+  for (int n = 0; n < cnt; ++n) {
+    kp[n] = SparseKeyPack<T, Arch>::key_ptr(kh, ch[n].p, NB, D, NBp);
+    unmasked |= unsigned(!ch[n].mask) << n;
+  }
   if constexpr (NV > 1) {
     if (cnt < NV) {
-      score_group<Arch, T, M, NV - 1>(qp, D, ch, cnt, kh, NB, NBp, s, s_stride);
+      score_group<Arch, T, M, NV - 1>(qp, D, ch, cnt, kh, NB, NBp, s, s_stride, row_max);
       return;
     }
   }
-  score_chunks<Arch, T, M, NV>(qp, D, kp, NBp, s, s_stride);
+  score_chunks<Arch, T, M, NV>(qp, D, kp, NBp, s, s_stride, row_max, unmasked);
 }
 
 // Rows [r0, r0 + n) of `tile` (n <= M; rows past n are zero padding) of (b, h) over the packed
@@ -358,9 +382,15 @@ void sparse_micro_tile(const SparseAttentionArgs<T, KV>& a, const T* kh, const T
   for (std::int64_t c0 = 0; c0 < total; c0 += CB) {
     const std::int64_t nc = std::min(CB, total - c0);
     const SparseChunk* ch = ws.chunks.data() + c0;
+    // Row maxima: the unmasked chunks' from the score registers, the masked ones' after
+    // masking (scalar arch: the softmax's own pass).
+    typename Reg<T, Arch>::V row_max[M];
+    for (int r = 0; r < M; ++r) row_max[r] = Reg<T, Arch>::splat(neg_inf);
+    constexpr bool fused_max = !simd::is_scalar_v<Arch>;
     for (std::int64_t i = 0; i < nc; i += NV) {
       score_group<Arch, T, M, NV>(ws.qp.data(), D, ch + i, int(std::min<std::int64_t>(NV, nc - i)),
-                                  kh, NB, NBp, ws.s.data() + i * L, KB);
+                                  kh, NB, NBp, ws.s.data() + i * L, KB,
+                                  fused_max ? row_max : nullptr);
     }
     for (std::int64_t i = 0; i < nc; ++i) {
       if (!ch[i].mask) continue;
@@ -374,10 +404,16 @@ void sparse_micro_tile(const SparseAttentionArgs<T, KV>& a, const T* kh, const T
           ve = std::clamp<std::int64_t>(rg.end - ch[i].p, vb, ch[i].c);
         }
         mask_lanes<Arch>(srow, vb, ve);
+        if constexpr (fused_max) row_max[r] = xsimd::max(row_max[r], Reg<T, Arch>::load(srow));
       }
     }
     for (int r = 0; r < M; ++r) {
-      ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, nc * L, ws.m[r], ws.l[r]);
+      if constexpr (fused_max) {
+        ws.alpha[r] = online_softmax_update_with_max(Arch{}, ws.s.data() + r * KB, nc * L,
+                                                     simd::hmax(row_max[r]), ws.m[r], ws.l[r]);
+      } else {
+        ws.alpha[r] = online_softmax_update(Arch{}, ws.s.data() + r * KB, nc * L, ws.m[r], ws.l[r]);
+      }
     }
     std::int64_t c = 0;
     for (; c + NV * L <= Dp; c += NV * L) {
