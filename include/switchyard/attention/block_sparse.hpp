@@ -141,9 +141,10 @@ inline void score_chunks(const T* qp, std::int64_t D, const T* const* kp, std::i
   }
 }
 
-// One chunk of a tile: packed keys [p, p + c), c <= L, scored into one register of lanes.
+// One chunk of a tile: packed keys [p, p + c), c <= L, scored into one register of lanes;
+// k_off: where its first key's lane of row d = 0 sits in the packed head (SparseKeyPack).
 struct SparseChunk {
-  std::int64_t p = 0, c = 0;
+  std::int64_t p = 0, c = 0, k_off = 0;
   std::int32_t run = 0;
   bool mask = false;
 };
@@ -211,8 +212,38 @@ SparseTileWorkspace<T>& sparse_tile_workspace() {
 
 }  // namespace detail
 
+namespace detail {
+
+// Storage of key packs kept by each thread between calls: a long sequence's pack takes tens of
+// MiB, and fresh pages on every call cost page faults worth ~6 % of a 1D pattern's time at
+// T 16384. At most two buffers (K and V of the last pack) of at most 256 MiB each are kept.
+template <class T>
+struct PackStoragePool {
+  static constexpr std::size_t max_kept = 2;
+  static constexpr std::size_t max_bytes = std::size_t(256) << 20;
+  std::vector<aligned_vector<T>> kept;
+
+  static PackStoragePool& local() {
+    static thread_local PackStoragePool pool;
+    return pool;
+  }
+  aligned_vector<T> take() {
+    if (kept.empty()) return {};
+    aligned_vector<T> v = std::move(kept.back());
+    kept.pop_back();
+    return v;
+  }
+  void give(aligned_vector<T>&& v) {
+    if (v.capacity() > 0 && v.capacity() * sizeof(T) <= max_bytes && kept.size() < max_kept)
+      kept.push_back(std::move(v));
+  }
+};
+
+}  // namespace detail
+
 /// Keys and values of every (b, KV head) in a pattern's packed order (see the file comment):
 /// N packed keys in blocks of NB, block layout [D][NBp], V [N][Dp]. Padding keys are zeros.
+/// Its storage comes from (and returns to) the calling thread's detail::PackStoragePool.
 template <class T, class Arch>
 struct SparseKeyPack {
   static constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
@@ -232,48 +263,57 @@ struct SparseKeyPack {
         NBp(padded_block(NB)),
         blocks(num_chunks(N_, NB)),
         heads(heads_) {
+    auto& pool = detail::PackStoragePool<T>::local();
+    vp = pool.take();  // the reverse of the order given back, so each gets its own again
+    kt = pool.take();
     kt.assign(std::size_t(std::max<std::int64_t>(1, heads * blocks * D * NBp)), T(0));
     vp.assign(std::size_t(std::max<std::int64_t>(1, heads * N * Dp)), T(0));
   }
-  const T* k_head(std::int64_t head) const noexcept { return kt.data() + head * blocks * D * NBp; }
-  const T* v_head(std::int64_t head) const noexcept { return vp.data() + head * N * Dp; }
-  /// First lane of packed key p in its block, row d = 0.
-  static const T* key_ptr(const T* k_head, std::int64_t p, std::int64_t NB, std::int64_t D,
-                          std::int64_t NBp) noexcept {
-    return k_head + (p / NB) * D * NBp + p % NB;
+  SparseKeyPack(const SparseKeyPack&) = default;
+  SparseKeyPack(SparseKeyPack&&) noexcept = default;
+  SparseKeyPack& operator=(const SparseKeyPack&) = default;
+  SparseKeyPack& operator=(SparseKeyPack&&) noexcept = default;
+  ~SparseKeyPack() {
+    auto& pool = detail::PackStoragePool<T>::local();
+    pool.give(std::move(kt));
+    pool.give(std::move(vp));
   }
 
-  /// Packs head `head` from k/v [S, D] of (b, hk) (element strides ks/kd, vs/vd), stored as T
-  /// or bf16 (widened): packed key p is key token(p), or zeros where token(p) < 0 or p >= n
-  /// (keys past n are never read).
-  template <class KV, class TokenOf>
-  void pack(std::int64_t head, const KV* k, std::int64_t ks, std::int64_t kd, const KV* v,
-            std::int64_t vs, std::int64_t vd, std::int64_t n, TokenOf&& token) noexcept {
-    T* const kt_h = kt.data() + head * blocks * D * NBp;
-    T* const vp_h = vp.data() + head * N * Dp;
-    n = std::min(n, N);
-    for (std::int64_t p = 0; p < n; ++p) {
-      const std::int64_t tok = token(p);
-      T* kdst = kt_h + (p / NB) * D * NBp + p % NB;
-      T* vdst = vp_h + p * Dp;
-      if (tok < 0) {
-        for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(0);
-        for (std::int64_t d = 0; d < Dp; ++d) vdst[d] = T(0);
-        continue;
-      }
-      const KV* ksrc = k + tok * ks;
-      const KV* vsrc = v + tok * vs;
-      for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(to_float(ksrc[d * kd]));
-      for (std::int64_t d = 0; d < D; ++d) vdst[d] = T(to_float(vsrc[d * vd]));
+  const T* k_head(std::int64_t head) const noexcept { return kt.data() + head * blocks * D * NBp; }
+  const T* v_head(std::int64_t head) const noexcept { return vp.data() + head * N * Dp; }
+
+  /// Packs key p of head `head` (p < N): key and value vectors k/v of D elements (element
+  /// strides kd/vd) stored as T or bf16 (widened), or zeros where k is null.
+  template <class KV>
+  void pack_key(std::int64_t head, std::int64_t p, const KV* k, std::int64_t kd, const KV* v,
+                std::int64_t vd) noexcept {
+    T* kdst = kt.data() + head * blocks * D * NBp + (p / NB) * D * NBp + p % NB;
+    T* vdst = vp.data() + head * N * Dp + p * Dp;
+    if (!k) {
+      for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(0);
+      std::fill_n(vdst, Dp, T(0));
+      return;
+    }
+    if (kd == 1) {  // unit strides: contiguous reads (vectorised for V)
+      for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(to_float(k[d]));
+    } else {
+      for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(to_float(k[d * kd]));
+    }
+    if (vd == 1) {
+      for (std::int64_t d = 0; d < D; ++d) vdst[d] = T(to_float(v[d]));
+    } else {
+      for (std::int64_t d = 0; d < D; ++d) vdst[d] = T(to_float(v[d * vd]));
     }
   }
 };
 
 namespace detail {
 
-// Cuts the tile's runs into chunks for rows [r0, r0 + n): see the file comment.
-template <class T>
-void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::int64_t L,
+// Cuts the tile's runs into chunks for rows [r0, r0 + n): see the file comment. Blocks of NB
+// packed keys lie block_stride elements apart; no division per chunk (this runs once per tile
+// and chunk, beside the chunk's 2 D multiply-adds per row and key).
+template <std::int64_t L>
+void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::int64_t block_stride,
                   std::vector<SparseChunk>& out) {
   out.clear();
   for (std::size_t ri = 0; ri < tile.runs.size(); ++ri) {
@@ -292,17 +332,19 @@ void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::in
       all_hi = std::min(all_hi, run.rows[r].end);
     }
     if (lo >= hi) continue;
-    const bool one_block = lo / NB == (hi - 1) / NB;
+    // The block holding p starts at key bstart and element b_off of the packed head.
+    std::int64_t bstart = lo / NB * NB, b_off = lo / NB * block_stride;
+    const bool one_block = hi <= bstart + NB;
     for (std::int64_t p = lo; p < hi;) {
-      std::int64_t next;
-      if (one_block) {
-        next = std::min(hi, p + L);
-      } else {
-        const std::int64_t bstart = p / NB * NB, off = p - bstart;
-        next = std::min({hi, bstart + NB, bstart + (off / L + 1) * L});
+      if (p == bstart + NB) {
+        bstart += NB;
+        b_off += block_stride;
       }
+      const std::int64_t off = p - bstart;
+      const std::int64_t next =
+          one_block ? std::min(hi, p + L) : std::min({hi, bstart + NB, bstart + (off / L + 1) * L});
       if (next - p == L && p >= all_lo && next <= all_hi) {
-        out.push_back({p, L, std::int32_t(ri), false});
+        out.push_back({p, L, b_off + off, std::int32_t(ri), false});
         p = next;
         continue;
       }
@@ -314,27 +356,28 @@ void build_chunks(const QueryTile& tile, int r0, int n, std::int64_t NB, std::in
         all = all && covers;
         any = any || touches;
       }
-      if (any) out.push_back({p, next - p, std::int32_t(ri), !all});
+      if (any) out.push_back({p, next - p, b_off + off, std::int32_t(ri), !all});
       p = next;
     }
   }
 }
 
 // Scores of chunks [i0, i0 + cnt) (cnt <= NV) into s at lane i0_local * L; row_max (or null)
-// takes the scores of the unmasked chunks (score_chunks).
+// takes the scores of the unmasked chunks (score_chunks). kh: the packed head, rows of its
+// blocks NBp apart.
 template <class Arch, class T, int M, int NV>
 inline void score_group(const T* qp, std::int64_t D, const SparseChunk* ch, int cnt, const T* kh,
-                        std::int64_t NB, std::int64_t NBp, T* s, std::int64_t s_stride,
+                        std::int64_t NBp, T* s, std::int64_t s_stride,
                         typename Reg<T, Arch>::V* row_max) noexcept {
   const T* kp[NV];
   unsigned unmasked = 0;
   for (int n = 0; n < cnt; ++n) {
-    kp[n] = SparseKeyPack<T, Arch>::key_ptr(kh, ch[n].p, NB, D, NBp);
+    kp[n] = kh + ch[n].k_off;
     unmasked |= unsigned(!ch[n].mask) << n;
   }
   if constexpr (NV > 1) {
     if (cnt < NV) {
-      score_group<Arch, T, M, NV - 1>(qp, D, ch, cnt, kh, NB, NBp, s, s_stride, row_max);
+      score_group<Arch, T, M, NV - 1>(qp, D, ch, cnt, kh, NBp, s, s_stride, row_max);
       return;
     }
   }
@@ -355,7 +398,7 @@ void sparse_micro_tile(const SparseAttentionArgs<T, KV>& a, const T* kh, const T
   constexpr T neg_inf = -std::numeric_limits<T>::infinity();
   constexpr T log2e = T(1.44269504088896340736);
   const std::int64_t D = a.D, Dp = round_up(D, L);
-  build_chunks<T>(tile, r0, n, NB, L, ws.chunks);
+  build_chunks<L>(tile, r0, n, NB, D * NBp, ws.chunks);
   const T qscale = a.scale * log2e;
   for (int r = 0; r < M; ++r) {
     T* qd = ws.qp.data() + r * D;
@@ -389,8 +432,7 @@ void sparse_micro_tile(const SparseAttentionArgs<T, KV>& a, const T* kh, const T
     constexpr bool fused_max = !simd::is_scalar_v<Arch>;
     for (std::int64_t i = 0; i < nc; i += NV) {
       score_group<Arch, T, M, NV>(ws.qp.data(), D, ch + i, int(std::min<std::int64_t>(NV, nc - i)),
-                                  kh, NB, NBp, ws.s.data() + i * L, KB,
-                                  fused_max ? row_max : nullptr);
+                                  kh, NBp, ws.s.data() + i * L, KB, fused_max ? row_max : nullptr);
     }
     for (std::int64_t i = 0; i < nc; ++i) {
       if (!ch[i].mask) continue;
@@ -474,15 +516,35 @@ void sparse_tile(const SparseAttentionArgs<T, KV>& a, const SparseKeyPack<T, Arc
 }
 
 /// Packs every (b, kv head) of a.k / a.v: head index b * Hkv + hk; token(b, hk, p) gives the
-/// key token of packed key p (< 0: padding), n(b, hk) how many packed keys are read.
+/// key token of packed key p (< 0: padding), n(b, hk) how many packed keys are read (keys past
+/// it stay zero and are never read). Tasks are (b, span of packed keys) with every KV head
+/// inside, so the reads walk each token's heads, adjacent in [B, S, H_kv, D], in order.
 template <class Arch, class T, class KV, class TokenOf, class Count>
 void sparse_pack_all(const SparseAttentionArgs<T, KV>& a, SparseKeyPack<T, Arch>& pack,
                      TokenOf&& token, Count&& count) {
-  parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
-    const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
-    pack.pack(task, a.k + b * a.k_stride[0] + hk * a.k_stride[2], a.k_stride[1], a.k_stride[3],
-              a.v + b * a.v_stride[0] + hk * a.v_stride[2], a.v_stride[1], a.v_stride[3],
-              count(b, hk), [&](std::int64_t p) { return token(b, hk, p); });
+  constexpr std::int64_t span = 256;
+  std::vector<std::int64_t> n(std::size_t(a.B * a.Hkv));
+  for (std::int64_t b = 0; b < a.B; ++b)
+    for (std::int64_t hk = 0; hk < a.Hkv; ++hk)
+      n[std::size_t(b * a.Hkv + hk)] = std::min(pack.N, count(b, hk));
+  const std::int64_t spans = num_chunks(pack.N, span);
+  parallel_for(a.B * spans, [&](std::int64_t task) {
+    const std::int64_t b = task / spans, p0 = task % spans * span;
+    const std::int64_t p1 = std::min(pack.N, p0 + span);
+    for (std::int64_t p = p0; p < p1; ++p)
+      for (std::int64_t hk = 0; hk < a.Hkv; ++hk) {
+        const std::int64_t head = b * a.Hkv + hk;
+        if (p >= n[std::size_t(head)]) continue;
+        const std::int64_t tok = token(b, hk, p);
+        if (tok < 0) {
+          pack.pack_key(head, p, static_cast<const KV*>(nullptr), 0, a.v, 0);
+          continue;
+        }
+        pack.pack_key(head, p, a.k + b * a.k_stride[0] + tok * a.k_stride[1] + hk * a.k_stride[2],
+                      a.k_stride[3],
+                      a.v + b * a.v_stride[0] + tok * a.v_stride[1] + hk * a.v_stride[2],
+                      a.v_stride[3]);
+      }
   });
 }
 
