@@ -239,6 +239,53 @@ TEST_CASE("sliding window is bit-identical for 1 and 2 threads", "[sliding][thre
   CHECK(same_bits(one, two));
 }
 
+TEST_CASE("structured layers reuse key-pack storage without reading what an earlier call left",
+          "[sliding][neighborhood][moba]") {
+  // Key packs keep their storage per thread between calls and are not cleared: a first call
+  // with NaN keys and values leaves NaN in every element a later, smaller call could read.
+  const std::int64_t B = 2, S = 150, H = 4, Hkv = 2, D = 24;
+  core::Tensor<float> poison({B, 2 * S, Hkv, 2 * D});
+  for (auto& x : poison) x = std::numeric_limits<float>::quiet_NaN();
+  const auto poison_q = uniform_tensor<float>({B, 2 * S, H, 2 * D}, 31);
+  const auto q = inputs<float>({B, S, H, D}, 32);
+  const auto k = inputs<float>({B, S, Hkv, D}, 33);
+  const auto v = inputs<float>({B, S, Hkv, D}, 34);
+  const std::vector<std::int64_t> len{S, S - 37};
+  const auto fill_packs = [&](const auto& layer_forward) {
+    (void)layer_forward(poison_q.view<4>(), poison.view<4>(), poison.view<4>());
+  };
+  SECTION("sliding window with key lengths") {
+    const SlidingWindowAttention<float> attn({.window = 40, .sinks = 3});
+    fill_packs([&](auto qq, auto kk, auto vv) { return attn.forward(qq, kk, vv); });
+    const auto got = attn.forward(q.view<4>(), k.view<4>(), v.view<4>(), len);
+    const auto want = reference(q, k, v, 1.0 / std::sqrt(double(D)),
+                                [&](std::int64_t b, std::int64_t, std::int64_t i, std::int64_t j) {
+                                  return j < len[std::size_t(b)] && j <= i && (j < 3 || j > i - 40);
+                                });
+    CHECK(max_err(got, want) <= tolerance<float>());
+  }
+  SECTION("1D neighbourhood with dilation (padding keys)") {
+    NeighborhoodConfig<1> cfg;
+    cfg.axes[0] = {.kernel_size = 9, .dilation = 4};
+    const NeighborhoodAttention<1, float> attn(cfg);
+    fill_packs([&](auto qq, auto kk, auto vv) {
+      return attn.forward(std::array<std::int64_t, 1>{2 * S}, qq, kk, vv);
+    });
+    const auto got =
+        attn.forward(std::array<std::int64_t, 1>{S}, q.view<4>(), k.view<4>(), v.view<4>());
+    const std::array<std::int64_t, 1> ext{S};
+    std::vector<std::vector<std::int64_t>> keys;
+    for (std::int64_t t = 0; t < S; ++t)
+      keys.push_back(test_support::neighborhood_reference_keys(ext, cfg.axes, t));
+    const auto want = reference(q, k, v, 1.0 / std::sqrt(double(D)),
+                                [&](std::int64_t, std::int64_t, std::int64_t i, std::int64_t j) {
+                                  return std::binary_search(keys[std::size_t(i)].begin(),
+                                                            keys[std::size_t(i)].end(), j);
+                                });
+    CHECK(max_err(got, want) <= tolerance<float>());
+  }
+}
+
 TEST_CASE("sliding window errors name the layer, argument and shapes", "[sliding][errors]") {
   using SW = SlidingWindowAttention<float>;
   REQUIRE_THROWS_WITH(SW({.window = 0}),

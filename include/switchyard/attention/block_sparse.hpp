@@ -29,6 +29,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <type_traits>
 #include <vector>
 
 #include "switchyard/attention/attention_tiles.hpp"
@@ -39,6 +40,7 @@
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/online_softmax.hpp"
+#include "switchyard/core/simd/transpose.hpp"
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
 
@@ -243,7 +245,9 @@ struct PackStoragePool {
 
 /// Keys and values of every (b, KV head) in a pattern's packed order (see the file comment):
 /// N packed keys in blocks of NB, block layout [D][NBp], V [N][Dp]. Padding keys are zeros.
-/// Its storage comes from (and returns to) the calling thread's detail::PackStoragePool.
+/// Its storage comes from (and returns to) the calling thread's detail::PackStoragePool and
+/// holds stale values until packed: pack_key each key below n, then finish_head(head, n)
+/// zeroes the rest (sparse_pack_all does both).
 template <class T, class Arch>
 struct SparseKeyPack {
   static constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
@@ -266,8 +270,8 @@ struct SparseKeyPack {
     auto& pool = detail::PackStoragePool<T>::local();
     vp = pool.take();  // the reverse of the order given back, so each gets its own again
     kt = pool.take();
-    kt.assign(std::size_t(std::max<std::int64_t>(1, heads * blocks * D * NBp)), T(0));
-    vp.assign(std::size_t(std::max<std::int64_t>(1, heads * N * Dp)), T(0));
+    fit(kt, heads * blocks * D * NBp);
+    fit(vp, heads * N * Dp);
   }
   SparseKeyPack(const SparseKeyPack&) = default;
   SparseKeyPack(SparseKeyPack&&) noexcept = default;
@@ -289,9 +293,10 @@ struct SparseKeyPack {
                 std::int64_t vd) noexcept {
     T* kdst = kt.data() + head * blocks * D * NBp + (p / NB) * D * NBp + p % NB;
     T* vdst = vp.data() + head * N * Dp + p * Dp;
+    std::fill(vdst + D, vdst + Dp, T(0));
     if (!k) {
       for (std::int64_t d = 0; d < D; ++d) kdst[d * NBp] = T(0);
-      std::fill_n(vdst, Dp, T(0));
+      std::fill_n(vdst, D, T(0));
       return;
     }
     if (kd == 1) {  // unit strides: contiguous reads (vectorised for V)
@@ -304,6 +309,68 @@ struct SparseKeyPack {
     } else {
       for (std::int64_t d = 0; d < D; ++d) vdst[d] = T(to_float(v[d * vd]));
     }
+  }
+
+  /// Packs keys [p, p + L) of head `head`, all in one block, from float rows k + j * ks and
+  /// v + j * vs (unit element strides): L x L register transposes where the arch has them.
+  /// Returns false (nothing written) where it has none.
+  bool pack_keys_transposed(std::int64_t head, std::int64_t p, const T* k, std::int64_t ks,
+                            const T* v, std::int64_t vs) noexcept {
+    if constexpr (std::is_same_v<T, float> && (transpose_lanes == L)) {
+      T* kdst = kt.data() + head * blocks * D * NBp + (p / NB) * D * NBp + p % NB;
+      std::int64_t d = 0;
+      for (; d + L <= D; d += L) transpose_block(k + d, ks, kdst + d * NBp, NBp);
+      for (; d < D; ++d)
+        for (std::int64_t j = 0; j < L; ++j) kdst[d * NBp + j] = k[j * ks + d];
+      for (std::int64_t j = 0; j < L; ++j) {
+        T* vdst = vp.data() + head * N * Dp + (p + j) * Dp;
+        std::copy_n(v + j * vs, D, vdst);
+        std::fill(vdst + D, vdst + Dp, T(0));
+      }
+      return true;
+    } else {
+      (void)head, (void)p, (void)k, (void)ks, (void)v, (void)vs;
+      return false;
+    }
+  }
+
+  /// Zeroes what pack_key left unwritten in head `head` whose keys [0, n) are packed: the
+  /// padding lanes of every block row and keys [n, N).
+  void finish_head(std::int64_t head, std::int64_t n) noexcept {
+    T* kh = kt.data() + head * blocks * D * NBp;
+    for (std::int64_t blk = 0; blk < blocks; ++blk) {
+      const std::int64_t valid = std::clamp<std::int64_t>(n - blk * NB, 0, NB);
+      for (std::int64_t d = 0; d < D; ++d)
+        std::fill(kh + (blk * D + d) * NBp + valid, kh + (blk * D + d + 1) * NBp, T(0));
+    }
+    std::fill(vp.data() + (head * N + std::min(n, N)) * Dp, vp.data() + (head + 1) * N * Dp, T(0));
+  }
+
+ private:
+  // Float lanes of the register transpose the build has (0: none).
+#if defined(__AVX512F__)
+  static constexpr std::int64_t transpose_lanes = 16;
+  static void transpose_block(const float* src, std::int64_t lds, float* dst,
+                              std::int64_t ldd) noexcept {
+    transpose16x16(xsimd::avx512f{}, src, lds, dst, ldd);
+  }
+#elif defined(__AVX__)
+  static constexpr std::int64_t transpose_lanes = 8;
+  static void transpose_block(const float* src, std::int64_t lds, float* dst,
+                              std::int64_t ldd) noexcept {
+    transpose8x8(xsimd::avx{}, src, lds, dst, ldd);
+  }
+#else
+  static constexpr std::int64_t transpose_lanes = 0;
+  static void transpose_block(const float*, std::int64_t, float*, std::int64_t) noexcept {}
+#endif
+
+  // Sizes v to n elements (at least 1) without clearing what it holds: a vector from the pool
+  // keeps its earlier contents, which packing overwrites.
+  static void fit(detail::aligned_vector<T>& v, std::int64_t n) {
+    const std::size_t want = std::size_t(std::max<std::int64_t>(1, n));
+    if (v.capacity() < want) v = detail::aligned_vector<T>();  // no copy of stale values
+    v.resize(want);
   }
 };
 
@@ -517,35 +584,56 @@ void sparse_tile(const SparseAttentionArgs<T, KV>& a, const SparseKeyPack<T, Arc
 
 /// Packs every (b, kv head) of a.k / a.v: head index b * Hkv + hk; token(b, hk, p) gives the
 /// key token of packed key p (< 0: padding), n(b, hk) how many packed keys are read (keys past
-/// it stay zero and are never read). Tasks are (b, span of packed keys) with every KV head
-/// inside, so the reads walk each token's heads, adjacent in [B, S, H_kv, D], in order.
+/// it are zeros and never read). Tasks are (b, span of packed keys) with every KV head inside,
+/// so the reads walk each token's heads, adjacent in [B, S, H_kv, D], in order; L keys of
+/// consecutive tokens in one block go through register transposes.
 template <class Arch, class T, class KV, class TokenOf, class Count>
 void sparse_pack_all(const SparseAttentionArgs<T, KV>& a, SparseKeyPack<T, Arch>& pack,
                      TokenOf&& token, Count&& count) {
-  constexpr std::int64_t span = 256;
+  constexpr std::int64_t L = SparseKeyPack<T, Arch>::L, span = 256;
   std::vector<std::int64_t> n(std::size_t(a.B * a.Hkv));
   for (std::int64_t b = 0; b < a.B; ++b)
     for (std::int64_t hk = 0; hk < a.Hkv; ++hk)
-      n[std::size_t(b * a.Hkv + hk)] = std::min(pack.N, count(b, hk));
+      n[std::size_t(b * a.Hkv + hk)] = std::clamp<std::int64_t>(count(b, hk), 0, pack.N);
+  const bool unit = a.k_stride[3] == 1 && a.v_stride[3] == 1;
   const std::int64_t spans = num_chunks(pack.N, span);
   parallel_for(a.B * spans, [&](std::int64_t task) {
-    const std::int64_t b = task / spans, p0 = task % spans * span;
-    const std::int64_t p1 = std::min(pack.N, p0 + span);
-    for (std::int64_t p = p0; p < p1; ++p)
+    const std::int64_t b = task / spans, p1 = std::min(pack.N, (task % spans + 1) * span);
+    for (std::int64_t p = task % spans * span; p < p1;) {
+      // Keys [p, g): one block, at most L.
+      const std::int64_t g = std::min({p1, p + L, (p / pack.NB + 1) * pack.NB});
       for (std::int64_t hk = 0; hk < a.Hkv; ++hk) {
         const std::int64_t head = b * a.Hkv + hk;
-        if (p >= n[std::size_t(head)]) continue;
-        const std::int64_t tok = token(b, hk, p);
-        if (tok < 0) {
-          pack.pack_key(head, p, static_cast<const KV*>(nullptr), 0, a.v, 0);
-          continue;
+        const KV* k = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
+        const KV* v = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
+        const std::int64_t end = std::min(g, n[std::size_t(head)]);
+        if constexpr (std::is_same_v<KV, T>) {
+          if (unit && end - p == L) {
+            const std::int64_t tok = token(b, hk, p);
+            bool consecutive = tok >= 0;
+            for (std::int64_t j = 1; j < L && consecutive; ++j)
+              consecutive = token(b, hk, p + j) == tok + j;
+            if (consecutive &&
+                pack.pack_keys_transposed(head, p, k + tok * a.k_stride[1], a.k_stride[1],
+                                          v + tok * a.v_stride[1], a.v_stride[1]))
+              continue;
+          }
         }
-        pack.pack_key(head, p, a.k + b * a.k_stride[0] + tok * a.k_stride[1] + hk * a.k_stride[2],
-                      a.k_stride[3],
-                      a.v + b * a.v_stride[0] + tok * a.v_stride[1] + hk * a.v_stride[2],
-                      a.v_stride[3]);
+        for (std::int64_t q = p; q < end; ++q) {
+          const std::int64_t tok = token(b, hk, q);
+          if (tok < 0) {
+            pack.pack_key(head, q, static_cast<const KV*>(nullptr), 0, v, 0);
+          } else {
+            pack.pack_key(head, q, k + tok * a.k_stride[1], a.k_stride[3], v + tok * a.v_stride[1],
+                          a.v_stride[3]);
+          }
+        }
       }
+      p = g;
+    }
   });
+  parallel_for(a.B * a.Hkv,
+               [&](std::int64_t head) { pack.finish_head(head, n[std::size_t(head)]); });
 }
 
 /// The tile executor: for every (b, h), tiles 0 .. tiles_per_head - 1, each described by
