@@ -312,26 +312,18 @@ struct SparseKeyPack {
   }
 
   /// Packs keys [p, p + L) of head `head`, all in one block, from float rows k + j * ks and
-  /// v + j * vs (unit element strides): L x L register transposes where the arch has them.
-  /// Returns false (nothing written) where it has none.
+  /// v + j * vs (unit element strides) through register transposes (transpose_rows). Returns
+  /// false (nothing written) where the build has none for this arch.
   bool pack_keys_transposed(std::int64_t head, std::int64_t p, const T* k, std::int64_t ks,
                             const T* v, std::int64_t vs) noexcept {
-    if constexpr (std::is_same_v<T, float> && (transpose_lanes == L)) {
-      T* kdst = kt.data() + head * blocks * D * NBp + (p / NB) * D * NBp + p % NB;
-      std::int64_t d = 0;
-      for (; d + L <= D; d += L) transpose_block(k + d, ks, kdst + d * NBp, NBp);
-      for (; d < D; ++d)
-        for (std::int64_t j = 0; j < L; ++j) kdst[d * NBp + j] = k[j * ks + d];
-      for (std::int64_t j = 0; j < L; ++j) {
-        T* vdst = vp.data() + head * N * Dp + (p + j) * Dp;
-        std::copy_n(v + j * vs, D, vdst);
-        std::fill(vdst + D, vdst + Dp, T(0));
-      }
-      return true;
-    } else {
-      (void)head, (void)p, (void)k, (void)ks, (void)v, (void)vs;
-      return false;
+    T* kdst = kt.data() + head * blocks * D * NBp + (p / NB) * D * NBp + p % NB;
+    if (!transpose_rows<T, Arch>(k, ks, kdst, NBp, D)) return false;
+    for (std::int64_t j = 0; j < L; ++j) {
+      T* vdst = vp.data() + head * N * Dp + (p + j) * Dp;
+      std::copy_n(v + j * vs, D, vdst);
+      std::fill(vdst + D, vdst + Dp, T(0));
     }
+    return true;
   }
 
   /// Zeroes what pack_key left unwritten in head `head` whose keys [0, n) are packed: the
@@ -347,24 +339,6 @@ struct SparseKeyPack {
   }
 
  private:
-  // Float lanes of the register transpose the build has (0: none).
-#if defined(__AVX512F__)
-  static constexpr std::int64_t transpose_lanes = 16;
-  static void transpose_block(const float* src, std::int64_t lds, float* dst,
-                              std::int64_t ldd) noexcept {
-    transpose16x16(xsimd::avx512f{}, src, lds, dst, ldd);
-  }
-#elif defined(__AVX__)
-  static constexpr std::int64_t transpose_lanes = 8;
-  static void transpose_block(const float* src, std::int64_t lds, float* dst,
-                              std::int64_t ldd) noexcept {
-    transpose8x8(xsimd::avx{}, src, lds, dst, ldd);
-  }
-#else
-  static constexpr std::int64_t transpose_lanes = 0;
-  static void transpose_block(const float*, std::int64_t, float*, std::int64_t) noexcept {}
-#endif
-
   // Sizes v to n elements (at least 1) without clearing what it holds: a vector from the pool
   // keeps its earlier contents, which packing overwrites.
   static void fit(detail::aligned_vector<T>& v, std::int64_t n) {

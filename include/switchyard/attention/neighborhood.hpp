@@ -426,7 +426,7 @@ class NeighborhoodAttention {
             }
             const T* q0 = qb + tok0[m] * a.q_stride[1];
             if (nvalid == L && a.q_stride[3] == 1 &&
-                kernels::na_transpose_rows<T, Arch>(q0, dz * a.q_stride[1], qt, L, D)) {
+                kernels::transpose_rows<T, Arch>(q0, dz * a.q_stride[1], qt, L, D)) {
               const auto sv = xsimd::batch<T, Arch>(qscale);
               for (std::int64_t d = 0; d < D; ++d)
                 (xsimd::batch<T, Arch>::load_aligned(qt + d * L) * sv).store_aligned(qt + d * L);

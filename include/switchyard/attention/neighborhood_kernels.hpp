@@ -38,31 +38,6 @@ namespace switchyard {
 inline namespace v0 {
 namespace kernels {
 
-/// dst[c * ldd + j] = src[j * lds + c] for j < L rows (the register width) and c < D, through
-/// register transposes of L x L blocks where the build has them (float, AVX-512 or AVX); returns
-/// false, writing nothing, where it does not (the caller transposes element by element).
-template <class T, class Arch>
-bool na_transpose_rows(const T* src, std::int64_t lds, T* dst, std::int64_t ldd,
-                       std::int64_t D) noexcept {
-  constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
-  if constexpr (std::is_same_v<T, float> && L == 16) {
-#if defined(__AVX512F__)
-    if (D % 16 != 0) return false;
-    for (std::int64_t c = 0; c < D; c += 16)
-      transpose16x16(Arch{}, src + c, lds, dst + c * ldd, ldd);
-    return true;
-#endif
-  } else if constexpr (std::is_same_v<T, float> && L == 8) {
-#if defined(__AVX__)
-    if (D % 8 != 0) return false;
-    for (std::int64_t c = 0; c < D; c += 8) transpose8x8(Arch{}, src + c, lds, dst + c * ldd, ldd);
-    return true;
-#endif
-  }
-  (void)src, (void)lds, (void)dst, (void)ldd, (void)D;
-  return false;
-}
-
 /// Keys and values of every (b, kv head), per last-axis row of a dilation group: row r holds
 /// compact positions x in [-P, W - P), K^T [D][W] and V [W][Dp]; positions that are not keys of
 /// the row are zeros.
@@ -143,7 +118,7 @@ struct NeighborhoodRowPack {
         if (even) {
           const std::int64_t step = n > 1 ? src[1] - src[0] : 0;
           for (std::int64_t i = 0; even && i < XB; i += L)
-            even = na_transpose_rows<T, Arch>(src[i], step, k0 + P + x0 + i, W, D);
+            even = transpose_rows<T, Arch>(src[i], step, k0 + P + x0 + i, W, D);
           if (even) continue;
         }
         if (full) {  // XB keys, no padding

@@ -1,8 +1,10 @@
 #pragma once
 // Register transposes of square float blocks (AVX-512 16 x 16, AVX 8 x 8): the weight
-// packing of the packed GEMM (gemm_packed.hpp) and the row tiles of lane top-k
-// (topk_lanes.hpp) move data between rows and columns with them.
+// packing of the packed GEMM (gemm_packed.hpp), the row tiles of lane top-k
+// (topk_lanes.hpp) and the key packs of structured attention (block_sparse.hpp,
+// neighborhood_kernels.hpp) move data between rows and columns with them.
 #include <cstdint>
+#include <type_traits>
 
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
@@ -83,6 +85,36 @@ void transpose8x8(Arch, const float* src, std::int64_t lds, float* dst, std::int
   }
 }
 #endif
+
+/// dst[c * ldd + j] = src[j * lds + c] for j < L rows and c < D, L = the float lanes of Arch:
+/// register transposes of L x L blocks where the build has them (float with AVX-512 or AVX),
+/// the last D % L columns element by element. Returns false, writing nothing, where it has
+/// none (the caller transposes element by element).
+template <class T, class Arch>
+bool transpose_rows(const T* src, std::int64_t lds, T* dst, std::int64_t ldd,
+                    std::int64_t D) noexcept {
+  constexpr std::int64_t L = std::int64_t(simd::lanes_v<T, Arch>);
+  std::int64_t c = 0;
+  if constexpr (std::is_same_v<T, float> && L == 16) {
+#if defined(__AVX512F__)
+    for (; c + 16 <= D; c += 16) transpose16x16(Arch{}, src + c, lds, dst + c * ldd, ldd);
+#else
+    return false;
+#endif
+  } else if constexpr (std::is_same_v<T, float> && L == 8) {
+#if defined(__AVX__)
+    for (; c + 8 <= D; c += 8) transpose8x8(Arch{}, src + c, lds, dst + c * ldd, ldd);
+#else
+    return false;
+#endif
+  } else {
+    (void)src, (void)lds, (void)dst, (void)ldd, (void)D;
+    return false;
+  }
+  for (; c < D; ++c)
+    for (std::int64_t j = 0; j < L; ++j) dst[c * ldd + j] = src[j * lds + c];
+  return true;
+}
 
 }  // namespace kernels
 }  // namespace v0
