@@ -56,6 +56,7 @@
 #include <string_view>
 #include <vector>
 
+#include "switchyard/attention/attention_tiles.hpp"
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/parallel_for.hpp"
@@ -275,20 +276,59 @@ namespace moba_detail {
 inline constexpr std::string_view layer = "MoBA";
 inline constexpr std::string_view fn = "moba_select";
 
+/// Queries whose gates moba_gate_tile computes together.
+inline constexpr std::int64_t gate_queries = 4;
+
+/// gate[i * Np + n] = sum_d q[i * D + d] * km[d * Np + n] for i < gate_queries, n < Np (km:
+/// the block means transposed, rows 64-byte aligned, Np a multiple of 16): register tiles of
+/// every query x up to four registers of blocks, each gate summed over d in order with one
+/// multiply-add per step (fused where the target has it), so a gate does not depend on which
+/// queries share its tile.
+template <class Arch, class T, int NV>
+inline void moba_gate_registers(const T* q, std::int64_t D, const T* km, std::int64_t Np,
+                                std::int64_t n0, T* gate) noexcept {
+  using R = kernels::detail::Reg<T, Arch>;
+  constexpr std::int64_t L = R::lanes, Q = gate_queries;
+  typename R::V acc[Q][NV];
+  for (int i = 0; i < Q; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = R::zero();
+  for (std::int64_t d = 0; d < D; ++d) {
+    typename R::V kv[NV];
+    for (int v = 0; v < NV; ++v) kv[v] = R::load(km + d * Np + n0 + v * L);
+    for (int i = 0; i < Q; ++i) {
+      const auto qb = R::splat(q[i * D + d]);
+      for (int v = 0; v < NV; ++v) acc[i][v] = R::fma(qb, kv[v], acc[i][v]);
+    }
+  }
+  for (int i = 0; i < Q; ++i)
+    for (int v = 0; v < NV; ++v) R::store(gate + i * Np + n0 + v * L, acc[i][v]);
+}
+
+template <class T, class Arch = simd::default_arch>
+void moba_gate_tile(const T* q, std::int64_t D, const T* km, std::int64_t Np, T* gate) noexcept {
+  constexpr std::int64_t L = kernels::detail::Reg<T, Arch>::lanes;
+  std::int64_t n0 = 0;
+  for (; n0 + 4 * L <= Np; n0 += 4 * L) moba_gate_registers<Arch, T, 4>(q, D, km, Np, n0, gate);
+  for (; n0 < Np; n0 += L) moba_gate_registers<Arch, T, 1>(q, D, km, Np, n0, gate);
+}
+
 /// NaN sorts below everything, so the order is a strict weak order whatever the data.
 inline double order_key(double g) noexcept {
   return std::isnan(g) ? -std::numeric_limits<double>::infinity() : g;
 }
 
 /// Picks from `cand` (block indices, ascending) into `chosen` by the rule of the file header;
-/// `gate` is the query's raw gate over all blocks. `cand` is reordered.
-inline void select_one(const float* gate, std::int64_t own, std::vector<std::int32_t>& cand,
-                       const MobaConfig& cfg, std::vector<std::int32_t>& chosen) {
+/// `gate` is the query's raw gate over all N blocks. `cand` is reordered; `keys`: scratch.
+inline void select_one(const float* gate, std::int64_t N, std::int64_t own,
+                       std::vector<std::int32_t>& cand, const MobaConfig& cfg,
+                       std::vector<std::int32_t>& chosen, std::vector<float>& keys) {
   chosen.clear();
   if (own >= 0) chosen.push_back(static_cast<std::int32_t>(own));
-  auto better = [gate](std::int32_t a, std::int32_t b) {
-    const double ga = order_key(gate[a]), gb = order_key(gate[b]);
-    return ga > gb || (ga == gb && a < b);
+  // order_key once per block, as a float (a float's double is exact: the same order).
+  keys.resize(static_cast<std::size_t>(N));
+  for (std::int64_t n = 0; n < N; ++n) keys[n] = static_cast<float>(order_key(gate[n]));
+  auto better = [k = keys.data()](std::int32_t a, std::int32_t b) {
+    return k[a] > k[b] || (k[a] == k[b] && a < b);
   };
   if (cfg.threshold == 0) {
     const std::int64_t slots = cfg.top_k - (own >= 0 ? 1 : 0);
@@ -417,7 +457,7 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
   // independent sums that vectorise without reassociation.
   const std::int64_t Np = core::round_up(N, 16);
   const std::int64_t kv_tasks = B * Hkv;
-  std::vector<T> kmean_t(static_cast<std::size_t>(kv_tasks * D * Np), T(0));
+  kernels::detail::aligned_vector<T> kmean_t(static_cast<std::size_t>(kv_tasks * D * Np), T(0));
   parallel_for(kv_tasks, [&](std::int64_t task) {
     const std::int64_t b = task / Hkv, g = task % Hkv;
     T* dst = kmean_t.data() + task * D * Np;
@@ -442,45 +482,33 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
   parallel_for(tasks, [&](std::int64_t task) {
     const std::int64_t b = task / H, h = task % H, g = h / (H / Hkv);
     const T* km = kmean_t.data() + (b * Hkv + g) * D * Np;
-    // Gates of `lanes` queries at once: the block-mean rows are loaded once for all of them and
-    // the four accumulator rows are independent, so their load-add-store chains overlap.
-    constexpr std::int64_t lanes = 4;
-    std::vector<T> qrow(static_cast<std::size_t>(lanes * D));
-    std::vector<T> acc(static_cast<std::size_t>(lanes * N));
-    std::vector<float> gate(static_cast<std::size_t>(N));
+    // Gates of gate_queries queries at once (moba_gate_tile).
+    constexpr std::int64_t lanes = moba_detail::gate_queries;
+    kernels::detail::aligned_vector<T> qrow(static_cast<std::size_t>(lanes * D));
+    kernels::detail::aligned_vector<T> acc(static_cast<std::size_t>(lanes * Np));
+    std::vector<float> gate(static_cast<std::size_t>(N)), keys;
     std::vector<std::int32_t> cand, chosen;
     cand.reserve(static_cast<std::size_t>(N));
     std::vector<std::int32_t>& mine = task_blocks[task];
     mine.reserve(static_cast<std::size_t>(Tq * std::max<std::int64_t>(cfg.top_k, 1)));
+    const T* qh = q.data() + b * q.stride(0) + h * q.stride(2);
     for (std::int64_t t = 0; t < Tq; ++t) {
       const std::int64_t lane = t % lanes;
       if (lane == 0) {
         std::fill(qrow.begin(), qrow.end(), T(0));  // missing queries of the last group: 0
         for (std::int64_t i = 0; i < lanes && t + i < Tq; ++i) {
           // Pointer arithmetic, not q(b, t, h, 0): valid also when D == 0.
-          const T* qp = q.data() + b * q.stride(0) + (t + i) * q.stride(1) + h * q.stride(2);
+          const T* qp = qh + (t + i) * q.stride(1);
           for (std::int64_t d = 0; d < D; ++d) qrow[i * D + d] = qp[d * q.stride(3)];
+          // The next group's rows: one head's rows lie H * D apart, too far for the hardware
+          // prefetchers.
+          if (t + lanes + i < Tq)
+            for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T)))
+              __builtin_prefetch(qh + (t + lanes + i) * q.stride(1) + d * q.stride(3));
         }
-        std::fill(acc.begin(), acc.end(), T(0));
-        T* a0 = acc.data();
-        T* a1 = a0 + N;
-        T* a2 = a1 + N;
-        T* a3 = a2 + N;
-        // Each gate is summed over d in order, whatever its lane: results do not depend on
-        // how queries are grouped.
-        for (std::int64_t d = 0; d < D; ++d) {
-          const T q0 = qrow[d], q1 = qrow[D + d], q2 = qrow[2 * D + d], q3 = qrow[3 * D + d];
-          const T* row = km + d * Np;
-          for (std::int64_t n = 0; n < N; ++n) {
-            const T r = row[n];
-            a0[n] += q0 * r;
-            a1[n] += q1 * r;
-            a2[n] += q2 * r;
-            a3[n] += q3 * r;
-          }
-        }
+        moba_detail::moba_gate_tile<T>(qrow.data(), D, km, Np, acc.data());
       }
-      for (std::int64_t n = 0; n < N; ++n) gate[n] = static_cast<float>(acc[lane * N + n]);
+      for (std::int64_t n = 0; n < N; ++n) gate[n] = static_cast<float>(acc[lane * Np + n]);
       const std::int64_t row_index = task * Tq + t;
       if (cfg.return_gate) {
         std::copy(gate.begin(), gate.begin() + N, out.gate.begin() + row_index * N);
@@ -491,7 +519,7 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
         if (n != own && (!cfg.causal || last_key[n] < t))
           cand.push_back(static_cast<std::int32_t>(n));
       }
-      select_one(gate.data(), own, cand, cfg, chosen);
+      select_one(gate.data(), N, own, cand, cfg, chosen, keys);
       out.offsets[row_index + 1] = static_cast<std::int64_t>(chosen.size());
       mine.insert(mine.end(), chosen.begin(), chosen.end());
     }
