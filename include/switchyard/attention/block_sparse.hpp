@@ -212,10 +212,6 @@ SparseTileWorkspace<T>& sparse_tile_workspace() {
   return ws;
 }
 
-}  // namespace detail
-
-namespace detail {
-
 // Storage of key packs kept by each thread between calls: a long sequence's pack takes tens of
 // MiB, and fresh pages on every call cost page faults worth ~6 % of a 1D pattern's time at
 // T 16384. At most two buffers (K and V of the last pack) of at most 256 MiB each are kept.

@@ -279,11 +279,7 @@ inline constexpr std::string_view fn = "moba_select";
 /// Queries whose gates moba_gate_tile computes together.
 inline constexpr std::int64_t gate_queries = 4;
 
-/// gate[i * Np + n] = sum_d q[i * D + d] * km[d * Np + n] for i < gate_queries, n < Np (km:
-/// the block means transposed, rows 64-byte aligned, Np a multiple of 16): register tiles of
-/// every query x up to four registers of blocks, each gate summed over d in order with one
-/// multiply-add per step (fused where the target has it), so a gate does not depend on which
-/// queries share its tile.
+// moba_gate_tile's register tile: every query x NV registers of blocks from block n0.
 template <class Arch, class T, int NV>
 inline void moba_gate_registers(const T* q, std::int64_t D, const T* km, std::int64_t Np,
                                 std::int64_t n0, T* gate) noexcept {
@@ -304,6 +300,11 @@ inline void moba_gate_registers(const T* q, std::int64_t D, const T* km, std::in
     for (int v = 0; v < NV; ++v) R::store(gate + i * Np + n0 + v * L, acc[i][v]);
 }
 
+/// gate[i * Np + n] = sum_d q[i * D + d] * km[d * Np + n] for i < gate_queries, n < Np (km:
+/// the block means transposed, rows 64-byte aligned, Np a multiple of 16): register tiles of
+/// every query x up to four registers of blocks, each gate summed over d in order with one
+/// multiply-add per step (fused where the target has it), so a gate does not depend on which
+/// queries share its tile.
 template <class T, class Arch = simd::default_arch>
 void moba_gate_tile(const T* q, std::int64_t D, const T* km, std::int64_t Np, T* gate) noexcept {
   constexpr std::int64_t L = kernels::detail::Reg<T, Arch>::lanes;
@@ -452,9 +453,8 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
   }
   const bool has_own = Tq == S;
 
-  // Block means once per (b, KV head), stored transposed [D, Np] (rows padded to 16 floats
-  // for aligned-ish rows) so the gate loop below runs over blocks in its inner loop:
-  // independent sums that vectorise without reassociation.
+  // Block means once per (b, KV head), stored transposed [D, Np] (rows padded to 16 elements,
+  // so every row is 64-byte aligned for moba_gate_tile's register loads).
   const std::int64_t Np = core::round_up(N, 16);
   const std::int64_t kv_tasks = B * Hkv;
   kernels::detail::aligned_vector<T> kmean_t(static_cast<std::size_t>(kv_tasks * D * Np), T(0));
