@@ -15,6 +15,7 @@
 #include <switchyard/attention/moba.hpp>
 #include <switchyard/attention/neighborhood.hpp>
 #include <switchyard/attention/sliding_window.hpp>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -283,6 +284,14 @@ TEST_CASE("structured layers reuse key-pack storage without reading what an earl
                                                             keys[std::size_t(i)].end(), j);
                                 });
     CHECK(max_err(got, want) <= tolerance<float>());
+  }
+  SECTION("MoBA: the bits of a thread that kept nothing") {
+    const MobaAttention<float> moba({.block_size = 32, .top_k = 3});
+    fill_packs([&](auto qq, auto kk, auto vv) { return moba.forward(qq, kk, vv); });
+    const auto got = moba.forward(q.view<4>(), k.view<4>(), v.view<4>());
+    core::Tensor<float> fresh;
+    std::thread([&] { fresh = moba.forward(q.view<4>(), k.view<4>(), v.view<4>()); }).join();
+    CHECK(same_bits(got, fresh));
   }
 }
 
