@@ -143,3 +143,45 @@ TEMPLATE_TEST_CASE("online softmax: exp2_nonpositive is within 2 ulp of exp2", "
     }
   });
 }
+
+TEMPLATE_TEST_CASE("online_softmax_finish_stream writes acc / l like online_softmax_finish",
+                   "[online_softmax]", float, double) {
+  using T = TestType;
+  simd::for_each_arch([&](auto arch) {
+    using Arch = decltype(arch);
+    const bool non_temporal = simd::has_stream_store<Arch, T>();
+    CAPTURE(Arch::name(), non_temporal);
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<double> u(-3.0, 3.0);
+    // Aligned rows (the non-temporal path where the arch has one), a row one element off
+    // alignment, a strided row and lengths that are not a multiple of the register width.
+    for (const std::int64_t d : {0, 1, 16, 64, 70})
+      for (const std::int64_t offset : {0, 1})
+        for (const std::int64_t stride : {1, 3})
+          for (const double l : {0.0, 0.75, 37.5}) {
+            CAPTURE(d, offset, stride, l);
+            std::vector<T> acc(std::size_t(d) + 1);
+            for (auto& a : acc) a = T(u(rng));
+            std::vector<T, xsimd::aligned_allocator<T, 64>> got(std::size_t(d * stride + 80),
+                                                                T(-9)),
+                plain(got.size(), T(-9));
+            kernels::online_softmax_finish_stream(Arch{}, acc.data(), d, T(l), got.data() + offset,
+                                                  stride);
+            simd::stream_fence();
+            kernels::online_softmax_finish(Arch{}, acc.data(), d, T(l), plain.data() + offset,
+                                           stride);
+            const double eps = std::numeric_limits<T>::epsilon();
+            for (std::int64_t i = 0; i < std::int64_t(got.size()); ++i) {
+              const std::int64_t j = (i - offset) / stride;
+              const bool written = i >= offset && (i - offset) % stride == 0 && j < d;
+              if (!written) {
+                REQUIRE(got[std::size_t(i)] == T(-9));
+                continue;
+              }
+              const double want = l > 0 ? double(acc[std::size_t(j)]) / l : 0.0;
+              REQUIRE(std::abs(double(got[std::size_t(i)]) - want) <= 2 * eps * std::abs(want));
+              REQUIRE(got[std::size_t(i)] == plain[std::size_t(i)]);
+            }
+          }
+  });
+}

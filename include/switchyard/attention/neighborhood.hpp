@@ -18,8 +18,9 @@
 // masked (padding at the end of the flattened sequence).
 // Row kernel (neighborhood_kernels.hpp): 2D and 3D calls that are non-causal with stride 1 on
 // every axis and have no key lengths run instead on tiles of L adjacent queries along the last
-// axis, one per SIMD lane, two query rows along the axis before it at a time (they share all key
-// rows but one, and each key load serves both); keys are packed per row of a dilation group
+// axis, one per SIMD lane, up to four query rows along the axis before it at a time (they share
+// most key rows, and each key load serves every query row that sees its key row); outputs are
+// written with non-temporal stores where aligned; keys are packed per row of a dilation group
 // with zero padding around it, into per-thread buffers kept between calls: one KV head's, packed
 // and used right away, when every thread has a (batch, KV head) of its own; else every head's
 // (about 1.5 to 2.5 times the size of K and V). Scalar Arch and 1D use the tile executor.
@@ -91,9 +92,10 @@ inline constexpr bool row_kernel_enabled = true;
 // Per-thread buffers of the row kernel, reused across calls.
 template <class T>
 struct RowWorkspace {
-  kernels::detail::aligned_vector<T> qt[2], s[2], o[2], l[2], first;
+  static constexpr int MQ = kernels::detail::na_max_query_rows;
+  kernels::detail::aligned_vector<T> qt[MQ], s[MQ], o[MQ], l[MQ], first;
   kernels::detail::aligned_vector<std::int32_t> idx;
-  std::vector<std::int64_t> rows[2], key0, lo;
+  std::vector<std::int64_t> rows[MQ], key0, lo;
   std::vector<kernels::NeighborhoodValueRow<T>> pv;
 };
 template <class T, class Arch>
@@ -283,7 +285,7 @@ class NeighborhoodAttention {
   }
 
   // The row kernel over all (b, h): tiles of L adjacent queries along the last axis of one
-  // dilation group's row, two rows at a time, in a fixed partition (per (b, kv head), or per
+  // dilation group's row, up to four rows at a time, in a fixed partition (per (b, kv head), or per
   // (b, h, block of tiles)), so results do not depend on the thread count.
   void forward_rows(const neighborhood_detail::Grid<Rank>& grid,
                     const kernels::SparseAttentionArgs<T>& a) const {
@@ -312,10 +314,11 @@ class NeighborhoodAttention {
             if (c * grid.d[ax] + g < grid.L[ax])
               tab[std::size_t(g * grid.C[ax] + c)] = compact_window(grid, ax, g, c);
       }
-      // Tiles: pairs of query rows along the second-to-last axis (they share all key rows
-      // but one), times blocks of L along the last axis.
-      const std::int64_t Cy = grid.C[Rank - 2], cols = NR / Cy, pairs_y = num_chunks(Cy, 2);
-      const std::int64_t tz = num_chunks(Cz, L), tiles = cols * pairs_y * tz;
+      // Tiles: MQ query rows along the second-to-last axis (they share most key rows), times
+      // blocks of L along the last axis.
+      constexpr int MQ = kernels::detail::na_query_rows<T, Arch>;
+      const std::int64_t Cy = grid.C[Rank - 2], cols = NR / Cy, row_tiles = num_chunks(Cy, MQ);
+      const std::int64_t tz = num_chunks(Cz, L), tiles = cols * row_tiles * tz;
       constexpr std::int64_t per = 8;
       const std::int64_t blocks = num_chunks(tiles, per), group = a.H / a.Hkv;
       const std::int64_t kz = cfg_.axes[Rank - 1].kernel_size, left = kz / 2;
@@ -335,14 +338,15 @@ class NeighborhoodAttention {
         const T* qb = a.q + b * a.q_stride[0] + h * a.q_stride[2];
         T* ob = a.out + b * a.out_stride[0] + h * a.out_stride[2];
         for (std::int64_t t = t_begin; t < t_end; ++t) {
-          const std::int64_t z0 = (t % tz) * L, yp = (t / tz) % pairs_y, col = t / (tz * pairs_y);
+          const std::int64_t z0 = (t % tz) * L, yt = (t / tz) % row_tiles;
+          const std::int64_t col = t / (tz * row_tiles);
           const std::int64_t g = col / (cols / grid.groups);
           std::array<std::int64_t, Rank> gc{}, c{}, lg{};
           for (std::int64_t ax = Rank - 1, gg = g; ax >= 0; --ax) {
             gc[std::size_t(ax)] = gg % grid.d[ax];
             gg /= grid.d[ax];
           }
-          c[Rank - 2] = 2 * yp;
+          c[Rank - 2] = MQ * yt;
           for (std::int64_t ax = Rank - 3, rest = col % (cols / grid.groups); ax >= 0; --ax) {
             c[std::size_t(ax)] = rest % grid.C[ax];
             rest /= grid.C[ax];
@@ -354,7 +358,7 @@ class NeighborhoodAttention {
           }
           const std::int64_t lgz = lg[Rank - 1], nvalid = std::min(L, lgz - z0);
           if (!valid || nvalid <= 0) continue;
-          const int n_q = c[Rank - 2] + 1 < lg[Rank - 2] ? 2 : 1;  // query rows of the tile
+          const int n_q = int(std::min<std::int64_t>(MQ, lg[Rank - 2] - c[Rank - 2]));
           // Lanes: window start along the last axis relative to the lane, and their range.
           std::int64_t rel[L];
           for (std::int64_t j = 0; j < L; ++j) {
@@ -383,7 +387,7 @@ class NeighborhoodAttention {
               for (std::int64_t j = 0; j < L; ++j)
                 ws.idx[std::size_t(i * L + j)] = std::int32_t(ws.key0[std::size_t(j)] + i);
           const std::int64_t base = exact ? start0 : omin;  // key position of V / K pointers
-          std::int64_t tok0[2] = {0, 0};
+          std::int64_t tok0[MQ] = {};
           for (int m = 0; m < n_q; ++m) {
             std::array<std::int64_t, Rank> cm = c;
             cm[Rank - 2] += m;
@@ -415,19 +419,14 @@ class NeighborhoodAttention {
               tk = tk * grid.L[ax] + cm[std::size_t(ax)] * grid.d[ax] + gc[std::size_t(ax)];
             tok0[m] = tk * grid.L[Rank - 1] + z0 * dz + gc[Rank - 1];
             T* qt = ws.qt[m].data();
-            {  // the queries of the next tile (same rows, next block; or the next pair's rows)
+            {  // the queries of the next tile (same rows, next block; or the next rows)
               const std::int64_t next =
                   z0 + L < lgz ? tok0[m] + L * dz
-                               : tok0[m] - z0 * dz + 2 * grid.d[Rank - 2] * grid.L[Rank - 1];
+                               : tok0[m] - z0 * dz + MQ * grid.d[Rank - 2] * grid.L[Rank - 1];
               if (next + (L - 1) * dz < grid.tokens)
                 for (std::int64_t j = 0; j < L; ++j)
-                  for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T))) {
+                  for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T)))
                     __builtin_prefetch(qb + (next + j * dz) * a.q_stride[1] + d * a.q_stride[3]);
-                    // Its output rows too, for writing: without it, finishing a tile's rows
-                    // waited on their lines (~9 % of a 2D 13 x 13 forward).
-                    __builtin_prefetch(ob + (next + j * dz) * a.out_stride[1] + d * a.out_stride[3],
-                                       1);
-                  }
             }
             const T* q0 = qb + tok0[m] * a.q_stride[1];
             if (nvalid == L && a.q_stride[3] == 1 &&
@@ -443,33 +442,39 @@ class NeighborhoodAttention {
               }
             }
           }
-          // Scores: a key row both query rows see is scored for both at once (and its V rows
-          // serve both in P . V).
-          const std::int64_t n0 = std::int64_t(ws.rows[0].size());
-          const std::int64_t n1 = n_q == 2 ? std::int64_t(ws.rows[1].size()) : 0;
+          // Scores: a key row is scored for every query row that sees it at once (and its V
+          // rows serve them all in P . V), in ascending order (each query row's rows ascend).
+          std::int64_t next_row[MQ] = {};
+          T* s_rows[MQ];
+          const T* q_rows[MQ];
           ws.pv.clear();
-          for (std::int64_t i0 = 0, i1 = 0; i0 < n0 || i1 < n1;) {
-            const std::int64_t r0 = i0 < n0 ? ws.rows[0][std::size_t(i0)] : -1;
-            const std::int64_t r1 = i1 < n1 ? ws.rows[1][std::size_t(i1)] : -1;
-            const bool in0 = r0 >= 0 && (r1 < 0 || r0 <= r1);
-            const bool in1 = r1 >= 0 && (r0 < 0 || r1 <= r0);
-            const std::int64_t r = in0 ? r0 : r1;
-            T* const s0 = in0 ? ws.s[0].data() + i0 * s_row : nullptr;
-            T* const s1 = in1 ? ws.s[1].data() + i1 * s_row : nullptr;
-            const T* q_first = in0 ? ws.qt[0].data() : ws.qt[1].data();
-            const T* q_second = in0 && in1 ? ws.qt[1].data() : nullptr;
+          for (;;) {
+            std::int64_t r = std::numeric_limits<std::int64_t>::max();
+            for (int m = 0; m < n_q; ++m)
+              if (next_row[m] < std::int64_t(ws.rows[m].size()))
+                r = std::min(r, ws.rows[m][std::size_t(next_row[m])]);
+            if (r == std::numeric_limits<std::int64_t>::max()) break;
+            kernels::NeighborhoodValueRow<T> row;
+            row.v = pack.v_row(head, r) + base * Dp;
+            for (int m = 0; m < n_q; ++m) {
+              const std::int64_t i = next_row[m];
+              if (i >= std::int64_t(ws.rows[m].size()) || ws.rows[m][std::size_t(i)] != r) continue;
+              row.m[row.nq] = m;
+              s_rows[row.nq] = ws.s[m].data() + i * s_row;
+              q_rows[row.nq] = ws.qt[m].data();
+              row.p[row.nq] = s_rows[row.nq];
+              ++row.nq;
+              ++next_row[m];
+            }
             if constexpr (kernels::na_has_exact_border<Arch, T>()) {
               if (exact)
-                kernels::na_score_row_exact(Arch{}, q_first, q_second, D,
-                                            pack.k_row(head, r) + base, pack.W, kz, ws.idx.data(),
-                                            in0 ? s0 : s1, in0 ? s1 : nullptr);
+                kernels::na_score_row_exact(Arch{}, q_rows, row.nq, D, pack.k_row(head, r) + base,
+                                            pack.W, kz, ws.idx.data(), s_rows);
             }
             if (!exact)
-              kernels::na_score_row(Arch{}, q_first, q_second, D, pack.k_row(head, r) + base,
-                                    pack.W, NO, in0 ? s0 : s1, in0 ? s1 : nullptr);
-            ws.pv.push_back({pack.v_row(head, r) + base * Dp, s0, s1});
-            i0 += in0;
-            i1 += in1;
+              kernels::na_score_row(Arch{}, q_rows, row.nq, D, pack.k_row(head, r) + base, pack.W,
+                                    NO, s_rows);
+            ws.pv.push_back(row);
           }
           for (int m = 0; m < n_q; ++m) {
             const kernels::NeighborhoodTile<T> tile{std::int64_t(ws.rows[m].size()), NO, kz,
@@ -478,14 +483,19 @@ class NeighborhoodAttention {
           }
           const kernels::NeighborhoodTile<T> tile{
               0, NO, kz, ws.first.data(), masked, ws.key0.data(), ws.lo.data()};
-          kernels::na_value(Arch{}, tile, ws.pv.data(), std::int64_t(ws.pv.size()), Dp,
-                            ws.o[0].data(), n_q == 2 ? ws.o[1].data() : nullptr);
+          T* o_rows[MQ];
+          for (int m = 0; m < n_q; ++m) o_rows[m] = ws.o[m].data();
+          kernels::na_value(Arch{}, tile, ws.pv.data(), std::int64_t(ws.pv.size()), Dp, o_rows,
+                            n_q);
+          // Output rows are written whole, once: non-temporal stores skip reading their lines
+          // first (finishing a tile waited ~10 % of a 2D 13 x 13 forward on them).
           for (int m = 0; m < n_q; ++m)
             for (std::int64_t j = 0; j < nvalid; ++j)
-              kernels::online_softmax_finish(
+              kernels::online_softmax_finish_stream(
                   Arch{}, ws.o[m].data() + j * Dp, D, ws.l[m][std::size_t(j)],
                   ob + (tok0[m] + j * dz) * a.out_stride[1], a.out_stride[3]);
         }
+        simd::stream_fence();  // before the outputs are handed to another thread
       };
       if (a.B * a.Hkv >= num_threads()) {
         // Enough (b, kv head) pairs for every thread: each packs one into its own buffer and

@@ -6,21 +6,23 @@
 // [D][W], and V [W][Dp], with zero padding around the row's keys, so the key of lane j at
 // offset o along the last axis (compact position x0 + j + o) is lane j of one unaligned load
 // at x0 + o, for every lane at once: a tile scores L pairs per FMA.
-// Tiles come in pairs of query rows (adjacent along the second-to-last axis, the same lanes):
-// their key rows are the same but one at each end.
-// Per key row and per d: one load of q^T[d] per query row (the L queries, pre-scaled by
-// scale * log2(e)), and per offset o one load of keys, kept in a register, and one FMA per query
-// row that sees the key row. Interior tiles compute exactly kernel_size offsets per row, every
+// A tile has up to na_query_rows query rows (adjacent along the second-to-last axis, the same
+// lanes: four with 32 vector registers, two with 16); their windows share most key rows, and
+// the query rows that see one key row are always consecutive.
+// Per key row and per d: one load of q^T[d] per query row that sees it (the L queries,
+// pre-scaled by scale * log2(e)), and per offset o one load of keys, kept in a register, and one
+// FMA per such query row. Interior tiles compute exactly kernel_size offsets per row, every
 // lane a real pair. At the borders of the last axis windows shift differently per lane: with
 // AVX-512 (float) each lane's own window is gathered from 2L keys (two loads per d) by one
 // two-source permute per window position (na_score_row_exact), so border tiles score exactly
 // kernel_size per row too; elsewhere a border tile scores the union of offsets and masks each
 // lane to its own window (-inf).
 // The window (all rows x offsets) fits in a buffer, so the softmax is exact in one pass,
-// lane-wise: max, p = 2^(s - max), sum. P . V runs G adjacent queries of both query rows at a
-// time, key-major: adjacent queries' windows are one key apart (or the same, at a border), so
-// each V row loaded serves 2 x G queries over the union of the G windows only (lanes outside
-// their window read a zero p from the buffer's padding or mask).
+// lane-wise: max, p = 2^(s - max), sum. P . V runs key row by key row, G adjacent queries
+// (na_pv_group) of every query row that sees the key row at a time, key-major: adjacent
+// queries' windows are one key apart (or the same, at a border), so each V row loaded serves
+// G queries of each of those rows over the union of the G windows only (lanes outside their
+// window read a zero p from the buffer's padding or mask).
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -154,8 +156,8 @@ struct NeighborhoodTile {
 namespace detail {
 
 // Keeps v in a register: without it the compiler folds one unaligned load into each FMA
-// that uses v, and a key vector shared by two query tiles is loaded twice (most of these
-// loads cross a cache line, so the score loop becomes load-bound).
+// that uses v, and a key vector shared by several query tiles is loaded once per tile (most of
+// these loads cross a cache line, so the score loop becomes load-bound).
 template <class V>
 inline void keep_in_register(V& v) noexcept {
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
@@ -169,92 +171,101 @@ inline void keep_in_register(V& v) noexcept {
 template <class T, class Arch>
 inline constexpr bool na_wide = Reg<T, Arch>::lanes * sizeof(T) == 64;
 
-// Offsets per score group (accumulators kept in registers, plus q and k).
+// Query rows per tile (adjacent along the second-to-last axis, the same lanes): each key load
+// of the score loop serves every query row that sees its key row, so more rows mean fewer loads
+// per FMA (most key loads cross a cache line). Four with 32 registers; two with 16, where more
+// rows would leave too few offsets per group.
 template <class T, class Arch>
-inline constexpr int na_offsets_per_group = na_wide<T, Arch> ? 24 : 12;
-template <class T, class Arch>
-inline constexpr int na_offsets_per_group2 = na_wide<T, Arch> ? 14 : 6;
-// Adjacent queries per P . V group and registers of D per accumulator row (two query rows'
-// accumulators: 2 x G x NV registers).
+inline constexpr int na_query_rows = na_wide<T, Arch> ? 4 : 2;
+inline constexpr int na_max_query_rows = 4;
+
+// Offsets per score group for NQ query rows (NQ x OG accumulators in registers, plus NQ q
+// registers and the key).
+template <class T, class Arch, int NQ>
+inline constexpr int na_offsets_per_group = na_wide<T, Arch> ? (NQ == 1   ? 24
+                                                                : NQ == 2 ? 14
+                                                                : NQ == 3 ? 7
+                                                                          : 5)
+                                                             : (NQ == 1 ? 12 : 6);
+// Adjacent queries per P . V group: at most na_pv_queries (the score rows' padding allows
+// that many), fewer where more query rows share each V load; registers of D per accumulator
+// row (NQ x G x NV accumulators).
 template <class T, class Arch>
 inline constexpr int na_pv_queries = 2;
+template <class T, class Arch, int NQ>
+inline constexpr int na_pv_group = NQ >= 3 ? 1 : 2;
 template <class T, class Arch>
 inline constexpr int na_pv_regs = na_wide<T, Arch> ? 4 : 2;
 
-// s[o * L .. + L) = sum_d qt[d * L .. + L) * k[d * W + o .. + L) for o < OG.
-template <class Arch, class T, int OG>
-inline void na_score_offsets(const T* qt, std::int64_t D, const T* k, std::int64_t W,
-                             T* s) noexcept {
+// s[m][so + o * L .. + L) = sum_d qt[m][d * L .. + L) * k[d * W + o .. + L) for o < OG and
+// m < NQ: NQ query tiles that see the same key row, each key load serving all of them.
+template <class Arch, class T, int NQ, int OG>
+inline void na_score_offsets(const T* const* qt, std::int64_t D, const T* k, std::int64_t W,
+                             T* const* s, std::int64_t so) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
-  typename R::V acc[OG];
+  typename R::V acc[NQ][OG];
+#pragma GCC unroll 4
+  for (int m = 0; m < NQ; ++m)
 #pragma GCC unroll 32
-  for (int o = 0; o < OG; ++o) acc[o] = R::zero();
+    for (int o = 0; o < OG; ++o) acc[m][o] = R::zero();
   for (std::int64_t d = 0; d < D; ++d) {
-    const auto qv = R::load(qt + d * L);
-    const T* kd = k + d * W;
-#pragma GCC unroll 32
-    for (int o = 0; o < OG; ++o)
-      acc[o] = R::fma(qv, xsimd::batch<T, Arch>::load_unaligned(kd + o), acc[o]);
-  }
-#pragma GCC unroll 32
-  for (int o = 0; o < OG; ++o) R::store(s + o * L, acc[o]);
-}
-
-template <class Arch, class T, int OG>
-inline void na_score_dispatch(int n, const T* qt, std::int64_t D, const T* k, std::int64_t W,
-                              T* s) noexcept {
-  if constexpr (OG > 1) {
-    if (n < OG) {
-      na_score_dispatch<Arch, T, OG - 1>(n, qt, D, k, W, s);
-      return;
-    }
-  }
-  na_score_offsets<Arch, T, OG>(qt, D, k, W, s);
-}
-
-// As na_score_offsets for two query tiles (q^T qt0, qt1) that see the same key row: each key
-// load serves both.
-template <class Arch, class T, int OG>
-inline void na_score_offsets2(const T* qt0, const T* qt1, std::int64_t D, const T* k,
-                              std::int64_t W, T* s0, T* s1) noexcept {
-  using R = Reg<T, Arch>;
-  constexpr std::int64_t L = R::lanes;
-  typename R::V acc0[OG], acc1[OG];
-#pragma GCC unroll 32
-  for (int o = 0; o < OG; ++o) {
-    acc0[o] = R::zero();
-    acc1[o] = R::zero();
-  }
-  for (std::int64_t d = 0; d < D; ++d) {
-    const auto q0 = R::load(qt0 + d * L);
-    const auto q1 = R::load(qt1 + d * L);
+    typename R::V q[NQ];
+#pragma GCC unroll 4
+    for (int m = 0; m < NQ; ++m) q[m] = R::load(qt[m] + d * L);
     const T* kd = k + d * W;
 #pragma GCC unroll 32
     for (int o = 0; o < OG; ++o) {
       auto kv = xsimd::batch<T, Arch>::load_unaligned(kd + o);
-      keep_in_register(kv);
-      acc0[o] = R::fma(q0, kv, acc0[o]);
-      acc1[o] = R::fma(q1, kv, acc1[o]);
+      if constexpr (NQ > 1) keep_in_register(kv);
+#pragma GCC unroll 4
+      for (int m = 0; m < NQ; ++m) acc[m][o] = R::fma(q[m], kv, acc[m][o]);
     }
   }
+#pragma GCC unroll 4
+  for (int m = 0; m < NQ; ++m)
 #pragma GCC unroll 32
-  for (int o = 0; o < OG; ++o) {
-    R::store(s0 + o * L, acc0[o]);
-    R::store(s1 + o * L, acc1[o]);
-  }
+    for (int o = 0; o < OG; ++o) R::store(s[m] + so + o * L, acc[m][o]);
 }
 
-template <class Arch, class T, int OG>
-inline void na_score_dispatch2(int n, const T* qt0, const T* qt1, std::int64_t D, const T* k,
-                               std::int64_t W, T* s0, T* s1) noexcept {
+template <class Arch, class T, int NQ, int OG>
+inline void na_score_dispatch(int n, const T* const* qt, std::int64_t D, const T* k, std::int64_t W,
+                              T* const* s, std::int64_t so) noexcept {
   if constexpr (OG > 1) {
     if (n < OG) {
-      na_score_dispatch2<Arch, T, OG - 1>(n, qt0, qt1, D, k, W, s0, s1);
+      na_score_dispatch<Arch, T, NQ, OG - 1>(n, qt, D, k, W, s, so);
       return;
     }
   }
-  na_score_offsets2<Arch, T, OG>(qt0, qt1, D, k, W, s0, s1);
+  na_score_offsets<Arch, T, NQ, OG>(qt, D, k, W, s, so);
+}
+
+// na_score_row for NQ query tiles.
+template <class Arch, class T, int NQ>
+inline void na_score_row_n(const T* const* qt, std::int64_t D, const T* k, std::int64_t W,
+                           std::int64_t NO, T* const* s) noexcept {
+  constexpr std::int64_t L = Reg<T, Arch>::lanes;
+  constexpr int OG = na_offsets_per_group<T, Arch, NQ>;
+  const std::int64_t pad = na_pv_queries<T, Arch> - 1;
+  // Groups of sizes that differ by one at most (13 offsets in groups of at most 5: 5, 4, 4).
+  const std::int64_t groups = (NO + OG - 1) / OG;
+  for (std::int64_t g = 0, o0 = 0; g < groups; ++g) {
+    const std::int64_t n = NO / groups + (g < NO % groups);
+    na_score_dispatch<Arch, T, NQ, OG>(int(n), qt, D, k + o0, W, s, (pad + o0) * L);
+    o0 += n;
+  }
+}
+
+// Zeroes the padding before and after the scores of each of the nq score rows.
+template <class Arch, class T>
+inline void na_score_padding(T* const* s, int nq, std::int64_t NO) noexcept {
+  constexpr std::int64_t L = Reg<T, Arch>::lanes;
+  const std::int64_t pad = na_pv_queries<T, Arch> - 1;
+  for (int m = 0; m < nq; ++m)
+    for (std::int64_t i = 0; i < pad * L; ++i) {
+      s[m][i] = T(0);
+      s[m][(pad + NO) * L + i] = T(0);
+    }
 }
 
 }  // namespace detail
@@ -268,80 +279,91 @@ constexpr std::int64_t na_score_row_stride(std::int64_t n_offsets) noexcept {
 }
 
 /// Scores of one key row (K^T at k, row stride W) for offsets [0, n_offsets) into the score
-/// rows s0 (and s1 when qt1 is not null: a second query tile that sees the same key row).
+/// rows s[m] of the nq query tiles q^T qt[m] that see it (1 <= nq <= na_query_rows).
 template <class Arch, class T>
-void na_score_row(Arch, const T* qt0, const T* qt1, std::int64_t D, const T* k, std::int64_t W,
-                  std::int64_t n_offsets, T* s0, T* s1) noexcept {
+void na_score_row(Arch, const T* const* qt, int nq, std::int64_t D, const T* k, std::int64_t W,
+                  std::int64_t n_offsets, T* const* s) noexcept {
   static_assert(!simd::is_scalar_v<Arch>, "na_score_row: SIMD archs only");
-  constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
-  constexpr int G = detail::na_pv_queries<T, Arch>;
-  const std::int64_t NO = n_offsets, pad = G - 1;
-  for (T* sr : {s0, s1}) {
-    if (!sr) continue;
-    for (std::int64_t i = 0; i < pad * L; ++i) {
-      sr[i] = T(0);
-      sr[(pad + NO) * L + i] = T(0);
-    }
-  }
-  if (qt1) {
-    constexpr int OG = detail::na_offsets_per_group2<T, Arch>;
-    const std::int64_t groups = (NO + OG - 1) / OG, per = (NO + groups - 1) / groups;
-    for (std::int64_t o0 = 0; o0 < NO; o0 += per)
-      detail::na_score_dispatch2<Arch, T, OG>(int(std::min(per, NO - o0)), qt0, qt1, D, k + o0, W,
-                                              s0 + (pad + o0) * L, s1 + (pad + o0) * L);
-  } else {
-    constexpr int OG = detail::na_offsets_per_group<T, Arch>;
-    const std::int64_t groups = (NO + OG - 1) / OG, per = (NO + groups - 1) / groups;
-    for (std::int64_t o0 = 0; o0 < NO; o0 += per)
-      detail::na_score_dispatch<Arch, T, OG>(int(std::min(per, NO - o0)), qt0, D, k + o0, W,
-                                             s0 + (pad + o0) * L);
+  detail::na_score_padding<Arch, T>(s, nq, n_offsets);
+  switch (nq) {
+    case 1:
+      detail::na_score_row_n<Arch, T, 1>(qt, D, k, W, n_offsets, s);
+      break;
+    case 2:
+      detail::na_score_row_n<Arch, T, 2>(qt, D, k, W, n_offsets, s);
+      break;
+    default:
+      if constexpr (detail::na_query_rows<T, Arch> >= 4) {
+        if (nq == 3)
+          detail::na_score_row_n<Arch, T, 3>(qt, D, k, W, n_offsets, s);
+        else
+          detail::na_score_row_n<Arch, T, 4>(qt, D, k, W, n_offsets, s);
+      }
   }
 }
 
 #if defined(__AVX512F__)
 namespace detail {
 
-// s*[i * 16 .. + 16) = sum_d qt*[d * 16 .. + 16) * k[d * W + idx_i[lane]] for i < OG: each lane's
-// own window, gathered from 32 keys (two loads per d) by one two-source permute per offset.
-template <int OG, bool Two>
-inline void na_score_exact(const float* qt0, const float* qt1, std::int64_t D, const float* k,
-                           std::int64_t W, const std::int32_t* idx, float* s0, float* s1) noexcept {
-  __m512 acc0[OG], acc1[OG];
+// s[m][so + i * 16 .. + 16) = sum_d qt[m][d * 16 .. + 16) * k[d * W + idx_i[lane]] for i < OG
+// and m < NQ: each lane's own window, gathered from 32 keys (two loads per d) by one two-source
+// permute per offset, serving all NQ query tiles.
+template <int NQ, int OG>
+inline void na_score_exact(const float* const* qt, std::int64_t D, const float* k, std::int64_t W,
+                           const std::int32_t* idx, float* const* s, std::int64_t so) noexcept {
+  __m512 acc[NQ][OG];
   __m512i ix[OG];
 #pragma GCC unroll 32
   for (int o = 0; o < OG; ++o) {
-    acc0[o] = acc1[o] = _mm512_setzero_ps();
+#pragma GCC unroll 4
+    for (int m = 0; m < NQ; ++m) acc[m][o] = _mm512_setzero_ps();
     ix[o] = _mm512_load_si512(idx + o * 16);
   }
   for (std::int64_t d = 0; d < D; ++d) {
-    const __m512 q0 = _mm512_load_ps(qt0 + d * 16);
-    const __m512 q1 = Two ? _mm512_load_ps(qt1 + d * 16) : q0;
+    __m512 q[NQ];
+#pragma GCC unroll 4
+    for (int m = 0; m < NQ; ++m) q[m] = _mm512_load_ps(qt[m] + d * 16);
     const __m512 lo = _mm512_loadu_ps(k + d * W), hi = _mm512_loadu_ps(k + d * W + 16);
 #pragma GCC unroll 32
     for (int o = 0; o < OG; ++o) {
       const __m512 kv = _mm512_permutex2var_ps(lo, ix[o], hi);
-      acc0[o] = _mm512_fmadd_ps(q0, kv, acc0[o]);
-      if constexpr (Two) acc1[o] = _mm512_fmadd_ps(q1, kv, acc1[o]);
+#pragma GCC unroll 4
+      for (int m = 0; m < NQ; ++m) acc[m][o] = _mm512_fmadd_ps(q[m], kv, acc[m][o]);
     }
   }
+#pragma GCC unroll 4
+  for (int m = 0; m < NQ; ++m)
 #pragma GCC unroll 32
-  for (int o = 0; o < OG; ++o) {
-    _mm512_store_ps(s0 + o * 16, acc0[o]);
-    if constexpr (Two) _mm512_store_ps(s1 + o * 16, acc1[o]);
-  }
+    for (int o = 0; o < OG; ++o) _mm512_store_ps(s[m] + so + o * 16, acc[m][o]);
 }
 
-template <int OG, bool Two>
-inline void na_score_exact_dispatch(int n, const float* qt0, const float* qt1, std::int64_t D,
-                                    const float* k, std::int64_t W, const std::int32_t* idx,
-                                    float* s0, float* s1) noexcept {
+template <int NQ, int OG>
+inline void na_score_exact_dispatch(int n, const float* const* qt, std::int64_t D, const float* k,
+                                    std::int64_t W, const std::int32_t* idx, float* const* s,
+                                    std::int64_t so) noexcept {
   if constexpr (OG > 1) {
     if (n < OG) {
-      na_score_exact_dispatch<OG - 1, Two>(n, qt0, qt1, D, k, W, idx, s0, s1);
+      na_score_exact_dispatch<NQ, OG - 1>(n, qt, D, k, W, idx, s, so);
       return;
     }
   }
-  na_score_exact<OG, Two>(qt0, qt1, D, k, W, idx, s0, s1);
+  na_score_exact<NQ, OG>(qt, D, k, W, idx, s, so);
+}
+
+// na_score_row_exact for NQ query tiles. Registers: NQ x OG accumulators, OG indices, NQ q,
+// two key loads and a permuted key.
+template <int NQ>
+inline void na_score_exact_row_n(const float* const* qt, std::int64_t D, const float* k,
+                                 std::int64_t W, std::int64_t kernel, const std::int32_t* idx,
+                                 float* const* s) noexcept {
+  constexpr int OG = NQ == 1 ? 12 : NQ == 2 ? 8 : NQ == 3 ? 6 : 4;
+  const std::int64_t pad = na_pv_queries<float, xsimd::avx512f> - 1;
+  const std::int64_t groups = (kernel + OG - 1) / OG;
+  for (std::int64_t g = 0, o0 = 0; g < groups; ++g) {
+    const std::int64_t n = kernel / groups + (g < kernel % groups);
+    na_score_exact_dispatch<NQ, OG>(int(n), qt, D, k, W, idx + o0 * 16, s, (pad + o0) * 16);
+    o0 += n;
+  }
 }
 
 }  // namespace detail
@@ -359,39 +381,30 @@ constexpr bool na_has_exact_border() noexcept {
 
 /// Scores of one key row for a border tile in window order: p index i of lane j is the key at
 /// k[idx[i * L + j]] (idx < 2L: the 2L keys from k cover every lane's window), for i < kernel,
-/// into s0 (and s1 when qt1 is not null), as na_score_row does for offsets. Only where
-/// na_has_exact_border().
+/// into the score rows s[m] of the nq query tiles qt[m], as na_score_row does for offsets. Only
+/// where na_has_exact_border().
 template <class Arch, class T>
-void na_score_row_exact(Arch, const T* qt0, const T* qt1, std::int64_t D, const T* k,
-                        std::int64_t W, std::int64_t kernel, const std::int32_t* idx, T* s0,
-                        T* s1) noexcept {
+void na_score_row_exact(Arch, const T* const* qt, int nq, std::int64_t D, const T* k,
+                        std::int64_t W, std::int64_t kernel, const std::int32_t* idx,
+                        T* const* s) noexcept {
   static_assert(na_has_exact_border<Arch, T>(), "na_score_row_exact: float on AVX-512 only");
 #if defined(__AVX512F__)
-  constexpr std::int64_t L = 16;
-  constexpr int G = detail::na_pv_queries<T, Arch>;
-  const std::int64_t pad = G - 1;
-  for (T* sr : {s0, s1}) {
-    if (!sr) continue;
-    for (std::int64_t i = 0; i < pad * L; ++i) {
-      sr[i] = T(0);
-      sr[(pad + kernel) * L + i] = T(0);
-    }
-  }
-  // Registers: 2 x OG accumulators (one query row: OG), OG indices, q, two key loads.
-  constexpr int OG2 = 8, OG1 = 12;
-  const int og = qt1 ? OG2 : OG1;
-  const std::int64_t groups = (kernel + og - 1) / og, per = (kernel + groups - 1) / groups;
-  for (std::int64_t o0 = 0; o0 < kernel; o0 += per) {
-    const int n = int(std::min(per, kernel - o0));
-    if (qt1)
-      detail::na_score_exact_dispatch<OG2, true>(n, qt0, qt1, D, k, W, idx + o0 * L,
-                                                 s0 + (pad + o0) * L, s1 + (pad + o0) * L);
-    else
-      detail::na_score_exact_dispatch<OG1, false>(n, qt0, nullptr, D, k, W, idx + o0 * L,
-                                                  s0 + (pad + o0) * L, nullptr);
+  detail::na_score_padding<Arch, T>(s, nq, kernel);
+  switch (nq) {
+    case 1:
+      detail::na_score_exact_row_n<1>(qt, D, k, W, kernel, idx, s);
+      break;
+    case 2:
+      detail::na_score_exact_row_n<2>(qt, D, k, W, kernel, idx, s);
+      break;
+    case 3:
+      detail::na_score_exact_row_n<3>(qt, D, k, W, kernel, idx, s);
+      break;
+    default:
+      detail::na_score_exact_row_n<4>(qt, D, k, W, kernel, idx, s);
   }
 #else
-  (void)qt0, (void)qt1, (void)D, (void)k, (void)W, (void)kernel, (void)idx, (void)s0, (void)s1;
+  (void)qt, (void)nq, (void)D, (void)k, (void)W, (void)kernel, (void)idx, (void)s;
 #endif
 }
 
@@ -433,92 +446,116 @@ void na_softmax(Arch, const NeighborhoodTile<T>& t, T* s, T* l) noexcept {
   sum.store_unaligned(l);
 }
 
-/// One key row of a tile pair's P . V (na_value): V at the tiles' first position (stride Dp)
-/// and the p rows of the query rows that see it (null for one that does not).
+/// One key row of a tile's P . V (na_value): V at the tiles' first position (stride Dp), and
+/// the nq query rows that see it: query row m[i], whose p row is p[i].
 template <class T>
 struct NeighborhoodValueRow {
-  const T* v;
-  const T* p0;
-  const T* p1;
+  const T* v = nullptr;
+  int nq = 0;
+  int m[detail::na_max_query_rows] = {};
+  const T* p[detail::na_max_query_rows] = {};
 };
 
 namespace detail {
 
-// o0 / o1 [L][Dp] columns [c, c + NV*L) of lanes j0 .. j0+G-1 = sum over rows, keys t in
-// [t0, t1) of p(j, t - key0[j]) * v[t], for the two query rows at once: each V load serves G
-// lanes of both. Keys outside a lane's window read 0 (the p rows' padding, or masked scores).
-template <class Arch, class T, int G, int NV>
-inline void na_value_group(const NeighborhoodValueRow<T>* rows, std::int64_t n_rows,
-                           const std::int64_t* key0, std::int64_t t0, std::int64_t t1, int j0,
-                           std::int64_t Dp, std::int64_t c, T* o0, T* o1) noexcept {
+// For each of the row's NQ query rows i: o[row.m[i]] [L][Dp] columns [c, c + NV*L) of lanes
+// j0 .. j0+G-1 += sum over keys t in [t0, t1) of one key row of p_i(j, t - key0[j]) * v[t],
+// all at once: each V load serves G lanes of each query row. Keys outside a lane's window read 0
+// (the p rows' padding, or masked scores).
+template <class Arch, class T, int NQ, int G, int NV>
+inline void na_value_group(const NeighborhoodValueRow<T>& row, const std::int64_t* key0,
+                           std::int64_t t0, std::int64_t t1, int j0, std::int64_t Dp,
+                           std::int64_t c, T* const* o) noexcept {
   using R = Reg<T, Arch>;
   constexpr std::int64_t L = R::lanes;
-  typename R::V acc0[G][NV], acc1[G][NV];
-  for (int g = 0; g < G; ++g)
-    for (int n = 0; n < NV; ++n) acc0[g][n] = acc1[g][n] = R::zero();
+  typename R::V acc[NQ][G][NV];
   // Buffer index of lane j0 + g's p for key x: at[g] + x * L.
   std::int64_t at[G];
-  for (int g = 0; g < G; ++g) at[g] = (G - 1 - key0[j0 + g]) * L + j0 + g;
-  for (std::int64_t r = 0; r < n_rows; ++r) {
-    const T* vr = rows[r].v + c;
-    const T* p0 = rows[r].p0;
-    const T* p1 = rows[r].p1;
-    if (p0 && p1) {
-      for (std::int64_t t = t0; t < t1; ++t) {
-        typename R::V vv[NV];
-        for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
-        for (int g = 0; g < G; ++g) {
-          const auto a = R::splat(p0[at[g] + t * L]);
-          const auto b = R::splat(p1[at[g] + t * L]);
-          for (int n = 0; n < NV; ++n) {
-            acc0[g][n] = R::fma(a, vv[n], acc0[g][n]);
-            acc1[g][n] = R::fma(b, vv[n], acc1[g][n]);
-          }
-        }
-      }
-    } else {
-      const T* p = p0 ? p0 : p1;
-      auto& acc = p0 ? acc0 : acc1;
-      for (std::int64_t t = t0; t < t1; ++t) {
-        typename R::V vv[NV];
-        for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
-        for (int g = 0; g < G; ++g) {
-          const auto a = R::splat(p[at[g] + t * L]);
-          for (int n = 0; n < NV; ++n) acc[g][n] = R::fma(a, vv[n], acc[g][n]);
-        }
-      }
-    }
+#pragma GCC unroll 4
+  for (int g = 0; g < G; ++g) at[g] = (na_pv_queries<T, Arch> - 1 - key0[j0 + g]) * L + j0 + g;
+  T* out[NQ];
+  const T* p[NQ];
+#pragma GCC unroll 4
+  for (int m = 0; m < NQ; ++m) {
+    out[m] = o[row.m[m]] + j0 * Dp + c;
+    p[m] = row.p[m];
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) acc[m][g][n] = R::load(out[m] + g * Dp + n * L);
   }
-  for (int g = 0; g < G; ++g)
-    for (int n = 0; n < NV; ++n) {
-      R::store(o0 + (j0 + g) * Dp + c + n * L, acc0[g][n]);
-      if (o1) R::store(o1 + (j0 + g) * Dp + c + n * L, acc1[g][n]);
-    }
+  const T* vr = row.v + c;
+  for (std::int64_t t = t0; t < t1; ++t) {
+    typename R::V vv[NV];
+#pragma GCC unroll 4
+    for (int n = 0; n < NV; ++n) vv[n] = R::load(vr + t * Dp + n * L);
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+      for (int m = 0; m < NQ; ++m) {
+        const auto a = R::splat(p[m][at[g] + t * L]);
+#pragma GCC unroll 4
+        for (int n = 0; n < NV; ++n) acc[m][g][n] = R::fma(a, vv[n], acc[m][g][n]);
+      }
+  }
+#pragma GCC unroll 4
+  for (int m = 0; m < NQ; ++m)
+#pragma GCC unroll 4
+    for (int g = 0; g < G; ++g)
+#pragma GCC unroll 4
+      for (int n = 0; n < NV; ++n) R::store(out[m] + g * Dp + n * L, acc[m][g][n]);
 }
 
-}  // namespace detail
-
-/// P . V of a tile pair (two query rows with the same lanes, `t` describing either: the same
-/// offsets and lane windows) after na_softmax: o0 / o1 [L][Dp] unnormalised outputs (o1 null when
-/// there is one query row). Adjacent lanes at a time, key-major, over the union of their windows
-/// only (at the borders adjacent lanes' windows coincide instead of shifting by one).
-template <class Arch, class T>
-void na_value(Arch, const NeighborhoodTile<T>& t, const NeighborhoodValueRow<T>* rows,
-              std::int64_t n_rows, std::int64_t Dp, T* o0, T* o1) noexcept {
-  static_assert(!simd::is_scalar_v<Arch>, "na_value: SIMD archs only");
-  constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
-  constexpr int G = detail::na_pv_queries<T, Arch>;
-  constexpr int NV = detail::na_pv_regs<T, Arch>;
-  static_assert(L % G == 0);
+// One key row of na_value for its NQ query rows.
+template <class Arch, class T, int NQ>
+inline void na_value_row(const NeighborhoodTile<T>& t, const NeighborhoodValueRow<T>& row,
+                         std::int64_t Dp, T* const* o) noexcept {
+  constexpr std::int64_t L = Reg<T, Arch>::lanes;
+  constexpr int G = na_pv_group<T, Arch, NQ>;
+  constexpr int NV = na_pv_regs<T, Arch>;
+  static_assert(L % G == 0 && G <= na_pv_queries<T, Arch>);
   for (int j0 = 0; j0 < int(L); j0 += G) {
     // The union of the G lanes' windows (their starts never decrease along the lanes).
     const std::int64_t t0 = t.key0[j0] + t.lo[j0];
     const std::int64_t t1 = t.key0[j0 + G - 1] + t.lo[j0 + G - 1] + t.kernel;
     std::int64_t c = 0;
     for (; c + NV * L <= Dp; c += NV * L)
-      detail::na_value_group<Arch, T, G, NV>(rows, n_rows, t.key0, t0, t1, j0, Dp, c, o0, o1);
-    for (; c < Dp; c += L)
-      detail::na_value_group<Arch, T, G, 1>(rows, n_rows, t.key0, t0, t1, j0, Dp, c, o0, o1);
+      na_value_group<Arch, T, NQ, G, NV>(row, t.key0, t0, t1, j0, Dp, c, o);
+    for (; c < Dp; c += L) na_value_group<Arch, T, NQ, G, 1>(row, t.key0, t0, t1, j0, Dp, c, o);
+  }
+}
+
+}  // namespace detail
+
+/// P . V of a tile of nq query rows (the same lanes, `t` describing each: the same offsets and
+/// lane windows) after na_softmax: o[m] [L][Dp] unnormalised outputs of query row m. Key row
+/// by key row (one row's V stays in L1 while every lane uses it; a whole tile's V does not
+/// fit), each V load serving every query row that sees the key row, adjacent lanes at a time,
+/// key-major, over the union of their windows only (at the borders adjacent lanes' windows
+/// coincide instead of shifting by one). Each output sums its key rows in order, and keys in
+/// order within a row.
+template <class Arch, class T>
+void na_value(Arch, const NeighborhoodTile<T>& t, const NeighborhoodValueRow<T>* rows,
+              std::int64_t n_rows, std::int64_t Dp, T* const* o, int nq) noexcept {
+  static_assert(!simd::is_scalar_v<Arch>, "na_value: SIMD archs only");
+  constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
+  for (int m = 0; m < nq; ++m) std::fill_n(o[m], L * Dp, T(0));
+  for (std::int64_t r = 0; r < n_rows; ++r) {
+    switch (rows[r].nq) {
+      case 1:
+        detail::na_value_row<Arch, T, 1>(t, rows[r], Dp, o);
+        break;
+      case 2:
+        detail::na_value_row<Arch, T, 2>(t, rows[r], Dp, o);
+        break;
+      default:
+        if constexpr (detail::na_query_rows<T, Arch> >= 4) {
+          if (rows[r].nq == 3)
+            detail::na_value_row<Arch, T, 3>(t, rows[r], Dp, o);
+          else
+            detail::na_value_row<Arch, T, 4>(t, rows[r], Dp, o);
+        }
+    }
   }
 }
 

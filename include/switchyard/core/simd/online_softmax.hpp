@@ -24,6 +24,7 @@
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/exp.hpp"
+#include "switchyard/core/simd/stream_store.hpp"
 
 // gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
 // kernels (false positives in gcc 12's AVX-512 headers; see core/diagnostics.hpp).
@@ -163,6 +164,27 @@ void online_softmax_finish(Arch, const T* acc, std::int64_t d, T l, T* out,
     }
   }
   for (; j < d; ++j) out[j * out_stride] = acc[j] * inv;
+}
+
+/// As online_softmax_finish (the same values), with non-temporal stores (simd::store_stream)
+/// where out is contiguous, aligned to the register and d a multiple of its width: for rows
+/// written once and not read back soon. Call simd::stream_fence() before another thread reads
+/// out.
+template <class Arch, class T>
+void online_softmax_finish_stream(Arch arch, const T* acc, std::int64_t d, T l, T* out,
+                                  std::int64_t out_stride = 1) noexcept {
+  if constexpr (simd::has_stream_store<Arch, T>()) {
+    using V = xsimd::batch<T, Arch>;
+    constexpr std::int64_t L = V::size;
+    if (out_stride == 1 && d % L == 0 &&
+        reinterpret_cast<std::uintptr_t>(out) % (L * sizeof(T)) == 0) {
+      const T inv = l > T(0) ? T(1) / l : T(0);
+      for (std::int64_t j = 0; j < d; j += L)
+        simd::store_stream<Arch, T>(out + j, V::load_unaligned(acc + j) * V(inv));
+      return;
+    }
+  }
+  online_softmax_finish(arch, acc, d, l, out, out_stride);
 }
 
 }  // namespace kernels
