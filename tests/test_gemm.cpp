@@ -8,6 +8,7 @@
 // u = eps / 2; scaling by alpha and adding beta * c costs two more roundings. So
 // |C - C_ref| <= (K + 2) * eps * (|alpha| * sum_p |a_ip b_pj| + |beta| * |c_ij|) is a
 // rigorous bound (with a factor ~2 to spare), computed per element.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -235,14 +236,33 @@ TEMPLATE_TEST_CASE("kernels::gemm: one past the kc, mc and nc blocks", "[gemm]",
   std::mt19937 gen(5);
   using G = kernels::GemmTile<simd::default_arch, TestType>;
   const std::vector<Case> cases = {
-      {7, 9, G::kc + 1, Layout::row_major, Layout::row_major, Layout::row_major, 1.0, 0.5, false,
+      {7, 9, G::kc() + 1, Layout::row_major, Layout::row_major, Layout::row_major, 1.0, 0.5, false,
        false},
       {G::mc + 1, 5, 3, Layout::row_padded, Layout::row_major, Layout::row_major, 1.0, 0.0, true,
        false},
-      {3, G::nc + 1, 4, Layout::row_major, Layout::col_major, Layout::row_padded, -1.0, 1.0, false,
-       false},
+      {3, G::nc() + 1, 4, Layout::row_major, Layout::col_major, Layout::row_padded, -1.0, 1.0,
+       false, false},
   };
   for (const auto& cs : cases) run_kernel_case<TestType>(cs, gen);
+}
+
+TEMPLATE_TEST_CASE("kernels::gemm: cache blocking follows this CPU's L2", "[gemm]", float, double) {
+  using G = kernels::GemmTile<simd::default_arch, TestType>;
+  const simd::CacheSizes& cs = simd::cache_sizes();
+  CAPTURE(cs.l1d, cs.l2, G::kc(), G::nc());
+  REQUIRE(cs.l1d > 0);
+  REQUIRE(cs.l2 > 0);
+  // 1 KiB of T per k block from 2 MiB of L2 (Emerald Rapids), 512 bytes below (Zen 4).
+  const std::int64_t kc_bytes = cs.l2 >= 2048 * 1024 ? 1024 : 512;
+  CHECK(G::kc() * std::int64_t(sizeof(TestType)) == kc_bytes);
+  CHECK(G::kc_max % G::kc() == 0);
+  // The kc x nc block of B: whole NR panels, within half of L2 (at least 256 KiB).
+  CHECK(G::nc() % G::nr == 0);
+  CHECK(G::nc() >= G::nr);
+  const std::int64_t block = G::kc() * G::nc() * std::int64_t(sizeof(TestType));
+  CHECK(block <= std::clamp<std::int64_t>(cs.l2 / 2, 256 * 1024, 2048 * 1024));
+  CHECK(block > std::clamp<std::int64_t>(cs.l2 / 2, 256 * 1024, 2048 * 1024) -
+                    G::kc() * G::nr * std::int64_t(sizeof(TestType)));
 }
 
 TEST_CASE("kernels::gemm: 300x257x513 (several k blocks, all edges)", "[gemm]") {

@@ -30,8 +30,7 @@ enum class Trans { no, yes };
 
 /// Bytes of workspace gemm needs for op(A) [m, k] * op(B) [k, n] on Arch.
 template <class T, class Arch = simd::default_arch>
-constexpr std::size_t gemm_workspace_bytes(std::int64_t m, std::int64_t n,
-                                           std::int64_t k) noexcept {
+std::size_t gemm_workspace_bytes(std::int64_t m, std::int64_t n, std::int64_t k) noexcept {
   return kernels::gemm_workspace_elems<Arch, T>(Arch{}, m, n, k) * sizeof(T) + 64;
 }
 
@@ -173,8 +172,8 @@ void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
                   c.data(), rsc, csc, detail::thread_scratch<T>(1));
     return;
   }
-  const std::int64_t kc_max = std::min<std::int64_t>(k, G::kc);
-  const std::int64_t nc_max = std::min<std::int64_t>(round_up(n, G::nr), G::nc);
+  const std::int64_t kc_max = std::min<std::int64_t>(k, G::kc());
+  const std::int64_t nc_max = std::min<std::int64_t>(round_up(n, G::nr), G::nc());
   std::vector<T, xsimd::aligned_allocator<T, 64>> bpack(std::size_t(kc_max * nc_max));
   // Row tasks: whole register panels, about four per thread for balance.
   const std::int64_t panels_m = num_chunks(m, G::mr);
@@ -182,11 +181,11 @@ void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
       G::mr * num_chunks(panels_m, std::min<std::int64_t>(panels_m, 4 * threads));
   const std::int64_t tasks_m = num_chunks(m, rows_per_task);
   const std::int64_t mc_max = std::min<std::int64_t>(round_up(rows_per_task, G::mr), G::mc);
-  for (std::int64_t j0 = 0; j0 < n; j0 += G::nc) {
-    const std::int64_t nc = std::min<std::int64_t>(G::nc, n - j0);
+  for (std::int64_t j0 = 0; j0 < n; j0 += G::nc()) {
+    const std::int64_t nc = std::min<std::int64_t>(G::nc(), n - j0);
     const std::int64_t panels_n = num_chunks(nc, G::nr);
-    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
-      const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
+      const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
       const T beta_eff = p0 == 0 ? beta : T(1);
       parallel_for(num_chunks(panels_n, 4), [&](std::int64_t t) {
         const std::int64_t q0 = t * 4 * G::nr, qn = std::min<std::int64_t>(4 * G::nr, nc - q0);

@@ -62,7 +62,7 @@ void linear_skinny_n(const ConstView<T, 2>& x, const ConstView<W, 2>& w, const V
   constexpr std::int64_t rows = 8 * G::nr;  // tokens per task
   parallel_for(num_chunks(m, rows), [&](std::int64_t t) {
     const std::int64_t i0 = t * rows, mt = std::min(rows, m - i0);
-    alignas(64) T bblock[G::kc * G::nr];
+    alignas(64) T bblock[G::kc_max * G::nr];
     thread_local std::vector<T, xsimd::aligned_allocator<T, 64>> yt_buf;  // y^T: [n, mt]
     yt_buf.resize(std::size_t(n * rows));
     T* const yt = yt_buf.data();
@@ -138,7 +138,7 @@ requires(std::is_same_v<std::remove_const_t<X>, T> &&
   parallel_for(tasks, [&](std::int64_t t) {
     const std::int64_t j0 = t * per_task * G::nr;
     const std::int64_t nc = std::min(n - j0, per_task * G::nr);
-    alignas(64) T bblock[G::kc * G::nr];
+    alignas(64) T bblock[G::kc_max * G::nr];
     if (unit_y) {
       kernels::gemm_packed_streamed(Arch{}, m, nc, k, ap.get(), w.data() + j0 * w.stride(0),
                                     w.stride(0), w.stride(1), T(0), y.data() + j0, y.stride(0),

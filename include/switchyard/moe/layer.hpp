@@ -161,6 +161,9 @@ class MoELayer {
   /// row is packed in the blocks the prefill path uses) and output columns per w2 task.
   static constexpr std::int64_t decode_ff_chunk = 256;
   static constexpr std::int64_t decode_d_chunk = 128;
+  static_assert(ff_chunk % kernels::GemmTile<Arch, T>::kc_max == 0 &&
+                    decode_ff_chunk % kernels::GemmTile<Arch, T>::kc_max == 0,
+                "hidden chunks hold whole k blocks of the GEMM (kc divides kc_max)");
 
   /// Throws config_error: d_model, d_ff or num_experts < 1, num_shared_experts < 0,
   /// shared_d_ff < 0.
@@ -447,7 +450,7 @@ class MoELayer {
       l.u = s;
       if (cfg_.activation == Activation::swiglu) s += bytes(l.rows_cap * l.fc_cap);
       l.bp = s;
-      s += bytes(G::kc * G::nr);
+      s += bytes(G::kc() * G::nr);
       l.slot_bytes = s;
       return l;
     }

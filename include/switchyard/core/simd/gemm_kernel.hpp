@@ -25,6 +25,7 @@
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
+#include "switchyard/core/simd/cache_info.hpp"
 #include "switchyard/core/simd/transpose.hpp"
 
 // gcc: no -Wmaybe-uninitialized / -Wuninitialized from the intrinsics inlined into these
@@ -47,28 +48,46 @@ struct GemmTile {
   static constexpr int mr = simd::is_scalar_v<Arch> ? 4 : (wide ? 12 : (narrow ? 4 : 6));
   static constexpr int nv = simd::is_scalar_v<Arch> ? 4 : 2;  // vectors (or scalars) per row
   static constexpr int nr = nv * static_cast<int>(lanes);
-  // Measured on Zen 4 (L1d 32 KiB, L2 1 MiB), best of 15 against OpenBLAS in one
-  // process: kc = 512 bytes of T (128 floats) ran 1-3 % faster than 256 floats and
-  // 3-8 % faster than 384, with both the AVX-512 and the AVX2 tile. kc x nr of B
-  // (16 KiB for float AVX-512) streams from L2 per micro-kernel call; mr x kc of A
-  // (6 KiB) is reused across the NR loop; the kc x nc block of B (512 KiB) stays in L2.
-  static constexpr std::int64_t kc = 512 / static_cast<std::int64_t>(sizeof(T));
-  static constexpr std::int64_t nc = ((512 * 1024 / (kc * sizeof(T))) / nr) * nr;
+  // Cache blocking from the L2 size per core (simd::cache_sizes), measured against OpenBLAS in
+  // one process on both CPUs we run on. Zen 4 (L2 1 MiB): kc = 512 bytes of T (128 floats) ran
+  // 1-3 % faster than 256 floats and 3-8 % faster than 384, with the AVX-512 and the AVX2
+  // tile, with a 512 KiB block of B. Emerald Rapids (L2 2 MiB): kc = 256 floats with a 1 MiB
+  // block of B ran 3-6 % faster at 4096^3 than 128 with 512 KiB (2 threads: 0.89-0.90 ->
+  // 0.94-0.98 of OpenBLAS), a 2 MiB block 8-10 % slower. So kc x sizeof(T) = 1 KiB from 2 MiB of
+  // L2 up, else 512 bytes (either divides kc_max: the MoE layer's hidden chunks hold whole k
+  // blocks), and the kc x nc block of B = L2 / 2 (it stays in L2); kc x nr of B (16 or 32 KiB for
+  // float AVX-512) streams from L2 per micro-kernel call; mr x kc of A is reused across the NR
+  // loop. One value per process: every path sums k in the same blocks, so their bits agree.
+  static constexpr std::int64_t kc_max = 1024 / static_cast<std::int64_t>(sizeof(T));
+  /// Depth of a k block (elements of T), at most kc_max.
+  static std::int64_t kc() noexcept {
+    static const std::int64_t v =
+        (simd::cache_sizes().l2 >= 2048 * 1024 ? 1024 : 512) / static_cast<std::int64_t>(sizeof(T));
+    return v;
+  }
+  /// Columns of a block of B (a multiple of nr).
+  static std::int64_t nc() noexcept {
+    static const std::int64_t v = std::max<std::int64_t>(
+        nr, ((std::clamp<std::int64_t>(simd::cache_sizes().l2 / 2, 256 * 1024, 2048 * 1024) /
+              (kc() * static_cast<std::int64_t>(sizeof(T)))) /
+             nr) *
+                nr);
+    return v;
+  }
   static constexpr std::int64_t mc = ((1024 + mr - 1) / mr) * mr;
 };
 
 /// Elements of T the packed GEMM needs as workspace for an [m, k] x [k, n] product
 /// (packed A block + packed B block + slack to align both to 64 bytes).
 template <class Arch, class T>
-constexpr std::size_t gemm_workspace_elems(Arch, std::int64_t m, std::int64_t n,
-                                           std::int64_t k) noexcept {
+std::size_t gemm_workspace_elems(Arch, std::int64_t m, std::int64_t n, std::int64_t k) noexcept {
   using G = GemmTile<Arch, T>;
-  const std::int64_t kc = std::min<std::int64_t>(std::max<std::int64_t>(k, 1), G::kc);
+  const std::int64_t kc = std::min<std::int64_t>(std::max<std::int64_t>(k, 1), G::kc());
   // Clamped before rounding up, so sizes near the int64 limit cannot overflow.
   const std::int64_t mc = std::min<std::int64_t>(
       ((std::clamp<std::int64_t>(m, 1, G::mc) + G::mr - 1) / G::mr) * G::mr, G::mc);
   const std::int64_t nc = std::min<std::int64_t>(
-      ((std::clamp<std::int64_t>(n, 1, G::nc) + G::nr - 1) / G::nr) * G::nr, G::nc);
+      ((std::clamp<std::int64_t>(n, 1, G::nc()) + G::nr - 1) / G::nr) * G::nr, G::nc());
   return std::size_t(mc * kc + nc * kc) + 2 * (64 / sizeof(T));
 }
 
@@ -293,14 +312,14 @@ void gemm(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, T alpha, co
       }
     return;
   }
-  const std::int64_t kc_max = std::min<std::int64_t>(k, G::kc);
+  const std::int64_t kc_max = std::min<std::int64_t>(k, G::kc());
   const std::int64_t mc_max = std::min<std::int64_t>(detail::round_up(m, G::mr), G::mc);
   T* apack = detail::align64(workspace);
   T* bpack = detail::align64(apack + mc_max * kc_max);
-  for (std::int64_t j0 = 0; j0 < n; j0 += G::nc) {
-    const std::int64_t nc = std::min<std::int64_t>(G::nc, n - j0);
-    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
-      const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+  for (std::int64_t j0 = 0; j0 < n; j0 += G::nc()) {
+    const std::int64_t nc = std::min<std::int64_t>(G::nc(), n - j0);
+    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
+      const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
       const T beta_eff = p0 == 0 ? beta : T(1);
       detail::pack_b<Arch, G::nr>(arch, b, rsb, csb, p0, kc, j0, nc, bpack);
       detail::gemm_rows(arch, 0, m, p0, kc, j0, nc, alpha, a, rsa, csa, a_rows, bpack, beta_eff, c,

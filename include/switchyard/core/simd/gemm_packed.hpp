@@ -98,8 +98,8 @@ void gemm_packed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, cons
                  const T* bp, T beta, T* c, std::int64_t rsc) noexcept {
   using G = kernels::GemmTile<Arch, T>;
   const std::int64_t m_pad = core::round_up(m, G::mr);
-  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
-    const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
+    const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
     const T beta_eff = p0 == 0 ? beta : T(1);
     const T* ab = ap + p0 * m_pad;
     for (std::int64_t ib = 0; ib < m; ib += G::mr) {
@@ -143,8 +143,8 @@ void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_
   const std::int64_t m_pad = core::round_up(m, G::mr);
   for (std::int64_t jb = 0; jb < n; jb += G::nr) {
     const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
-    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
-      const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
+      const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
       pack_b_rows<Arch, G::nr>(arch, w + jb * ldj + p0 * ldp, ldj, ldp, nr, kc, bblock);
       const T beta_eff = p0 == 0 ? beta : T(1);
       for (std::int64_t ib = 0; ib < m; ib += G::mr) {
@@ -163,8 +163,8 @@ void pack_a_all(Arch arch, const T* a, std::int64_t rsa, std::int64_t csa, const
                 std::int64_t m, std::int64_t k, T* dst) noexcept {
   using G = kernels::GemmTile<Arch, T>;
   const std::int64_t m_pad = core::round_up(m, G::mr);
-  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc) {
-    const std::int64_t kc = std::min<std::int64_t>(G::kc, k - p0);
+  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
+    const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
     detail::pack_a<Arch, G::mr>(arch, a, rsa, csa, rows, 0, m, p0, kc, dst + p0 * m_pad);
   }
 }
