@@ -18,8 +18,12 @@
 //    into a [nnz + S*T, d] buffer at the tile's CSR rows; then + b2 and the optional softmax.
 //    Tiles are large (all rows of an expert up to row_tile) so that packing the expert's
 //    weights, the cost that grows with E rather than with tokens, is paid once per tile.
-//    On one thread this runs at 0.72-0.93x the GFLOP/s of dense GEMMs doing the same work
-//    (bench/bench_moe_layer.cpp; Zen 4 and Emerald Rapids).
+//    Tiles of at most streamed_rows rows instead pack one kc x NR block of weights at a time
+//    just before use, requesting the next block's weights meanwhile (gemm_packed_streamed):
+//    whole-chunk packs read the weights in passes of their own, waiting on memory, which at
+//    few rows per expert cost a fifth of the layer's time. On one thread this runs at
+//    0.83-0.93x the GFLOP/s of dense GEMMs doing the same work (bench/bench_moe_layer.cpp,
+//    Emerald Rapids).
 //    Decode-shaped plans (T <= config().decode_max_tokens) split the weights instead of the
 //    tokens, so that one token keeps every thread streaming weights: per active expert (and shared
 //    expert) its gathered rows of x are packed once; then tasks of (expert, decode_ff_chunk
@@ -161,6 +165,9 @@ class MoELayer {
   /// row is packed in the blocks the prefill path uses) and output columns per w2 task.
   static constexpr std::int64_t decode_ff_chunk = 256;
   static constexpr std::int64_t decode_d_chunk = 128;
+  /// Prefill tiles of at most this many rows stream their weights through packs of one
+  /// kc x NR block (gemm_packed_streamed) instead of packing whole hidden chunks.
+  static constexpr std::int64_t streamed_rows = 256;
   static_assert(ff_chunk % kernels::GemmTile<Arch, T>::kc_max == 0 &&
                     decode_ff_chunk % kernels::GemmTile<Arch, T>::kc_max == 0,
                 "hidden chunks hold whole k blocks of the GEMM (kc divides kc_max)");
@@ -880,16 +887,28 @@ class MoELayer {
     }
     // The tile's gathered rows of x, packed once for every hidden chunk and both projections.
     kernels::pack_a_all(Arch{}, xa, x.stride(0), x.stride(1), rows, R, d, sc.ax);
+    // Few rows: each kc x NR block of weights is packed just before use while the next one's
+    // weights are fetched (gemm_packed_streamed); a whole chunk's pack would read them in a
+    // pass of its own, waiting on memory. Many rows: the chunk is packed once for them all.
+    const bool streamed = R <= streamed_rows;
     for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
       const std::int64_t fc = std::min(ff_chunk, F - f0);
       // op(B)(p, j) = w1[e][f0 + j][p], p < d, j < fc
-      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w1.data() + f0 * w1.stride(0), w1.stride(0),
-                                        w1.stride(1), fc, d, sc.bp);
-      kernels::gemm_packed(Arch{}, R, fc, d, sc.ax, sc.bp, T(0), g, fc);
-      if (act == Activation::swiglu) {
-        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w3.data() + f0 * w3.stride(0), w3.stride(0),
-                                          w3.stride(1), fc, d, sc.bp);
-        kernels::gemm_packed(Arch{}, R, fc, d, sc.ax, sc.bp, T(0), u, fc);
+      if (streamed) {
+        kernels::gemm_packed_streamed(Arch{}, R, fc, d, sc.ax, w1.data() + f0 * w1.stride(0),
+                                      w1.stride(0), w1.stride(1), T(0), g, fc, sc.bp);
+        if (act == Activation::swiglu)
+          kernels::gemm_packed_streamed(Arch{}, R, fc, d, sc.ax, w3.data() + f0 * w3.stride(0),
+                                        w3.stride(0), w3.stride(1), T(0), u, fc, sc.bp);
+      } else {
+        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w1.data() + f0 * w1.stride(0), w1.stride(0),
+                                          w1.stride(1), fc, d, sc.bp);
+        kernels::gemm_packed(Arch{}, R, fc, d, sc.ax, sc.bp, T(0), g, fc);
+        if (act == Activation::swiglu) {
+          kernels::pack_b_rows<Arch, G::nr>(Arch{}, w3.data() + f0 * w3.stride(0), w3.stride(0),
+                                            w3.stride(1), fc, d, sc.bp);
+          kernels::gemm_packed(Arch{}, R, fc, d, sc.ax, sc.bp, T(0), u, fc);
+        }
       }
       for (std::int64_t r = 0; r < R; ++r) {
         kernels::expert_activation(Arch{}, act, g + r * fc,
@@ -898,9 +917,15 @@ class MoELayer {
       }
       // op(B)(p, j) = w2[e][j][f0 + p], p < fc, j < d; chunks after the first accumulate.
       kernels::pack_a_all(Arch{}, g, fc, std::int64_t(1), nullptr, R, fc, sc.ah);
-      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w2.data() + f0 * w2.stride(1), w2.stride(0),
-                                        w2.stride(1), d, fc, sc.bp);
-      kernels::gemm_packed(Arch{}, R, d, fc, sc.ah, sc.bp, f0 == 0 ? T(0) : T(1), o, d);
+      if (streamed) {
+        kernels::gemm_packed_streamed(Arch{}, R, d, fc, sc.ah, w2.data() + f0 * w2.stride(1),
+                                      w2.stride(0), w2.stride(1), f0 == 0 ? T(0) : T(1), o, d,
+                                      sc.bp);
+      } else {
+        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w2.data() + f0 * w2.stride(1), w2.stride(0),
+                                          w2.stride(1), d, fc, sc.bp);
+        kernels::gemm_packed(Arch{}, R, d, fc, sc.ah, sc.bp, f0 == 0 ? T(0) : T(1), o, d);
+      }
     }
     finish_rows(ew, e, R, o);
   }

@@ -129,25 +129,80 @@ void micro_kernel_rows(Arch arch, int rows, std::int64_t kc, const T* ap, const 
   run.template operator()<MR>();
 }
 
-/// C [m, n] = A B + beta C for skinny m (decoding), with A packed for all of k (pack_a_all) and
-/// B read straight from nn.Linear-layout weights (of T, or bf16 / f16 widened while packing),
-/// op(B)(p, j) = w[j * ldj + p * ldp]: each kc x NR block of B is packed into `bblock` (kc * NR
-/// elements, stays in L1) just before the micro-kernel uses it, so the weights stream from memory
-/// once and nothing of their size is written. Every element is summed as gemm_packed sums it (kc
-/// blocks in ascending k, beta on the first), so both give the same bits.
+namespace detail {
+
+// The cache lines of a block of rows (`rows` rows of `bytes` bytes, `stride` bytes apart),
+// requested a share at a time (software prefetch), in row order. Addresses are integers: the
+// last line requested may lie past the rows (a prefetch never faults), a pointer may not.
+class RowBlockPrefetch {
+ public:
+  RowBlockPrefetch() = default;
+  RowBlockPrefetch(const void* first, std::int64_t rows, std::int64_t bytes,
+                   std::int64_t stride) noexcept
+      : row_(reinterpret_cast<std::uintptr_t>(first)),
+        bytes_(bytes),
+        stride_(stride),
+        rows_left_(bytes > 0 ? rows : 0) {}
+  // Requests the next n lines (fewer at the end of the block).
+  void issue(std::int64_t n) noexcept {
+    for (; n > 0 && rows_left_ > 0; --n) {
+      __builtin_prefetch(reinterpret_cast<const void*>(row_ + std::uintptr_t(offset_)));
+      offset_ += 64;
+      if (offset_ >= bytes_ + 63) {  // past the line of the row's last byte
+        offset_ = 0;
+        row_ += std::uintptr_t(stride_);
+        --rows_left_;
+      }
+    }
+  }
+  // Lines still to request (an upper bound: one more per row than an aligned row has).
+  std::int64_t lines_left() const noexcept {
+    return rows_left_ > 0 ? rows_left_ * ((bytes_ + 63) / 64 + 1) : 0;
+  }
+
+ private:
+  std::uintptr_t row_ = 0;
+  std::int64_t bytes_ = 0, stride_ = 0, rows_left_ = 0, offset_ = 0;
+};
+
+}  // namespace detail
+
+/// C [m, n] = A B + beta C for skinny m (decoding, or a few rows per expert), with A packed for
+/// all of k (pack_a_all) and B read straight from nn.Linear-layout weights (of T, or bf16 / f16
+/// widened while packing), op(B)(p, j) = w[j * ldj + p * ldp]: each kc x NR block of B is packed
+/// into `bblock` (kc_max * NR elements, stays in L1) just before the micro-kernel uses it, so the
+/// weights stream from memory once and nothing of their size is written. While a block's
+/// micro-kernels run, the weights of the next block are requested (a share per micro-kernel
+/// call; where they are contiguous along k), so the next pack finds them in cache. Every
+/// element is summed as gemm_packed sums it (kc blocks in ascending k, beta on the first), so
+/// both give the same bits.
 template <class Arch, class T, class S>
 void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
                           const S* w, std::int64_t ldj, std::int64_t ldp, T beta, T* c,
                           std::int64_t rsc, T* bblock) noexcept {
   using G = kernels::GemmTile<Arch, T>;
   const std::int64_t m_pad = core::round_up(m, G::mr);
+  const std::int64_t kc_full = G::kc(), calls = (m + G::mr - 1) / G::mr;
   for (std::int64_t jb = 0; jb < n; jb += G::nr) {
     const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
-    for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
-      const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
+    for (std::int64_t p0 = 0; p0 < k; p0 += kc_full) {
+      const std::int64_t kc = std::min<std::int64_t>(kc_full, k - p0);
       pack_b_rows<Arch, G::nr>(arch, w + jb * ldj + p0 * ldp, ldj, ldp, nr, kc, bblock);
+      // The next block: this panel's next k block, or the next panel's first.
+      detail::RowBlockPrefetch next;
+      if (ldp == 1) {
+        const bool same_panel = p0 + kc < k;
+        const std::int64_t nj = same_panel ? jb : jb + G::nr, np = same_panel ? p0 + kc : 0;
+        if (nj < n)
+          next = detail::RowBlockPrefetch(w + nj * ldj + np, std::min<std::int64_t>(G::nr, n - nj),
+                                          std::min(kc_full, k - np) * std::int64_t(sizeof(S)),
+                                          ldj * std::int64_t(sizeof(S)));
+      }
+      const std::int64_t per_call =
+          (next.lines_left() + calls - 1) / std::max<std::int64_t>(calls, 1);
       const T beta_eff = p0 == 0 ? beta : T(1);
       for (std::int64_t ib = 0; ib < m; ib += G::mr) {
+        next.issue(per_call);
         const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
         micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bblock, nr, beta_eff,
                           c + ib * rsc + jb, rsc);
