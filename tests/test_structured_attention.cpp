@@ -634,7 +634,8 @@ TEST_CASE("neighborhood attention is bit-identical for 1 and 2 threads",
 // the tile executor on scalar. Shapes with interior tiles and border tiles along the last axis
 // (lane windows shifted differently), partial tiles (extent not a multiple of the lanes),
 // dilation groups of unequal size, odd extents before the last axis (a query row without a
-// pair), GQA, and D not a multiple of the P . V register block.
+// pair), GQA, D not a multiple of the P . V register block, and packed rows evicted from the
+// per-thread cache (2D and 3D).
 TEMPLATE_TEST_CASE("neighborhood row kernel matches the reference on every arch",
                    "[neighborhood][arch]", float, double) {
   simd::for_each_arch([](auto arch) {
@@ -652,6 +653,11 @@ TEMPLATE_TEST_CASE("neighborhood row kernel matches the reference on every arch"
     check_neighborhood<3, TestType, A>(
         {3, 7, 20}, {NeighborhoodAxis{3}, NeighborhoodAxis{5}, NeighborhoodAxis{1}}, 1, 2, 1, 8,
         false, 95);
+    // More key rows than the per-thread cache of packed rows holds (ring_rows: a band's rows
+    // and the next band's new ones), so later rows are packed into slots that held others;
+    // GQA runs two query heads per band.
+    check_neighborhood<2, TestType, A>({30, 21}, {NeighborhoodAxis{5}, NeighborhoodAxis{3}}, 1, 4,
+                                       2, 16, false, 100);
   });
 }
 

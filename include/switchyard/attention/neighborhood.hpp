@@ -21,11 +21,14 @@
 // axis, one per SIMD lane, up to four query rows along the axis before it at a time (they share
 // most key rows, and each key load serves every query row that sees its key row); outputs are
 // written with non-temporal stores where aligned; keys are packed per row of a dilation group
-// with zero padding around it, into per-thread buffers kept between calls: one KV head's, packed
-// and used right away, when every thread has a (batch, KV head) of its own; else every head's
-// (about 1.5 to 2.5 times the size of K and V). Scalar Arch and 1D use the tile executor.
+// with zero padding around it, into per-thread buffers kept between calls. When every thread
+// has a (batch, KV head) of its own: one KV head's, its rows packed as the tiles first need them
+// into a cache of recent rows that fits in L2 (ring_rows; 2D at the benchmark's sizes), or all
+// packed first; else every head's, packed first (about 1.5 to 2.5 times the size of K and V).
+// Scalar Arch and 1D use the tile executor.
 #include <algorithm>
 #include <array>
+#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -37,6 +40,7 @@
 #include "switchyard/attention/block_sparse.hpp"
 #include "switchyard/attention/neighborhood_kernels.hpp"
 #include "switchyard/attention/neighborhood_rule.hpp"
+#include "switchyard/core/simd/cache_info.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -98,10 +102,54 @@ struct RowWorkspace {
   std::vector<std::int64_t> rows[MQ], key0, lo;
   std::vector<kernels::NeighborhoodValueRow<T>> pv;
 };
+// Which key rows sit in which storage rows (slots) of a row pack used as a cache of rows:
+// rows are packed when a tile first needs them, into the least recently used slot. A tile
+// claims all of its rows before it reads any (claim), so none of them is evicted under it.
+class RowSlots {
+ public:
+  /// `rows` key rows cached in `slots` slots (at least the rows of any one tile); all empty.
+  void reset(std::int64_t rows, std::int64_t slots) {
+    slot_of_.assign(std::size_t(rows), -1);
+    row_in_.assign(std::size_t(slots), -1);
+    used_.assign(std::size_t(slots), -1);
+    now_ = 0;
+  }
+  /// Starts a tile: the rows claimed from here on stay until the next begin_tile.
+  void begin_tile() noexcept { ++now_; }
+  /// Marks `rows` as used by this tile and packs the absent ones with pack_into(slot, row).
+  template <class PackInto>
+  void claim(std::span<const std::int64_t> rows, PackInto&& pack_into) {
+    for (const std::int64_t r : rows)  // present rows first, so no miss evicts one of them
+      if (const std::int32_t sl = slot_of_[std::size_t(r)]; sl >= 0) used_[std::size_t(sl)] = now_;
+    for (const std::int64_t r : rows) {
+      if (slot_of_[std::size_t(r)] >= 0) continue;
+      const auto victim = std::min_element(used_.begin(), used_.end()) - used_.begin();
+      assert(used_[std::size_t(victim)] != now_ && "RowSlots: fewer slots than a tile's rows");
+      if (const std::int64_t old = row_in_[std::size_t(victim)]; old >= 0)
+        slot_of_[std::size_t(old)] = -1;
+      row_in_[std::size_t(victim)] = r;
+      used_[std::size_t(victim)] = now_;
+      slot_of_[std::size_t(r)] = std::int32_t(victim);
+      pack_into(std::int64_t(victim), r);
+    }
+  }
+  /// The slot of a claimed row (-1: not cached).
+  std::int64_t slot(std::int64_t r) const noexcept { return slot_of_[std::size_t(r)]; }
+
+ private:
+  std::vector<std::int32_t> slot_of_;        // [rows] slot, or -1
+  std::vector<std::int64_t> row_in_, used_;  // [slots] row (-1: empty), tile that last used it
+  std::int64_t now_ = 0;
+};
+
 template <class T, class Arch>
 kernels::NeighborhoodRowPack<T, Arch>& row_pack() {
   static thread_local kernels::NeighborhoodRowPack<T, Arch> pack;
   return pack;
+}
+inline RowSlots& row_slots() {
+  static thread_local RowSlots slots;
+  return slots;
 }
 template <class T, class Arch>
 RowWorkspace<T>& row_workspace() {
@@ -324,9 +372,68 @@ class NeighborhoodAttention {
       const std::int64_t kz = cfg_.axes[Rank - 1].kernel_size, left = kz / 2;
       const std::int64_t dz = grid.d[Rank - 1];
       const T qscale = a.scale * log2e;
-      // Tiles [t_begin, t_end) of query head (b, h), whose keys are head `head` of `pack`.
+      // Where tile t is: its dilation group g (coordinates gc), the compact coordinates c of its
+      // first query (the last axis's: z0), the group's compact extents lg, its query rows n_q
+      // (0: outside the group's grid).
+      struct TileAt {
+        std::int64_t g = 0, z0 = 0;
+        std::array<std::int64_t, Rank> gc{}, c{}, lg{};
+        int n_q = 0;
+      };
+      const auto tile_at = [&](std::int64_t t) {
+        TileAt at;
+        at.z0 = (t % tz) * L;
+        const std::int64_t yt = (t / tz) % row_tiles, col = t / (tz * row_tiles);
+        at.g = col / (cols / grid.groups);
+        for (std::int64_t ax = Rank - 1, gg = at.g; ax >= 0; --ax) {
+          at.gc[std::size_t(ax)] = gg % grid.d[ax];
+          gg /= grid.d[ax];
+        }
+        at.c[Rank - 2] = MQ * yt;
+        for (std::int64_t ax = Rank - 3, rest = col % (cols / grid.groups); ax >= 0; --ax) {
+          at.c[std::size_t(ax)] = rest % grid.C[ax];
+          rest /= grid.C[ax];
+        }
+        bool valid = true;
+        for (int ax = 0; ax < Rank; ++ax) {
+          at.lg[std::size_t(ax)] =
+              (grid.L[ax] - at.gc[std::size_t(ax)] + grid.d[ax] - 1) / grid.d[ax];
+          if (ax + 1 < Rank) valid = valid && at.c[std::size_t(ax)] < at.lg[std::size_t(ax)];
+        }
+        if (valid && at.z0 < at.lg[Rank - 1])
+          at.n_q = int(std::min<std::int64_t>(MQ, at.lg[Rank - 2] - at.c[Rank - 2]));
+        return at;
+      };
+      // Key rows of query row m of a tile: the product of the leading axes' windows, row-major
+      // (ascending packed rows).
+      const auto key_rows = [&](const TileAt& at, int m, std::vector<std::int64_t>& rows) {
+        std::array<std::int64_t, Rank> cm = at.c;
+        cm[Rank - 2] += m;
+        std::array<AxisWindow, Rank> w{};
+        std::int64_t n_rows = 1;
+        for (int ax = 0; ax + 1 < Rank; ++ax) {
+          w[std::size_t(ax)] =
+              tables[std::size_t(ax)]
+                    [std::size_t(at.gc[std::size_t(ax)] * grid.C[ax] + cm[std::size_t(ax)])];
+          n_rows *= w[std::size_t(ax)].count;
+        }
+        rows.resize(std::size_t(n_rows));
+        for (std::int64_t i = 0; i < n_rows; ++i) {
+          std::int64_t row = 0;
+          for (std::int64_t ax = 0, rest = i, span = n_rows; ax + 1 < Rank; ++ax) {
+            span /= w[std::size_t(ax)].count;
+            row = row * grid.C[ax] + w[std::size_t(ax)].start + rest / span;
+            rest %= span;
+          }
+          rows[std::size_t(i)] = at.g * rows_per_group + row;
+        }
+      };
+      // Tiles [t_begin, t_end) of query head (b, h), whose keys are head `head` of `pack`:
+      // claim(rows, n_q) makes the key rows of a tile's n_q query rows present, key row r is
+      // storage row slot(r).
       const auto run_tiles = [&](const Pack& pack, std::int64_t head, std::int64_t b,
-                                 std::int64_t h, std::int64_t t_begin, std::int64_t t_end) {
+                                 std::int64_t h, std::int64_t t_begin, std::int64_t t_end,
+                                 auto&& claim, auto&& slot) {
         auto& ws = neighborhood_detail::row_workspace<T, Arch>();
         for (auto& q : ws.qt) q.resize(std::size_t(std::max<std::int64_t>(1, D) * L));
         for (auto& o : ws.o) o.resize(std::size_t(L * Dp));
@@ -338,27 +445,12 @@ class NeighborhoodAttention {
         const T* qb = a.q + b * a.q_stride[0] + h * a.q_stride[2];
         T* ob = a.out + b * a.out_stride[0] + h * a.out_stride[2];
         for (std::int64_t t = t_begin; t < t_end; ++t) {
-          const std::int64_t z0 = (t % tz) * L, yt = (t / tz) % row_tiles;
-          const std::int64_t col = t / (tz * row_tiles);
-          const std::int64_t g = col / (cols / grid.groups);
-          std::array<std::int64_t, Rank> gc{}, c{}, lg{};
-          for (std::int64_t ax = Rank - 1, gg = g; ax >= 0; --ax) {
-            gc[std::size_t(ax)] = gg % grid.d[ax];
-            gg /= grid.d[ax];
-          }
-          c[Rank - 2] = MQ * yt;
-          for (std::int64_t ax = Rank - 3, rest = col % (cols / grid.groups); ax >= 0; --ax) {
-            c[std::size_t(ax)] = rest % grid.C[ax];
-            rest /= grid.C[ax];
-          }
-          bool valid = true;
-          for (int ax = 0; ax < Rank; ++ax) {
-            lg[std::size_t(ax)] = (grid.L[ax] - gc[std::size_t(ax)] + grid.d[ax] - 1) / grid.d[ax];
-            if (ax + 1 < Rank) valid = valid && c[std::size_t(ax)] < lg[std::size_t(ax)];
-          }
-          const std::int64_t lgz = lg[Rank - 1], nvalid = std::min(L, lgz - z0);
-          if (!valid || nvalid <= 0) continue;
-          const int n_q = int(std::min<std::int64_t>(MQ, lg[Rank - 2] - c[Rank - 2]));
+          const TileAt at = tile_at(t);
+          const int n_q = at.n_q;
+          if (n_q == 0) continue;
+          const std::int64_t z0 = at.z0, lgz = at.lg[Rank - 1], nvalid = std::min(L, lgz - z0);
+          const auto& gc = at.gc;
+          const auto& c = at.c;
           // Lanes: window start along the last axis relative to the lane, and their range.
           std::int64_t rel[L];
           for (std::int64_t j = 0; j < L; ++j) {
@@ -391,27 +483,8 @@ class NeighborhoodAttention {
           for (int m = 0; m < n_q; ++m) {
             std::array<std::int64_t, Rank> cm = c;
             cm[Rank - 2] += m;
-            // Key rows of query row m: the product of the leading axes' windows, row-major
-            // (ascending packed rows).
-            std::array<AxisWindow, Rank> w{};
-            std::int64_t n_rows = 1;
-            for (int ax = 0; ax + 1 < Rank; ++ax) {
-              w[std::size_t(ax)] =
-                  tables[std::size_t(ax)]
-                        [std::size_t(gc[std::size_t(ax)] * grid.C[ax] + cm[std::size_t(ax)])];
-              n_rows *= w[std::size_t(ax)].count;
-            }
-            auto& rows = ws.rows[m];
-            rows.resize(std::size_t(n_rows));
-            for (std::int64_t i = 0; i < n_rows; ++i) {
-              std::int64_t row = 0;
-              for (std::int64_t ax = 0, rest = i, span = n_rows; ax + 1 < Rank; ++ax) {
-                span /= w[std::size_t(ax)].count;
-                row = row * grid.C[ax] + w[std::size_t(ax)].start + rest / span;
-                rest %= span;
-              }
-              rows[std::size_t(i)] = g * rows_per_group + row;
-            }
+            key_rows(at, m, ws.rows[m]);
+            const std::int64_t n_rows = std::int64_t(ws.rows[m].size());
             ws.s[m].resize(std::size_t(n_rows * s_row));
             // q^T of the lanes (zeros past the row's end), pre-scaled.
             std::int64_t tk = 0;
@@ -442,6 +515,7 @@ class NeighborhoodAttention {
               }
             }
           }
+          claim(ws.rows, n_q);
           // Scores: a key row is scored for every query row that sees it at once (and its V
           // rows serve them all in P . V), in ascending order (each query row's rows ascend).
           std::int64_t next_row[MQ] = {};
@@ -455,7 +529,8 @@ class NeighborhoodAttention {
                 r = std::min(r, ws.rows[m][std::size_t(next_row[m])]);
             if (r == std::numeric_limits<std::int64_t>::max()) break;
             kernels::NeighborhoodValueRow<T> row;
-            row.v = pack.v_row(head, r) + base * Dp;
+            const std::int64_t sr = slot(r);
+            row.v = pack.v_row(head, sr) + base * Dp;
             for (int m = 0; m < n_q; ++m) {
               const std::int64_t i = next_row[m];
               if (i >= std::int64_t(ws.rows[m].size()) || ws.rows[m][std::size_t(i)] != r) continue;
@@ -468,11 +543,11 @@ class NeighborhoodAttention {
             }
             if constexpr (kernels::na_has_exact_border<Arch, T>()) {
               if (exact)
-                kernels::na_score_row_exact(Arch{}, q_rows, row.nq, D, pack.k_row(head, r) + base,
+                kernels::na_score_row_exact(Arch{}, q_rows, row.nq, D, pack.k_row(head, sr) + base,
                                             pack.W, kz, ws.idx.data(), s_rows);
             }
             if (!exact)
-              kernels::na_score_row(Arch{}, q_rows, row.nq, D, pack.k_row(head, r) + base, pack.W,
+              kernels::na_score_row(Arch{}, q_rows, row.nq, D, pack.k_row(head, sr) + base, pack.W,
                                     NO, s_rows);
             ws.pv.push_back(row);
           }
@@ -498,15 +573,41 @@ class NeighborhoodAttention {
         simd::stream_fence();  // before the outputs are handed to another thread
       };
       if (a.B * a.Hkv >= num_threads()) {
-        // Enough (b, kv head) pairs for every thread: each packs one into its own buffer and
-        // runs that head's query heads right away, while the pack is still in cache.
+        // Enough (b, kv head) pairs for every thread: each runs one's query heads, band of
+        // tiles by band (the tiles of one band share their key rows), packing key rows into its
+        // own buffer as the tiles first need them, a cache of the last bands' rows, where that
+        // fits in L2 (ring_rows); else packing all rows of the head first.
+        const std::int64_t slots = ring_rows(grid, MQ, NR, D, Dp);
         parallel_for(a.B * a.Hkv, [&](std::int64_t task) {
           Pack& pack = neighborhood_detail::row_pack<T, Arch>();  // this worker's
-          pack.reset(1, NR, Cz, D);
-          pack_head(pack, 0, task);
           const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
-          for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h)
-            run_tiles(pack, 0, b, h, 0, tiles);
+          if (slots == 0) {  // every row packed first
+            pack.reset(1, NR, Cz, D);
+            pack_head(pack, 0, task);
+            for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h)
+              run_tiles(
+                  pack, 0, b, h, 0, tiles, [](const std::vector<std::int64_t>*, int) {},
+                  [](std::int64_t r) { return r; });
+            return;
+          }
+          neighborhood_detail::RowSlots& cache = neighborhood_detail::row_slots();
+          pack.reset(1, slots, Cz, D);
+          cache.reset(NR, slots);
+          const T* k = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
+          const T* v = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
+          const auto token = [&](std::int64_t r, std::int64_t x) { return grid.token(r * Cz + x); };
+          const auto claim = [&](const std::vector<std::int64_t>* rows, int n_q) {
+            cache.begin_tile();
+            for (int m = 0; m < n_q; ++m)
+              cache.claim(rows[m], [&](std::int64_t slot, std::int64_t r) {
+                pack.pack_row(0, slot, r, k, a.k_stride[1], a.k_stride[3], v, a.v_stride[1],
+                              a.v_stride[3], token);
+              });
+          };
+          const auto slot = [&](std::int64_t r) { return cache.slot(r); };
+          for (std::int64_t t0 = 0; t0 < tiles; t0 += tz)
+            for (std::int64_t h = hk * group; h < (hk + 1) * group; ++h)
+              run_tiles(pack, 0, b, h, t0, std::min(tiles, t0 + tz), claim, slot);
         });
       } else {
         // Fewer heads than threads: pack them all, then split every head's tiles into blocks.
@@ -517,13 +618,31 @@ class NeighborhoodAttention {
         parallel_for(a.B * a.H * blocks, [&](std::int64_t task) {
           const std::int64_t blk = task % blocks, bh = task / blocks;
           const std::int64_t b = bh / a.H, h = bh % a.H;
-          run_tiles(pack, b * a.Hkv + h / group, b, h, blk * per, std::min(tiles, (blk + 1) * per));
+          run_tiles(
+              pack, b * a.Hkv + h / group, b, h, blk * per, std::min(tiles, (blk + 1) * per),
+              [](const std::vector<std::int64_t>*, int) {}, [](std::int64_t r) { return r; });
         });
       }
     } else {
       (void)grid;
       (void)a;
     }
+  }
+
+  // Slots of the row kernel's per-thread cache of packed key rows (rows are packed when a
+  // tile first needs them). Bands (the tiles of na_query_rows query rows) run along the
+  // second-to-last axis, then along the axis before: one band's rows and the next band's new
+  // ones (2D), or kernel_size + 1 planes of rows (3D), keep every row packed once per head. Those
+  // slots when they fit in L2 (the packed rows are then read back from L2), else 0: every row
+  // packed first (packing as the tiles go would only add misses to theirs).
+  std::int64_t ring_rows(const neighborhood_detail::Grid<Rank>& grid, std::int64_t rows_per_tile,
+                         std::int64_t rows, std::int64_t D, std::int64_t Dp) const {
+    const std::int64_t Cy = grid.C[Rank - 2], ky = cfg_.axes[Rank - 2].kernel_size;
+    std::int64_t slots = std::min(ky + rows_per_tile - 1, Cy) + rows_per_tile;
+    if constexpr (Rank == 3) slots = (cfg_.axes[0].kernel_size + 1) * Cy;
+    const std::int64_t W = kernels::NeighborhoodRowPack<T, Arch>::width(grid.C[Rank - 1]);
+    const std::int64_t row_bytes = std::int64_t(sizeof(T)) * W * (D + Dp);
+    return slots <= simd::cache_sizes().l2 / row_bytes ? std::min(slots, rows) : 0;
   }
 
   struct Shape2 {

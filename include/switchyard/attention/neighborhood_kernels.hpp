@@ -87,52 +87,66 @@ struct NeighborhoodRowPack {
   template <class TokenOf>
   void pack(std::int64_t head, const T* k, std::int64_t ks, std::int64_t kd, const T* v,
             std::int64_t vs, std::int64_t vd, TokenOf&& token) noexcept {
+    for (std::int64_t r = 0; r < rows; ++r) pack_row(head, r, r, k, ks, kd, v, vs, vd, token);
+  }
+
+  /// Packs key row r (positions x: token(r, x)) into storage row `slot` of head `head`, from
+  /// k/v as in pack. A pack used as a cache of rows (neighborhood.hpp's RowSlots) reuses slots.
+  template <class TokenOf>
+  void pack_row(std::int64_t head, std::int64_t slot, std::int64_t r, const T* k, std::int64_t ks,
+                std::int64_t kd, const T* v, std::int64_t vs, std::int64_t vd,
+                TokenOf&& token) noexcept {
     constexpr std::int64_t XB = 16;  // keys per transposed block
     const T* src[XB];
-    for (std::int64_t r = 0; r < rows; ++r) {
-      T* const k0 = kt.data() + (head * rows + r) * D * W;
-      T* const v0 = vp.data() + (head * rows + r) * W * Dp;
-      for (std::int64_t x0 = 0; x0 < C; x0 += XB) {
-        const std::int64_t n = std::min(XB, C - x0);
-        for (std::int64_t i = 0; i < n; ++i) {
-          const std::int64_t tok = token(r, x0 + i);
-          src[i] = tok < 0 ? nullptr : k + tok * ks;
-          T* vdst = v0 + (P + x0 + i) * Dp;
-          if (tok < 0) {
-            std::fill_n(vdst, Dp, T(0));
-          } else {
-            const T* vsrc = v + tok * vs;
-            if (vd == 1) {  // a vector loop: a memmove call per key costs more than the copy
-              std::int64_t d = 0;
-              for (; d + L <= D; d += L)
-                xsimd::batch<T, Arch>::load_unaligned(vsrc + d).store_aligned(vdst + d);
-              for (; d < D; ++d) vdst[d] = vsrc[d];
-            } else {
-              for (std::int64_t d = 0; d < D; ++d) vdst[d] = vsrc[d * vd];
-            }
+    T* const k0 = kt.data() + (head * rows + slot) * D * W;
+    T* const v0 = vp.data() + (head * rows + slot) * W * Dp;
+    for (std::int64_t x0 = 0; x0 < C; x0 += XB) {
+      const std::int64_t n = std::min(XB, C - x0);
+      for (std::int64_t i = 0; i < n; ++i) {
+        // Keys and values PD tokens ahead: head slices of tokens far apart wait on memory.
+        constexpr std::int64_t PD = 8;
+        if (const std::int64_t pt = x0 + i + PD < C ? token(r, x0 + i + PD) : -1; pt >= 0)
+          for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T))) {
+            __builtin_prefetch(k + pt * ks + d * kd);
+            __builtin_prefetch(v + pt * vs + d * vd);
           }
-        }
-        bool full = n == XB;
-        for (std::int64_t i = 0; i < n; ++i) full = full && src[i];
-        // Evenly spaced keys (the common case) take register transposes, L keys at a time.
-        bool even = full && kd == 1;
-        for (std::int64_t i = 1; even && i < n; ++i) even = src[i] - src[i - 1] == src[1] - src[0];
-        if (even) {
-          const std::int64_t step = n > 1 ? src[1] - src[0] : 0;
-          for (std::int64_t i = 0; even && i < XB; i += L)
-            even = transpose_rows<T, Arch>(src[i], step, k0 + P + x0 + i, W, D);
-          if (even) continue;
-        }
-        if (full) {  // XB keys, no padding
-          for (std::int64_t d = 0; d < D; ++d) {
-            T* kdst = k0 + d * W + P + x0;
-            for (std::int64_t i = 0; i < XB; ++i) kdst[i] = src[i][d * kd];
-          }
+        const std::int64_t tok = token(r, x0 + i);
+        src[i] = tok < 0 ? nullptr : k + tok * ks;
+        T* vdst = v0 + (P + x0 + i) * Dp;
+        if (tok < 0) {
+          std::fill_n(vdst, Dp, T(0));
         } else {
-          for (std::int64_t d = 0; d < D; ++d) {
-            T* kdst = k0 + d * W + P + x0;
-            for (std::int64_t i = 0; i < n; ++i) kdst[i] = src[i] ? src[i][d * kd] : T(0);
+          const T* vsrc = v + tok * vs;
+          if (vd == 1) {  // a vector loop: a memmove call per key costs more than the copy
+            std::int64_t d = 0;
+            for (; d + L <= D; d += L)
+              xsimd::batch<T, Arch>::load_unaligned(vsrc + d).store_aligned(vdst + d);
+            for (; d < D; ++d) vdst[d] = vsrc[d];
+          } else {
+            for (std::int64_t d = 0; d < D; ++d) vdst[d] = vsrc[d * vd];
           }
+        }
+      }
+      bool full = n == XB;
+      for (std::int64_t i = 0; i < n; ++i) full = full && src[i];
+      // Evenly spaced keys (the common case) take register transposes, L keys at a time.
+      bool even = full && kd == 1;
+      for (std::int64_t i = 1; even && i < n; ++i) even = src[i] - src[i - 1] == src[1] - src[0];
+      if (even) {
+        const std::int64_t step = n > 1 ? src[1] - src[0] : 0;
+        for (std::int64_t i = 0; even && i < XB; i += L)
+          even = transpose_rows<T, Arch>(src[i], step, k0 + P + x0 + i, W, D);
+        if (even) continue;
+      }
+      if (full) {  // XB keys, no padding
+        for (std::int64_t d = 0; d < D; ++d) {
+          T* kdst = k0 + d * W + P + x0;
+          for (std::int64_t i = 0; i < XB; ++i) kdst[i] = src[i][d * kd];
+        }
+      } else {
+        for (std::int64_t d = 0; d < D; ++d) {
+          T* kdst = k0 + d * W + P + x0;
+          for (std::int64_t i = 0; i < n; ++i) kdst[i] = src[i] ? src[i][d * kd] : T(0);
         }
       }
     }
