@@ -2,12 +2,13 @@
 // Shapes: Mixtral-like (d 1024, d_ff 2816, E 8, k 2; T 512 and 4096) and OLMoE-like
 // (d 1024, d_ff 512, E 64, k 8; T 4096), SwiGLU experts, plans from a top-k over random
 // logits (fixed seed; softmax over the k chosen logits).
-// Each iteration runs the layer (gather, three expert GEMMs, activation, slot-order combine)
-// and then the dense reference: core::gemm on contiguous [nnz, d] x [d, F] twice and
-// [nnz, F] x [F, d]. Both are timed by this thread's CPU time, interleaved, so the ratio is
-// taken under the same machine load. Counters: GFLOP/s of the layer (active flops
-// 2 * nnz * d * F * 3), dense_GFLOP/s, and ratio = layer / dense. The iteration time is the
-// layer's. Names end in /T/E/K/F.
+// Each iteration runs the layer (gather, three expert GEMMs, activation, slot-order combine),
+// then the dense reference: core::gemm on contiguous [nnz, d] x [d, F] twice and
+// [nnz, F] x [F, d], then the layer on weights packed once (MoELayer::pack_weights). All are
+// timed by this thread's CPU time, interleaved, so the ratios are taken under the same machine
+// load. Counters: GFLOP/s of the layer (active flops 2 * nnz * d * F * 3), dense_GFLOP/s,
+// ratio = layer / dense, packed_GFLOP/s and packed_ratio = packed layer / dense. The iteration
+// time is the layer's. Names end in /T/E/K/F.
 #include <benchmark/benchmark.h>
 
 #include <algorithm>
@@ -130,7 +131,10 @@ void BM_MoELayerVsDense(benchmark::State& state) {
   std::vector<std::byte> gws(std::max(core::gemm_workspace_bytes<float>(nnz, f, d),
                                       core::gemm_workspace_bytes<float>(nnz, d, f)));
 
-  double moe_s = 0, dense_s = 0;
+  // The layer again on weights packed once (pack_weights, outside the timing).
+  const moe::MoEPackedWeights<float> packed = layer.pack_weights(w);
+
+  double moe_s = 0, dense_s = 0, packed_s = 0;
   for (auto _ : state) {
     const double t0 = switchyard_bench::detail::thread_seconds();
     layer.execute(plan, x, w, y.view<2>(), ws);
@@ -141,9 +145,13 @@ void BM_MoELayerVsDense(benchmark::State& state) {
     core::gemm<float>(hg, core::Trans::no, bd, core::Trans::no, out, 1.0f, 0.0f, gws);
     benchmark::ClobberMemory();
     const double t2 = switchyard_bench::detail::thread_seconds();
+    layer.execute(plan, x, w, packed, y.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t3 = switchyard_bench::detail::thread_seconds();
     state.SetIterationTime(t1 - t0);
     moe_s += t1 - t0;
     dense_s += t2 - t1;
+    packed_s += t3 - t2;
   }
   const double gflop = 2.0 * double(nnz) * double(d) * double(f) * 3.0 * 1e-9;
   const double n = double(state.iterations());
@@ -151,6 +159,8 @@ void BM_MoELayerVsDense(benchmark::State& state) {
   state.counters["dense_GFLOP/s"] = gflop * n / dense_s;
   state.counters["ratio"] = dense_s / moe_s;
   state.counters["%peak"] = 100.0 * gflop * n / moe_s / switchyard_bench::fp32_fma_peak_gflops();
+  state.counters["packed_GFLOP/s"] = gflop * n / packed_s;
+  state.counters["packed_ratio"] = dense_s / packed_s;
 }
 
 BENCHMARK(BM_MoELayerVsDense)->Apply(moe_shapes);
@@ -159,9 +169,10 @@ BENCHMARK(BM_MoELayerVsDense)->Apply(moe_shapes);
 // MoELayer against the loop a PyTorch user writes (Hugging Face's Mixtral / OLMoE blocks): per
 // expert, gather its tokens' rows of x, three GEMMs through OpenBLAS (cblas_sgemm, 1 thread,
 // nn.Linear weights transposed), SiLU(g) * u, and scatter-add gate * out into y. Same plan,
-// weights and x, one thread, interleaved in one run. Counters: GFLOP/s of each, speedup =
-// reference time / layer time. OpenBLAS 0.3.21 needs OPENBLAS_CORETYPE on CPUs it does not
-// know (the label names the kernels it ran). Names end in /T/E/K/F.
+// weights and x, one thread, interleaved in one run, with the layer on packed weights
+// (pack_weights) third. Counters: GFLOP/s of each, speedup = reference time / layer time,
+// packed_speedup = reference time / packed layer time. OpenBLAS 0.3.21 needs OPENBLAS_CORETYPE on
+// CPUs it does not know (the label names the kernels it ran). Names end in /T/E/K/F.
 void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
   const std::int64_t tokens = state.range(0), experts = state.range(1), k = state.range(2);
   const std::int64_t f = state.range(3), d = 1024;
@@ -204,7 +215,9 @@ void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
       }
     }
   };
-  double layer_s = 0, ref_s = 0;
+  const moe::MoEPackedWeights<float> packed = layer.pack_weights(w);
+  Tensor<float> y_packed({tokens, d});
+  double layer_s = 0, ref_s = 0, packed_s = 0;
   for (auto _ : state) {
     const double t0 = switchyard_bench::detail::thread_seconds();
     layer.execute(plan, x, w, y.view<2>(), ws);
@@ -213,9 +226,13 @@ void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
     reference_loop();
     benchmark::ClobberMemory();
     const double t2 = switchyard_bench::detail::thread_seconds();
+    layer.execute(plan, x, w, packed, y_packed.view<2>(), ws);
+    benchmark::ClobberMemory();
+    const double t3 = switchyard_bench::detail::thread_seconds();
     state.SetIterationTime(t1 - t0);
     layer_s += t1 - t0;
     ref_s += t2 - t1;
+    packed_s += t3 - t2;
   }
   // The two must agree (a benchmark of a wrong loop would prove nothing).
   double err = 0, scale = 0;
@@ -224,11 +241,14 @@ void BM_MoELayerVsReferenceLoop(benchmark::State& state) {
     scale = std::max(scale, double(std::abs(y_ref.data()[i])));
   }
   if (!(err <= 1e-4 * scale)) state.SkipWithError("the layer and the reference loop disagree");
+  if (!std::equal(y.begin(), y.end(), y_packed.begin()))
+    state.SkipWithError("the layer with and without packed weights disagree");
   const double gflop = 2.0 * double(plan.nnz()) * double(d) * double(f) * 3.0 * 1e-9;
   const double n = double(state.iterations());
   state.counters["GFLOP/s"] = gflop * n / layer_s;
   state.counters["reference_GFLOP/s"] = gflop * n / ref_s;
   state.counters["speedup"] = ref_s / layer_s;
+  state.counters["packed_speedup"] = ref_s / packed_s;
   state.SetLabel(std::string("core=") + openblas_get_corename());
 }
 

@@ -9,6 +9,7 @@
 // |C - C_ref| <= (K + 2) * eps * (|alpha| * sum_p |a_ip b_pj| + |beta| * |c_ij|) is a
 // rigorous bound (with a factor ~2 to spare), computed per element.
 #include <algorithm>
+#include <array>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
@@ -26,6 +27,7 @@
 #include "switchyard/core/parallel_for.hpp"
 #include "switchyard/core/simd/arch.hpp"
 #include "switchyard/core/simd/gemm_kernel.hpp"
+#include "switchyard/core/simd/gemm_packed.hpp"
 #include "switchyard/core/tensor.hpp"
 
 // Counts heap allocations so a test can show the workspace overload allocates nothing.
@@ -230,6 +232,63 @@ TEMPLATE_TEST_CASE("kernels::gemm: random shapes 1..70, strides, alpha/beta, row
                   t % 2 == 1,       t % 5 == 0 && betas[(t / 3) % 3] == 0.0};
     run_kernel_case<TestType>(cs, gen);
   }
+}
+
+// The packed-operand GEMMs of the MoE layer (gemm_packed.hpp): A packed for all of k, B as
+// nn.Linear weights w [n, k] packed whole (gemm_packed, gemm_packed_panels: panels packed once
+// ahead) or a kc x NR block at a time (gemm_packed_streamed). Each against the naive double
+// reference, and all three with the same bits (MoELayer relies on it), on every arch; k one
+// past a kc block, m not a multiple of the register rows.
+TEMPLATE_TEST_CASE("kernels::gemm_packed, _streamed and _panels: reference and equal bits",
+                   "[gemm][packed]", float, double) {
+  simd::for_each_arch([](auto arch) {
+    using A = decltype(arch);
+    using T = TestType;
+    using G = kernels::GemmTile<A, T>;
+    CAPTURE(A::name());
+    std::mt19937 gen(77);
+    std::uniform_real_distribution<double> u(-1.0, 1.0);
+    const std::int64_t k_past = G::kc() + 1;
+    for (const auto& [m, n, k] : {std::array<std::int64_t, 3>{1, 1, 1},
+                                  {5, 33, 40},
+                                  {13, 70, k_past},
+                                  {G::mr + 1, G::nr + 3, 2 * G::kc()}}) {
+      CAPTURE(m, n, k);
+      std::vector<T> a(std::size_t(m * k)), w(std::size_t(n * k)), c0(std::size_t(m * n));
+      for (auto& v : a) v = T(u(gen));
+      for (auto& v : w) v = T(u(gen));
+      for (auto& v : c0) v = T(u(gen));
+      const T beta = T(0.5);
+      // Packs are written with aligned stores: 64-byte aligned buffers, as the layer's.
+      using Aligned = std::vector<T, xsimd::aligned_allocator<T, 64>>;
+      Aligned ap(std::size_t(core::round_up(m, G::mr) * k));
+      Aligned bp(std::size_t(core::round_up(n, G::nr) * k));
+      Aligned block(std::size_t(G::kc_max * G::nr));
+      kernels::pack_a_all(A{}, a.data(), k, std::int64_t(1), nullptr, m, k, ap.data());
+      kernels::pack_b_rows<A, G::nr>(A{}, w.data(), k, std::int64_t(1), n, k, bp.data());
+      std::vector<T> c1 = c0, c2 = c0, c3 = c0;
+      kernels::gemm_packed(A{}, m, n, k, ap.data(), bp.data(), beta, c1.data(), n);
+      kernels::gemm_packed_streamed(A{}, m, n, k, ap.data(), w.data(), k, std::int64_t(1), beta,
+                                    c2.data(), n, block.data());
+      kernels::gemm_packed_panels(A{}, m, n, k, ap.data(), bp.data(), beta, c3.data(), n);
+      double worst = 0;
+      for (std::int64_t i = 0; i < m; ++i)
+        for (std::int64_t j = 0; j < n; ++j) {
+          double want = double(beta) * double(c0[std::size_t(i * n + j)]), mag = 0;
+          for (std::int64_t p = 0; p < k; ++p) {
+            const double t = double(a[std::size_t(i * k + p)]) * double(w[std::size_t(j * k + p)]);
+            want += t;
+            mag += std::abs(t);
+          }
+          const double bound = double(k + 2) * std::numeric_limits<T>::epsilon() *
+                               (mag + std::abs(double(beta) * double(c0[std::size_t(i * n + j)])));
+          worst = std::max(worst, std::abs(double(c1[std::size_t(i * n + j)]) - want) / bound);
+        }
+      CHECK(worst <= 1.0);
+      CHECK(c1 == c2);
+      CHECK(c1 == c3);
+    }
+  });
 }
 
 TEMPLATE_TEST_CASE("kernels::gemm: one past the kc, mc and nc blocks", "[gemm]", float, double) {

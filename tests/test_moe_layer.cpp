@@ -195,6 +195,134 @@ TEST_CASE("MoELayer matches a naive double reference for every activation", "[mo
   }
 }
 
+namespace {
+
+// execute with pack_weights' panels against the naive reference and against execute without
+// them (the same bits: the panels hold the values every call would pack). Prefill-shaped
+// plans (decode_max_tokens 0): tiles of fewer than MoELayer::streamed_rows rows, which stream
+// weights without panels, and the shared expert's tile of every token.
+template <class T, class Arch>
+void check_packed_weights(Activation act, bool biases, bool out_softmax, std::int64_t shared,
+                          std::int64_t f, std::int64_t tokens, std::uint32_t seed) {
+  const std::int64_t experts = 5, k = 2, d = 24;
+  const Tensor<T> x = random_tensor<T>({tokens, d}, seed);
+  const auto routed = random_experts<T>(experts, d, f, act, biases, seed + 10);
+  const auto sh =
+      random_experts<T>(std::max<std::int64_t>(shared, 1), d, f + 8, act, biases, seed + 20);
+  const RandomRouting r = random_routing(tokens, experts, k, seed + 30);
+  const auto plan = plan_from_routing<T>(r, experts, k);
+  moe::MoELayer<T, Arch> layer({.d_model = d,
+                                .d_ff = f,
+                                .num_experts = experts,
+                                .activation = act,
+                                .num_shared_experts = shared,
+                                .output_softmax = out_softmax,
+                                .shared_d_ff = f + 8,
+                                .decode_max_tokens = 0});
+  moe::MoELayerWeights<T> w{routed.view(), shared ? sh.view() : moe::ExpertWeights<T>{}};
+  const moe::TokenMask mask{r.keep_token};
+  const moe::MoEPackedWeights<T> packed = layer.pack_weights(w);
+  REQUIRE(packed.bytes() > 0);
+  Tensor<T> y({tokens, d});
+  layer.execute(plan, x, w, packed, y.template view<2>(), mask);
+  const auto want =
+      ref_moe<T>(x, routed, shared ? &sh : nullptr, act, out_softmax, r.choices, r.keep_token);
+  const double scale = max_abs(want);
+  REQUIRE(scale > 0);
+  const auto got = to_double(y);
+  double err = 0;
+  for (std::size_t i = 0; i < got.size(); ++i) err = std::max(err, std::abs(got[i] - want[i]));
+  REQUIRE(err <= (std::is_same_v<T, float> ? 2e-5 : 1e-12) * scale);
+  const Tensor<T> unpacked = layer.execute(plan, x, w, mask);
+  REQUIRE(std::equal(y.begin(), y.end(), unpacked.begin()));
+}
+
+}  // namespace
+
+TEST_CASE("MoELayer with packed weights matches the reference and execute's bits",
+          "[moe][layer][packed]") {
+  simd::for_each_arch([](auto arch) {
+    using A = decltype(arch);
+    CAPTURE(A::name());
+    check_packed_weights<float, A>(Activation::swiglu, false, false, 1, 530, 300, 500);
+    check_packed_weights<float, A>(Activation::gelu, true, false, 0, 40, 90, 510);
+    check_packed_weights<float, A>(Activation::relu, true, true, 2, 33, 50, 520);
+    check_packed_weights<double, A>(Activation::swiglu, true, false, 1, 45, 120, 530);
+  });
+}
+
+TEST_CASE("MoELayer packed weights: bf16 weights packed into float panels",
+          "[moe][layer][packed]") {
+  const std::int64_t experts = 4, d = 32, f = 64, tokens = 200, k = 2;
+  const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, false, 61);
+  // The same weights rounded to bf16: the packed bf16 run equals the unpacked one bit for bit.
+  std::vector<bf16> w1(std::size_t(routed.w1.numel())), w3(w1.size()), w2(w1.size());
+  for (std::size_t i = 0; i < w1.size(); ++i) w1[i] = bf16::from_float(routed.w1.data()[i]);
+  for (std::size_t i = 0; i < w3.size(); ++i) w3[i] = bf16::from_float(routed.w3.data()[i]);
+  for (std::size_t i = 0; i < w2.size(); ++i) w2[i] = bf16::from_float(routed.w2.data()[i]);
+  moe::MoELayerWeights<bf16> w;
+  w.experts.w1 = ConstView<bf16, 3>(w1.data(), {experts, f, d});
+  w.experts.w3 = ConstView<bf16, 3>(w3.data(), {experts, f, d});
+  w.experts.w2 = ConstView<bf16, 3>(w2.data(), {experts, d, f});
+  moe::MoELayer<float> layer(
+      {.d_model = d, .d_ff = f, .num_experts = experts, .decode_max_tokens = 0});
+  const RandomRouting r = random_routing(tokens, experts, k, 62);
+  const auto plan = plan_from_routing<float>(r, experts, k);
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 63);
+  const auto packed = layer.pack_weights(w);
+  Tensor<float> y({tokens, d});
+  layer.execute(plan, x, w, packed, y.view<2>());
+  const Tensor<float> unpacked = layer.execute(plan, x, w);
+  REQUIRE(std::equal(y.begin(), y.end(), unpacked.begin()));
+}
+
+TEST_CASE("MoELayer packed weights errors name 'packed'", "[moe][layer][packed][errors]") {
+  const std::int64_t experts = 3, d = 16, f = 32, tokens = 80, k = 2;
+  const auto routed = random_experts<float>(experts, d, f, Activation::swiglu, false, 71);
+  const auto other = random_experts<float>(experts, d, f, Activation::swiglu, false, 72);
+  const auto wider = random_experts<float>(experts, d, f + 16, Activation::swiglu, false, 73);
+  moe::MoELayer<float> layer({.d_model = d, .d_ff = f, .num_experts = experts});
+  moe::MoELayer<float> wide_layer({.d_model = d, .d_ff = f + 16, .num_experts = experts});
+  moe::MoELayer<float> gelu_layer(
+      {.d_model = d, .d_ff = f, .num_experts = experts, .activation = Activation::gelu});
+  const moe::MoELayerWeights<float> w{routed.view()}, w_other{other.view()}, w_wide{wider.view()};
+  const RandomRouting r = random_routing(tokens, experts, k, 74);
+  const auto plan = plan_from_routing<float>(r, experts, k);
+  const Tensor<float> x = random_tensor<float>({tokens, d}, 75);
+  Tensor<float> y({tokens, d});
+  // Packed for another d_ff: the config's shapes in the message.
+  const auto wide_packed = wide_layer.pack_weights(w_wide);
+  REQUIRE_THROWS_AS(layer.execute(plan, x, w, wide_packed, y.view<2>()), shape_error);
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, w, wide_packed, y.view<2>()),
+                      Contains("'packed'") && Contains("d_ff=48") && Contains("d_ff=32"));
+  // Packed from other weights of the same shapes.
+  const auto other_packed = layer.pack_weights(w_other);
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, w, other_packed, y.view<2>()),
+                      Contains("'packed'") && Contains("other weights"));
+  // Another activation (w3 absent for gelu).
+  const auto swiglu_packed = layer.pack_weights(w);
+  moe::ExpertWeights<float> gelu_experts = routed.view();
+  gelu_experts.w3 = {};
+  REQUIRE_THROWS_WITH(gelu_layer.execute(plan, x, moe::MoELayerWeights<float>{gelu_experts},
+                                         swiglu_packed, y.view<2>()),
+                      Contains("'packed'") && Contains("activation="));
+  // An empty (default) MoEPackedWeights.
+  REQUIRE_THROWS_WITH(layer.execute(plan, x, w, moe::MoEPackedWeights<float>{}, y.view<2>()),
+                      Contains("'packed'"));
+  // Bad weights are caught by pack_weights itself.
+  REQUIRE_THROWS_WITH(layer.pack_weights(w_wide), Contains("w1"));
+  if (core::bf16_best_path() != core::Bf16Path::widen) {
+    moe::MoELayer<float> bf16_layer(
+        {.d_model = d, .d_ff = f, .num_experts = experts, .bf16_compute = true});
+    std::vector<bf16> b1(std::size_t(experts * f * d)), b3(b1.size()), b2(b1.size());
+    moe::MoELayerWeights<bf16> wb;
+    wb.experts.w1 = ConstView<bf16, 3>(b1.data(), {experts, f, d});
+    wb.experts.w3 = ConstView<bf16, 3>(b3.data(), {experts, f, d});
+    wb.experts.w2 = ConstView<bf16, 3>(b2.data(), {experts, d, f});
+    REQUIRE_THROWS_AS(bf16_layer.pack_weights(wb), config_error);
+  }
+}
+
 TEST_CASE("MoELayer: a token's output does not depend on its batch (decode and prefill paths)",
           "[moe][layer][decode]") {
   // One token with fixed routing, alone (decode path), among 7 random tokens (decode path) and

@@ -28,7 +28,6 @@
 // Scalar Arch and 1D use the tile executor.
 #include <algorithm>
 #include <array>
-#include <cassert>
 #include <cmath>
 #include <cstdint>
 #include <optional>
@@ -40,6 +39,7 @@
 #include "switchyard/attention/block_sparse.hpp"
 #include "switchyard/attention/neighborhood_kernels.hpp"
 #include "switchyard/attention/neighborhood_rule.hpp"
+#include "switchyard/config.hpp"
 #include "switchyard/core/simd/cache_info.hpp"
 
 namespace switchyard {
@@ -124,7 +124,7 @@ class RowSlots {
     for (const std::int64_t r : rows) {
       if (slot_of_[std::size_t(r)] >= 0) continue;
       const auto victim = std::min_element(used_.begin(), used_.end()) - used_.begin();
-      assert(used_[std::size_t(victim)] != now_ && "RowSlots: fewer slots than a tile's rows");
+      SWITCHYARD_ASSERT(used_[std::size_t(victim)] != now_);  // ring_rows: slots >= tile rows
       if (const std::int64_t old = row_in_[std::size_t(victim)]; old >= 0)
         slot_of_[std::size_t(old)] = -1;
       row_in_[std::size_t(victim)] = r;

@@ -65,6 +65,7 @@
 #include "switchyard/core/tensor.hpp"
 #include "switchyard/core/view.hpp"
 #include "switchyard/moe/experts.hpp"
+#include "switchyard/moe/packed_weights.hpp"
 #include "switchyard/moe/plan.hpp"
 
 namespace switchyard {
@@ -259,6 +260,14 @@ class MoELayer {
   template <class W>
   void execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w, View<T, 2> y,
                std::span<std::byte> workspace, TokenMask mask = {}) const {
+    execute_impl(plan, x, w, nullptr, y, workspace, mask);
+  }
+
+ private:
+  template <class W>
+  void execute_impl(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w,
+                    const MoEPackedWeights<T>* packed, View<T, 2> y, std::span<std::byte> workspace,
+                    TokenMask mask) const {
     const std::string_view fn = "execute";
     check_args(fn, plan, x, w, mask);
     const std::int64_t tokens = plan.num_tokens, d = cfg_.d_model;
@@ -283,9 +292,10 @@ class MoELayer {
     core::detail::check_no_alias(name, fn, "workspace", ws, "y", y);
     const std::int64_t slots_fit =
         std::int64_t((workspace.size() - 64 - l.fixed) / std::max<std::size_t>(1, l.slot_bytes));
-    run(plan, x, w, y, l, align64(workspace.data()), slots_fit, mask);
+    run(plan, x, w, packed, y, l, align64(workspace.data()), slots_fit, mask);
   }
 
+ public:
   /// As above with an allocated workspace.
   template <class W>
   void execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w, View<T, 2> y,
@@ -304,6 +314,98 @@ class MoELayer {
     core::Tensor<T> y({plan.num_tokens, cfg_.d_model});
     execute(plan, x, w, y.template view<2>(), mask);
     return y;
+  }
+
+  /// The experts' weights packed once into the GEMM's panels (packed_weights.hpp), for a
+  /// layer whose weights do not change between calls: execute(plan, x, w, packed, ...) then
+  /// skips packing weights (the whole gap to a dense GEMM of the same work). Holds every
+  /// projection's weights again as T (panels padded to the micro-kernel width): as much as
+  /// float weights, twice bf16 ones. w: as for execute, and it must outlive the packed weights'
+  /// use. Throws as execute for bad weights, config_error with bf16_compute (that path packs
+  /// bf16 tiles itself) or when the panels would exceed core::max_buffer_bytes.
+  template <class W>
+  MoEPackedWeights<T> pack_weights(const MoELayerWeights<W>& w) const {
+    const std::string_view fn = "pack_weights";
+    check_weights(fn, w);
+    if (cfg_.bf16_compute)
+      switchyard::detail::fail_config(name, fn, "bf16_compute", "true",
+                                      "false: packed weights are panels of the compute type");
+    using G = kernels::GemmTile<Arch, T>;
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
+    const bool swiglu = cfg_.activation == Activation::swiglu;
+    MoEPackedWeights<T> pk;
+    pk.d_model = d;
+    pk.d_ff = cfg_.d_ff;
+    pk.shared_d_ff = cfg_.shared_d_ff;
+    pk.num_experts = E;
+    pk.num_shared = S;
+    pk.nr = G::nr;
+    pk.activation = cfg_.activation;
+    // Values first (overflow-checked): per expert w1 (and w3) round_up(F, NR) * d, w2 per
+    // chunk round_up(d, NR) * chunk.
+    std::int64_t total = 0;
+    const auto add = [&](std::int64_t F) {
+      const std::int64_t in = core::bounded_product({core::round_up(F, G::nr), d}, sizeof(T));
+      const std::int64_t out = core::bounded_product({core::round_up(d, G::nr), F}, sizeof(T));
+      std::int64_t sum = 0;
+      if (in < 0 || out < 0 || core::mul_overflows(in, std::int64_t(swiglu ? 2 : 1), sum) ||
+          core::add_overflows(sum, out, sum) || core::add_overflows(total, sum, total) ||
+          core::bounded_product({total}, sizeof(T)) < 0)
+        switchyard::detail::fail_config(name, fn, "d_ff", F,
+                                        "packed weights within core::max_buffer_bytes");
+    };
+    for (std::int64_t e = 0; e < E + S; ++e) add(e < E ? cfg_.d_ff : cfg_.shared_d_ff);
+    pk.panels.resize(std::size_t(total));
+    std::size_t at = 0;
+    for (std::int64_t i = 0; i < E + S; ++i) {
+      const bool shared = i >= E;
+      const std::int64_t e = shared ? i - E : i, F = shared ? cfg_.shared_d_ff : cfg_.d_ff;
+      const ExpertWeights<W>& ew = shared ? w.shared : w.experts;
+      const auto w1 = ew.w1_of(e), w2 = ew.w2_of(e);
+      const auto w3 = swiglu ? ew.w3_of(e) : ConstView<W, 2>{};
+      pk.w1.push_back(at);
+      kernels::pack_b_rows<Arch, G::nr>(Arch{}, w1.data(), w1.stride(0), w1.stride(1), F, d,
+                                        pk.panels.data() + at);
+      at += std::size_t(core::round_up(F, G::nr) * d);
+      pk.w3.push_back(at);
+      if (swiglu) {
+        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w3.data(), w3.stride(0), w3.stride(1), F, d,
+                                          pk.panels.data() + at);
+        at += std::size_t(core::round_up(F, G::nr) * d);
+      }
+      pk.w2.push_back(at);
+      for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
+        const std::int64_t fc = std::min(ff_chunk, F - f0);
+        kernels::pack_b_rows<Arch, G::nr>(Arch{}, w2.data() + f0 * w2.stride(1), w2.stride(0),
+                                          w2.stride(1), d, fc, pk.panels.data() + at);
+        at += std::size_t(core::round_up(d, G::nr) * fc);
+      }
+      pk.source.insert(pk.source.end(), {w1.data(), w3.data(), w2.data()});
+    }
+    return pk;
+  }
+
+  /// execute with the weights also packed by pack_weights(w) (this layer's config, these
+  /// weights): prefill-shaped plans run on the panels; decode-shaped plans (at most
+  /// decode_max_tokens tokens) stream w itself, as without them (they read every weight once
+  /// either way). Same bits as execute(plan, x, w, y, ...). Throws as execute, and
+  /// shape_error naming 'packed' when it was packed for another config or from other weights.
+  template <class W>
+  void execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w,
+               const MoEPackedWeights<T>& packed, View<T, 2> y, std::span<std::byte> workspace,
+               TokenMask mask = {}) const {
+    check_packed("execute", w, packed);
+    execute_impl(plan, x, w, &packed, y, workspace, mask);
+  }
+  /// As above with an allocated workspace.
+  template <class W>
+  void execute(const plan_type& plan, ConstView<T, 2> x, const MoELayerWeights<W>& w,
+               const MoEPackedWeights<T>& packed, View<T, 2> y, TokenMask mask = {}) const {
+    check_args("execute", plan, x, w, mask);
+    check_packed("execute", w, packed);
+    const std::size_t bytes = workspace_bytes(plan);
+    std::unique_ptr<std::byte[]> ws(new std::byte[std::max<std::size_t>(bytes, 1)]);
+    execute_impl(plan, x, w, &packed, y, std::span<std::byte>(ws.get(), bytes), mask);
   }
 
   /// Rows of expert_outputs(): nnz + S * T (plan entries, then shared expert s on token t at
@@ -527,6 +629,22 @@ class MoELayer {
             "the decode path packs the rows of every active expert");
       }
     }
+    check_weights(fn, w);
+    if (!mask.keep.empty() && std::int64_t(mask.keep.size()) != tokens) {
+      const std::int64_t got[1] = {std::int64_t(mask.keep.size())};
+      switchyard::detail::fail_shape(name, fn, "mask", switchyard::detail::format_shape({"T"}, got),
+                                     "[T=" + std::to_string(tokens) + "]",
+                                     "one flag per token, or empty");
+    }
+    check_plan_structure(fn, plan);
+  }
+
+  // The weights' shapes (every expert, shared experts, shared gate) and type.
+  template <class W>
+  void check_weights(std::string_view fn, const MoELayerWeights<W>& w) const {
+    static_assert(std::is_same_v<W, T> || (std::is_same_v<T, float> && is_half_v<W>),
+                  "MoELayer: weights of the compute type T, or bf16 / f16 weights for float");
+    const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, S = cfg_.num_shared_experts;
     if (cfg_.bf16_compute && !std::is_same_v<W, bf16>)
       switchyard::detail::fail_config(name, fn, "bf16_compute", "true",
                                       "bf16 weights (these are float or f16)");
@@ -540,13 +658,50 @@ class MoELayer {
                                 {w.shared_gate.empty() ? 0 : S, w.shared_gate.empty() ? 0 : d},
                                 "one gate row per shared expert, or empty (ungated)");
     }
-    if (!mask.keep.empty() && std::int64_t(mask.keep.size()) != tokens) {
-      const std::int64_t got[1] = {std::int64_t(mask.keep.size())};
-      switchyard::detail::fail_shape(name, fn, "mask", switchyard::detail::format_shape({"T"}, got),
-                                     "[T=" + std::to_string(tokens) + "]",
-                                     "one flag per token, or empty");
+  }
+
+  // Packed weights made by pack_weights of a layer with this config and micro-kernel, from w.
+  template <class W>
+  void check_packed(std::string_view fn, const MoELayerWeights<W>& w,
+                    const MoEPackedWeights<T>& pk) const {
+    const std::int64_t E = cfg_.num_experts, S = cfg_.num_shared_experts;
+    const std::int64_t want[7] = {cfg_.d_model,
+                                  cfg_.d_ff,
+                                  cfg_.shared_d_ff,
+                                  E,
+                                  S,
+                                  kernels::GemmTile<Arch, T>::nr,
+                                  static_cast<std::int64_t>(cfg_.activation)};
+    const std::int64_t got[7] = {pk.d_model,
+                                 pk.d_ff,
+                                 pk.shared_d_ff,
+                                 pk.num_experts,
+                                 pk.num_shared,
+                                 pk.nr,
+                                 static_cast<std::int64_t>(pk.activation)};
+    if (!std::equal(want, want + 7, got) || cfg_.bf16_compute ||
+        pk.w1.size() != std::size_t(E + S) || pk.w3.size() != std::size_t(E + S) ||
+        pk.w2.size() != std::size_t(E + S) || pk.source.size() != std::size_t(3 * (E + S)))
+      switchyard::detail::fail_shape(
+          name, fn, "packed",
+          switchyard::detail::format_shape(
+              {"d_model", "d_ff", "shared_d_ff", "E", "S", "NR", "activation"}, got),
+          switchyard::detail::format_shape(
+              {"d_model", "d_ff", "shared_d_ff", "E", "S", "NR", "activation"}, want),
+          "pack_weights of a layer with this config (and bf16_compute "
+          "off), on this build's micro-kernel");
+    check_weights(fn, w);
+    const bool swiglu = cfg_.activation == Activation::swiglu;
+    for (std::int64_t i = 0; i < E + S; ++i) {
+      const ExpertWeights<W>& ew = i < E ? w.experts : w.shared;
+      const std::int64_t e = i < E ? i : i - E;
+      const void* src[3] = {ew.w1_of(e).data(), swiglu ? ew.w3_of(e).data() : nullptr,
+                            ew.w2_of(e).data()};
+      if (!std::equal(src, src + 3, pk.source.begin() + 3 * i))
+        switchyard::detail::fail_shape(
+            name, fn, "packed", "[expert " + std::to_string(i) + " packed from other weights]",
+            "[packed from w]", "pack_weights(w) of the weights passed with it");
     }
-    check_plan_structure(fn, plan);
   }
 
   // The plan's CSR structure (cheap, no allocation): what indexing relies on. Uses the plan's
@@ -578,26 +733,27 @@ class MoELayer {
 
   template <class W>
   void run(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
-           const View<T, 2>& y, const Layout& l, std::byte* base, std::int64_t slots_fit,
-           const TokenMask& mask) const {
+           const MoEPackedWeights<T>* packed, const View<T, 2>& y, const Layout& l, std::byte* base,
+           std::int64_t slots_fit, const TokenMask& mask) const {
     T* out = reinterpret_cast<T*>(base + l.out);
     auto* tok_off = reinterpret_cast<std::int64_t*>(base + l.tok_off);
     auto* tok_pos = reinterpret_cast<std::int64_t*>(base + l.tok_pos);
     index_tokens(plan, tok_off, tok_pos);
-    compute_outputs(plan, x, w, l, base, slots_fit, out);
+    compute_outputs(plan, x, w, l, base, slots_fit, out, packed);
     combine(plan, y, out, tok_off, tok_pos, mask);
   }
 
   // Every expert's (and shared expert's) output rows into out [nnz + S * T, d].
   template <class W>
   void compute_outputs(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
-                       const Layout& l, std::byte* base, std::int64_t slots_fit, T* out) const {
+                       const Layout& l, std::byte* base, std::int64_t slots_fit, T* out,
+                       const MoEPackedWeights<T>* packed = nullptr) const {
     Task* tasks = reinterpret_cast<Task*>(base + l.tasks);
     std::byte* slot_base = base + l.fixed;
     if (l.decode) {
       run_decode(plan, x, w, l, base, slot_base, slots_fit, out);
     } else {
-      run_prefill(plan, x, w, l, out, tasks, slot_base, slots_fit);
+      run_prefill(plan, x, w, packed, l, out, tasks, slot_base, slots_fit);
     }
     if (!w.shared_gate.empty()) gate_shared(x, w.shared_gate, plan.num_tokens, plan.nnz(), out);
   }
@@ -627,8 +783,8 @@ class MoELayer {
 
   template <class W>
   void run_prefill(const plan_type& plan, const ConstView<T, 2>& x, const MoELayerWeights<W>& w,
-                   const Layout& l, T* out, Task* tasks, std::byte* slot_base,
-                   std::int64_t slots_fit) const {
+                   const MoEPackedWeights<T>* packed, const Layout& l, T* out, Task* tasks,
+                   std::byte* slot_base, std::int64_t slots_fit) const {
     const std::int64_t tokens = plan.num_tokens, E = cfg_.num_experts;
     const std::int64_t S = cfg_.num_shared_experts;
     // The fixed task list: near-equal row tiles of at most row_tile rows.
@@ -651,7 +807,7 @@ class MoELayer {
                  reinterpret_cast<T*>(sb + l.ax), reinterpret_cast<T*>(sb + l.ah),
                  reinterpret_cast<T*>(sb + l.bp)};
       for (std::int64_t i = next.fetch_add(1); i < num_tasks; i = next.fetch_add(1))
-        run_task(tasks[i], plan, x, w, out, sc);
+        run_task(tasks[i], plan, x, w, packed, out, sc);
     });
   }
 
@@ -852,7 +1008,8 @@ class MoELayer {
   // One tile through one expert: O_tile = FFN(X_tile) (+ b2, softmax) into `out`.
   template <class W>
   void run_task(const Task& tk, const plan_type& plan, const ConstView<T, 2>& x,
-                const MoELayerWeights<W>& w, T* out, const Scratch& sc) const noexcept {
+                const MoELayerWeights<W>& w, const MoEPackedWeights<T>* packed, T* out,
+                const Scratch& sc) const noexcept {
     using G = kernels::GemmTile<Arch, T>;
     const std::int64_t d = cfg_.d_model, E = cfg_.num_experts, tokens = plan.num_tokens;
     const bool shared = tk.expert >= E;
@@ -890,11 +1047,19 @@ class MoELayer {
     // Few rows: each kc x NR block of weights is packed just before use while the next one's
     // weights are fetched (gemm_packed_streamed); a whole chunk's pack would read them in a
     // pass of its own, waiting on memory. Many rows: the chunk is packed once for them all.
-    const bool streamed = R <= streamed_rows;
+    // Packed weights (pack_weights): this expert's panels, used in place.
+    const T* pw1 = packed ? packed->panels.data() + packed->w1[std::size_t(tk.expert)] : nullptr;
+    const T* pw3 = packed ? packed->panels.data() + packed->w3[std::size_t(tk.expert)] : nullptr;
+    const T* pw2 = packed ? packed->panels.data() + packed->w2[std::size_t(tk.expert)] : nullptr;
+    const bool streamed = !packed && R <= streamed_rows;
     for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
       const std::int64_t fc = std::min(ff_chunk, F - f0);
       // op(B)(p, j) = w1[e][f0 + j][p], p < d, j < fc
-      if (streamed) {
+      if (packed) {
+        kernels::gemm_packed_panels(Arch{}, R, fc, d, sc.ax, pw1 + f0 * d, T(0), g, fc);
+        if (act == Activation::swiglu)
+          kernels::gemm_packed_panels(Arch{}, R, fc, d, sc.ax, pw3 + f0 * d, T(0), u, fc);
+      } else if (streamed) {
         kernels::gemm_packed_streamed(Arch{}, R, fc, d, sc.ax, w1.data() + f0 * w1.stride(0),
                                       w1.stride(0), w1.stride(1), T(0), g, fc, sc.bp);
         if (act == Activation::swiglu)
@@ -917,7 +1082,10 @@ class MoELayer {
       }
       // op(B)(p, j) = w2[e][j][f0 + p], p < fc, j < d; chunks after the first accumulate.
       kernels::pack_a_all(Arch{}, g, fc, std::int64_t(1), nullptr, R, fc, sc.ah);
-      if (streamed) {
+      if (packed) {
+        kernels::gemm_packed_panels(Arch{}, R, d, fc, sc.ah, pw2 + core::round_up(d, G::nr) * f0,
+                                    f0 == 0 ? T(0) : T(1), o, d);
+      } else if (streamed) {
         kernels::gemm_packed_streamed(Arch{}, R, d, fc, sc.ah, w2.data() + f0 * w2.stride(1),
                                       w2.stride(0), w2.stride(1), f0 == 0 ? T(0) : T(1), o, d,
                                       sc.bp);

@@ -90,29 +90,6 @@ void pack_b_rows(Arch, const S* w, std::int64_t ldj, std::int64_t ldp, std::int6
   }
 }
 
-/// C [m, n] = A B + beta C with both operands packed for all of k: A as pack_a leaves it
-/// block after block (block p0 at ap + p0 * round_up(m, MR)), B as pack_b_rows leaves it.
-/// The loop nest of kernels::gemm: k blocks of kc, MR-row panels of A, NR-column panels of B.
-template <class Arch, class T>
-void gemm_packed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
-                 const T* bp, T beta, T* c, std::int64_t rsc) noexcept {
-  using G = kernels::GemmTile<Arch, T>;
-  const std::int64_t m_pad = core::round_up(m, G::mr);
-  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
-    const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
-    const T beta_eff = p0 == 0 ? beta : T(1);
-    const T* ab = ap + p0 * m_pad;
-    for (std::int64_t ib = 0; ib < m; ib += G::mr) {
-      const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
-      for (std::int64_t jb = 0; jb < n; jb += G::nr) {
-        const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
-        detail::micro_kernel(arch, kc, ab + ib * kc, bp + jb * k + p0 * G::nr, mr, nr, T(1),
-                             beta_eff, c + ib * rsc + jb, rsc, 1);
-      }
-    }
-  }
-}
-
 /// The micro-kernel for the first `rows` rows of a panel (rows <= MR): the smallest row count
 /// that covers them, so a one-token panel does not pay for MR rows of FMAs.
 template <class Arch, class T>
@@ -127,6 +104,30 @@ void micro_kernel_rows(Arch arch, int rows, std::int64_t kc, const T* ap, const 
   if (rows <= 4 && MR >= 4) return run.template operator()<std::min(4, MR)>();
   if (rows <= 8 && MR >= 8) return run.template operator()<std::min(8, MR)>();
   run.template operator()<MR>();
+}
+
+/// C [m, n] = A B + beta C with both operands packed for all of k: A as pack_a leaves it
+/// block after block (block p0 at ap + p0 * round_up(m, MR)), B as pack_b_rows leaves it.
+/// The loop nest of kernels::gemm: k blocks of kc, MR-row panels of A, NR-column panels of B;
+/// the last row panel through micro_kernel_rows, as gemm_packed_streamed (the same bits).
+template <class Arch, class T>
+void gemm_packed(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
+                 const T* bp, T beta, T* c, std::int64_t rsc) noexcept {
+  using G = kernels::GemmTile<Arch, T>;
+  const std::int64_t m_pad = core::round_up(m, G::mr);
+  for (std::int64_t p0 = 0; p0 < k; p0 += G::kc()) {
+    const std::int64_t kc = std::min<std::int64_t>(G::kc(), k - p0);
+    const T beta_eff = p0 == 0 ? beta : T(1);
+    const T* ab = ap + p0 * m_pad;
+    for (std::int64_t ib = 0; ib < m; ib += G::mr) {
+      const int mr = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
+      for (std::int64_t jb = 0; jb < n; jb += G::nr) {
+        const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
+        micro_kernel_rows(arch, mr, kc, ab + ib * kc, bp + jb * k + p0 * G::nr, nr, beta_eff,
+                          c + ib * rsc + jb, rsc);
+      }
+    }
+  }
 }
 
 namespace detail {
@@ -206,6 +207,42 @@ void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_
         const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
         micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bblock, nr, beta_eff,
                           c + ib * rsc + jb, rsc);
+      }
+    }
+  }
+}
+
+/// gemm_packed for B packed once ahead (pack_b_rows, e.g. MoELayer::pack_weights) and read
+/// from memory: gemm_packed_streamed's order, each kc x NR block of B serving every row panel
+/// of A while the next block is requested (a share per micro-kernel call), so B streams once,
+/// overlapped with the micro-kernels, instead of each block waiting on memory. Same bits as
+/// gemm_packed and gemm_packed_streamed.
+template <class Arch, class T>
+void gemm_packed_panels(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
+                        const T* bp, T beta, T* c, std::int64_t rsc) noexcept {
+  using G = kernels::GemmTile<Arch, T>;
+  const std::int64_t m_pad = core::round_up(m, G::mr);
+  const std::int64_t kc_full = G::kc(), calls = (m + G::mr - 1) / G::mr;
+  for (std::int64_t jb = 0; jb < n; jb += G::nr) {
+    const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
+    for (std::int64_t p0 = 0; p0 < k; p0 += kc_full) {
+      const std::int64_t kc = std::min<std::int64_t>(kc_full, k - p0);
+      // The next block: this panel's next k block, or the next panel's first (contiguous).
+      const bool same_panel = p0 + kc < k;
+      const std::int64_t nj = same_panel ? jb : jb + G::nr, np = same_panel ? p0 + kc : 0;
+      detail::RowBlockPrefetch next;
+      if (nj < n)
+        next = detail::RowBlockPrefetch(bp + nj * k + np * G::nr, 1,
+                                        std::min(kc_full, k - np) * G::nr * std::int64_t(sizeof(T)),
+                                        0);
+      const std::int64_t per_call =
+          (next.lines_left() + calls - 1) / std::max<std::int64_t>(calls, 1);
+      const T beta_eff = p0 == 0 ? beta : T(1);
+      for (std::int64_t ib = 0; ib < m; ib += G::mr) {
+        next.issue(per_call);
+        const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
+        micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bp + jb * k + p0 * G::nr, nr,
+                          beta_eff, c + ib * rsc + jb, rsc);
       }
     }
   }
