@@ -125,10 +125,12 @@ moe::DispatchPlan<T> plan_from_routing(const RandomRouting& r, std::int64_t expe
   return plan;
 }
 
+// Also runs the layer on weights packed once (pack_weights): the same bits as without them
+// (the panels hold the values every call would pack; decode-shaped plans ignore them).
 template <class T, class Arch = simd::default_arch>
 void check_against_reference(Activation act, bool biases, bool out_softmax, std::int64_t shared,
                              std::int64_t f, std::uint32_t seed, std::int64_t tokens = 37,
-                             std::int64_t d = 24) {
+                             std::int64_t d = 24, std::int64_t decode_max_tokens = 64) {
   const std::int64_t experts = 5, k = act == Activation::relu ? 3 : 2;
   const Tensor<T> x = random_tensor<T>({tokens, d}, seed);
   const auto routed = random_experts<T>(experts, d, f, act, biases, seed + 10);
@@ -144,10 +146,16 @@ void check_against_reference(Activation act, bool biases, bool out_softmax, std:
                                 .activation = act,
                                 .num_shared_experts = shared,
                                 .output_softmax = out_softmax,
-                                .shared_d_ff = f + 8});
+                                .shared_d_ff = f + 8,
+                                .decode_max_tokens = decode_max_tokens});
   moe::MoELayerWeights<T> w{routed.view(), shared ? sh.view() : moe::ExpertWeights<T>{}};
   const moe::TokenMask mask{r.keep_token};
   const Tensor<T> y = layer.execute(plan, x, w, mask);
+  const moe::MoEPackedWeights<T> packed = layer.pack_weights(w);
+  REQUIRE(packed.bytes() > 0);
+  Tensor<T> y_packed({tokens, d});
+  layer.execute(plan, x, w, packed, y_packed.template view<2>(), mask);
+  REQUIRE(std::equal(y.begin(), y.end(), y_packed.begin()));
   const auto want =
       ref_moe<T>(x, routed, shared ? &sh : nullptr, act, out_softmax, r.choices, r.keep_token);
   const double scale = max_abs(want);
@@ -195,59 +203,17 @@ TEST_CASE("MoELayer matches a naive double reference for every activation", "[mo
   }
 }
 
-namespace {
-
-// execute with pack_weights' panels against the naive reference and against execute without
-// them (the same bits: the panels hold the values every call would pack). Prefill-shaped
-// plans (decode_max_tokens 0): tiles of fewer than MoELayer::streamed_rows rows, which stream
-// weights without panels, and the shared expert's tile of every token.
-template <class T, class Arch>
-void check_packed_weights(Activation act, bool biases, bool out_softmax, std::int64_t shared,
-                          std::int64_t f, std::int64_t tokens, std::uint32_t seed) {
-  const std::int64_t experts = 5, k = 2, d = 24;
-  const Tensor<T> x = random_tensor<T>({tokens, d}, seed);
-  const auto routed = random_experts<T>(experts, d, f, act, biases, seed + 10);
-  const auto sh =
-      random_experts<T>(std::max<std::int64_t>(shared, 1), d, f + 8, act, biases, seed + 20);
-  const RandomRouting r = random_routing(tokens, experts, k, seed + 30);
-  const auto plan = plan_from_routing<T>(r, experts, k);
-  moe::MoELayer<T, Arch> layer({.d_model = d,
-                                .d_ff = f,
-                                .num_experts = experts,
-                                .activation = act,
-                                .num_shared_experts = shared,
-                                .output_softmax = out_softmax,
-                                .shared_d_ff = f + 8,
-                                .decode_max_tokens = 0});
-  moe::MoELayerWeights<T> w{routed.view(), shared ? sh.view() : moe::ExpertWeights<T>{}};
-  const moe::TokenMask mask{r.keep_token};
-  const moe::MoEPackedWeights<T> packed = layer.pack_weights(w);
-  REQUIRE(packed.bytes() > 0);
-  Tensor<T> y({tokens, d});
-  layer.execute(plan, x, w, packed, y.template view<2>(), mask);
-  const auto want =
-      ref_moe<T>(x, routed, shared ? &sh : nullptr, act, out_softmax, r.choices, r.keep_token);
-  const double scale = max_abs(want);
-  REQUIRE(scale > 0);
-  const auto got = to_double(y);
-  double err = 0;
-  for (std::size_t i = 0; i < got.size(); ++i) err = std::max(err, std::abs(got[i] - want[i]));
-  REQUIRE(err <= (std::is_same_v<T, float> ? 2e-5 : 1e-12) * scale);
-  const Tensor<T> unpacked = layer.execute(plan, x, w, mask);
-  REQUIRE(std::equal(y.begin(), y.end(), unpacked.begin()));
-}
-
-}  // namespace
-
 TEST_CASE("MoELayer with packed weights matches the reference and execute's bits",
           "[moe][layer][packed]") {
   simd::for_each_arch([](auto arch) {
     using A = decltype(arch);
     CAPTURE(A::name());
-    check_packed_weights<float, A>(Activation::swiglu, false, false, 1, 530, 300, 500);
-    check_packed_weights<float, A>(Activation::gelu, true, false, 0, 40, 90, 510);
-    check_packed_weights<float, A>(Activation::relu, true, true, 2, 33, 50, 520);
-    check_packed_weights<double, A>(Activation::swiglu, true, false, 1, 45, 120, 530);
+    // Prefill-shaped plans (decode_max_tokens 0): tiles below MoELayer::streamed_rows rows,
+    // which stream weights when not packed, and the shared expert's tile of every token.
+    check_against_reference<float, A>(Activation::swiglu, false, false, 1, 530, 500, 300, 24, 0);
+    check_against_reference<float, A>(Activation::gelu, true, false, 0, 40, 510, 90, 24, 0);
+    check_against_reference<float, A>(Activation::relu, true, true, 2, 33, 520, 50, 24, 0);
+    check_against_reference<double, A>(Activation::swiglu, true, false, 1, 45, 530, 120, 24, 0);
   });
 }
 

@@ -166,6 +166,40 @@ class RowBlockPrefetch {
   std::int64_t bytes_ = 0, stride_ = 0, rows_left_ = 0, offset_ = 0;
 };
 
+// The loop of gemm_packed_streamed and gemm_packed_panels: per NR-column panel of B, per kc
+// block, block(jb, nr, p0, kc) gives the packed kc x NR block (packing it where needed), which
+// serves every row panel of A, while next_block(jb, p0, kc) (a RowBlockPrefetch of the next
+// block's source) is requested a share per micro-kernel call.
+template <class Arch, class T, class Block, class NextBlock>
+void gemm_by_b_blocks(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
+                      T beta, T* c, std::int64_t rsc, Block&& block,
+                      NextBlock&& next_block) noexcept {
+  using G = kernels::GemmTile<Arch, T>;
+  const std::int64_t m_pad = core::round_up(m, G::mr);
+  const std::int64_t kc_full = G::kc(), calls = (m + G::mr - 1) / G::mr;
+  for (std::int64_t jb = 0; jb < n; jb += G::nr) {
+    const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
+    for (std::int64_t p0 = 0; p0 < k; p0 += kc_full) {
+      const std::int64_t kc = std::min<std::int64_t>(kc_full, k - p0);
+      const T* bb = block(jb, nr, p0, kc);
+      // The next block: this panel's next k block, or the next panel's first.
+      const bool same_panel = p0 + kc < k;
+      const std::int64_t nj = same_panel ? jb : jb + G::nr, np = same_panel ? p0 + kc : 0;
+      RowBlockPrefetch next;
+      if (nj < n) next = next_block(nj, np, std::min(kc_full, k - np));
+      const std::int64_t per_call =
+          (next.lines_left() + calls - 1) / std::max<std::int64_t>(calls, 1);
+      const T beta_eff = p0 == 0 ? beta : T(1);
+      for (std::int64_t ib = 0; ib < m; ib += G::mr) {
+        next.issue(per_call);
+        const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
+        micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bb, nr, beta_eff,
+                          c + ib * rsc + jb, rsc);
+      }
+    }
+  }
+}
+
 }  // namespace detail
 
 /// C [m, n] = A B + beta C for skinny m (decoding, or a few rows per expert), with A packed for
@@ -182,70 +216,36 @@ void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_
                           const S* w, std::int64_t ldj, std::int64_t ldp, T beta, T* c,
                           std::int64_t rsc, T* bblock) noexcept {
   using G = kernels::GemmTile<Arch, T>;
-  const std::int64_t m_pad = core::round_up(m, G::mr);
-  const std::int64_t kc_full = G::kc(), calls = (m + G::mr - 1) / G::mr;
-  for (std::int64_t jb = 0; jb < n; jb += G::nr) {
-    const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
-    for (std::int64_t p0 = 0; p0 < k; p0 += kc_full) {
-      const std::int64_t kc = std::min<std::int64_t>(kc_full, k - p0);
-      pack_b_rows<Arch, G::nr>(arch, w + jb * ldj + p0 * ldp, ldj, ldp, nr, kc, bblock);
-      // The next block: this panel's next k block, or the next panel's first.
-      detail::RowBlockPrefetch next;
-      if (ldp == 1) {
-        const bool same_panel = p0 + kc < k;
-        const std::int64_t nj = same_panel ? jb : jb + G::nr, np = same_panel ? p0 + kc : 0;
-        if (nj < n)
-          next = detail::RowBlockPrefetch(w + nj * ldj + np, std::min<std::int64_t>(G::nr, n - nj),
-                                          std::min(kc_full, k - np) * std::int64_t(sizeof(S)),
-                                          ldj * std::int64_t(sizeof(S)));
-      }
-      const std::int64_t per_call =
-          (next.lines_left() + calls - 1) / std::max<std::int64_t>(calls, 1);
-      const T beta_eff = p0 == 0 ? beta : T(1);
-      for (std::int64_t ib = 0; ib < m; ib += G::mr) {
-        next.issue(per_call);
-        const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
-        micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bblock, nr, beta_eff,
-                          c + ib * rsc + jb, rsc);
-      }
-    }
-  }
+  detail::gemm_by_b_blocks(
+      arch, m, n, k, ap, beta, c, rsc,
+      [&](std::int64_t jb, int nr, std::int64_t p0, std::int64_t kc) {
+        pack_b_rows<Arch, G::nr>(arch, w + jb * ldj + p0 * ldp, ldj, ldp, nr, kc, bblock);
+        return static_cast<const T*>(bblock);
+      },
+      [&](std::int64_t nj, std::int64_t np, std::int64_t kc) {
+        if (ldp != 1) return detail::RowBlockPrefetch{};  // rows not contiguous along k
+        return detail::RowBlockPrefetch(w + nj * ldj + np, std::min<std::int64_t>(G::nr, n - nj),
+                                        kc * std::int64_t(sizeof(S)),
+                                        ldj * std::int64_t(sizeof(S)));
+      });
 }
 
 /// gemm_packed for B packed once ahead (pack_b_rows, e.g. MoELayer::pack_weights) and read
 /// from memory: gemm_packed_streamed's order, each kc x NR block of B serving every row panel
-/// of A while the next block is requested (a share per micro-kernel call), so B streams once,
-/// overlapped with the micro-kernels, instead of each block waiting on memory. Same bits as
-/// gemm_packed and gemm_packed_streamed.
+/// of A while the next block (contiguous) is requested, so B streams once, overlapped with the
+/// micro-kernels, instead of each block waiting on memory. Same bits as gemm_packed and
+/// gemm_packed_streamed.
 template <class Arch, class T>
 void gemm_packed_panels(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
                         const T* bp, T beta, T* c, std::int64_t rsc) noexcept {
   using G = kernels::GemmTile<Arch, T>;
-  const std::int64_t m_pad = core::round_up(m, G::mr);
-  const std::int64_t kc_full = G::kc(), calls = (m + G::mr - 1) / G::mr;
-  for (std::int64_t jb = 0; jb < n; jb += G::nr) {
-    const int nr = static_cast<int>(std::min<std::int64_t>(G::nr, n - jb));
-    for (std::int64_t p0 = 0; p0 < k; p0 += kc_full) {
-      const std::int64_t kc = std::min<std::int64_t>(kc_full, k - p0);
-      // The next block: this panel's next k block, or the next panel's first (contiguous).
-      const bool same_panel = p0 + kc < k;
-      const std::int64_t nj = same_panel ? jb : jb + G::nr, np = same_panel ? p0 + kc : 0;
-      detail::RowBlockPrefetch next;
-      if (nj < n)
-        next = detail::RowBlockPrefetch(bp + nj * k + np * G::nr, 1,
-                                        std::min(kc_full, k - np) * G::nr * std::int64_t(sizeof(T)),
-                                        0);
-      const std::int64_t per_call =
-          (next.lines_left() + calls - 1) / std::max<std::int64_t>(calls, 1);
-      const T beta_eff = p0 == 0 ? beta : T(1);
-      for (std::int64_t ib = 0; ib < m; ib += G::mr) {
-        next.issue(per_call);
-        const int rows = static_cast<int>(std::min<std::int64_t>(G::mr, m - ib));
-        micro_kernel_rows(arch, rows, kc, ap + p0 * m_pad + ib * kc, bp + jb * k + p0 * G::nr, nr,
-                          beta_eff, c + ib * rsc + jb, rsc);
-      }
-    }
-  }
+  detail::gemm_by_b_blocks(
+      arch, m, n, k, ap, beta, c, rsc,
+      [&](std::int64_t jb, int, std::int64_t p0, std::int64_t) { return bp + jb * k + p0 * G::nr; },
+      [&](std::int64_t nj, std::int64_t np, std::int64_t kc) {
+        return detail::RowBlockPrefetch(bp + nj * k + np * G::nr, 1,
+                                        kc * G::nr * std::int64_t(sizeof(T)), 0);
+      });
 }
 
 /// Packs all of op(A) [m, k] (row r = a[rows[r] * rsa ...] when rows is non-null) for
