@@ -104,7 +104,8 @@ struct RowWorkspace {
 };
 // Which key rows sit in which storage rows (slots) of a row pack used as a cache of rows:
 // rows are packed when a tile first needs them, into the least recently used slot. A tile
-// claims all of its rows before it reads any (claim), so none of them is evicted under it.
+// touches all of its rows, then claims them, before it reads any: none of its rows is evicted
+// under it, nor packed twice.
 class RowSlots {
  public:
   /// `rows` key rows cached in `slots` slots (at least the rows of any one tile); all empty.
@@ -116,11 +117,15 @@ class RowSlots {
   }
   /// Starts a tile: the rows claimed from here on stay until the next begin_tile.
   void begin_tile() noexcept { ++now_; }
+  /// Marks those of `rows` that are present as used by this tile (no miss evicts them).
+  void touch(std::span<const std::int64_t> rows) noexcept {
+    for (const std::int64_t r : rows)
+      if (const std::int32_t sl = slot_of_[std::size_t(r)]; sl >= 0) used_[std::size_t(sl)] = now_;
+  }
   /// Marks `rows` as used by this tile and packs the absent ones with pack_into(slot, row).
   template <class PackInto>
   void claim(std::span<const std::int64_t> rows, PackInto&& pack_into) {
-    for (const std::int64_t r : rows)  // present rows first, so no miss evicts one of them
-      if (const std::int32_t sl = slot_of_[std::size_t(r)]; sl >= 0) used_[std::size_t(sl)] = now_;
+    touch(rows);
     for (const std::int64_t r : rows) {
       if (slot_of_[std::size_t(r)] >= 0) continue;
       const auto victim = std::min_element(used_.begin(), used_.end()) - used_.begin();
@@ -598,6 +603,7 @@ class NeighborhoodAttention {
           const auto token = [&](std::int64_t r, std::int64_t x) { return grid.token(r * Cz + x); };
           const auto claim = [&](const std::vector<std::int64_t>* rows, int n_q) {
             cache.begin_tile();
+            for (int m = 0; m < n_q; ++m) cache.touch(rows[m]);
             for (int m = 0; m < n_q; ++m)
               cache.claim(rows[m], [&](std::int64_t slot, std::int64_t r) {
                 pack.pack_row(0, slot, r, k, a.k_stride[1], a.k_stride[3], v, a.v_stride[1],

@@ -356,32 +356,40 @@ class MoELayer {
     };
     for (std::int64_t e = 0; e < E + S; ++e) add(e < E ? cfg_.d_ff : cfg_.shared_d_ff);
     pk.panels.resize(std::size_t(total));
+    // Offsets first, then every expert packed on its own thread.
     std::size_t at = 0;
     for (std::int64_t i = 0; i < E + S; ++i) {
+      const std::int64_t F = i >= E ? cfg_.shared_d_ff : cfg_.d_ff;
+      pk.w1.push_back(at);
+      at += std::size_t(core::round_up(F, G::nr) * d);
+      pk.w3.push_back(at);
+      if (swiglu) at += std::size_t(core::round_up(F, G::nr) * d);
+      pk.w2.push_back(at);
+      at += std::size_t(core::round_up(d, G::nr) * F);
+    }
+    pk.source.resize(std::size_t(3 * (E + S)));
+    parallel_for(E + S, [&](std::int64_t i) {
       const bool shared = i >= E;
       const std::int64_t e = shared ? i - E : i, F = shared ? cfg_.shared_d_ff : cfg_.d_ff;
       const ExpertWeights<W>& ew = shared ? w.shared : w.experts;
       const auto w1 = ew.w1_of(e), w2 = ew.w2_of(e);
       const auto w3 = swiglu ? ew.w3_of(e) : ConstView<W, 2>{};
-      pk.w1.push_back(at);
+      T* const panels = pk.panels.data();
       kernels::pack_b_rows<Arch, G::nr>(Arch{}, w1.data(), w1.stride(0), w1.stride(1), F, d,
-                                        pk.panels.data() + at);
-      at += std::size_t(core::round_up(F, G::nr) * d);
-      pk.w3.push_back(at);
-      if (swiglu) {
+                                        panels + pk.w1[std::size_t(i)]);
+      if (swiglu)
         kernels::pack_b_rows<Arch, G::nr>(Arch{}, w3.data(), w3.stride(0), w3.stride(1), F, d,
-                                          pk.panels.data() + at);
-        at += std::size_t(core::round_up(F, G::nr) * d);
-      }
-      pk.w2.push_back(at);
+                                          panels + pk.w3[std::size_t(i)]);
+      T* w2p = panels + pk.w2[std::size_t(i)];
       for (std::int64_t f0 = 0; f0 < F; f0 += ff_chunk) {
         const std::int64_t fc = std::min(ff_chunk, F - f0);
         kernels::pack_b_rows<Arch, G::nr>(Arch{}, w2.data() + f0 * w2.stride(1), w2.stride(0),
-                                          w2.stride(1), d, fc, pk.panels.data() + at);
-        at += std::size_t(core::round_up(d, G::nr) * fc);
+                                          w2.stride(1), d, fc, w2p);
+        w2p += core::round_up(d, G::nr) * fc;
       }
-      pk.source.insert(pk.source.end(), {w1.data(), w3.data(), w2.data()});
-    }
+      const void* src[3] = {w1.data(), w3.data(), w2.data()};
+      std::copy(src, src + 3, pk.source.begin() + 3 * i);
+    });
     return pk;
   }
 
