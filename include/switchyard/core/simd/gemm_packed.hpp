@@ -139,8 +139,9 @@ namespace detail {
 // serves every row panel of A, while next_block(jb, p0, kc) (a RowBlockPrefetch of the next
 // block's source) is requested a share per micro-kernel call: before the call, or `spread`
 // over the call's k loop. Spread is 12-16 % faster for packed panels at 128 rows per expert
-// (Emerald Rapids: a burst before the call stalls the kernel's loads); before the call is
-// 2-5 % faster for decode's streamed weights (one or two calls per block, bandwidth-bound).
+// and 5 % for streamed weights at 128 rows (Emerald Rapids: a burst before the call stalls the
+// kernel's loads); before the call is 2-5 % faster for decode's streamed weights (a few rows:
+// one or two calls per block, bandwidth-bound).
 template <class Arch, class T, class Block, class NextBlock>
 void gemm_by_b_blocks(Arch arch, std::int64_t m, std::int64_t n, std::int64_t k, const T* ap,
                       T beta, T* c, std::int64_t rsc, bool spread, Block&& block,
@@ -188,7 +189,7 @@ void gemm_packed_streamed(Arch arch, std::int64_t m, std::int64_t n, std::int64_
                           std::int64_t rsc, T* bblock) noexcept {
   using G = kernels::GemmTile<Arch, T>;
   detail::gemm_by_b_blocks(
-      arch, m, n, k, ap, beta, c, rsc, /*spread=*/false,
+      arch, m, n, k, ap, beta, c, rsc, /*spread=*/m > 4 * G::mr,  // more than decode's rows
       [&](std::int64_t jb, int nr, std::int64_t p0, std::int64_t kc) {
         pack_b_rows<Arch, G::nr>(arch, w + jb * ldj + p0 * ldp, ldj, ldp, nr, kc, bblock);
         return static_cast<const T*>(bblock);
