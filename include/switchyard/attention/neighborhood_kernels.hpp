@@ -29,6 +29,7 @@
 #include <type_traits>
 
 #include "switchyard/attention/attention_tiles.hpp"
+#include "switchyard/config.hpp"
 #include "switchyard/core/diagnostics.hpp"
 #include "switchyard/core/int_math.hpp"
 #include "switchyard/core/simd/arch.hpp"
@@ -298,6 +299,7 @@ template <class Arch, class T>
 void na_score_row(Arch, const T* const* qt, int nq, std::int64_t D, const T* k, std::int64_t W,
                   std::int64_t n_offsets, T* const* s) noexcept {
   static_assert(!simd::is_scalar_v<Arch>, "na_score_row: SIMD archs only");
+  SWITCHYARD_ASSERT((nq >= 1 && nq <= detail::na_query_rows<T, Arch>));
   detail::na_score_padding<Arch, T>(s, nq, n_offsets);
   switch (nq) {
     case 1:
@@ -403,6 +405,7 @@ void na_score_row_exact(Arch, const T* const* qt, int nq, std::int64_t D, const 
                         T* const* s) noexcept {
   static_assert(na_has_exact_border<Arch, T>(), "na_score_row_exact: float on AVX-512 only");
 #if defined(__AVX512F__)
+  SWITCHYARD_ASSERT((nq >= 1 && nq <= detail::na_query_rows<T, Arch>));
   detail::na_score_padding<Arch, T>(s, nq, kernel);
   switch (nq) {
     case 1:
@@ -552,9 +555,11 @@ template <class Arch, class T>
 void na_value(Arch, const NeighborhoodTile<T>& t, const NeighborhoodValueRow<T>* rows,
               std::int64_t n_rows, std::int64_t Dp, T* const* o, int nq) noexcept {
   static_assert(!simd::is_scalar_v<Arch>, "na_value: SIMD archs only");
+  SWITCHYARD_ASSERT((nq >= 1 && nq <= detail::na_query_rows<T, Arch>));
   constexpr std::int64_t L = detail::Reg<T, Arch>::lanes;
   for (int m = 0; m < nq; ++m) std::fill_n(o[m], L * Dp, T(0));
   for (std::int64_t r = 0; r < n_rows; ++r) {
+    SWITCHYARD_ASSERT(rows[r].nq >= 1 && rows[r].nq <= nq);
     switch (rows[r].nq) {
       case 1:
         detail::na_value_row<Arch, T, 1>(t, rows[r], Dp, o);
