@@ -88,6 +88,15 @@ struct Grid {
     for (int a = 0; a < Rank; ++a) t = t * L[a] + x[a];
     return t;
   }
+  // Tokens of packed row r (packed indices [r * C_last, (r + 1) * C_last)): one dilation group,
+  // the same leading coordinates, so they step by the last axis' dilation until its extent
+  // ends (or none, where a leading coordinate is past its extent).
+  kernels::NeighborhoodRowTokens row_tokens(std::int64_t r) const noexcept {
+    const std::int64_t first = token(r * C[Rank - 1]);
+    if (first < 0) return {};
+    const std::int64_t g = first % L[Rank - 1];  // its last-axis coordinate: the group's offset
+    return {first, d[Rank - 1], (L[Rank - 1] - g + d[Rank - 1] - 1) / d[Rank - 1]};
+  }
 };
 
 // Development switch: false routes every call to the tile executor.
@@ -355,7 +364,7 @@ class NeighborhoodAttention {
         const std::int64_t b = task / a.Hkv, hk = task % a.Hkv;
         pack.pack(slot, a.k + b * a.k_stride[0] + hk * a.k_stride[2], a.k_stride[1], a.k_stride[3],
                   a.v + b * a.v_stride[0] + hk * a.v_stride[2], a.v_stride[1], a.v_stride[3],
-                  [&](std::int64_t r, std::int64_t x) { return grid.token(r * Cz + x); });
+                  [&](std::int64_t r) { return grid.row_tokens(r); });
       };
       // Compact windows of the leading axes.
       std::array<std::vector<AxisWindow>, Rank> tables;
@@ -600,14 +609,13 @@ class NeighborhoodAttention {
           cache.reset(NR, slots);
           const T* k = a.k + b * a.k_stride[0] + hk * a.k_stride[2];
           const T* v = a.v + b * a.v_stride[0] + hk * a.v_stride[2];
-          const auto token = [&](std::int64_t r, std::int64_t x) { return grid.token(r * Cz + x); };
           const auto claim = [&](const std::vector<std::int64_t>* rows, int n_q) {
             cache.begin_tile();
             for (int m = 0; m < n_q; ++m) cache.touch(rows[m]);
             for (int m = 0; m < n_q; ++m)
               cache.claim(rows[m], [&](std::int64_t slot, std::int64_t r) {
-                pack.pack_row(0, slot, r, k, a.k_stride[1], a.k_stride[3], v, a.v_stride[1],
-                              a.v_stride[3], token);
+                pack.pack_row(0, slot, grid.row_tokens(r), k, a.k_stride[1], a.k_stride[3], v,
+                              a.v_stride[1], a.v_stride[3]);
               });
           };
           const auto slot = [&](std::int64_t r) { return cache.slot(r); };

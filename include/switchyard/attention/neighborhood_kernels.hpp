@@ -41,6 +41,16 @@ namespace switchyard {
 inline namespace v0 {
 namespace kernels {
 
+/// The keys of one packed row: position x is token first + x * step for x < count, none past
+/// (count 0: a row of padding).
+struct NeighborhoodRowTokens {
+  std::int64_t first = 0, step = 0, count = 0;
+  /// Token of position x, or -1.
+  std::int64_t operator()(std::int64_t x) const noexcept {
+    return x >= 0 && x < count ? first + x * step : -1;
+  }
+};
+
 /// Keys and values of every (b, kv head), per last-axis row of a dilation group: row r holds
 /// compact positions x in [-P, W - P), K^T [D][W] and V [W][Dp]; positions that are not keys of
 /// the row are zeros.
@@ -83,20 +93,20 @@ struct NeighborhoodRowPack {
     return vp.data() + ((head * rows + r) * W + P) * Dp;
   }
 
-  /// Packs head `head` from k/v [S, D] of (b, hk) (element strides ks/kd, vs/vd): position x
-  /// of row r is key token(r, x), zeros where token < 0 and in the padding.
-  template <class TokenOf>
+  /// Packs head `head` from k/v [S, D] of (b, hk) (element strides ks/kd, vs/vd): the keys of
+  /// row r are row_tokens(r) (a NeighborhoodRowTokens), zeros past them and in the padding.
+  template <class RowTokensOf>
   void pack(std::int64_t head, const T* k, std::int64_t ks, std::int64_t kd, const T* v,
-            std::int64_t vs, std::int64_t vd, TokenOf&& token) noexcept {
-    for (std::int64_t r = 0; r < rows; ++r) pack_row(head, r, r, k, ks, kd, v, vs, vd, token);
+            std::int64_t vs, std::int64_t vd, RowTokensOf&& row_tokens) noexcept {
+    for (std::int64_t r = 0; r < rows; ++r) pack_row(head, r, row_tokens(r), k, ks, kd, v, vs, vd);
   }
 
-  /// Packs key row r (positions x: token(r, x)) into storage row `slot` of head `head`, from
-  /// k/v as in pack. A pack used as a cache of rows (neighborhood.hpp's RowSlots) reuses slots.
-  template <class TokenOf>
-  void pack_row(std::int64_t head, std::int64_t slot, std::int64_t r, const T* k, std::int64_t ks,
-                std::int64_t kd, const T* v, std::int64_t vs, std::int64_t vd,
-                TokenOf&& token) noexcept {
+  /// Packs the key row whose position x is key token(x) into storage row `slot` of head `head`,
+  /// from k/v as in pack. A pack used as a cache of rows (neighborhood.hpp's RowSlots) reuses
+  /// slots.
+  void pack_row(std::int64_t head, std::int64_t slot, NeighborhoodRowTokens token, const T* k,
+                std::int64_t ks, std::int64_t kd, const T* v, std::int64_t vs,
+                std::int64_t vd) noexcept {
     constexpr std::int64_t XB = 16;  // keys per transposed block
     const T* src[XB];
     T* const k0 = kt.data() + (head * rows + slot) * D * W;
@@ -106,12 +116,12 @@ struct NeighborhoodRowPack {
       for (std::int64_t i = 0; i < n; ++i) {
         // Keys and values PD tokens ahead: head slices of tokens far apart wait on memory.
         constexpr std::int64_t PD = 8;
-        if (const std::int64_t pt = x0 + i + PD < C ? token(r, x0 + i + PD) : -1; pt >= 0)
+        if (const std::int64_t pt = token(x0 + i + PD); pt >= 0)
           for (std::int64_t d = 0; d < D; d += 64 / std::int64_t(sizeof(T))) {
             __builtin_prefetch(k + pt * ks + d * kd);
             __builtin_prefetch(v + pt * vs + d * vd);
           }
-        const std::int64_t tok = token(r, x0 + i);
+        const std::int64_t tok = token(x0 + i);
         src[i] = tok < 0 ? nullptr : k + tok * ks;
         T* vdst = v0 + (P + x0 + i) * Dp;
         if (tok < 0) {
