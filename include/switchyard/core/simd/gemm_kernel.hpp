@@ -222,7 +222,7 @@ void store_tile_scalar(Arch, const T* acc, int m, int n, T alpha, T beta, T* c, 
 ///
 /// `prefetch` (optional) is requested `prefetch_lines` lines spread evenly over the k loop: a
 /// burst of misses before the loop would fill the line fill buffers and stall the loads of A
-/// and B behind them (measured: ~10 % of a packed-weights MoE layer's time).
+/// and B behind them (measured: a packed-weights MoE layer 12-16 % faster at 128 rows per expert).
 template <class Arch, class T, int MU = GemmTile<Arch, T>::mr>
 void micro_kernel(Arch, std::int64_t kc, const T* ap, const T* bp, int m, int n, T alpha, T beta,
                   T* c, std::int64_t rsc, std::int64_t csc, RowBlockPrefetch* prefetch = nullptr,
