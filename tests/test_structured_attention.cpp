@@ -888,7 +888,23 @@ TEST_CASE("MoBA errors name the layer, argument and shapes", "[moba][errors]") {
   MobaSelection bad = sel;
   bad.blocks[1] = 9;
   REQUIRE_THROWS_WITH(moba.execute(bad, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
-                      Contains("MobaAttention::execute") && Contains("'sel.blocks' = 9"));
+                      Contains("MobaAttention::execute") && Contains("'sel.blocks[1]' = 9"));
+  // Corrupted CSR offsets (a row reaching past blocks, a decreasing offset) and a repeated
+  // block: named errors, not reads outside sel.blocks or keys counted twice.
+  bad = sel;
+  bad.offsets[5] = std::int64_t(bad.blocks.size()) + 40;
+  REQUIRE_THROWS_WITH(moba.execute(bad, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
+                      Contains("MobaAttention::execute") && Contains("'sel.offsets[6]'") &&
+                          Contains("non-decreasing"));
+  bad = sel;
+  bad.offsets[3] = -5;
+  REQUIRE_THROWS_WITH(moba.execute(bad, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
+                      Contains("'sel.offsets[3]' = -5"));
+  bad = sel;
+  REQUIRE(bad.offsets[21] - bad.offsets[20] == 2);  // query 20 of head 0 keeps two blocks
+  bad.blocks[std::size_t(bad.offsets[20]) + 1] = bad.blocks[std::size_t(bad.offsets[20])];
+  REQUIRE_THROWS_WITH(moba.execute(bad, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
+                      Contains("strictly ascending") && Contains("query row 20"));
   const auto q16 = inputs<float>({1, 16, 2, 8}, 1);
   core::Tensor<float> out16({1, 16, 2, 8});
   REQUIRE_THROWS_WITH(moba.execute(sel, q16.view<4>(), k.view<4>(), k.view<4>(), out16.view<4>()),
@@ -911,6 +927,11 @@ TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a
                       Contains("'extents'"));
   REQUIRE_THROWS_WITH(na.forward({-4, -4}, q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()),
                       Contains("'extents'") && Contains("[-4, -4]"));
+  // Key lengths outside [0, tokens] (INT64_MAX would overflow the count).
+  const std::int64_t lengths[2] = {16, big};
+  REQUIRE(na.pairs({4, 4}, std::span(lengths, 1)) == na.pairs({4, 4}));
+  REQUIRE_THROWS_WITH(na.pairs({4, 4}, lengths),
+                      Contains("NeighborhoodAttention::pairs") && Contains("'key_lengths[1]'"));
   // Sliding window: a huge batch is counted once per sequence and checked, not looped over.
   const SlidingWindowAttention<float> sw({.window = 4});
   REQUIRE(sw.pairs(3, 16, 16) == 3 * sw.pairs(1, 16, 16));
@@ -926,6 +947,13 @@ TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a
     const auto got = layer->forward(q.view<4>(), k.view<4>(), k.view<4>());
     REQUIRE(std::equal(got.begin(), got.end(), dense.begin()));
   }
+  // Non-causal: a window of INT64_MAX (its end, P + window, would overflow) is every key.
+  const SlidingWindowAttention<float> all_keys({.window = big, .causal = false});
+  const SlidingWindowAttention<float> window_16({.window = 16, .causal = false});
+  const auto full = window_16.forward(q.view<4>(), k.view<4>(), k.view<4>());
+  const auto got_all = all_keys.forward(q.view<4>(), k.view<4>(), k.view<4>());
+  REQUIRE(std::equal(got_all.begin(), got_all.end(), full.begin()));
+  REQUIRE(all_keys.pairs(1, 16, 16) == 16 * 16);
   // Block-sparse: blocks far larger than T and S; pairs over a shared mask times a huge H.
   BlockMask mask{.num_queries = 16, .num_keys = 16, .query_block = big, .key_block = big};
   mask.offsets = {0, 1};
@@ -935,6 +963,30 @@ TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a
   REQUIRE_NOTHROW(bs.forward(q.view<4>(), k.view<4>(), k.view<4>(), mask, out.view<4>()));
   REQUIRE_THROWS_WITH(bs.pairs(mask, big),
                       Contains("BlockSparseAttention::pairs") && Contains("'H'"));
+  // A mask may claim T and S no tensor holds: pairs counts blocks in closed form (2^31 rows,
+  // not a loop over them) and refuses a count past int64.
+  const std::int64_t n31 = std::int64_t(1) << 31;
+  BlockMask huge_mask{.num_queries = n31, .num_keys = n31, .query_block = big, .key_block = big};
+  huge_mask.offsets = {0, 1};
+  huge_mask.indices = {0};
+  REQUIRE(bs.pairs(huge_mask, 1) == n31 * n31);
+  const BlockSparseAttention<float> causal_bs({.causal = true});
+  REQUIRE(causal_bs.pairs(huge_mask, 1) == n31 * (n31 + 1) / 2);  // row i sees i + 1 keys
+  huge_mask.num_keys = n31 + 5;  // five more keys before the queries: row i sees i + 6
+  REQUIRE(causal_bs.pairs(huge_mask, 1) == n31 * (n31 + 1) / 2 + 5 * n31);
+  huge_mask.num_queries = huge_mask.num_keys = std::int64_t(1) << 40;
+  REQUIRE_THROWS_WITH(causal_bs.pairs(huge_mask, 1),
+                      Contains("BlockSparseAttention::pairs") && Contains("'mask'"));
+  // Stride-0 views may claim 2^40 queries over one element: refused by size, not run.
+  float one = 1.0f;
+  const core::View<float, 4> many(&one, {1, std::int64_t(1) << 40, 1, 8}, {0, 0, 0, 0});
+  std::vector<float> small_out(8);
+  const core::View<float, 4> out_many(small_out.data(), {1, std::int64_t(1) << 40, 1, 8},
+                                      {0, 0, 0, 1});
+  huge_mask.num_keys = 16;
+  REQUIRE_THROWS_WITH(
+      bs.forward(many, k.view<4>().slice(2, 0, 1), k.view<4>().slice(2, 0, 1), huge_mask, out_many),
+      Contains("BlockSparseAttention::forward") && Contains("'q'") && Contains("1099511627776"));
   // MoBA: huge blocks (one block), a partition too large, a selection that does not match.
   const MobaAttention<float> one_block({.block_size = big, .top_k = 1});
   REQUIRE_NOTHROW(one_block.forward(q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()));
@@ -945,7 +997,11 @@ TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a
   REQUIRE_THROWS_WITH(moba.pairs(sel, 20), Contains("MoBA::moba_pairs") && Contains("'sel'"));
   MobaSelection bad = sel;
   bad.blocks[0] = 7;
-  REQUIRE_THROWS_WITH(moba.pairs(bad, 16), Contains("'sel.blocks' = 7"));
+  REQUIRE_THROWS_WITH(moba.pairs(bad, 16), Contains("'sel.blocks[0]' = 7"));
+  // The threshold rule ignores top_k: a huge one is no allocation size.
+  const MobaAttention<float> by_threshold(
+      {.block_size = 4, .top_k = big, .threshold = 0.5, .causal = false});
+  REQUIRE_NOTHROW(by_threshold.forward(q.view<4>(), k.view<4>(), k.view<4>(), out.view<4>()));
   MobaPartition huge;
   huge.extents = {big, big};
   huge.block = {1, 1};

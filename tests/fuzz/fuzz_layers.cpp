@@ -850,13 +850,183 @@ void fuzz_misc(Fuzz& f) {
   }
 }
 
+/// Multiply-adds of a structured-attention call on q [B, T, H, D] with at most `keys` keys per
+/// query, or 0 when an extent is negative or extreme (a call that must be rejected, so cheap).
+double structured_work(const Shape<4>& qs, double keys) {
+  for (const auto e : qs)
+    if (e < 0 || e > 4096) return 0;
+  return double(qs[0]) * double(qs[1]) * double(qs[2]) * double(std::max<std::int64_t>(qs[3], 1)) *
+         std::max(keys, 1.0);
+}
+
+/// Neighbourhood attention on a Rank-D grid: NATTEN's arguments (some invalid), q/k/v/out of
+/// [B, tokens, H, D] (sometimes of the wrong token count or head count), key lengths.
+template <int Rank>
+void fuzz_neighborhood(Fuzz& f) {
+  attention::NeighborhoodConfig<Rank> cfg;
+  double window = 1;
+  for (auto& ax : cfg.axes) {
+    ax.kernel_size = f.flag() ? 2 * f.pick(0, 3) + 1 : f.extent();
+    ax.dilation = f.flag() ? f.pick(1, 3) : f.extent();
+    ax.stride = f.flag() ? 1 : f.extent();
+    ax.is_causal = f.byte() < 64;
+    window *= double(std::clamp<std::int64_t>(ax.kernel_size, 1, 64));
+  }
+  if (f.flag()) cfg.scale = f.real();
+  const attention::NeighborhoodAttention<Rank, float> na(cfg);
+  std::array<std::int64_t, Rank> ext{};
+  std::int64_t tokens = 1;
+  for (auto& e : ext) {
+    e = f.byte() < 200 ? f.pick(1, 12) : f.extent();
+    tokens = std::clamp<std::int64_t>(tokens * std::clamp<std::int64_t>(e, 0, 4096), 0, 4096);
+  }
+  const Shape<4> qs{f.pick(0, 2), f.near(tokens), f.pick(1, 4),
+                    f.byte() < 240 ? f.pick(0, 20) : f.extent()};
+  if (structured_work(qs, window) > kMaxWork) return;
+  const std::int64_t hkv = f.flag() ? qs[2] : 1;
+  auto q = f.tensor<4>(qs);
+  auto k = f.tensor<4>(f.near(Shape<4>{qs[0], tokens, hkv, qs[3]}));
+  auto v = f.tensor<4>(f.near(Shape<4>{qs[0], tokens, hkv, qs[3]}));
+  auto out = f.output<4>(f.near(qs), {q, k, v});
+  std::vector<std::int64_t> lengths;
+  if (f.flag()) lengths = f.int_list(f.near(qs[0]), -1, tokens + 1);
+  if (f.flag()) (void)na.pairs(ext, lengths);
+  na.forward(ext, q, k, v, out, lengths);
+}
+
+/// Sliding-window / chunked attention with sinks, block-sparse attention over a (sometimes
+/// corrupted) CSR block mask, and MoBA / VMoBA routing and execution.
+void fuzz_structured(Fuzz& f) {
+  switch (f.pick(0, 5)) {
+    case 0:
+      fuzz_neighborhood<1>(f);
+      break;
+    case 1:
+      fuzz_neighborhood<2>(f);
+      break;
+    case 2:
+      fuzz_neighborhood<3>(f);
+      break;
+    case 3: {  // sliding window: forward or decode over a cache
+      attention::SlidingWindowConfig cfg;
+      cfg.window = f.flag() ? f.pick(0, 9) : f.extent();
+      cfg.chunk = f.flag() ? f.pick(0, 9) : f.extent();
+      cfg.sinks = f.flag() ? f.pick(0, 4) : f.extent();
+      cfg.causal = f.flag();
+      if (f.flag()) cfg.scale = f.real();
+      const attention::SlidingWindowAttention<float> sw(cfg);
+      const auto qs = f.shape<4>();
+      if (structured_work(qs, 4096) > kMaxWork) return;
+      if (f.flag()) {
+        attention::KVCache<float> cache(f.pick(1, 2), f.pick(1, 2), qs[3], f.pick(1, 12));
+        cache.append(f.tensor<4>(f.near(Shape<4>{cache.batch(), f.pick(1, 8), cache.kv_heads(),
+                                                 cache.head_dim()})),
+                     f.tensor<4>(f.near(Shape<4>{cache.batch(), f.pick(1, 8), cache.kv_heads(),
+                                                 cache.head_dim()})));
+        auto q = f.tensor<4>(f.near(Shape<4>{cache.batch(), qs[1], cache.kv_heads(), qs[3]}));
+        sw.decode(q, cache, f.output<4>(f.near(q.shape()), {q}));
+        return;
+      }
+      const std::int64_t S = qs[1] >= 0 && qs[1] <= 64 ? qs[1] + f.pick(0, 3) : qs[1];  // S >= T
+      const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
+      auto q = f.tensor<4>(qs);
+      auto k = f.tensor<4>(ks);
+      auto v = f.tensor<4>(f.near(ks));
+      std::vector<std::int64_t> lengths;
+      if (f.flag())
+        lengths = f.int_list(f.near(qs[0]), -1, std::clamp<std::int64_t>(ks[1], 0, 64) + 1);
+      sw.forward(q, k, v, f.output<4>(f.near(qs), {q, k, v}), lengths);
+      break;
+    }
+    case 4: {  // block-sparse
+      attention::BlockSparseConfig cfg;
+      cfg.causal = f.flag();
+      if (f.flag()) cfg.scale = f.real();
+      const attention::BlockSparseAttention<float> bs(cfg);
+      const auto qs = f.shape<4>();
+      if (structured_work(qs, 4096) > kMaxWork) return;
+      const std::int64_t S = f.flag() ? qs[1] : f.extent();
+      attention::BlockMask mask;
+      mask.batch = f.near(qs[0]);
+      mask.heads = f.flag() ? 1 : f.near(qs[2]);
+      mask.num_queries = f.near(qs[1]);
+      mask.num_keys = f.near(S);
+      mask.query_block = f.flag() ? f.pick(1, 5) : f.extent();
+      mask.key_block = f.flag() ? f.pick(1, 5) : f.extent();
+      // A well-formed mask (random key blocks per row) when the sizes are small, then maybe
+      // corrupted.
+      const std::int64_t rows = std::clamp<std::int64_t>(mask.batch, 0, 8) *
+                                std::clamp<std::int64_t>(mask.heads, 0, 8) *
+                                std::clamp<std::int64_t>(mask.query_blocks(), 0, 64);
+      const std::int64_t kb = std::clamp<std::int64_t>(mask.key_blocks(), 0, 64);
+      mask.offsets.push_back(0);
+      for (std::int64_t r = 0; r < std::min<std::int64_t>(rows, 512); ++r) {
+        for (std::int64_t b = 0; b < kb; ++b)
+          if (f.flag()) mask.indices.push_back(std::int32_t(b));
+        mask.offsets.push_back(std::int64_t(mask.indices.size()));
+      }
+      if (f.byte() < 32 && !mask.indices.empty())
+        mask.indices[std::size_t(f.pick(0, std::int64_t(mask.indices.size()) - 1))] =
+            std::int32_t(f.offset());
+      if (f.byte() < 32)
+        mask.offsets[std::size_t(f.pick(0, std::int64_t(mask.offsets.size()) - 1))] = f.offset();
+      if (f.flag()) (void)bs.pairs(mask, qs[2]);
+      const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
+      auto q = f.tensor<4>(qs);
+      auto k = f.tensor<4>(ks);
+      auto v = f.tensor<4>(f.near(ks));
+      bs.forward(q, k, v, mask, f.output<4>(f.near(qs), {q, k, v}));
+      break;
+    }
+    default: {  // MoBA / VMoBA: route, maybe corrupt the selection, execute
+      attention::MobaAttentionConfig cfg;
+      cfg.block_size = f.flag() ? f.pick(1, 6) : f.extent();
+      cfg.top_k = f.flag() ? f.pick(1, 4) : f.extent();
+      cfg.threshold = f.byte() < 64 ? f.real() : 0.0;
+      cfg.causal = f.flag();
+      if (f.flag()) cfg.scale = f.real();
+      const attention::MobaAttention<float> moba(cfg);
+      const auto qs = f.shape<4>();
+      if (structured_work(qs, 4096) > kMaxWork) return;
+      const std::int64_t S = f.flag() ? qs[1] : f.extent();
+      const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
+      auto q = f.tensor<4>(qs);
+      auto k = f.tensor<4>(ks);
+      auto v = f.tensor<4>(f.near(ks));
+      auto out = f.output<4>(f.near(qs), {q, k, v});
+      attention::MobaPartition part = moba.partition(ks[1]);
+      if (f.flag()) {  // a grid partition of S keys (sometimes not S)
+        const int rank = int(f.pick(0, 3));
+        part.extents.clear();
+        part.block.clear();
+        std::int64_t rest = std::clamp<std::int64_t>(ks[1], 0, 64);
+        for (int a = 0; a < rank; ++a) {
+          const std::int64_t e = a + 1 == rank ? rest : (rest > 0 && rest % 2 == 0 ? 2 : 1);
+          part.extents.push_back(f.near(e));
+          rest = e > 0 ? rest / e : rest;
+          part.block.push_back(f.flag() ? f.pick(1, 3) : f.extent());
+        }
+      }
+      attention::MobaSelection sel;
+      moba.route(q, k, part, sel);
+      if (f.byte() < 48 && !sel.blocks.empty())
+        sel.blocks[std::size_t(f.pick(0, std::int64_t(sel.blocks.size()) - 1))] =
+            std::int32_t(f.offset());
+      if (f.byte() < 32 && !sel.offsets.empty())
+        sel.offsets[std::size_t(f.pick(0, std::int64_t(sel.offsets.size()) - 1))] = f.offset();
+      moba.execute(sel, part, q, k, v, out);
+      break;
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Fuzz f(data, size);
   set_num_threads(1 + static_cast<int>(f.pick(0, 2)));
   try {
-    switch (f.pick(0, 12)) {
+    switch (f.pick(0, 13)) {
       case 0:
         fuzz_dense(f);
         break;
@@ -892,6 +1062,9 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         break;
       case 11:
         fuzz_selection(f);
+        break;
+      case 12:
+        fuzz_structured(f);
         break;
       default:
         fuzz_core(f);

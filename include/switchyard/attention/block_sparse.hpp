@@ -650,6 +650,10 @@ kernels::SparseAttentionArgs<T> make_args(std::string_view layer, std::string_vi
                                         "v has the shape of k");
   core::detail::check_shape<T, 4>(layer, fn, "out", out, {"B", "T", "H", "D"}, q.shape(),
                                   "out has the shape of q");
+  // The executors loop over every query: q (and out) must be sizes a tensor could have, even
+  // as a stride-0 view that claims any extents (k and v: check_pack bounds their pack).
+  switchyard::detail::checked_size(layer, fn, "q",
+                                   {B, q.extent(1), H, std::max<std::int64_t>(D, 1)}, sizeof(T));
   const std::int64_t Hkv = k.extent(2);
   if ((Hkv == 0 && H > 0) || (Hkv > 0 && H % Hkv != 0))
     switchyard::detail::fail_shape(
@@ -796,22 +800,57 @@ class BlockSparseAttention {
     check_heads(mask, H, "pairs");
     std::int64_t total = 0;
     const std::int64_t QB = mask.query_blocks(), T_ = mask.num_queries, S = mask.num_keys;
-    // A mask shared by all heads is counted once and multiplied (H is not looped over).
+    const auto too_many = [&] {
+      switchyard::detail::fail_config(name, "pairs", "mask", T_,
+                                      "a mask whose pairs fit int64 (T=" + std::to_string(T_) +
+                                          ", S=" + std::to_string(S) + ")");
+    };
+    // Per (query block, key block) in closed form: a block's rows are not looped over (a mask
+    // may claim T and S no tensor could hold).
     for (std::int64_t b = 0; b < mask.batch; ++b)
       for (std::int64_t h = 0; h < mask.heads; ++h)
         for (std::int64_t qb = 0; qb < QB; ++qb)
           for (std::int32_t kb : mask.of(b, h, qb)) {
             const std::int64_t k0 = kb * mask.key_block;
-            const std::int64_t k1 = k0 + std::min(mask.key_block, S - k0);
-            for (std::int64_t i = qb * mask.query_block;
-                 i < std::min(T_, (qb + 1) * mask.query_block); ++i) {
-              const std::int64_t hi = cfg_.causal ? std::min(k1, i + S - T_ + 1) : k1;
-              total += std::max<std::int64_t>(0, hi - k0);
-            }
+            const std::int64_t w = std::min(mask.key_block, S - k0);  // the block's keys
+            const std::int64_t i0 = qb * mask.query_block;
+            const std::int64_t i1 = i0 + std::min(mask.query_block, T_ - i0);
+            // Causal: row i sees keys [k0, i + S - T + 1), clamp(i - a, 0, w) of the block.
+            std::int64_t block = 0;
+            if (cfg_.causal)
+              block = block_pairs_causal(i0, i1, k0 - S + T_ - 1, w);
+            else if (core::mul_overflows(i1 - i0, w, block))
+              block = -1;
+            if (block < 0 || core::add_overflows(total, block, total)) too_many();
           }
     if (mask.heads == 1 && core::mul_overflows(total, H, total))
       switchyard::detail::fail_config(name, "pairs", "H", H, "a head count whose pairs fit int64");
     return total;
+  }
+
+  /// Sum over rows i in [i0, i1) of clamp(i - a, 0, w): the keys of a causal block of w keys
+  /// that its rows see (row i sees its first i - a). -1 when the sum does not fit int64.
+  static std::int64_t block_pairs_causal(std::int64_t i0, std::int64_t i1, std::int64_t a,
+                                         std::int64_t w) noexcept {
+    std::int64_t aw = 0;  // the first row that sees all w keys (saturated)
+    if (core::add_overflows(a, w, aw)) aw = std::numeric_limits<std::int64_t>::max();
+    std::int64_t sum = 0;
+    // Rows [r0, r1) see 0 <= i - a < w keys: an arithmetic series.
+    const std::int64_t r0 = std::max(i0, a), r1 = std::min(i1, aw);
+    if (r1 > r0) {
+      const std::int64_t n = r1 - r0, first = r0 - a, last = r1 - 1 - a;  // both < w
+      std::int64_t ends = 0;
+      if (core::add_overflows(first, last, ends)) return -1;
+      if (n % 2 == 0 ? core::mul_overflows(n / 2, ends, sum)
+                     : core::mul_overflows(n, ends / 2, sum))
+        return -1;
+    }
+    // Rows [max(i0, aw), i1) see all w keys.
+    const std::int64_t f0 = std::max(i0, aw);
+    std::int64_t flat = 0;
+    if (i1 > f0 && (core::mul_overflows(i1 - f0, w, flat) || core::add_overflows(sum, flat, sum)))
+      return -1;
+    return sum;
   }
 
   /// q: [B, T, H, D], k and v: [B, S, H_kv, D] (H_kv divides H), out: [B, T, H, D]; mask

@@ -233,10 +233,16 @@ inline void check_moba_selection(std::string_view layer, std::string_view fn,
     if (sel.offsets[i] < sel.offsets[i - 1])
       switchyard::detail::fail_config(layer, fn, "sel.offsets[" + std::to_string(i) + "]",
                                       sel.offsets[i], "non-decreasing offsets");
-  for (const std::int32_t b : sel.blocks)
-    if (b < 0 || b >= num_blocks)
-      switchyard::detail::fail_config(layer, fn, "sel.blocks", b,
-                                      "a block in [0, " + std::to_string(num_blocks) + ")");
+  for (std::int64_t i = 0; i < rows; ++i) {
+    const auto blocks = sel.of(i);
+    for (std::size_t e = 0; e < blocks.size(); ++e)
+      if (blocks[e] < 0 || blocks[e] >= num_blocks || (e > 0 && blocks[e - 1] >= blocks[e]))
+        switchyard::detail::fail_config(
+            layer, fn, "sel.blocks[" + std::to_string(sel.offsets[std::size_t(i)] + e) + "]",
+            blocks[e],
+            "strictly ascending blocks per query in [0, N=" + std::to_string(num_blocks) +
+                ") (query row " + std::to_string(i) + ")");
+  }
 }
 
 /// Query-keys pairs attended per the selection, summed over batch, heads and queries: the
@@ -429,11 +435,17 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
     switchyard::detail::fail_config(layer, fn, "partition", N, "at most 2^31 - 1 blocks");
   }
 
+  // Sizes of the selection and of the block means: errors, not absurd allocations, for extents
+  // no tensor could hold (stride-0 views may claim any).
+  const std::int64_t rows =
+      switchyard::detail::checked_size(layer, fn, "sel.offsets", {B, H, Tq}, sizeof(std::int64_t));
+  const std::int64_t Np = core::round_up(N, 16);
+  switchyard::detail::checked_size(layer, fn, "block means", {B, Hkv, D, Np}, sizeof(T));
+  switchyard::detail::checked_size(layer, fn, "partition", {N}, 64);  // per-block tables
   out.batch = B;
   out.heads = H;
   out.queries = Tq;
   out.num_blocks = N;
-  const std::int64_t rows = B * H * Tq;
   out.offsets.assign(static_cast<std::size_t>(rows + 1), 0);
   out.blocks.clear();
   out.gate.clear();
@@ -455,7 +467,6 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
 
   // Block means once per (b, KV head), stored transposed [D, Np] (rows padded to 16 elements,
   // so every row is 64-byte aligned for moba_gate_tile's register loads).
-  const std::int64_t Np = core::round_up(N, 16);
   const std::int64_t kv_tasks = B * Hkv;
   kernels::detail::aligned_vector<T> kmean_t(static_cast<std::size_t>(kv_tasks * D * Np), T(0));
   parallel_for(kv_tasks, [&](std::int64_t task) {
@@ -490,7 +501,10 @@ void moba_select(ConstView<T, 4> q, ConstView<T, 4> k, const MobaPartition& part
     std::vector<std::int32_t> cand, chosen;
     cand.reserve(static_cast<std::size_t>(N));
     std::vector<std::int32_t>& mine = task_blocks[task];
-    mine.reserve(static_cast<std::size_t>(Tq * std::max<std::int64_t>(cfg.top_k, 1)));
+    // top_k blocks per query under the top-k rule; the threshold rule ignores top_k, so it is
+    // no size there. A hint only: capped, the vector grows past it if it must.
+    const std::int64_t per_query = cfg.threshold == 0 ? cfg.top_k : 1, cap = 1 << 20;
+    mine.reserve(static_cast<std::size_t>(Tq <= cap / per_query ? Tq * per_query : cap));
     const T* qh = q.data() + b * q.stride(0) + h * q.stride(2);
     for (std::int64_t t = 0; t < Tq; ++t) {
       const std::int64_t lane = t % lanes;

@@ -211,6 +211,9 @@ class NeighborhoodAttention {
     if (key_lengths.empty()) return neighborhood_pairs(extents, cfg_.axes);
     std::int64_t tokens = 1;
     for (auto e : extents) tokens *= e;
+    // Lengths as forward takes them: each in [0, tokens].
+    const Mask<T> lengths{KeyLengths{key_lengths}};
+    lengths.validate(name, "pairs", std::int64_t(key_lengths.size()), tokens, tokens);
     std::int64_t total = 0;
     for (const std::int64_t len : key_lengths) {
       for (std::int64_t t = 0; t < tokens; ++t) {

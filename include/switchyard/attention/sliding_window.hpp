@@ -51,7 +51,8 @@ inline Visible visible(const SlidingWindowConfig& c, std::int64_t P, std::int64_
   std::int64_t lo = 0, hi = causal_end;
   if (c.window > 0) {
     lo = std::max(lo, P - c.window + 1);
-    if (!c.causal) hi = std::min(hi, P + c.window);
+    // P + window could overflow for a window larger than the sequence.
+    if (!c.causal) hi = std::min(hi, P + std::min(c.window, std::max<std::int64_t>(len - P, 0)));
   }
   if (c.chunk > 0) {
     const std::int64_t c0 = P / c.chunk * c.chunk;
