@@ -16,6 +16,7 @@
 #include <deque>
 #include <limits>
 #include <stdexcept>
+#include <switchyard/core/gemm_bf16.hpp>
 #include <switchyard/switchyard.hpp>
 #include <vector>
 
@@ -1020,13 +1021,146 @@ void fuzz_structured(Fuzz& f) {
   }
 }
 
+/// bf16 copies of a float view's elements (real tensors only; stride-0 views become one
+/// element seen through stride 0).
+template <int R>
+View<bf16, R> to_bf16(View<float, R> v, std::deque<std::vector<bf16>>& keep) {
+  bool real = true;  // a contiguous tensor, not a stride-0 view (which may claim any extents)
+  for (int i = 0; i < R; ++i)
+    real = real && v.extent(i) >= 0 && (v.stride(i) != 0 || v.extent(i) <= 1);
+  auto& buf = keep.emplace_back();
+  if (!real || v.numel() == 0) {
+    buf.push_back(bf16::from_float(v.numel() ? *v.data() : 0.0f));
+    return View<bf16, R>(buf.data(), v.shape(), Shape<R>{});
+  }
+  for (std::int64_t i = 0; i < v.numel(); ++i) buf.push_back(bf16::from_float(v.data()[i]));
+  return View<bf16, R>(buf.data(), v.shape(), v.strides());
+}
+
+/// Soft MoE, Mixture-of-Depths, the MoE layer's packed weights, bf16 GEMM on every path the
+/// build and CPU allow, RMSNorm and rotary embeddings.
+void fuzz_more(Fuzz& f) {
+  std::deque<std::vector<bf16>> keep;
+  switch (f.pick(0, 5)) {
+    case 0: {  // Soft MoE
+      moe::SoftMoEConfig cfg;
+      cfg.d_model = f.extent();
+      cfg.d_ff = f.extent();
+      cfg.num_experts = f.extent();
+      cfg.slots_per_expert = f.flag() ? 1 : f.extent();
+      cfg.activation = static_cast<moe::Activation>(f.pick(0, 3));
+      cfg.normalize = f.flag();
+      const moe::SoftMoELayer<float> layer(cfg);
+      const std::int64_t E = cfg.num_experts, d = cfg.d_model, F = cfg.d_ff;
+      const std::int64_t n = E * cfg.slots_per_expert;
+      moe::SoftMoEWeights<float> w;
+      w.phi = f.tensor<2>(f.near(Shape<2>{d, n}));
+      w.experts.w1 = f.tensor<3>(f.near(Shape<3>{E, F, d}));
+      w.experts.w2 = f.tensor<3>(f.near(Shape<3>{E, d, F}));
+      if (cfg.activation == moe::Activation::swiglu)
+        w.experts.w3 = f.tensor<3>(f.near(Shape<3>{E, F, d}));
+      w.scale = f.value();
+      auto x = f.tensor<3>(f.near(Shape<3>{f.extent(), f.extent(), d}));
+      if (double(x.numel()) * double(n) * double(std::max<std::int64_t>(F, 1)) > kMaxWork) return;
+      moe::SoftMoERouting<float> routing;
+      layer.forward(x, w, f.output<3>(f.near(x.shape()), {x}), f.flag() ? &routing : nullptr);
+      break;
+    }
+    case 1: {  // Mixture-of-Depths: route (expert choice or threshold) and apply a block
+      moe::MixtureOfDepthsConfig cfg;
+      cfg.capacity_fraction = f.flag() ? 0.5 : f.real();
+      cfg.activation = static_cast<moe::ScoreActivation>(f.pick(0, 2));
+      cfg.threshold = f.real();
+      const moe::MixtureOfDepthsRouter<float> router(cfg);
+      auto x = f.tensor<3>(f.shape<3>());
+      auto scores = f.tensor<2>(f.near(Shape<2>{x.extent(0), x.extent(1)}));
+      std::vector<std::int64_t> lengths;
+      if (f.flag())
+        lengths =
+            f.int_list(f.near(x.extent(0)), -1, std::clamp<std::int64_t>(x.extent(1), 0, 64) + 1);
+      auto plan =
+          f.flag() ? router.route(scores, lengths) : router.route_threshold(scores, lengths);
+      if (f.byte() < 32 && !plan.token_index.empty())
+        plan.token_index[std::size_t(f.pick(0, std::int64_t(plan.token_index.size()) - 1))] =
+            f.offset();
+      // A ragged block that doubles its rows (any plan).
+      const auto block = [](ConstView<float, 2> rows, std::span<const std::int64_t>,
+                            View<float, 2> out) {
+        for (std::int64_t i = 0; i < rows.extent(0); ++i)
+          for (std::int64_t j = 0; j < rows.extent(1); ++j) out(i, j) = 2.0f * rows(i, j);
+      };
+      router.apply(plan, x, block, f.flag() ? x : f.output<3>(f.near(x.shape()), {x}));
+      break;
+    }
+    case 2: {  // MoE layer with packed weights (sometimes packed from other weights)
+      moe::MoELayerConfig cfg;
+      cfg.d_model = f.extent();
+      cfg.d_ff = f.extent();
+      cfg.num_experts = f.extent();
+      cfg.activation = static_cast<moe::Activation>(f.pick(0, 3));
+      cfg.decode_max_tokens = f.flag() ? f.extent() : 0;
+      const moe::MoELayer<float> layer(cfg);
+      const std::int64_t E = cfg.num_experts, d = cfg.d_model, F = cfg.d_ff;
+      moe::MoELayerWeights<float> w, other;
+      for (auto* ws : {&w, &other}) {
+        ws->experts.w1 = f.tensor<3>(f.near(Shape<3>{E, F, d}));
+        ws->experts.w2 = f.tensor<3>(f.near(Shape<3>{E, d, F}));
+        if (cfg.activation == moe::Activation::swiglu)
+          ws->experts.w3 = f.tensor<3>(f.near(Shape<3>{E, F, d}));
+      }
+      const auto packed = layer.pack_weights(f.byte() < 32 ? other : w);
+      const std::int64_t T = f.extent();
+      auto x = f.tensor<2>(f.near(Shape<2>{T, d}));
+      auto logits = f.tensor<2>(f.near(Shape<2>{T, E}));
+      const auto plan =
+          moe::TopKRouter<float>({.num_experts = E, .top_k = std::min<std::int64_t>(2, E)})
+              .route(logits);
+      layer.execute(plan, x, w, packed, f.output<2>(f.near(Shape<2>{T, d}), {x}));
+      break;
+    }
+    case 3: {  // bf16 GEMM on a fuzzed path
+      const Shape<2> as = f.shape<2>();
+      const auto ta = f.flag() ? core::Trans::yes : core::Trans::no;
+      const auto tb = f.flag() ? core::Trans::yes : core::Trans::no;
+      const std::int64_t m = ta == core::Trans::no ? as[0] : as[1];
+      const std::int64_t k = ta == core::Trans::no ? as[1] : as[0];
+      const std::int64_t n = f.extent();
+      auto a = to_bf16(f.tensor<2>(as), keep);
+      auto b = to_bf16(f.tensor<2>(f.near(tb == core::Trans::no ? Shape<2>{k, n} : Shape<2>{n, k})),
+                       keep);
+      auto c = f.tensor<2>(f.near(Shape<2>{m, n}));
+      const auto path = static_cast<core::Bf16Path>(f.pick(0, 2));
+      core::gemm_bf16(a, ta, b, tb, c, f.flag() ? 0.0f : f.value(), path);
+      break;
+    }
+    case 4: {  // RMSNorm, float or bf16 weights, in place or not
+      const models::RMSNorm norm({.eps = f.flag() ? 1e-5 : f.real()});
+      auto x = f.tensor<2>(f.shape<2>());
+      auto weight = f.tensor<1>(f.near(Shape<1>{x.extent(1)}));
+      auto y = f.flag() ? x : f.output<2>(f.near(x.shape()), {x});
+      if (f.flag())
+        norm.forward(c(x), c(weight), y);
+      else
+        norm.forward(c(x), ConstView<bf16, 1>(to_bf16(weight, keep)), y);
+      break;
+    }
+    default: {  // rotary embeddings from a position
+      const models::RotaryEmbedding rope({.head_dim = f.extent(),
+                                          .theta = f.flag() ? 1e4 : f.real(),
+                                          .max_positions = f.extent()});
+      rope.apply(f.tensor<3>(f.shape<3>()), f.offset());
+      break;
+    }
+  }
+}
+
 }  // namespace
 
 extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size) {
   Fuzz f(data, size);
   set_num_threads(1 + static_cast<int>(f.pick(0, 2)));
   try {
-    switch (f.pick(0, 13)) {
+    switch (f.pick(0, 14)) {
       case 0:
         fuzz_dense(f);
         break;
@@ -1066,8 +1200,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
       case 12:
         fuzz_structured(f);
         break;
-      default:
+      case 13:
         fuzz_core(f);
+        break;
+      default:
+        fuzz_more(f);
         break;
     }
   } catch (const std::invalid_argument&) {  // shape_error, config_error: a clear rejection

@@ -61,7 +61,7 @@ void pack_bf16_a(const S* a, std::int64_t rsa, std::int64_t csa, const std::int3
         const std::int64_t kn = src ? std::clamp<std::int64_t>(k - p0, 0, bf16_step) : 0;
         std::int64_t p = 0;
         if constexpr (std::is_same_v<S, bf16>) {
-          if (csa == 1) {
+          if (csa == 1 && kn > 0) {  // padding rows (src null) copy nothing
             std::memcpy(out, src + p0, std::size_t(kn) * sizeof(bf16));
             p = kn;
           }
