@@ -151,7 +151,7 @@ namespace detail {
 template <class Arch, class T>
 std::int64_t transpose_rows(const T* src, std::int64_t row_stride, std::int64_t n,
                             T* tile) noexcept {
-  constexpr std::int64_t L = simd::lanes_v<T, Arch>;
+  [[maybe_unused]] constexpr std::int64_t L = simd::lanes_v<T, Arch>;  // unused on SSE2
   std::int64_t e = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<T, float> && L == 16) {
