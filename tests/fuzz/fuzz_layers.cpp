@@ -895,6 +895,19 @@ void fuzz_neighborhood(Fuzz& f) {
   na.forward(ext, q, k, v, out, lengths);
 }
 
+/// q of shape qs and k, v of S keys (H_kv = H or 1; shapes sometimes perturbed), in that
+/// order from the input.
+struct AttentionInputs {
+  View<float, 4> q, k, v;
+};
+AttentionInputs attention_inputs(Fuzz& f, const Shape<4>& qs, std::int64_t S) {
+  const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
+  auto q = f.tensor<4>(qs);
+  auto k = f.tensor<4>(ks);
+  auto v = f.tensor<4>(f.near(ks));
+  return {q, k, v};
+}
+
 /// Sliding-window / chunked attention with sinks, block-sparse attention over a (sometimes
 /// corrupted) CSR block mask, and MoBA / VMoBA routing and execution.
 void fuzz_structured(Fuzz& f) {
@@ -929,13 +942,10 @@ void fuzz_structured(Fuzz& f) {
         return;
       }
       const std::int64_t S = qs[1] >= 0 && qs[1] <= 64 ? qs[1] + f.pick(0, 3) : qs[1];  // S >= T
-      const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
-      auto q = f.tensor<4>(qs);
-      auto k = f.tensor<4>(ks);
-      auto v = f.tensor<4>(f.near(ks));
+      auto [q, k, v] = attention_inputs(f, qs, S);
       std::vector<std::int64_t> lengths;
       if (f.flag())
-        lengths = f.int_list(f.near(qs[0]), -1, std::clamp<std::int64_t>(ks[1], 0, 64) + 1);
+        lengths = f.int_list(f.near(qs[0]), -1, std::clamp<std::int64_t>(k.extent(1), 0, 64) + 1);
       sw.forward(q, k, v, f.output<4>(f.near(qs), {q, k, v}), lengths);
       break;
     }
@@ -972,10 +982,7 @@ void fuzz_structured(Fuzz& f) {
       if (f.byte() < 32)
         mask.offsets[std::size_t(f.pick(0, std::int64_t(mask.offsets.size()) - 1))] = f.offset();
       if (f.flag()) (void)bs.pairs(mask, qs[2]);
-      const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
-      auto q = f.tensor<4>(qs);
-      auto k = f.tensor<4>(ks);
-      auto v = f.tensor<4>(f.near(ks));
+      auto [q, k, v] = attention_inputs(f, qs, S);
       bs.forward(q, k, v, mask, f.output<4>(f.near(qs), {q, k, v}));
       break;
     }
@@ -990,17 +997,14 @@ void fuzz_structured(Fuzz& f) {
       const auto qs = f.shape<4>();
       if (structured_work(qs, 4096) > kMaxWork) return;
       const std::int64_t S = f.flag() ? qs[1] : f.extent();
-      const Shape<4> ks = f.near(Shape<4>{qs[0], S, f.flag() ? qs[2] : 1, qs[3]});
-      auto q = f.tensor<4>(qs);
-      auto k = f.tensor<4>(ks);
-      auto v = f.tensor<4>(f.near(ks));
+      auto [q, k, v] = attention_inputs(f, qs, S);
       auto out = f.output<4>(f.near(qs), {q, k, v});
-      attention::MobaPartition part = moba.partition(ks[1]);
+      attention::MobaPartition part = moba.partition(k.extent(1));
       if (f.flag()) {  // a grid partition of S keys (sometimes not S)
         const int rank = int(f.pick(0, 3));
         part.extents.clear();
         part.block.clear();
-        std::int64_t rest = std::clamp<std::int64_t>(ks[1], 0, 64);
+        std::int64_t rest = std::clamp<std::int64_t>(k.extent(1), 0, 64);
         for (int a = 0; a < rank; ++a) {
           const std::int64_t e = a + 1 == rank ? rest : (rest > 0 && rest % 2 == 0 ? 2 : 1);
           part.extents.push_back(f.near(e));
