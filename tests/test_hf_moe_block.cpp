@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
+#include <fstream>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -278,6 +279,85 @@ TEST_CASE(
       REQUIRE(err <= 2e-5 * scale);
     }
   }
+}
+
+TEST_CASE("DeepSeek routing from config.json: transformers' defaults, unknown values named",
+          "[moe][hf][config]") {
+  using moe::hf_routing_from_config;
+  using moe::ScoreFunc;
+  const nlohmann::json k2 = {{"num_experts_per_tok", 2}};
+  // DeepseekV3Config: n_group 8, topk_group 4, norm_topk_prob true, routed_scaling_factor 2.5.
+  const moe::HFRouting v3 = hf_routing_from_config(HFFamily::deepseek_v3, k2);
+  CHECK(v3.top_k == 2);
+  CHECK(v3.score_func == ScoreFunc::sigmoid);
+  CHECK(v3.n_group == 8);
+  CHECK(v3.topk_group == 4);
+  CHECK(v3.norm_topk_prob);
+  CHECK(v3.routed_scaling_factor == 2.5);
+  // DeepseekV2Config: topk_method "greedy" (no groups), norm_topk_prob false, factor 1.
+  const moe::HFRouting v2 = hf_routing_from_config(HFFamily::deepseek_v2, k2);
+  CHECK(v2.score_func == ScoreFunc::softmax);
+  CHECK(v2.n_group == 1);
+  CHECK(v2.topk_group == 1);
+  CHECK(!v2.norm_topk_prob);
+  CHECK(v2.routed_scaling_factor == 1.0);
+  // "greedy" ignores groups even when the config names them.
+  nlohmann::json c = k2;
+  c["n_group"] = 4;
+  c["topk_group"] = 2;
+  CHECK(hf_routing_from_config(HFFamily::deepseek_v2, c).n_group == 1);
+  c["topk_method"] = "group_limited_greedy";
+  CHECK(hf_routing_from_config(HFFamily::deepseek_v2, c).n_group == 4);
+  CHECK(hf_routing_from_config(HFFamily::deepseek_v2, c).topk_group == 2);
+  // A grouped method without its groups, and unknown or ill-typed methods, are errors.
+  c.erase("n_group");
+  CHECK_THROWS_AS(hf_routing_from_config(HFFamily::deepseek_v2, c), config_error);
+  CHECK_THROWS_WITH(hf_routing_from_config(HFFamily::deepseek_v2, c),
+                    Contains("'n_group'") && Contains("missing"));
+  c = k2;
+  c["scoring_func"] = "softplus";
+  CHECK_THROWS_AS(hf_routing_from_config(HFFamily::deepseek_v3, c), config_error);
+  CHECK_THROWS_WITH(hf_routing_from_config(HFFamily::deepseek_v3, c),
+                    Contains("'scoring_func' = \"softplus\"") && Contains("\"sigmoid\""));
+  c["scoring_func"] = 1;
+  CHECK_THROWS_WITH(hf_routing_from_config(HFFamily::deepseek_v3, c), Contains("'scoring_func'"));
+  c["scoring_func"] = "softmax";
+  CHECK(hf_routing_from_config(HFFamily::deepseek_v3, c).score_func == ScoreFunc::softmax);
+  c["topk_method"] = "top_p";
+  CHECK_THROWS_AS(hf_routing_from_config(HFFamily::deepseek_v3, c), config_error);
+  CHECK_THROWS_WITH(hf_routing_from_config(HFFamily::deepseek_v3, c),
+                    Contains("'topk_method' = \"top_p\"") && Contains("\"noaux_tc\""));
+}
+
+TEST_CASE("load_hf_moe_block checks the routing against the router at load, not at forward",
+          "[moe][hf][errors]") {
+  const RandomBlock v3 = random_block(HFFamily::deepseek_v3, 960);  // E = 8
+  const TempDir dir("groups");
+  write_block(v3, dir.path);
+  const auto ckpt = io::Checkpoint::open(dir.path);
+  const moe::HFRouting fits{
+      .top_k = 3, .score_func = moe::ScoreFunc::sigmoid, .n_group = 4, .topk_group = 2};
+  CHECK_NOTHROW(moe::load_hf_moe_block<bf16>(ckpt, v3.prefix, HFFamily::deepseek_v3, fits));
+  moe::HFRouting r = fits;
+  r.n_group = 3;  // does not divide E = 8
+  CHECK_THROWS_AS(moe::load_hf_moe_block<bf16>(ckpt, v3.prefix, HFFamily::deepseek_v3, r),
+                  config_error);
+  CHECK_THROWS_WITH(moe::load_hf_moe_block<bf16>(ckpt, v3.prefix, HFFamily::deepseek_v3, r),
+                    Contains("'n_group' = 3") && Contains("num_experts = 8"));
+  r = fits;
+  r.topk_group = 5;  // more than n_group = 4
+  CHECK_THROWS_WITH(moe::load_hf_moe_block<bf16>(ckpt, v3.prefix, HFFamily::deepseek_v3, r),
+                    Contains("'topk_group' = 5"));
+  // From config.json: transformers' default n_group = 8 fits E = 8; an explicit 16 does not.
+  nlohmann::json c = ckpt.config();
+  c.erase("n_group");
+  c.erase("topk_group");
+  std::ofstream(dir.path / "config.json") << c.dump();
+  CHECK_NOTHROW(moe::load_hf_moe_block<bf16>(ckpt, v3.prefix, HFFamily::deepseek_v3));
+  c["n_group"] = 16;
+  std::ofstream(dir.path / "config.json") << c.dump();
+  CHECK_THROWS_WITH(moe::load_hf_moe_block<bf16>(ckpt, v3.prefix, HFFamily::deepseek_v3),
+                    Contains("'n_group' = 16"));
 }
 
 TEST_CASE("load_hf_moe_block errors name the tensor and both shapes", "[moe][hf][errors]") {

@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <limits>
 #include <map>
 #include <nlohmann/json.hpp>
 #include <string>
@@ -280,7 +281,7 @@ TEST_CASE("MixtralConfig: every missing or invalid field is named", "[models][co
       {"num_experts_per_tok", 0, "an integer >= 1"},
       {"rms_norm_eps", 0.0, "a finite value > 0"},
       {"rms_norm_eps", -1e-6, "a finite value > 0"},
-      {"rope_theta", -10000.0, "a finite value > 0"},
+      {"rope_theta", -10000.0, "a value in [1, FLT_MAX]"},
       {"rope_theta", "1e4", "a number"},
       {"head_dim", 15, "an even number"},
       {"sliding_window", -1, ">= 0"},
@@ -566,6 +567,66 @@ TEST_CASE("Mixtral load errors: config.json, tensor shapes and dtypes are named"
         MixtralModel<float>::load(checkpoint_dir("bf16")),
         Contains("'model.embed_tokens.weight'") && Contains("BF16") && Contains("F32"));
     CHECK_THROWS_AS(MixtralModel<bf16>::load(checkpoint_dir("f32")), shape_error);
+  }
+}
+
+TEST_CASE("Mixtral load: hostile config.json sizes fail on a field or a tensor, not an allocation",
+          "[models][errors]") {
+  TempDir dir("models");
+  const auto load_with = [&](const nlohmann::json& c) {
+    std::ofstream(dir.path / "config.json") << c.dump(2);
+    return MixtralModel<float>::load(dir.path);
+  };
+  write_checkpoint(dir.path, tiny_config());
+  SECTION("num_hidden_layers far beyond the checkpoint: the first missing layer is named") {
+    nlohmann::json c = tiny_config();
+    c["num_hidden_layers"] = std::int64_t(1) << 40;  // reserving that many layers: 2^40 objects
+    CHECK_THROWS_AS(load_with(c), switchyard::error);
+    CHECK_THROWS_WITH(load_with(c), Contains("'model.layers.1.input_layernorm.weight'"));
+  }
+  SECTION("num_attention_heads * head_dim overflowing, or past core::max_buffer_bytes") {
+    nlohmann::json c = tiny_config();
+    c["num_attention_heads"] = std::int64_t(1) << 32;
+    c["num_key_value_heads"] = 1;
+    c["head_dim"] = std::int64_t(1) << 32;  // H * D = 2^64
+    CHECK_THROWS_AS(load_with(c), config_error);
+    CHECK_THROWS_WITH(load_with(c), Contains("'head_dim' = 4294967296") && Contains("q_proj"));
+    c["num_attention_heads"] = 4;
+    c["num_key_value_heads"] = 2;
+    c["head_dim"] = std::int64_t(1) << 36;  // [4 * 2^36, 64] floats = 2^46 bytes
+    CHECK_THROWS_WITH(load_with(c), Contains("'head_dim'") && Contains("max_buffer_bytes"));
+  }
+  SECTION("tensors are checked before the RoPE table and the caches are allocated") {
+    // head_dim 2^28 with one head passes the config's rules, but its RoPE table for 512
+    // positions would take 2^39 bytes: q_proj's shape must fail first.
+    nlohmann::json c = tiny_config();
+    c["num_attention_heads"] = 1;
+    c["num_key_value_heads"] = 1;
+    c["head_dim"] = std::int64_t(1) << 28;
+    c["max_position_embeddings"] = 512;
+    CHECK_THROWS_AS(load_with(c), shape_error);
+    CHECK_THROWS_WITH(load_with(c), Contains("'model.layers.0.self_attn.q_proj.weight'") &&
+                                        Contains("[268435456, 64]"));
+  }
+  SECTION("rope_theta outside [1, FLT_MAX] (the float table would hold inf or NaN)") {
+    for (const double theta : {1e-300, 0.5, 1e39, 1e300}) {
+      nlohmann::json c = tiny_config();
+      c["rope_theta"] = theta;
+      INFO("rope_theta = " << theta);
+      CHECK_THROWS_AS(load_with(c), config_error);
+      CHECK_THROWS_WITH(load_with(c), Contains("'rope_theta'") && Contains("[1, FLT_MAX]"));
+      CHECK_THROWS_WITH(RotaryEmbedding({.head_dim = 16, .theta = theta, .max_positions = 4}),
+                        Contains("'theta'") && Contains("[1, FLT_MAX]"));
+    }
+    // The bounds themselves are accepted, and their tables are finite.
+    for (const double theta : {1.0, double(std::numeric_limits<float>::max())}) {
+      const RotaryEmbedding rope({.head_dim = 16, .theta = theta, .max_positions = 64});
+      for (std::int64_t p = 0; p < 64; ++p)
+        for (std::int64_t i = 0; i < 8; ++i) {
+          CHECK(std::isfinite(rope.cos()(p, i)));
+          CHECK(std::isfinite(rope.sin()(p, i)));
+        }
+    }
   }
 }
 

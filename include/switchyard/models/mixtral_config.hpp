@@ -13,6 +13,7 @@
 #include <string_view>
 
 #include "switchyard/core/error.hpp"
+#include "switchyard/core/int_math.hpp"
 
 namespace switchyard {
 inline namespace v0 {
@@ -128,9 +129,12 @@ struct MixtralConfig {
   }
 
   /// Throws config_error naming the first field that breaks a rule: every size >= 1,
-  /// num_key_value_heads dividing num_attention_heads, head_dim even (RoPE pairs),
-  /// 1 <= num_experts_per_tok <= num_local_experts, rope_theta and rms_norm_eps finite and
-  /// > 0, sliding_window >= 0. `fn` names the caller in the message.
+  /// num_key_value_heads dividing num_attention_heads, head_dim even (RoPE pairs), the
+  /// projection widths num_attention_heads * head_dim and hidden_size * that width within
+  /// core::max_buffer_bytes as float (so no product overflows), 1 <= num_experts_per_tok <=
+  /// num_local_experts, rope_theta in [1, FLT_MAX] (the RoPE table is built in float; a base
+  /// below 1 would give frequencies above 1 and, far enough below, infinite angles),
+  /// rms_norm_eps finite and > 0, sliding_window >= 0. `fn` names the caller in the message.
   void validate(std::string_view fn = "validate") const {
     const auto positive = [&](std::string_view field, std::int64_t v) {
       if (v < 1) switchyard::detail::fail_config(name, fn, field, v, "an integer >= 1");
@@ -153,12 +157,20 @@ struct MixtralConfig {
     if (head_dim % 2 != 0)
       switchyard::detail::fail_config(name, fn, "head_dim", head_dim,
                                       "an even number (RoPE rotates channel pairs)");
+    // q_proj is [H * D, d]; k_proj and v_proj are narrower (H_kv divides H).
+    if (core::bounded_product({num_attention_heads, head_dim, hidden_size}, sizeof(float)) < 0)
+      switchyard::detail::fail_config(
+          name, fn, "head_dim", head_dim,
+          "a size whose q_proj [num_attention_heads * head_dim, hidden_size] = [" +
+              std::to_string(num_attention_heads) + " * " + std::to_string(head_dim) + ", " +
+              std::to_string(hidden_size) + "] fits core::max_buffer_bytes as float");
     if (num_experts_per_tok > num_local_experts)
       switchyard::detail::fail_config(
           name, fn, "num_experts_per_tok", num_experts_per_tok,
           "at most num_local_experts = " + std::to_string(num_local_experts));
-    if (!(std::isfinite(rope_theta) && rope_theta > 0))
-      switchyard::detail::fail_config(name, fn, "rope_theta", rope_theta, "a finite value > 0");
+    if (!(rope_theta >= 1 && rope_theta <= std::numeric_limits<float>::max()))
+      switchyard::detail::fail_config(name, fn, "rope_theta", rope_theta,
+                                      "a value in [1, FLT_MAX] (the RoPE table is float)");
     if (!(std::isfinite(rms_norm_eps) && rms_norm_eps > 0))
       switchyard::detail::fail_config(name, fn, "rms_norm_eps", rms_norm_eps, "a finite value > 0");
     if (sliding_window < 0)

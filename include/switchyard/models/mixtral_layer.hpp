@@ -59,13 +59,15 @@ struct MixtralLayerWeights {
 };
 
 /// Layer `layer` of a Hugging Face Mixtral checkpoint (names model.layers.{layer}.*), as views
-/// into it (valid while it lives). Throws switchyard::error for a missing tensor and
+/// into it (valid while it lives). Throws config_error when cfg is invalid
+/// (MixtralConfig::validate), switchyard::error for a missing tensor and
 /// shape_error naming the tensor and both shapes when a tensor disagrees with cfg or is not
 /// stored as W (the MoE block's errors come from moe::load_hf_moe_block).
 template <class W>
 MixtralLayerWeights<W> load_mixtral_layer_weights(const io::Checkpoint& ckpt,
                                                   const MixtralConfig& cfg, std::int64_t layer) {
   constexpr std::string_view who = "MixtralDecoderLayer", fn = "load";
+  cfg.validate(fn);  // the widths below are products of its sizes
   const std::string p = "model.layers." + std::to_string(layer) + ".";
   const std::int64_t d = cfg.hidden_size, q = cfg.num_attention_heads * cfg.head_dim,
                      kv = cfg.num_key_value_heads * cfg.head_dim;

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <filesystem>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -88,23 +89,29 @@ class MixtralModel {
       : ckpt_(std::make_unique<io::Checkpoint>(std::move(checkpoint))),
         cfg_(MixtralConfig::from_json(ckpt_->config(),
                                       (ckpt_->directory() / "config.json").string())),
-        capacity_(opts.max_seq_len == 0 ? cfg_.max_position_embeddings : opts.max_seq_len),
-        final_norm_({.eps = cfg_.rms_norm_eps}),
-        rope_(checked_rope_config(cfg_, opts)) {
+        capacity_(checked_capacity(cfg_, opts)),
+        final_norm_({.eps = cfg_.rms_norm_eps}) {
     constexpr std::string_view fn = "load";
     const std::int64_t V = cfg_.vocab_size, d = cfg_.hidden_size;
+    // Every weight is checked against config.json before anything sized by it (the RoPE
+    // table, the KV caches) is allocated, so a bad config.json fails on a tensor's shape and
+    // never on an allocation. A layer has several tensors: the checkpoint's tensor count
+    // bounds the reservation whatever num_hidden_layers claims.
     embed_ = weight_view<W, 2>(*ckpt_, name, fn, "model.embed_tokens.weight", {V, d},
                                "[vocab_size, hidden_size]");
-    layers_.reserve(std::size_t(cfg_.num_hidden_layers));
-    caches_.reserve(std::size_t(cfg_.num_hidden_layers));
-    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    layers_.reserve(
+        std::size_t(std::min<std::int64_t>(cfg_.num_hidden_layers, std::int64_t(ckpt_->size()))));
+    for (std::int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
       layers_.emplace_back(cfg_, load_mixtral_layer_weights<W>(*ckpt_, cfg_, l));
-      caches_.emplace_back(1, cfg_.num_key_value_heads, cfg_.head_dim, capacity_);
-    }
     norm_ = weight_view<W, 1>(*ckpt_, name, fn, "model.norm.weight", {d}, "[hidden_size]");
     lm_head_ = cfg_.tie_word_embeddings ? embed_
                                         : weight_view<W, 2>(*ckpt_, name, fn, "lm_head.weight",
                                                             {V, d}, "[vocab_size, hidden_size]");
+    rope_.emplace(RotaryConfig{
+        .head_dim = cfg_.head_dim, .theta = cfg_.rope_theta, .max_positions = capacity_});
+    caches_.reserve(layers_.size());
+    for (std::size_t l = 0; l < layers_.size(); ++l)
+      caches_.emplace_back(1, cfg_.num_key_value_heads, cfg_.head_dim, capacity_);
   }
 
   /// Movable (the checkpoint is held by pointer, so the weight views stay valid); not copyable.
@@ -128,7 +135,7 @@ class MixtralModel {
     return caches_[std::size_t(check_layer(l))];
   }
   /// The RoPE table shared by the layers, [max_seq_len, head_dim / 2].
-  const RotaryEmbedding& rope() const noexcept { return rope_; }
+  const RotaryEmbedding& rope() const noexcept { return *rope_; }
   /// model.embed_tokens.weight, [V, d], a view into the checkpoint.
   ConstView<W, 2> embed_tokens() const noexcept { return embed_; }
   /// lm_head.weight (embed_tokens when tie_word_embeddings), [V, d], a view into the checkpoint.
@@ -202,13 +209,12 @@ class MixtralModel {
   }
 
  private:
-  static RotaryConfig checked_rope_config(const MixtralConfig& cfg,
-                                          const MixtralModelOptions& opts) {
+  // Positions the caches hold: opts.max_seq_len, or the config's when 0.
+  static std::int64_t checked_capacity(const MixtralConfig& cfg, const MixtralModelOptions& opts) {
     if (opts.max_seq_len < 0)
       switchyard::detail::fail_config(name, "load", "max_seq_len", opts.max_seq_len,
                                       ">= 0 (0 = max_position_embeddings)");
-    const std::int64_t cap = opts.max_seq_len == 0 ? cfg.max_position_embeddings : opts.max_seq_len;
-    return {.head_dim = cfg.head_dim, .theta = cfg.rope_theta, .max_positions = cap};
+    return opts.max_seq_len == 0 ? cfg.max_position_embeddings : opts.max_seq_len;
   }
 
   std::int64_t check_layer(std::int64_t l) const {
@@ -248,7 +254,7 @@ class MixtralModel {
       trace->layers.resize(layers_.size());
     }
     for (std::size_t l = 0; l < layers_.size(); ++l)
-      layers_[l].forward(x.view<2>(), caches_[l], rope_, trace ? &trace->layers[l] : nullptr);
+      layers_[l].forward(x.view<2>(), caches_[l], *rope_, trace ? &trace->layers[l] : nullptr);
     // Only the rows whose logits are wanted go through the final norm and the LM head.
     const std::int64_t first = trace ? 0 : T - 1;
     Tensor<float> xn({T - first, d});
@@ -268,7 +274,7 @@ class MixtralModel {
   MixtralConfig cfg_;
   std::int64_t capacity_;
   RMSNorm final_norm_;
-  RotaryEmbedding rope_;
+  std::optional<RotaryEmbedding> rope_;  // built once the weights have been checked
   ConstView<W, 2> embed_{}, lm_head_{};
   ConstView<W, 1> norm_{};
   std::vector<layer_type> layers_;

@@ -14,6 +14,7 @@
 // rounded, so the table does not depend on the C library's float cosf).
 #include <cmath>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -28,7 +29,7 @@ namespace models {
 
 struct RotaryConfig {
   std::int64_t head_dim = 0;       ///< D, even and >= 2
-  double theta = 10000.0;          ///< base (HF rope_theta), finite and > 0
+  double theta = 10000.0;          ///< base (HF rope_theta), in [1, FLT_MAX]
   std::int64_t max_positions = 0;  ///< positions 0 .. max_positions - 1 have a table row, >= 1
 };
 
@@ -38,15 +39,18 @@ class RotaryEmbedding {
   static constexpr std::string_view name = "RotaryEmbedding";
 
   /// Builds the [max_positions, D/2] cos and sin tables. Throws config_error naming the field:
-  /// head_dim odd or < 2, theta not finite or <= 0, max_positions < 1 (or a table too large
-  /// for core::max_buffer_bytes).
+  /// head_dim odd or < 2, theta outside [1, FLT_MAX] (the table is computed in float, as
+  /// gpt-fast does: a larger base rounds to infinity, and a base below 1 gives frequencies
+  /// above 1, whose angles overflow float far enough below), max_positions < 1 (or a table
+  /// too large for core::max_buffer_bytes).
   explicit RotaryEmbedding(config_type cfg) : cfg_(cfg) {
     const std::string_view fn = "RotaryEmbedding";
     if (cfg.head_dim < 2 || cfg.head_dim % 2 != 0)
       switchyard::detail::fail_config(name, fn, "head_dim", cfg.head_dim,
                                       "an even number >= 2 (channels rotate in pairs)");
-    if (!(std::isfinite(cfg.theta) && cfg.theta > 0))
-      switchyard::detail::fail_config(name, fn, "theta", cfg.theta, "a finite value > 0");
+    if (!(cfg.theta >= 1 && cfg.theta <= std::numeric_limits<float>::max()))
+      switchyard::detail::fail_config(name, fn, "theta", cfg.theta,
+                                      "a value in [1, FLT_MAX] (the table is float)");
     if (cfg.max_positions < 1)
       switchyard::detail::fail_config(name, fn, "max_positions", cfg.max_positions, ">= 1");
     const std::int64_t half = cfg.head_dim / 2;

@@ -88,8 +88,13 @@ struct HFRouting {
 };
 
 /// Routing of `family` from a parsed config.json, with the defaults of the family's
-/// transformers config class for absent optional fields (num_experts_per_tok is required).
-/// Throws config_error naming the field for a missing or ill-typed value.
+/// transformers config class for absent optional fields (num_experts_per_tok is required;
+/// DeepSeek-V2: topk_method "greedy", norm_topk_prob false, routed_scaling_factor 1, and
+/// n_group / topk_group required by the grouped methods; DeepSeek-V3: sigmoid, n_group 8,
+/// topk_group 4, norm_topk_prob true, routed_scaling_factor 2.5). DeepSeek's scoring_func
+/// ("softmax" / "sigmoid") and topk_method ("greedy", "group_limited_greedy", "noaux_tc") are
+/// read when present. Throws config_error naming the field for a missing, ill-typed or
+/// unknown value.
 inline HFRouting hf_routing_from_config(HFFamily family, const nlohmann::json& config) {
   constexpr std::string_view layer = "load_hf_moe_block", fn = "config.json";
   const auto number = [&](const char* field, std::optional<double> fallback) -> double {
@@ -116,6 +121,20 @@ inline HFRouting hf_routing_from_config(HFFamily family, const nlohmann::json& c
       switchyard::detail::fail_config(layer, fn, field, it->dump(), "true or false");
     return it->get<bool>();
   };
+  // A string field that must be one of `allowed` when present (an unknown method is an
+  // error, never silently another one).
+  const auto choice = [&](const char* field, const char* fallback,
+                          std::initializer_list<std::string_view> allowed) -> std::string {
+    const auto it = config.find(field);
+    if (it == config.end() || it->is_null()) return fallback;
+    if (it->is_string())
+      for (std::string_view a : allowed)
+        if (it->get<std::string>() == a) return std::string(a);
+    std::string want;
+    for (std::string_view a : allowed)
+      want += (want.empty() ? "\"" : ", \"") + std::string(a) + "\"";
+    switchyard::detail::fail_config(layer, fn, field, it->dump(), "one of " + want);
+  };
   HFRouting r;
   r.top_k = integer("num_experts_per_tok", std::nullopt);
   switch (family) {
@@ -129,20 +148,21 @@ inline HFRouting hf_routing_from_config(HFFamily family, const nlohmann::json& c
       break;
     case HFFamily::deepseek_v2:
     case HFFamily::deepseek_v3: {
+      // Defaults of transformers' DeepseekV2Config / DeepseekV3Config; scoring_func and
+      // topk_method are fields of DeepSeek's own config classes, read when present.
       const bool v3 = family == HFFamily::deepseek_v3;
       r.norm_topk_prob = flag("norm_topk_prob", v3);
-      r.score_func = v3 ? ScoreFunc::sigmoid : ScoreFunc::softmax;
-      const auto sf = config.find("scoring_func");
-      if (sf != config.end() && sf->is_string())
-        r.score_func =
-            sf->get<std::string>() == "sigmoid" ? ScoreFunc::sigmoid : ScoreFunc::softmax;
-      // V2's "greedy" top-k ignores the groups; group_limited_greedy and noaux_tc use them.
-      const auto method = config.find("topk_method");
-      const bool greedy =
-          method != config.end() && method->is_string() && method->get<std::string>() == "greedy";
-      r.n_group = greedy ? 1 : integer("n_group", 1.0);
-      r.topk_group = greedy ? 1 : integer("topk_group", 1.0);
-      r.routed_scaling_factor = number("routed_scaling_factor", 1.0);
+      const std::string scoring =
+          choice("scoring_func", v3 ? "sigmoid" : "softmax", {"softmax", "sigmoid"});
+      r.score_func = scoring == "sigmoid" ? ScoreFunc::sigmoid : ScoreFunc::softmax;
+      // "greedy" top-k ignores the groups; group_limited_greedy and noaux_tc use them.
+      const std::string method = choice("topk_method", v3 ? "noaux_tc" : "greedy",
+                                        {"greedy", "group_limited_greedy", "noaux_tc"});
+      const bool greedy = method == "greedy";
+      const std::optional<double> no_default;  // V2 has none: grouped methods need them
+      r.n_group = greedy ? 1 : integer("n_group", v3 ? std::optional(8.0) : no_default);
+      r.topk_group = greedy ? 1 : integer("topk_group", v3 ? std::optional(4.0) : no_default);
+      r.routed_scaling_factor = number("routed_scaling_factor", v3 ? 2.5 : 1.0);
       if (!(r.routed_scaling_factor > 0) || !std::isfinite(r.routed_scaling_factor))
         switchyard::detail::fail_config(layer, fn, "routed_scaling_factor", r.routed_scaling_factor,
                                         "finite and > 0");
@@ -181,24 +201,44 @@ struct HFMoEBlock {
     core::linear(x, router_weight, logits);
     DispatchPlan<float> local;
     DispatchPlan<float>& plan = plan_out ? *plan_out : local;
-    if (family == HFFamily::deepseek_v2 || family == HFFamily::deepseek_v3) {
-      GroupedTopKRouter<float> router({.num_experts = E,
-                                       .top_k = routing.top_k,
-                                       .n_group = routing.n_group,
-                                       .topk_group = routing.topk_group,
-                                       .score_func = routing.score_func,
-                                       .norm_topk_prob = routing.norm_topk_prob,
-                                       .routed_scaling_factor = routing.routed_scaling_factor});
+    if (grouped()) {
+      GroupedTopKRouter<float> router(grouped_router_config());
       if (score_bias.numel() > 0)
         router.route(logits, std::span<const float>(score_bias.data(), std::size_t(E)), plan);
       else
         router.route(logits, plan);
     } else {
-      TopKRouter<float> router(
-          {.num_experts = E, .top_k = routing.top_k, .renormalize = routing.norm_topk_prob});
-      router.route(logits, plan);
+      TopKRouter<float>(topk_router_config()).route(logits, plan);
     }
     MoELayer<float>(layer_config).execute(plan, x, weights, y);
+  }
+
+  /// Throws config_error when the routing does not fit the block's experts (the router's own
+  /// checks: top_k, n_group dividing E, topk_group, routed_scaling_factor).
+  void check_routing() const {
+    if (grouped())
+      GroupedTopKRouter<float>{grouped_router_config()};
+    else
+      TopKRouter<float>{topk_router_config()};
+  }
+
+ private:
+  bool grouped() const noexcept {
+    return family == HFFamily::deepseek_v2 || family == HFFamily::deepseek_v3;
+  }
+  GroupedTopKRouterConfig grouped_router_config() const {
+    return {.num_experts = layer_config.num_experts,
+            .top_k = routing.top_k,
+            .n_group = routing.n_group,
+            .topk_group = routing.topk_group,
+            .score_func = routing.score_func,
+            .norm_topk_prob = routing.norm_topk_prob,
+            .routed_scaling_factor = routing.routed_scaling_factor};
+  }
+  TopKRouterConfig topk_router_config() const {
+    return {.num_experts = layer_config.num_experts,
+            .top_k = routing.top_k,
+            .renormalize = routing.norm_topk_prob};
   }
 };
 
@@ -236,7 +276,8 @@ ConstView<W, 2> hf_matrix(const io::Checkpoint& ckpt, const std::string& name, s
 /// Loads the MoE block at `prefix` (see the file comment for each family's names) with the
 /// given routing. E is the router's row count; every expert 0..E-1 must be present.
 /// Throws switchyard::error naming a missing tensor, shape_error naming a tensor with the
-/// wrong shape or dtype (both shapes), config_error for routing that does not fit E.
+/// wrong shape or dtype (both shapes), config_error for routing that does not fit E (top_k,
+/// and for DeepSeek n_group dividing E and 1 <= topk_group <= n_group).
 template <class W>
 HFMoEBlock<W> load_hf_moe_block(const io::Checkpoint& ckpt, std::string_view prefix,
                                 HFFamily family, const HFRouting& routing) {
@@ -298,6 +339,7 @@ HFMoEBlock<W> load_hf_moe_block(const io::Checkpoint& ckpt, std::string_view pre
                                      "[" + std::to_string(E) + "]", "one bias per expert");
     b.score_bias = ckpt.tensor<float>(name);
   }
+  b.check_routing();
   return b;
 }
 
