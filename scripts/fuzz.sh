@@ -27,10 +27,10 @@ cmake -S "$root" -B "$build" "${generator[@]}" -DCMAKE_CXX_COMPILER="$cxx" \
   -DCMAKE_BUILD_TYPE=RelWithDebInfo -DSWITCHYARD_BUILD_FUZZ=ON -DSWITCHYARD_BUILD_TESTS=OFF \
   -DSWITCHYARD_BUILD_BENCH=OFF -DSWITCHYARD_BUILD_EXAMPLES=OFF -DSWITCHYARD_INSTALL=OFF \
   -DSWITCHYARD_OPENMP=OFF >/dev/null
-cmake --build "$build" --target fuzz_safetensors fuzz_plan_json fuzz_layers -j "${JOBS:-2}"
+cmake --build "$build" --target fuzz_safetensors fuzz_plan_json fuzz_layers fuzz_models -j "${JOBS:-2}"
 
 status=0
-for target in safetensors plan_json layers; do
+for target in safetensors plan_json layers models; do
   corpus=$build/corpus/$target
   findings=$build/findings/$target
   rm -rf "$corpus"
