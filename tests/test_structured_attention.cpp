@@ -930,6 +930,13 @@ TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a
   // Key lengths outside [0, tokens] (INT64_MAX would overflow the count).
   const std::int64_t lengths[2] = {16, big};
   REQUIRE(na.pairs({4, 4}, std::span(lengths, 1)) == na.pairs({4, 4}));
+  {
+    // Key lengths on a 2^20 x 2^20 grid are counted axis by axis, not token by token (2^40
+    // tokens). Keys below 5 lie in row 0, seen by query rows 0 and 1, each of whose rows
+    // sees 3 + 3 + 3 + 3 + 2 + 1 of them.
+    const std::int64_t n = std::int64_t(1) << 20, few[] = {5, 0};
+    REQUIRE(na.pairs({n, n}, few) == 2 * 15 + 0);
+  }
   REQUIRE_THROWS_WITH(na.pairs({4, 4}, lengths),
                       Contains("NeighborhoodAttention::pairs") && Contains("'key_lengths[1]'"));
   // Sliding window: a huge batch is counted once per sequence and checked, not looped over.

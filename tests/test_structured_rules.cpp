@@ -231,6 +231,66 @@ TEST_CASE("neighborhood_window matches the brute-force rule on every 2D and 3D a
   }
 }
 
+TEST_CASE("neighborhood_pairs_below counts the brute-force keys below every key length",
+          "[neighborhood]") {
+  // Every axis combination of 1D, 2D and 3D grids, every length 0..tokens: the count of
+  // (query, key) pairs whose key token index is below the length, from the reference keys.
+  const std::vector<I64s> grids = {{13}, {5, 6}, {4, 7}, {3, 3, 4}};
+  for (const auto& ext : grids) {
+    std::vector<Axes> per_axis;
+    for (auto L : ext) per_axis.push_back(all_axis_options(L));
+    const std::int64_t tokens = product(ext);
+    std::vector<std::size_t> pick(ext.size(), 0);
+    for (bool more = true; more;) {
+      Axes axes;
+      for (std::size_t a = 0; a < ext.size(); ++a) axes.push_back(per_axis[a][pick[a]]);
+      std::vector<std::int64_t> below(std::size_t(tokens + 1), 0);  // pairs with key == index
+      for (std::int64_t t = 0; t < tokens; ++t)
+        for (std::int64_t key : neighborhood_reference_keys(ext, axes, t))
+          ++below[std::size_t(key)];
+      std::int64_t want = 0;
+      for (std::int64_t len = 0; len <= tokens; ++len) {
+        if (neighborhood_pairs_below(ext, axes, len) != want) {
+          FAIL_CHECK("extents " << switchyard::detail::format_shape(ext) << " " << describe(axes)
+                                << " len " << len << ": got "
+                                << neighborhood_pairs_below(ext, axes, len) << ", want " << want);
+        }
+        if (len < tokens) want += below[std::size_t(len)];
+      }
+      more = false;
+      for (std::size_t a = ext.size(); a-- > 0;) {
+        if (++pick[a] < per_axis[a].size()) {
+          more = true;
+          break;
+        }
+        pick[a] = 0;
+      }
+    }
+  }
+}
+
+TEST_CASE("neighborhood pair counts of huge grids: by axis, overflow refused",
+          "[neighborhood][errors]") {
+  // 1D, kernel 3, keys below 5: queries 0..3 see 3 of them, 4 sees 2 (3, 4), 5 sees 1 (4).
+  const std::int64_t L = std::int64_t(1) << 20;
+  const Axes k3{{3, 1, 1, false}};
+  CHECK(neighborhood_pairs_below(I64s{L}, k3, 5) == 3 + 3 + 3 + 3 + 2 + 1);
+  CHECK(neighborhood_pairs_below(I64s{L}, k3, 0) == 0);
+  CHECK(neighborhood_pairs_below(I64s{L}, k3, L) == 3 * L);
+  // 2D, 3 x 3: keys below 5 lie in row 0, which query rows 0 and 1 see: 2 * 15. The grid has
+  // 2^40 tokens; the count visits each axis once, never the tokens.
+  CHECK(neighborhood_pairs_below(I64s{L, L}, Axes{k3[0], k3[0]}, 5) == 2 * 15);
+  // 2D 2^20 x 2^20 with kernels 2^20 - 1: about 2^80 pairs, refused rather than overflowed.
+  const std::int64_t n = std::int64_t(1) << 20;
+  const Axes wide{{n - 1, 1, 1, false}, {n - 1, 1, 1, false}};
+  CHECK_THROWS_AS(neighborhood_pairs(I64s{n, n}, wide), config_error);
+  CHECK_THROWS_WITH(neighborhood_pairs(I64s{n, n}, wide),
+                    Contains("'extents' = [1048576, 1048576]") && Contains("fits int64"));
+  CHECK_THROWS_WITH(neighborhood_pairs_below(I64s{n, n}, wide, n * n / 2), Contains("fits int64"));
+  // Below the first row the count stays small: key row 0 only, columns below 7.
+  CHECK(neighborhood_pairs_below(I64s{n, n}, wide, 7) > 0);
+}
+
 TEST_CASE("neighborhood_window on hand-worked windows", "[neighborhood]") {
   auto starts = [](std::int64_t L, NeighborhoodAxis a) {
     I64s s, n;

@@ -215,36 +215,11 @@ class NeighborhoodAttention {
     const Mask<T> lengths{KeyLengths{key_lengths}};
     lengths.validate(name, "pairs", std::int64_t(key_lengths.size()), tokens, tokens);
     std::int64_t total = 0;
-    for (const std::int64_t len : key_lengths) {
-      for (std::int64_t t = 0; t < tokens; ++t) {
-        std::array<std::int64_t, Rank> x{};
-        std::int64_t rest = t;
-        for (int a = Rank - 1; a >= 0; --a) {
-          x[a] = rest % extents[a];
-          rest /= extents[a];
-        }
-        std::array<AxisWindow, Rank> w{};
-        for (int a = 0; a < Rank; ++a) w[a] = neighborhood_window(extents[a], x[a], cfg_.axes[a]);
-        // Walk the key rows of the window (all axes but the last); clip the last axis.
-        std::array<std::int64_t, Rank> idx{};
-        while (true) {
-          std::int64_t row = 0;
-          for (int a = 0; a + 1 < Rank; ++a)
-            row = row * extents[a] + w[a].start + idx[a] * cfg_.axes[a].dilation;
-          const std::int64_t base = row * extents[Rank - 1];
-          const AxisWindow& z = w[Rank - 1];
-          const std::int64_t dz = cfg_.axes[Rank - 1].dilation;
-          const std::int64_t lim = len - base - z.start;  // keys z.start + m*dz < len - base
-          total += std::clamp<std::int64_t>(lim > 0 ? (lim + dz - 1) / dz : 0, 0, z.count);
-          int a = Rank - 2;
-          for (; a >= 0; --a) {
-            if (++idx[a] < w[a].count) break;
-            idx[a] = 0;
-          }
-          if (a < 0) break;
-        }
-      }
-    }
+    for (const std::int64_t len : key_lengths)
+      if (core::add_overflows(total, neighborhood_pairs_below(extents, cfg_.axes, len), total))
+        switchyard::detail::fail_config(name, "pairs", "key_lengths",
+                                        "[B=" + std::to_string(key_lengths.size()) + "]",
+                                        "a batch whose pair count fits int64");
     return total;
   }
 

@@ -35,6 +35,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <vector>
 
 #include "switchyard/core/error.hpp"
 #include "switchyard/core/int_math.hpp"
@@ -146,20 +147,87 @@ inline void check_neighborhood_axes(std::string_view layer, std::string_view fn,
   }
 }
 
+namespace neighborhood_detail {
+
+[[noreturn]] inline void fail_pairs_overflow(std::span<const std::int64_t> extents) {
+  switchyard::detail::fail_config("NeighborhoodAttention", "pairs", "extents",
+                                  switchyard::detail::format_shape(extents),
+                                  "a grid whose (query, key) pair count fits int64");
+}
+
+/// a * b, or config_error naming the grid when the pair count passes int64.
+inline std::int64_t checked_pairs_product(std::int64_t a, std::int64_t b,
+                                          std::span<const std::int64_t> extents) {
+  std::int64_t out = 0;
+  if (core::mul_overflows(a, b, out)) fail_pairs_overflow(extents);
+  return out;
+}
+
+/// Along one axis of length `length`: the sum over all queries of their window sizes.
+inline std::int64_t axis_pairs(std::int64_t length, const NeighborhoodAxis& a) {
+  std::int64_t sum = 0;  // <= length * kernel_size <= 2^62: no overflow
+  for (std::int64_t q = 0; q < length; ++q) sum += neighborhood_window(length, q, a).count;
+  return sum;
+}
+
+}  // namespace neighborhood_detail
+
 /// (query, key) pairs computed per (batch, head) by neighbourhood attention over a grid of
 /// `extents`: the sum over all query tokens of the product of their per-axis window counts.
 /// It factorises, so it is computed as the product over axes of the per-axis sums of counts
-/// (O(sum of extents)). Preconditions: check_neighborhood_axes passed.
+/// (O(sum of extents)). Preconditions: check_neighborhood_axes passed. Throws config_error
+/// when the count passes int64.
 inline std::int64_t neighborhood_pairs(std::span<const std::int64_t> extents,
                                        std::span<const NeighborhoodAxis> axes) {
   std::int64_t pairs = 1;
-  for (std::size_t n = 0; n < extents.size() && n < axes.size(); ++n) {
-    std::int64_t sum = 0;
-    for (std::int64_t q = 0; q < extents[n]; ++q)
-      sum += neighborhood_window(extents[n], q, axes[n]).count;
-    pairs *= sum;
-  }
+  for (std::size_t n = 0; n < extents.size() && n < axes.size(); ++n)
+    pairs = neighborhood_detail::checked_pairs_product(
+        pairs, neighborhood_detail::axis_pairs(extents[n], axes[n]), extents);
   return pairs;
+}
+
+/// The pairs of neighborhood_pairs whose key's row-major token index is below `len`
+/// (0 <= len <= tokens): a key-length mask. In O(sum of extents), without visiting the
+/// tokens: write len in the grid's mixed radix, len = sum_a c_a * P_a (P_a the product of the
+/// extents after axis a). A key is below len exactly when, at the first axis a where its
+/// coordinate differs from c_a, it is smaller; so the count is the sum over a of
+///   prod_{b<a} in_b(c_b) * below_a(c_a) * prod_{b>a} axis_pairs_b
+/// where in_b(c) counts the queries whose window contains key coordinate c along axis b and
+/// below_a(c) the (query, key) pairs along axis a with key coordinate below c (every
+/// window is a product of per-axis windows, so each sum over the grid factorises).
+/// Preconditions: check_neighborhood_axes passed. Throws config_error when the count
+/// passes int64.
+inline std::int64_t neighborhood_pairs_below(std::span<const std::int64_t> extents,
+                                             std::span<const NeighborhoodAxis> axes,
+                                             std::int64_t len) {
+  const std::size_t rank = std::min(extents.size(), axes.size());
+  std::int64_t tokens = 1;
+  for (std::size_t n = 0; n < rank; ++n) tokens *= extents[n];
+  if (len >= tokens) return neighborhood_pairs(extents, axes);
+  if (len <= 0) return 0;
+  std::vector<std::int64_t> digit(rank);
+  for (std::size_t n = rank; n-- > 0;) {
+    digit[n] = len % extents[n];
+    len /= extents[n];
+  }
+  using neighborhood_detail::checked_pairs_product;
+  std::int64_t total = 0, prefix = 1;  // prefix = prod_{b<a} in_b(c_b)
+  for (std::size_t a = 0; a < rank && prefix > 0; ++a) {
+    std::int64_t in = 0, below = 0;
+    for (std::int64_t q = 0; q < extents[a]; ++q) {
+      const AxisWindow w = neighborhood_window(extents[a], q, axes[a]);
+      const std::int64_t d = axes[a].dilation, c = digit[a];
+      if (c >= w.start && (c - w.start) % d == 0 && (c - w.start) / d < w.count) ++in;
+      below += std::clamp<std::int64_t>(c > w.start ? (c - w.start + d - 1) / d : 0, 0, w.count);
+    }
+    std::int64_t term = checked_pairs_product(prefix, below, extents);
+    for (std::size_t b = a + 1; b < rank; ++b)
+      term = checked_pairs_product(term, neighborhood_detail::axis_pairs(extents[b], axes[b]),
+                                   extents);
+    if (core::add_overflows(total, term, total)) neighborhood_detail::fail_pairs_overflow(extents);
+    prefix = checked_pairs_product(prefix, in, extents);
+  }
+  return total;
 }
 
 }  // namespace attention
