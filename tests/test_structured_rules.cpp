@@ -73,6 +73,30 @@ Axes all_axis_options(std::int64_t L) {
   return out;
 }
 
+// Calls fn(axes) once for every combination of all_axis_options over the axes of `ext`
+// (an odometer over the per-axis option lists); returns the number of combinations.
+template <class Fn>
+std::int64_t for_each_axis_combination(const I64s& ext, Fn fn) {
+  std::vector<Axes> per_axis;
+  for (auto L : ext) per_axis.push_back(all_axis_options(L));
+  std::vector<std::size_t> pick(ext.size(), 0);
+  std::int64_t combos = 0;
+  for (bool more = true; more; ++combos) {
+    Axes axes;
+    for (std::size_t a = 0; a < ext.size(); ++a) axes.push_back(per_axis[a][pick[a]]);
+    fn(axes);
+    more = false;
+    for (std::size_t a = ext.size(); a-- > 0;) {
+      if (++pick[a] < per_axis[a].size()) {
+        more = true;
+        break;
+      }
+      pick[a] = 0;
+    }
+  }
+  return combos;
+}
+
 std::string describe(const Axes& axes) {
   std::string s;
   for (const auto& a : axes) {
@@ -197,14 +221,7 @@ TEST_CASE("neighborhood_window matches the brute-force rule on every 2D and 3D a
           "[neighborhood]") {
   const std::vector<I64s> grids = {{5, 6}, {4, 7}, {3, 3, 4}};
   for (const auto& ext : grids) {
-    std::vector<Axes> per_axis;
-    for (auto L : ext) per_axis.push_back(all_axis_options(L));
-    // Odometer over the per-axis option lists: every combination once.
-    std::vector<std::size_t> pick(ext.size(), 0);
-    std::int64_t combos = 0;
-    for (bool more = true; more; ++combos) {
-      Axes axes;
-      for (std::size_t a = 0; a < ext.size(); ++a) axes.push_back(per_axis[a][pick[a]]);
+    const std::int64_t combos = for_each_axis_combination(ext, [&](const Axes& axes) {
       std::int64_t pairs = 0;
       bool ok = true;
       for (std::int64_t t = 0; t < product(ext) && ok; ++t) {
@@ -216,17 +233,9 @@ TEST_CASE("neighborhood_window matches the brute-force rule on every 2D and 3D a
         FAIL_CHECK("mismatch for extents " << switchyard::detail::format_shape(ext) << " "
                                            << describe(axes));
       }
-      more = false;
-      for (std::size_t a = ext.size(); a-- > 0;) {
-        if (++pick[a] < per_axis[a].size()) {
-          more = true;
-          break;
-        }
-        pick[a] = 0;
-      }
-    }
+    });
     std::int64_t expect = 1;
-    for (const auto& o : per_axis) expect *= static_cast<std::int64_t>(o.size());
+    for (auto L : ext) expect *= static_cast<std::int64_t>(all_axis_options(L).size());
     CHECK(combos == expect);
   }
 }
@@ -237,35 +246,21 @@ TEST_CASE("neighborhood_pairs_below counts the brute-force keys below every key 
   // (query, key) pairs whose key token index is below the length, from the reference keys.
   const std::vector<I64s> grids = {{13}, {5, 6}, {4, 7}, {3, 3, 4}};
   for (const auto& ext : grids) {
-    std::vector<Axes> per_axis;
-    for (auto L : ext) per_axis.push_back(all_axis_options(L));
     const std::int64_t tokens = product(ext);
-    std::vector<std::size_t> pick(ext.size(), 0);
-    for (bool more = true; more;) {
-      Axes axes;
-      for (std::size_t a = 0; a < ext.size(); ++a) axes.push_back(per_axis[a][pick[a]]);
-      std::vector<std::int64_t> below(std::size_t(tokens + 1), 0);  // pairs with key == index
+    for_each_axis_combination(ext, [&](const Axes& axes) {
+      std::vector<std::int64_t> at(std::size_t(tokens), 0);  // pairs whose key is that token
       for (std::int64_t t = 0; t < tokens; ++t)
-        for (std::int64_t key : neighborhood_reference_keys(ext, axes, t))
-          ++below[std::size_t(key)];
-      std::int64_t want = 0;
+        for (std::int64_t key : neighborhood_reference_keys(ext, axes, t)) ++at[std::size_t(key)];
+      std::int64_t want = 0;  // pairs with key < len
       for (std::int64_t len = 0; len <= tokens; ++len) {
         if (neighborhood_pairs_below(ext, axes, len) != want) {
           FAIL_CHECK("extents " << switchyard::detail::format_shape(ext) << " " << describe(axes)
                                 << " len " << len << ": got "
                                 << neighborhood_pairs_below(ext, axes, len) << ", want " << want);
         }
-        if (len < tokens) want += below[std::size_t(len)];
+        if (len < tokens) want += at[std::size_t(len)];
       }
-      more = false;
-      for (std::size_t a = ext.size(); a-- > 0;) {
-        if (++pick[a] < per_axis[a].size()) {
-          more = true;
-          break;
-        }
-        pick[a] = 0;
-      }
-    }
+    });
   }
 }
 
