@@ -438,36 +438,45 @@ TEST_CASE("core::gemm with a caller workspace does not allocate", "[gemm]") {
   CHECK(c(0, 0) == 300.0f);
 }
 
-TEST_CASE("core::gemm_parallel: same bits for 1 and 2 threads and as gemm, matches the reference",
+TEST_CASE("core::gemm_parallel: same bits for 1 to 3 threads and as gemm, matches the reference",
           "[gemm][parallel]") {
   std::mt19937 gen(11);
-  const std::int64_t m = 400, n = 1100, k = 150;
-  Mat<float> a(m, k, k, 1), b(k, n, n, 1), c0(m, n, n, 1);
-  fill_random(a, gen);
-  fill_random(b, gen);
-  fill_random(c0, gen);
-  std::vector<double> ref, bound;
-  reference<float>(a, nullptr, b, c0, 1.0f, 0.5f, ref, bound);
-  auto run = [&](int threads) {
-    ScopedNumThreads scope(threads);
-    Mat<float> c = c0;
-    core::gemm_parallel<float>(ConstView<float, 2>(a.buf.data(), {m, k}), Trans::no,
-                               ConstView<float, 2>(b.buf.data(), {k, n}), Trans::no,
-                               View<float, 2>(c.buf.data(), {m, n}), 1.0f, 0.5f);
-    return c;
-  };
-  // 2 and 3 threads: the row tasks split differently, the shared B blocks are packed by
-  // several threads.
-  const Mat<float> c1 = run(1), c2 = run(2), c3 = run(3);
-  check_result(c1, ref, bound);
-  REQUIRE(std::memcmp(c1.buf.data(), c2.buf.data(), sizeof(float) * c1.buf.size()) == 0);
-  REQUIRE(std::memcmp(c1.buf.data(), c3.buf.data(), sizeof(float) * c1.buf.size()) == 0);
-  // Same micro-tile grid as the serial call, so the same bits.
-  Mat<float> cs = c0;
-  core::gemm<float>(ConstView<float, 2>(a.buf.data(), {m, k}), Trans::no,
-                    ConstView<float, 2>(b.buf.data(), {k, n}), Trans::no,
-                    View<float, 2>(cs.buf.data(), {m, n}), 1.0f, 0.5f);
-  REQUIRE(std::memcmp(c1.buf.data(), cs.buf.data(), sizeof(float) * c1.buf.size()) == 0);
+  // 1100 columns: 2 threads split C by columns (>= gemm_column_split_min each), 3 by rows
+  // (tasks of rows, the shared B blocks packed by several threads); 200 columns: rows only.
+  // B as stored and transposed (the column split offsets B along its other stride).
+  static_assert(core::gemm_column_split_min * 2 <= 1100 && core::gemm_column_split_min * 3 > 1100);
+  for (const std::int64_t n : {1100, 200})
+    for (const Trans tb : {Trans::no, Trans::yes}) {
+      CAPTURE(n, tb == Trans::yes);
+      const std::int64_t m = n == 200 ? 700 : 400, k = 150;
+      Mat<float> a(m, k, k, 1), c0(m, n, n, 1);
+      Mat<float> b = tb == Trans::no ? Mat<float>(k, n, n, 1) : Mat<float>(k, n, 1, k);
+      fill_random(a, gen);
+      fill_random(b, gen);
+      fill_random(c0, gen);
+      std::vector<double> ref, bound;
+      reference<float>(a, nullptr, b, c0, 1.0f, 0.5f, ref, bound);
+      const ConstView<float, 2> av(a.buf.data(), {m, k});
+      const ConstView<float, 2> bv =
+          tb == Trans::no ? ConstView<float, 2>(b.buf.data(), {k, n})
+                          : ConstView<float, 2>(b.buf.data(), {n, k});
+      auto run = [&](int threads) {
+        ScopedNumThreads scope(threads);
+        Mat<float> c = c0;
+        core::gemm_parallel<float>(av, Trans::no, bv, tb, View<float, 2>(c.buf.data(), {m, n}),
+                                   1.0f, 0.5f);
+        return c;
+      };
+      const Mat<float> c1 = run(1), c2 = run(2), c3 = run(3);
+      check_result(c1, ref, bound);
+      check_result(c2, ref, bound);
+      REQUIRE(std::memcmp(c1.buf.data(), c2.buf.data(), sizeof(float) * c1.buf.size()) == 0);
+      REQUIRE(std::memcmp(c1.buf.data(), c3.buf.data(), sizeof(float) * c1.buf.size()) == 0);
+      // Same micro-tile grid as the serial call, so the same bits.
+      Mat<float> cs = c0;
+      core::gemm<float>(av, Trans::no, bv, tb, View<float, 2>(cs.buf.data(), {m, n}), 1.0f, 0.5f);
+      REQUIRE(std::memcmp(c1.buf.data(), cs.buf.data(), sizeof(float) * c1.buf.size()) == 0);
+    }
 }
 
 TEST_CASE("core::gemm errors name gemm, the argument and both shapes", "[gemm][errors]") {
