@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <random>
 #include <string>
 #include <switchyard/attention/block_sparse.hpp>
 #include <switchyard/attention/moba.hpp>
@@ -909,6 +910,82 @@ TEST_CASE("MoBA errors name the layer, argument and shapes", "[moba][errors]") {
   core::Tensor<float> out16({1, 16, 2, 8});
   REQUIRE_THROWS_WITH(moba.execute(sel, q16.view<4>(), k.view<4>(), k.view<4>(), out16.view<4>()),
                       Contains("'sel'") && Contains("[B=1, H=2, T=32, N=4]"));
+}
+
+TEST_CASE("sliding window pairs: closed form against the brute-force rule, and huge sizes",
+          "[sliding][pairs]") {
+  // Counted pair by pair from the rule in the header comment (as the forward test's reference
+  // does), for one sequence of key length len, so every count is compared on its own.
+  const auto check = [](bool causal, std::int64_t window, std::int64_t chunk, std::int64_t sinks,
+                        std::int64_t S, std::int64_t Tq, std::int64_t len) {
+    std::int64_t want = 0;
+    for (std::int64_t i = 0; i < Tq; ++i) {
+      const std::int64_t P = i + S - Tq;
+      for (std::int64_t j = 0; j < len; ++j) {
+        bool vis = !(causal && j > P);
+        if (vis && j >= sinks) {
+          if (window > 0 && (causal ? j <= P - window : std::abs(j - P) >= window)) vis = false;
+          if (chunk > 0 && j / chunk != P / chunk) vis = false;
+        }
+        want += vis ? 1 : 0;
+      }
+    }
+    const SlidingWindowAttention<float> attn(
+        {.window = window, .chunk = chunk, .sinks = sinks, .causal = causal});
+    const std::int64_t one[1] = {len};
+    if (attn.pairs(1, Tq, S, one) == want) return true;
+    CAPTURE(causal, window, chunk, sinks, S, Tq, len, want);
+    REQUIRE(attn.pairs(1, Tq, S, one) == want);
+    return false;
+  };
+  // Every configuration of small sizes.
+  std::int64_t cases = 0;
+  for (const bool causal : {true, false})
+    for (std::int64_t window = 0; window <= 6; ++window)
+      for (std::int64_t chunk = 0; chunk <= 5; ++chunk)
+        for (const std::int64_t sinks : {0, 1, 2, 4, 30})
+          for (std::int64_t S = 0; S <= 13 && (window > 0 || chunk > 0); ++S)
+            for (std::int64_t Tq = 0; Tq <= S; ++Tq)
+              for (std::int64_t len = 0; len <= S; ++len)
+                cases += check(causal, window, chunk, sinks, S, Tq, len) ? 1 : 0;
+  REQUIRE(cases == 410 * 1015);
+  // Random larger ones: at the small sizes above many of the points where the count changes
+  // slope coincide, so a missing one can go unnoticed there (it did, in a mutation check).
+  std::mt19937 gen(5);
+  const auto pick = [&](std::int64_t hi) { return std::int64_t(gen() % std::uint64_t(hi + 1)); };
+  for (int it = 0; it < 600; ++it) {
+    const bool causal = gen() % 2 == 0;
+    const std::int64_t S = pick(200), Tq = pick(S), len = gen() % 3 ? pick(S) : S;
+    std::int64_t window = pick(3) ? pick(60) : 0;
+    const std::int64_t chunk = pick(2) ? pick(50) : 0, sinks = pick(2) ? pick(40) : 0;
+    if (window == 0 && chunk == 0) window = 1 + pick(60);
+    check(causal, window, chunk, sinks, S, Tq, len);
+  }
+  // 2^31 - 1 positions, worked by hand: a causal window w sees min(P + 1, w) keys; chunks of c
+  // (S = m * c) see 1 + 2 + ... + c per chunk; four sinks add 4 to each query past them,
+  // 1, 2, 3 to the first three (window 1: a query's own key, or a sink).
+  const std::int64_t S = (std::int64_t(1) << 31) - 1, w = 1000;
+  const SlidingWindowAttention<float> band({.window = w});
+  REQUIRE(band.pairs(1, S, S) == w * (w + 1) / 2 + (S - w) * w);
+  const std::int64_t c = 7, m = S / c;  // 2^31 - 1 = 7 * 306783378 + 1
+  const SlidingWindowAttention<float> chunked({.chunk = c});
+  REQUIRE(chunked.pairs(1, m * c, m * c) == m * (c * (c + 1) / 2));
+  const SlidingWindowAttention<float> sinks({.window = 1, .sinks = 4});
+  REQUIRE(sinks.pairs(1, S, S) == (1 + 2 + 3 + 4) + (S - 4) * 5);
+  // Many distinct key lengths of such a sequence: O(1) each (it looped over the queries); the
+  // batch's count is the sum of its sequences'.
+  std::vector<std::int64_t> lengths(4096);
+  for (std::size_t b = 0; b < lengths.size(); ++b) lengths[b] = S - std::int64_t(b);
+  std::int64_t want = 0;
+  for (const std::int64_t len : lengths) {
+    const std::int64_t one[1] = {len};
+    want += band.pairs(1, S, S, one);
+  }
+  REQUIRE(band.pairs(std::int64_t(lengths.size()), S, S, lengths) == want);
+  const std::int64_t shorter[1] = {S - 10};  // the last 10 queries lose their newest keys
+  std::int64_t lost = 0;
+  for (std::int64_t k = 1; k <= 10; ++k) lost += std::min<std::int64_t>(k, w);
+  REQUIRE(band.pairs(1, S, S, shorter) == band.pairs(1, S, S) - lost);
 }
 
 TEST_CASE("hostile sizes: errors or bounded work, never a hang, an overflow or a huge allocation",

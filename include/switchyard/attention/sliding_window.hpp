@@ -64,6 +64,91 @@ inline Visible visible(const SlidingWindowConfig& c, std::int64_t P, std::int64_
   return {sink_end, lo, std::max(lo, hi)};
 }
 
+/// Keys the query at position P sees with key length len.
+inline std::int64_t visible_count(const SlidingWindowConfig& c, std::int64_t P,
+                                  std::int64_t len) noexcept {
+  const Visible v = visible(c, P, len);
+  return v.sink_end + (v.hi - v.lo);
+}
+
+/// Sum of visible_count over P in [a, b) where it is linear in P.
+inline std::int64_t linear_sum(const SlidingWindowConfig& c, std::int64_t a, std::int64_t b,
+                               std::int64_t len) noexcept {
+  if (a >= b) return 0;
+  return (b - a) * (visible_count(c, a, len) + visible_count(c, b - 1, len)) / 2;
+}
+
+/// Sum of visible_count over P in [a, b), inside the chunk starting at c0 (or anywhere without
+/// chunks). Every bound visible() takes a min or max of is P plus a constant or a constant, so
+/// the count is linear in P between the points where two of them cross; those points (each
+/// followed by the next integer) split [a, b) into linear pieces. A split too many is harmless.
+inline std::int64_t piecewise_sum(const SlidingWindowConfig& c, std::int64_t a, std::int64_t b,
+                                  std::int64_t len, std::int64_t c0) noexcept {
+  constexpr std::int64_t big = std::numeric_limits<std::int64_t>::max();
+  const auto sum = [](std::int64_t x, std::int64_t y) {  // saturating: far points stay far
+    std::int64_t r;
+    return __builtin_add_overflow(x, y, &r) ? (y > 0 ? big : -big) : r;
+  };
+  const std::int64_t w = c.window, s1 = std::min(c.sinks, len);
+  const std::int64_t e = c.chunk > 0 ? sum(c0, c.chunk) : 0;  // the chunk's end
+  // The bounds' constants are 0, len, min(sinks, len), c0 and e; P, P + 1, P - window + 1 and
+  // P + window cross them at these offsets.
+  std::int64_t split[2 * 5 * 4 + 2];
+  std::size_t n = 0;
+  const auto add = [&](std::int64_t x) {
+    for (const std::int64_t y : {x, x < b ? x + 1 : x})
+      if (y > a && y < b) split[n++] = y;
+  };
+  split[n++] = a;
+  for (const std::int64_t base : {std::int64_t(0), len, s1, c0, e})
+    for (const std::int64_t offset : {std::int64_t(-1), std::int64_t(0), -w, w - 1})
+      add(sum(base, offset));
+  split[n++] = b;
+  std::sort(split, split + n);
+  std::int64_t total = 0;
+  for (std::size_t i = 0; i + 1 < n; ++i) total += linear_sum(c, split[i], split[i + 1], len);
+  return total;
+}
+
+/// Sum of visible_count over the query positions P in [a, b), 0 <= a <= b < 2^31, in O(1)
+/// pieces. With chunks: chunks that end by min(sinks, len) see P + 1 keys (causal) or
+/// min(sinks, len) (non-causal), chunks from len on see min(sinks, len): linear over the whole
+/// run; chunks from the sinks' end to len all see the same counts at the same offsets, so one
+/// is counted and multiplied; at most the two chunks that straddle min(sinks, len) and len,
+/// and the partial chunks at a and b, are counted piece by piece.
+inline std::int64_t visible_sum(const SlidingWindowConfig& c, std::int64_t a, std::int64_t b,
+                                std::int64_t len) noexcept {
+  if (c.chunk <= 0) return piecewise_sum(c, a, b, len, 0);
+  const std::int64_t ch = c.chunk, s1 = std::min(c.sinks, len), full_end = b / ch * ch;
+  std::int64_t total = 0;
+  for (std::int64_t P = a; P < b;) {
+    const std::int64_t c0 = P / ch * ch;
+    if (P == c0 && ch <= b - c0) {  // a whole chunk
+      if (ch <= s1 - c0) {
+        const std::int64_t end = std::min(full_end, s1 / ch * ch);
+        total += linear_sum(c, P, end, len);
+        P = end;
+        continue;
+      }
+      if (c0 >= len) {
+        total += linear_sum(c, P, full_end, len);
+        P = full_end;
+        continue;
+      }
+      if (c0 >= c.sinks && ch <= len - c0) {
+        const std::int64_t end = std::min(full_end, len / ch * ch);
+        total += (end - c0) / ch * piecewise_sum(c, c0, c0 + ch, len, c0);
+        P = end;
+        continue;
+      }
+    }
+    const std::int64_t end = ch < b - c0 ? c0 + ch : b;
+    total += piecewise_sum(c, P, end, len, c0);
+    P = end;
+  }
+  return total;
+}
+
 }  // namespace sliding_detail
 
 /// Sliding-window / chunked attention with sinks (see the file comment), on Arch.
@@ -93,7 +178,7 @@ class SlidingWindowAttention {
   std::int64_t pairs(std::int64_t B, std::int64_t T_q, std::int64_t S,
                      std::span<const std::int64_t> key_lengths = {}) const {
     check_lengths("pairs", B, T_q, S, key_lengths);
-    // The count loops over the queries: sizes no tensor could have are refused, not looped over.
+    // Sizes no tensor could have are refused (and keep the per-sequence sums below 2^62).
     constexpr std::int64_t most = std::numeric_limits<std::int32_t>::max();
     if (B < 0 || T_q < 0 || S > most) {
       const std::int64_t got[3] = {B, T_q, S};
@@ -101,21 +186,20 @@ class SlidingWindowAttention {
                                      switchyard::detail::format_shape({"B", "T", "S"}, got),
                                      "B, T >= 0 and S <= 2^31 - 1", "sizes of real tensors");
     }
+    // O(1) per sequence (sliding_detail::visible_sum), at most T * S < 2^62.
     const auto sequence = [&](std::int64_t len) {
-      std::int64_t n = 0;
-      for (std::int64_t i = 0; i < T_q; ++i) {
-        const auto vis = sliding_detail::visible(cfg_, i + S - T_q, len);
-        n += vis.sink_end + (vis.hi - vis.lo);
-      }
-      return n;
+      return sliding_detail::visible_sum(cfg_, S - T_q, S, len);
+    };
+    const auto too_many = [&] {
+      switchyard::detail::fail_config(name, "pairs", "B", B, "a batch whose pairs fit int64");
     };
     std::int64_t total = 0;
     if (key_lengths.empty()) {  // every sequence alike: one count times B
-      if (core::mul_overflows(sequence(S), B, total))
-        switchyard::detail::fail_config(name, "pairs", "B", B, "a batch whose pairs fit int64");
+      if (core::mul_overflows(sequence(S), B, total)) too_many();
       return total;
     }
-    for (std::int64_t b = 0; b < B; ++b) total += sequence(key_lengths[std::size_t(b)]);
+    for (std::int64_t b = 0; b < B; ++b)
+      if (core::add_overflows(total, sequence(key_lengths[std::size_t(b)]), total)) too_many();
     return total;
   }
 
