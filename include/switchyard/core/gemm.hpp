@@ -143,8 +143,8 @@ T* thread_scratch(std::size_t elems) {
 
 /// Columns of C per thread from which gemm_parallel splits C by columns rather than by rows.
 /// Measured on Emerald Rapids, 2 threads, against the row split: 1.01-1.06x at 1024^3 and
-/// 4096^3, 1.2-1.3x at 256-512 rows (512 x 2816 x 1024, 256 x 4096 x 4096), 0.85x with 128
-/// columns per thread (4096 x 256 x 2048).
+/// 4096^3, 1.17-1.32x at 256-512 rows (512 x 2816 x 1024, 512 x 1024 x 2816, 256 x 4096 x
+/// 4096), 0.83-0.85x with 128 columns per thread (4096 x 256 x 2048).
 inline constexpr std::int64_t gemm_column_split_min = 512;
 
 /// gemm on several threads. With at least gemm_column_split_min columns of C per thread, each
