@@ -947,6 +947,14 @@ void fuzz_structured(Fuzz& f) {
       if (f.flag())
         lengths = f.int_list(f.near(qs[0]), -1, std::clamp<std::int64_t>(k.extent(1), 0, 64) + 1);
       sw.forward(q, k, v, f.output<4>(f.near(qs), {q, k, v}), lengths);
+      if (f.flag()) {  // counts, up to the largest sequences pairs() takes (closed form)
+        const std::int64_t top = (std::int64_t(1) << 31) - 1;
+        const std::int64_t Sp = f.flag() ? top - f.pick(0, 2) : f.near(S);
+        const std::int64_t Tp = f.flag() ? Sp - f.pick(0, 2) : f.near(qs[1]);
+        for (auto& len : lengths)
+          if (f.flag()) len = Sp - f.pick(0, 3);
+        (void)sw.pairs(f.near(qs[0]), Tp, Sp, lengths);
+      }
       break;
     }
     case 4: {  // block-sparse
