@@ -457,9 +457,8 @@ TEST_CASE("core::gemm_parallel: same bits for 1 to 3 threads and as gemm, matche
       std::vector<double> ref, bound;
       reference<float>(a, nullptr, b, c0, 1.0f, 0.5f, ref, bound);
       const ConstView<float, 2> av(a.buf.data(), {m, k});
-      const ConstView<float, 2> bv =
-          tb == Trans::no ? ConstView<float, 2>(b.buf.data(), {k, n})
-                          : ConstView<float, 2>(b.buf.data(), {n, k});
+      const ConstView<float, 2> bv = tb == Trans::no ? ConstView<float, 2>(b.buf.data(), {k, n})
+                                                     : ConstView<float, 2>(b.buf.data(), {n, k});
       auto run = [&](int threads) {
         ScopedNumThreads scope(threads);
         Mat<float> c = c0;

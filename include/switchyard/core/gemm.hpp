@@ -190,9 +190,8 @@ void gemm_parallel(ConstView<std::type_identity_t<T>, 2> a, Trans ta,
       const std::int64_t j0 = t * cols, nt = std::min(n, j0 + cols) - j0;
       if (nt <= 0) return;
       const std::size_t elems = kernels::gemm_workspace_elems<Arch, T>(Arch{}, m, nt, k);
-      kernels::gemm(Arch{}, m, nt, k, alpha, a.data(), rsa, csa, nullptr, b.data() + j0 * csb,
-                    rsb, csb, beta, c.data() + j0 * csc, rsc, csc,
-                    detail::thread_scratch<T>(elems));
+      kernels::gemm(Arch{}, m, nt, k, alpha, a.data(), rsa, csa, nullptr, b.data() + j0 * csb, rsb,
+                    csb, beta, c.data() + j0 * csc, rsc, csc, detail::thread_scratch<T>(elems));
     });
     return;
   }
