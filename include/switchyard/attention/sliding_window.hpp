@@ -80,8 +80,9 @@ inline std::int64_t linear_sum(const SlidingWindowConfig& c, std::int64_t a, std
 
 /// Sum of visible_count over P in [a, b), inside the chunk starting at c0 (or anywhere without
 /// chunks). Every bound visible() takes a min or max of is P plus a constant or a constant, so
-/// the count is linear in P between the points where two of them cross; those points (each
-/// followed by the next integer) split [a, b) into linear pieces. A split too many is harmless.
+/// the count is linear in P between the points where two of them cross (integers, where both
+/// give the same value); those points split [a, b) into linear pieces. A split too many is
+/// harmless.
 inline std::int64_t piecewise_sum(const SlidingWindowConfig& c, std::int64_t a, std::int64_t b,
                                   std::int64_t len, std::int64_t c0) noexcept {
   constexpr std::int64_t big = std::numeric_limits<std::int64_t>::max();
@@ -93,16 +94,12 @@ inline std::int64_t piecewise_sum(const SlidingWindowConfig& c, std::int64_t a, 
   const std::int64_t e = c.chunk > 0 ? sum(c0, c.chunk) : 0;  // the chunk's end
   // The bounds' constants are 0, len, min(sinks, len), c0 and e; P, P + 1, P - window + 1 and
   // P + window cross them at these offsets.
-  std::int64_t split[2 * 5 * 4 + 2];
+  std::int64_t split[5 * 4 + 2];
   std::size_t n = 0;
-  const auto add = [&](std::int64_t x) {
-    for (const std::int64_t y : {x, x < b ? x + 1 : x})
-      if (y > a && y < b) split[n++] = y;
-  };
   split[n++] = a;
   for (const std::int64_t base : {std::int64_t(0), len, s1, c0, e})
     for (const std::int64_t offset : {std::int64_t(-1), std::int64_t(0), -w, w - 1})
-      add(sum(base, offset));
+      if (const std::int64_t x = sum(base, offset); x > a && x < b) split[n++] = x;
   split[n++] = b;
   std::sort(split, split + n);
   std::int64_t total = 0;
