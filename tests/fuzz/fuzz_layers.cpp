@@ -8,7 +8,6 @@
 // of one element, which may claim any extents. Outputs sometimes alias an input.
 // SWITCHYARD_MAX_BUFFER_BYTES is 2^28 here (set by CMake), so every size the library
 // accepts is also quick to run.
-#include <fuzzer/FuzzedDataProvider.h>
 
 #include <algorithm>
 #include <cmath>
@@ -19,6 +18,8 @@
 #include <switchyard/core/gemm_bf16.hpp>
 #include <switchyard/switchyard.hpp>
 #include <vector>
+
+#include "fuzz_input.hpp"
 
 using namespace switchyard;
 
@@ -43,15 +44,9 @@ double routing_work(const attention::RoutingAttention<float>& attn, const Shape<
   return B * H * (C * T * D + C * w * w * D);
 }
 
-class Fuzz {
+class Fuzz : public switchyard_fuzz::FuzzInput {
  public:
-  Fuzz(const std::uint8_t* data, std::size_t size) : in_(data, size) {}
-
-  bool flag() { return in_.ConsumeBool(); }
-  std::uint8_t byte() { return in_.ConsumeIntegral<std::uint8_t>(); }
-  std::int64_t pick(std::int64_t lo, std::int64_t hi) {
-    return in_.ConsumeIntegralInRange<std::int64_t>(lo, hi);
-  }
+  using FuzzInput::FuzzInput;
 
   /// An extent or count: mostly 0..8, sometimes a value that must be rejected.
   std::int64_t extent() {
@@ -143,7 +138,6 @@ class Fuzz {
   }
 
  private:
-  FuzzedDataProvider in_;
   std::deque<Tensor<float>> arena_;
   float scalar_ = 1.0f;
 };

@@ -10,7 +10,6 @@
 // another exception, a huge allocation or a hang is a finding. The reader of the files
 // themselves is fuzzed by fuzz_safetensors; here the files are well formed and their
 // contents hostile. SWITCHYARD_MAX_BUFFER_BYTES is 2^28 (set by CMake).
-#include <fuzzer/FuzzedDataProvider.h>
 #include <unistd.h>
 
 #include <cstdint>
@@ -27,19 +26,15 @@
 #include <switchyard/moe/hf_checkpoint.hpp>
 #include <vector>
 
+#include "fuzz_input.hpp"
+
 using namespace switchyard;
 
 namespace {
 
-class Fuzz {
+class Fuzz : public switchyard_fuzz::FuzzInput {
  public:
-  Fuzz(const std::uint8_t* data, std::size_t size) : in_(data, size) {}
-
-  bool flag() { return in_.ConsumeBool(); }
-  std::uint8_t byte() { return in_.ConsumeIntegral<std::uint8_t>(); }
-  std::int64_t pick(std::int64_t lo, std::int64_t hi) {
-    return in_.ConsumeIntegralInRange<std::int64_t>(lo, hi);
-  }
+  using FuzzInput::FuzzInput;
   // Inputs usually run out before the tensors are filled, and an exhausted provider gives
   // zeros: each choice below maps 0 to its sound value (a kept field, a finite weight).
 
@@ -80,9 +75,6 @@ class Fuzz {
     if (byte() >= 252) return;
     config[key] = field(want);
   }
-
- private:
-  FuzzedDataProvider in_;
 };
 
 /// The checkpoint under construction: tensors spread over one or two shards, each usually
