@@ -3,11 +3,13 @@
 // against naive loops in double. Inputs start one element past an aligned
 // address so unaligned loads are exercised; writes are checked not to spill
 // past n.
+#include <algorithm>
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "switchyard/core/simd/vector_ops.hpp"
@@ -198,4 +200,27 @@ TEMPLATE_TEST_CASE("kernels::argmax_first: the first maximum, optionally skippin
       }
     }
   });
+}
+
+TEST_CASE("simd::for_each_arch runs scalar, the build's default arch and each level once",
+          "[simd]") {
+  std::vector<std::string> names;
+  simd::for_each_arch([&](auto arch) { names.emplace_back(decltype(arch)::name()); });
+  REQUIRE(!names.empty());
+  CHECK(names.front() == "scalar");
+  for (std::size_t i = 0; i < names.size(); ++i)
+    for (std::size_t j = i + 1; j < names.size(); ++j) CHECK(names[i] != names[j]);
+  if constexpr (!simd::is_scalar_v<simd::default_arch>) {
+    // The build's own path always runs (its CPU runs this test, so it has the instructions).
+    CHECK(std::find(names.begin(), names.end(), simd::default_arch::name()) != names.end());
+  }
+#if defined(__SSE2__)
+  CHECK(std::find(names.begin(), names.end(), "sse2") != names.end());
+#endif
+  // No intermediate level (the same code as one that runs).
+  for (const char* skipped : {"sse3", "ssse3", "sse4.1", "avx512f", "avx512cd"}) {
+    CAPTURE(skipped);
+    CHECK((std::find(names.begin(), names.end(), skipped) == names.end() ||
+           std::string(simd::default_arch::name()) == skipped));
+  }
 }

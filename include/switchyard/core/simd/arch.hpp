@@ -134,21 +134,48 @@ inline xsimd::batch<T, A> hsum_rows(const xsimd::batch<T, A>* rows) noexcept {
   return xsimd::haddp(rows);
 }
 
+/// One xsimd architecture per instruction-set level that changes switchyard's code: the
+/// default architecture of a build at that level (-march=x86-64-v4 or any AVX-512 CPU since
+/// Skylake-SP, x86-64-v3, AVX, x86-64-v2, SSE2; AArch64 and 32-bit NEON). The levels
+/// between them (sse3, ssse3, sse4_1; avx2 without FMA, fma3<avx>; avx512f/cd/dq) run the
+/// same register width, FMA or not, and the same code of ours as one of these.
+template <class... Archs>
+struct arch_set {};
+using level_architectures = arch_set<xsimd::avx512bw, xsimd::fma3<xsimd::avx2>, xsimd::avx,
+                                     xsimd::sse4_2, xsimd::sse2, xsimd::neon64, xsimd::neon>;
+
 namespace detail {
 // Walks the arch list ourselves: xsimd 8.1's arch_list::for_each is noexcept, so
-// an exception from f (a failed Catch2 REQUIRE) would std::terminate the run.
+// an exception from f (a failed Catch2 REQUIRE) would std::terminate the run. Archs the
+// translation unit's flags do not allow are never instantiated.
+template <class A, class F>
+void call_if_available(F& f) {
+  if constexpr (A::supported()) {
+    if (A::available()) f(A{});
+  }
+}
 template <class F, class... Archs>
-void for_each_available(F& f, xsimd::arch_list<Archs...>) {
-  ((Archs::available() ? (void)f(Archs{}) : (void)0), ...);
+void for_each_available(F& f, arch_set<Archs...>) {
+  (call_if_available<Archs>(f), ...);
+}
+template <class A, class... Archs>
+constexpr bool in_list(arch_set<Archs...>) noexcept {
+  return (std::is_same_v<A, Archs> || ...);
 }
 }  // namespace detail
 
-/// Calls f(arch) for simd::scalar and every xsimd architecture that this
-/// translation unit's flags allow and this CPU runs. Used by tests and benchmarks.
+/// Calls f(arch) for simd::scalar, for each of level_architectures that this translation
+/// unit's flags allow and this CPU runs, and for simd::default_arch when it is none of them
+/// (a build for AVX-512F without BW, say): every path the build can take, each once. Used by
+/// the tests.
 template <class F>
 void for_each_arch(F&& f) {
   f(scalar{});
-  detail::for_each_available(f, xsimd::supported_architectures{});
+  detail::for_each_available(f, level_architectures{});
+  if constexpr (!is_scalar_v<default_arch> &&
+                !detail::in_list<default_arch>(level_architectures{})) {
+    if (default_arch::available()) f(default_arch{});
+  }
 }
 
 }  // namespace simd
